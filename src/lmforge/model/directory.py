@@ -1,0 +1,104 @@
+"""The model directory, the unit every stage reads: `config.json` + `model.safetensors` (+ tokenizer files).
+
+`config.json` holds `{"format": "lmforge-model", "version": 1, "model": <ModelConfig fields>}`. The safetensors
+file holds the parameters by their `Transformer` names in fp32 (or the dtype saved); a tied LM head is stored
+once, under `embed.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import from_dict, to_dict
+from lmforge.errors import LmforgeError
+from lmforge.manifest import atomic_path, atomic_write_json
+from lmforge.model.transformer import ModelConfig, Transformer
+from lmforge.tokenizer import Tokenizer
+
+FORMAT = "lmforge-model"
+WEIGHTS = "model.safetensors"
+
+
+def save_model_dir(model: Transformer, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(directory / "config.json", {"format": FORMAT, "version": 1, "model": to_dict(model.config)})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise LmforgeError(f"model directory not found: {directory}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"{directory} is not a model directory: no config.json") from None
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"corrupt {path}: {e}") from None
+    if data.get("format") != FORMAT:
+        hint = " (a Hugging Face directory? use `lmforge import hf` first)" if "architectures" in data else ""
+        raise LmforgeError(f"{path} is not an lmforge model config{hint}")
+    return from_dict(ModelConfig, data["model"], prefix="model.")
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise LmforgeError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LmforgeError(f"corrupt weights file {path}: {e}") from None
+
+
+def load_model_dir(directory: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """Build the model from `config.json`, load its weights, and the tokenizer when the directory has one."""
+    directory = Path(directory)
+    config = read_model_config(directory)
+    state = load_state(directory / WEIGHTS)
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.tie_embeddings:
+        state = {**state, "lm_head.weight": state.get("embed.weight")}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise LmforgeError(f"weights in {directory / WEIGHTS} do not match config.json: "
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in model.state_dict().items():
+        if state[name].shape != tensor.shape:
+            raise LmforgeError(f"weights in {directory / WEIGHTS}: {name} has shape {tuple(state[name].shape)}, "
+                               f"config.json implies {tuple(tensor.shape)}")
+    model.load_state_dict(state, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    if config.position == "alibi":
+        from lmforge.model.transformer import alibi_slopes
+
+        model.alibi_slopes = alibi_slopes(config.n_heads)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    tokenizer = Tokenizer.load(directory, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                               bos_id=config.bos_token_id) if (directory / "tokenizer.json").is_file() else None
+    return model.eval(), tokenizer
+
+
+def build_model(config: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:
+    """A freshly initialised model; the weights depend on `seed` only."""
+    from lmforge.model.transformer import init_weights
+
+    model = Transformer(config)
+    init_weights(model, seed)
+    return model.to(device)

@@ -1,0 +1,54 @@
+"""Parameter counts, FLOPs per token and training memory of a model config, computed on the meta device."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.model.transformer import ModelConfig, Transformer
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors are counted once
+    embedding = model.embed.weight.numel()
+    head = 0 if config.tie_embeddings else model.lm_head.weight.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding - head, "lm_head": head}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, OLMo-core 3.0's formula: 6·(block + LM-head parameters) plus, per layer,
+    12·n_heads·head_dim·(causal query-key pairs)/seq_len, i.e. causal attention counted once, not twice."""
+    counts = count_parameters(config)
+    matmul_params = counts["non_embedding"] + config.embedding_size * config.d_model
+    causal_pairs = seq_len * (seq_len + 1) / 2
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * causal_pairs / seq_len
+    return int(6 * matmul_params + attention)
+
+
+# Bytes per parameter for weights + gradients + AdamW's two moments.
+MEMORY_LAYOUTS = {
+    "fp32": {"weights": 4, "grads": 4, "adamw": 8},
+    "bf16_mixed": {"weights": 4 + 2, "grads": 4, "adamw": 8},  # fp32 master + bf16 compute copy
+    "bf16": {"weights": 2, "grads": 2, "adamw": 4},
+}
+
+
+def model_info(config: ModelConfig, seq_len: int | None = None) -> dict:
+    seq_len = seq_len or config.max_sequence_length
+    counts = count_parameters(config)
+    memory = {
+        name: {part: counts["total"] * b for part, b in layout.items()} | {"total": counts["total"] * sum(layout.values())}
+        for name, layout in MEMORY_LAYOUTS.items()
+    }
+    return {
+        "family": config.family,
+        "parameters": counts["total"],
+        "non_embedding_parameters": counts["non_embedding"],
+        "embedding_parameters": counts["embedding"],
+        "vocab_size": config.vocab_size,
+        "embedding_size": config.embedding_size,
+        "seq_len": seq_len,
+        "flops_per_token": flops_per_token(config, seq_len),
+        "memory_bytes": memory,
+    }

@@ -1,0 +1,72 @@
+"""Named model presets: the released OLMo 1, OLMo 2 and BLOOM shapes, plus tiny ones for CPUs.
+
+Each preset is a function returning a `ModelConfig`; `get_preset(name)` looks one up. The published presets'
+parameter counts equal the released Hugging Face checkpoints' (tests/test_model.py holds those numbers).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lmforge.errors import LmforgeError
+from lmforge.model.transformer import ModelConfig
+
+OLMO1_VOCAB = 50_280  # gpt-neox-olmo-dolma-v1_5; embedding padded to 50,304
+OLMO2_VOCAB = 100_278  # dolma2 (cl100k-based); embedding padded to 100,352
+BLOOM_VOCAB = 250_880
+
+
+def olmo1(d_model: int, n_layers: int, n_heads: int, mlp_hidden_size: int, tie: bool, **kw) -> ModelConfig:
+    defaults = dict(vocab_size=OLMO1_VOCAB, eos_token_id=50_279, pad_token_id=1, max_sequence_length=2048)
+    defaults.update(kw)
+    return ModelConfig(
+        family="olmo", d_model=d_model, n_layers=n_layers, n_heads=n_heads, mlp_hidden_size=mlp_hidden_size,
+        mlp="swiglu", norm="layernorm", norm_affine=False, norm_eps=1e-5, block="prenorm", qk_norm=False,
+        position="rope", rope_theta=10_000.0, bias=False, tie_embeddings=tie, init="mitchell", **defaults,
+    )
+
+
+def olmo2(d_model: int, n_layers: int, n_heads: int, mlp_hidden_size: int, **kw) -> ModelConfig:
+    defaults = dict(vocab_size=OLMO2_VOCAB, eos_token_id=100_257, pad_token_id=100_277, max_sequence_length=4096)
+    defaults.update(kw)
+    return ModelConfig(
+        family="olmo2", d_model=d_model, n_layers=n_layers, n_heads=n_heads, mlp_hidden_size=mlp_hidden_size,
+        mlp="swiglu", norm="rmsnorm", norm_affine=True, norm_eps=1e-6, block="reordered", qk_norm=True,
+        position="rope", rope_theta=500_000.0, bias=False, tie_embeddings=False, init="normal", init_std=0.02,
+        **defaults,
+    )
+
+
+def bloom(d_model: int, n_layers: int, n_heads: int, **kw) -> ModelConfig:
+    defaults = dict(vocab_size=BLOOM_VOCAB, eos_token_id=2, pad_token_id=3, bos_token_id=1, max_sequence_length=2048)
+    defaults.update(kw)
+    return ModelConfig(
+        family="bloom", d_model=d_model, n_layers=n_layers, n_heads=n_heads, mlp_hidden_size=4 * d_model,
+        mlp="gelu", norm="layernorm", norm_affine=True, norm_eps=1e-5, block="prenorm", qk_norm=False,
+        position="alibi", bias=True, embedding_norm=True, tie_embeddings=True, init="normal", init_std=0.02,
+        init_truncate=False, **defaults,
+    )
+
+
+# Tiny presets use the OLMo 1 tokenizer's vocabulary (the one lmforge can load offline); override
+# `vocab_size`/`eos_token_id`/`pad_token_id` for a tokenizer of your own.
+TINY_TOKENS = dict(vocab_size=OLMO1_VOCAB, eos_token_id=50_279, pad_token_id=1)
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "olmo-1b": lambda: olmo1(2048, 16, 16, 8192, tie=True),
+    "olmo-7b": lambda: olmo1(4096, 32, 32, 11008, tie=False),
+    "olmo2-1b": lambda: olmo2(2048, 16, 16, 8192),
+    "olmo2-7b": lambda: olmo2(4096, 32, 32, 11008),
+    "olmo2-13b": lambda: olmo2(5120, 40, 40, 13824),
+    "bloom-560m": lambda: bloom(1024, 24, 16),
+    "olmo-tiny": lambda: olmo1(128, 4, 4, 384, tie=True, max_sequence_length=512, **TINY_TOKENS),
+    "olmo2-tiny": lambda: olmo2(128, 4, 4, 384, max_sequence_length=512, **TINY_TOKENS),
+    "olmo2-tiny-gqa": lambda: olmo2(128, 4, 4, 384, n_kv_heads=2, max_sequence_length=512, **TINY_TOKENS),
+    "bloom-tiny": lambda: bloom(128, 4, 4, max_sequence_length=512, **TINY_TOKENS),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise LmforgeError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]()
