@@ -215,8 +215,9 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     family, config = _from_hf_config(hf_config, hf_dir)
     if "lmforge_model" in hf_config:  # exported by lmforge: keep the options HF does not record (init, context)
         config = from_dict(ModelConfig, hf_config["lmforge_model"], prefix="lmforge_model.")
-    if config.embedding_size != config.vocab_size:
-        raise LmforgeError(f"{hf_dir}: vocab_size {config.vocab_size} is not a multiple of {config.vocab_multiple}")
+    if config.embedding_size != hf_config.get("vocab_size"):
+        raise LmforgeError(f"{hf_dir}: embedding size {hf_config.get('vocab_size')} is not a multiple of "
+                           f"{config.vocab_multiple}; lmforge pads vocabularies to multiples of {config.vocab_multiple}")
     hf_state = _read_hf_weights(hf_dir)
     reverse = {v: k for k, v in _name_map(config, family).items()}
     ours: dict[str, torch.Tensor] = {}

@@ -1,0 +1,147 @@
+"""`lmforge model info|init`, `lmforge generate`, `lmforge export hf`, `lmforge import hf`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="model presets: sizes, FLOPs, memory; initialise a model directory")
+    model_sub = model.add_subparsers(dest="model_command", metavar="MODEL_COMMAND")
+    model_sub.required = True
+
+    info = model_sub.add_parser("info", help="parameters, FLOPs per token and training memory of a preset")
+    info.add_argument("preset", help="preset name (e.g. olmo2-1b, olmo2-tiny) or a model directory")
+    info.add_argument("overrides", nargs="*", help="dotted overrides of the model config, e.g. d_model=256")
+    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the context)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    init = model_sub.add_parser("init", help="write a randomly initialised model directory")
+    init.add_argument("preset")
+    init.add_argument("overrides", nargs="*", help="dotted overrides of the model config, e.g. n_layers=2")
+    init.add_argument("--out", required=True, help="output model directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--tokenizer", default=None, help="tokenizer name or path to store in the directory")
+    init.set_defaults(func=cmd_init)
+
+    gen = sub.add_parser("generate", help="generate text from a model directory")
+    gen.add_argument("model", help="model directory")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", default=None, help="tokenizer if the model directory has none")
+    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser("export", help="export a model directory to another format")
+    export_sub = export.add_subparsers(dest="export_format", metavar="FORMAT")
+    export_sub.required = True
+    export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2 or Bloom)")
+    export_hf.add_argument("model", help="lmforge model directory (or checkpoint exported with `checkpoint export`)")
+    export_hf.add_argument("out")
+    export_hf.set_defaults(func=cmd_export_hf)
+
+    imp = sub.add_parser("import", help="import a model from another format")
+    imp_sub = imp.add_subparsers(dest="import_format", metavar="FORMAT")
+    imp_sub.required = True
+    import_hf = imp_sub.add_parser("hf", help="Hugging Face OLMo / OLMo 2 / BLOOM directory")
+    import_hf.add_argument("hf_dir")
+    import_hf.add_argument("--out", required=True)
+    import_hf.set_defaults(func=cmd_import_hf)
+
+
+def _model_config(name: str, overrides: list[str]):
+    from pathlib import Path
+
+    from lmforge.config import apply_overrides, from_dict, to_dict
+    from lmforge.model.directory import read_model_config
+    from lmforge.model.presets import get_preset
+    from lmforge.model.transformer import ModelConfig
+
+    base = read_model_config(name) if Path(name).is_dir() else get_preset(name)
+    return from_dict(ModelConfig, apply_overrides(to_dict(base), overrides), prefix="model.")
+
+
+def cmd_info(args) -> None:
+    from lmforge.model.info import model_info
+
+    info = model_info(_model_config(args.preset, args.overrides), args.seq_len)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.preset} ({info['family']})")
+    print(f"  parameters            {info['parameters']:>16,}")
+    print(f"  non-embedding         {info['non_embedding_parameters']:>16,}")
+    print(f"  vocab / embedding     {info['vocab_size']:>8,} / {info['embedding_size']:,}")
+    print(f"  FLOPs per token       {info['flops_per_token']:>16,}  (training, seq {info['seq_len']}, 6N + causal attention)")
+    print("  memory for weights + grads + AdamW state:")
+    for name, parts in info["memory_bytes"].items():
+        detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
+        print(f"    {name:<11} {parts['total'] / 2**30:10.2f} GiB  ({detail} GiB)")
+
+
+def cmd_init(args) -> None:
+    from lmforge.manifest import write_manifest
+    from lmforge.model.directory import build_model, save_model_dir
+    from lmforge.tokenizer import Tokenizer
+
+    config = _model_config(args.preset, args.overrides)
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                           f"{config.embedding_size}; set vocab_size={tokenizer.vocab_size}")
+    save_model_dir(build_model(config, args.seed), args.out, tokenizer)
+    write_manifest(args.out, command="model init", config={"preset": args.preset, "seed": args.seed,
+                                                           "overrides": args.overrides, "model": config})
+    print(f"wrote {args.out}")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_generate(args) -> None:
+    from lmforge.errors import LmforgeError
+    from lmforge.model.directory import load_model_dir
+    from lmforge.model.generation import SamplingConfig, generate_text
+    from lmforge.tokenizer import Tokenizer
+
+    model, tokenizer = load_model_dir(args.model, device=_device(args.device))
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    if tokenizer is None:
+        raise LmforgeError(f"{args.model} has no tokenizer.json; pass --tokenizer")
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop_strings=args.stop, seed=args.seed)
+    texts = generate_text(model, tokenizer, args.prompt, config)
+    if args.json:
+        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(args.prompt, texts)], ensure_ascii=False))
+        return
+    for prompt, text in zip(args.prompt, texts):
+        sys.stdout.write(f"{prompt}{text}\n")
+
+
+def cmd_export_hf(args) -> None:
+    from lmforge.model.hf import export_hf
+
+    arch = export_hf(args.model, args.out)
+    print(f"wrote {args.out} ({arch})")
+
+
+def cmd_import_hf(args) -> None:
+    from lmforge.model.hf import import_hf
+
+    import_hf(args.hf_dir, args.out)
+    print(f"wrote {args.out}")
