@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import requires_olmo_tokenizer
+from lmforge.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_model_info_json(capsys):
+    code, out, _ = run(capsys, "model", "info", "olmo2-7b", "--json", "--seq-len", "4096")
+    info = json.loads(out)
+    assert code == 0 and info["parameters"] == 7_298_617_344
+    assert info["memory_bytes"]["fp32"]["total"] == 16 * info["parameters"]
+
+
+@requires_olmo_tokenizer
+def test_init_generate_export_import(tmp_path, capsys):
+    m = tmp_path / "m"
+    assert run(capsys, "model", "init", "olmo2-tiny", "n_layers=2", "--out", str(m), "--tokenizer", "olmo")[0] == 0
+    assert (m / "manifest.json").is_file() and (m / "tokenizer.json").is_file()
+    code, out, _ = run(capsys, "generate", str(m), "--prompt", "Hello", "--prompt", "A b", "--max-new-tokens", "4", "--json")
+    assert code == 0 and [r["prompt"] for r in json.loads(out)] == ["Hello", "A b"]
+    assert run(capsys, "export", "hf", str(m), str(tmp_path / "hf"))[0] == 0
+    assert run(capsys, "import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))[0] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["model", "info", "no-such-preset"], "unknown model preset 'no-such-preset'"),
+    (["model", "info", "olmo2-tiny", "d_model=abc"], "not of type int"),
+    (["generate", "/nonexistent", "--prompt", "x"], "model directory not found"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@requires_olmo_tokenizer
+def test_prompt_longer_than_context(tmp_path, capsys):
+    m = tmp_path / "m"
+    run(capsys, "model", "init", "olmo2-tiny", "n_layers=1", "--out", str(m), "--tokenizer", "olmo")
+    code, _, err = run(capsys, "generate", str(m), "--prompt", "word " * 600)
+    assert code == 2 and "longer than the model's context" in err
+
+
+def test_help_at_every_level():
+    for argv in (["--help"], ["model", "--help"], ["model", "info", "--help"], ["export", "hf", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: lmforge" in proc.stdout

@@ -1,0 +1,162 @@
+import math
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.directory import build_model, load_model_dir, save_model_dir
+from lmforge.model.info import count_parameters, flops_per_token
+from lmforge.model.presets import get_preset
+from lmforge.model.transformer import ModelConfig, Transformer, alibi_slopes, cross_entropy_loss
+
+# Parameter counts of the released Hugging Face checkpoints (from their config.json shapes; e.g.
+# allenai/OLMo-1B-hf, OLMo-7B-hf, OLMo-2-0425-1B, OLMo-2-1124-7B, OLMo-2-1124-13B, bigscience/bloom-560m).
+RELEASED_PARAMETERS = {
+    "olmo-1b": 1_176_764_416,
+    "olmo-7b": 6_888_095_744,
+    "olmo2-1b": 1_484_916_736,
+    "olmo2-7b": 7_298_617_344,
+    "olmo2-13b": 13_716_198_400,
+    "bloom-560m": 559_214_592,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED_PARAMETERS))
+def test_published_presets_match_released_parameter_counts(preset):
+    assert count_parameters(get_preset(preset))["total"] == RELEASED_PARAMETERS[preset]
+
+
+def test_published_preset_shapes():
+    olmo1_7b, olmo2_7b = get_preset("olmo-7b"), get_preset("olmo2-7b")
+    assert olmo1_7b.mlp_hidden_size == 11008 and olmo1_7b.embedding_size == 50_304
+    assert olmo2_7b.embedding_size == 100_352 and olmo2_7b.rope_theta == 500_000
+    assert get_preset("olmo-1b").tie_embeddings and not olmo2_7b.tie_embeddings
+
+
+def test_vocab_is_padded_to_multiple_of_128():
+    assert ModelConfig(vocab_size=1000).embedding_size == 1024
+    assert ModelConfig(vocab_size=1024).embedding_size == 1024
+
+
+def test_flops_per_token_formula_by_hand():
+    c = get_preset("olmo2-tiny")
+    seq = 64
+    counts = count_parameters(c)
+    dense = 6 * (counts["non_embedding"] + c.embedding_size * c.d_model)
+    attention = 12 * c.n_layers * c.n_heads * c.head_dim * (seq + 1) / 2
+    assert flops_per_token(c, seq) == int(dense + attention)
+
+
+def test_alibi_slopes_match_paper_for_8_heads():
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+
+
+def _reference_attention_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """Float64 forward with explicit softmax attention, written independently of the model's code path."""
+    c = model.config
+    m = Transformer(c).double()
+    m.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    B, L = ids.shape
+    x = m.embed(ids)
+    if m.embed_norm is not None:
+        x = m.embed_norm(x)
+    pos = torch.arange(L, dtype=torch.float64)
+    for block in m.blocks:
+        a = block.attn
+
+        def attend(h):
+            q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
+            if a.q_norm is not None:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q = q.view(B, L, c.n_heads, c.head_dim).transpose(1, 2)
+            k = k.view(B, L, c.n_kv_heads, c.head_dim).transpose(1, 2).repeat_interleave(c.n_heads // c.n_kv_heads, 1)
+            v = v.view(B, L, c.n_kv_heads, c.head_dim).transpose(1, 2).repeat_interleave(c.n_heads // c.n_kv_heads, 1)
+            scores = torch.zeros(B, c.n_heads, L, L, dtype=torch.float64)
+            if c.position == "rope":
+                inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+                ang = pos[:, None] * inv[None, :]
+                cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+                def rot(t):
+                    half = c.head_dim // 2
+                    return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+                q, k = rot(q), rot(k)
+            else:
+                slopes = alibi_slopes(c.n_heads).double()
+                scores = scores + slopes[None, :, None, None] * (pos[None, :] - pos[:, None])[None, None]
+            scores = scores + q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)
+            scores = scores.masked_fill(torch.triu(torch.ones(L, L, dtype=torch.bool), 1), float("-inf"))
+            return a.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, c.d_model))
+
+        if c.block == "reordered":
+            x = x + block.attn_norm(attend(x))
+            x = x + block.mlp_norm(block.mlp(x))
+        else:
+            x = x + attend(block.attn_norm(x))
+            x = x + block.mlp(block.mlp_norm(x))
+    return m.lm_head(m.final_norm(x))
+
+
+@pytest.mark.parametrize("preset", ["olmo-tiny", "olmo2-tiny", "olmo2-tiny-gqa", "bloom-tiny"])
+def test_forward_matches_float64_reference(preset):
+    model = build_model(get_preset(preset), seed=0).eval()
+    ids = torch.randint(0, 5000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids).double()
+        ref = _reference_attention_forward(model, ids)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_intra_document_masking_equals_separate_documents():
+    model = build_model(get_preset("olmo2-tiny"), seed=0).eval()
+    a = torch.randint(0, 5000, (1, 10), generator=torch.Generator().manual_seed(2))
+    b = torch.randint(0, 5000, (1, 7), generator=torch.Generator().manual_seed(3))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 7])
+    positions = torch.tensor([list(range(10)) + list(range(7))])
+    with torch.no_grad():
+        together = model(packed, positions=positions, doc_ids=doc_ids)
+        alone = torch.cat([model(a), model(b)], dim=1)
+        unmasked = model(packed)
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(unmasked[:, 10:], alone[:, 10:], atol=1e-3)
+
+
+def test_init_is_deterministic_by_seed_and_follows_scheme():
+    c = get_preset("olmo2-tiny")
+    a, b, other = build_model(c, 7), build_model(c, 7), build_model(c, 8)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.embed.weight, other.embed.weight)
+    w = a.blocks[0].attn.q_proj.weight
+    assert abs(w.std().item() - 0.02) < 0.003 and w.abs().max().item() <= 0.06 + 1e-6
+    m1 = build_model(get_preset("olmo-tiny"), 0)
+    out = m1.blocks[1].attn.o_proj.weight  # mitchell: 1/sqrt(2 d (layer+1)), truncated at 3 sigma
+    expected = 1 / math.sqrt(2 * 128 * 2)
+    assert abs(out.std().item() / expected - 1) < 0.15 and out.abs().max().item() <= 3 * expected + 1e-6
+
+
+def test_cross_entropy_and_z_loss_against_manual():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 0] = -100
+    ce, z = cross_entropy_loss(logits, labels, z_loss_multiplier=1e-2)
+    logp = logits.double().log_softmax(-1)
+    valid = labels != -100
+    manual = -(logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][valid]).mean()
+    manual_z = 1e-2 * (torch.logsumexp(logits.double(), -1)[valid] ** 2).mean()
+    assert abs(ce.item() - manual.item()) < 1e-6 and abs(z.item() - manual_z.item()) < 1e-7
+
+
+def test_model_directory_round_trip_and_corrupt_weights(tmp_path):
+    model = build_model(get_preset("olmo-tiny"), 0)
+    save_model_dir(model, tmp_path / "m")
+    loaded, tokenizer = load_model_dir(tmp_path / "m")
+    assert tokenizer is None and loaded.lm_head.weight is loaded.embed.weight
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), loaded.state_dict().values()))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LmforgeError, match="corrupt weights"):
+        load_model_dir(tmp_path / "m")
+    with pytest.raises(LmforgeError, match="not found"):
+        load_model_dir(tmp_path / "missing")
