@@ -61,7 +61,16 @@ class Progress:
             self.bar.close()
 
 
-def _run_local(fn: Callable, task: Any, docs_queue) -> dict:
+_WORKER_QUEUE = None
+
+
+def _init_worker(docs_queue) -> None:
+    global _WORKER_QUEUE
+    _WORKER_QUEUE = docs_queue
+
+
+def _run_local(fn: Callable, task: Any) -> dict:
+    docs_queue = _WORKER_QUEUE
     pending = 0
 
     def progress(n: int) -> None:
@@ -116,13 +125,13 @@ def _iter_local(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar:
             yield result
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    manager_queue = ctx.Queue()
+    docs_queue = ctx.Queue()
     stop = threading.Event()
-    drainer = threading.Thread(target=_drain, args=(manager_queue, bar, stop), daemon=True)
+    drainer = threading.Thread(target=_drain, args=(docs_queue, bar, stop), daemon=True)
     drainer.start()
     try:
-        with ctx.Pool(workers) as pool:
-            pending = [pool.apply_async(_run_local, (fn, task, manager_queue)) for task in tasks]
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(docs_queue,)) as pool:
+            pending = [pool.apply_async(_run_local, (fn, task)) for task in tasks]
             for task, handle in zip(tasks, pending):
                 result = handle.get()
                 bar.task_done(getattr(task, "weight", 0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from itertools import accumulate
 
 import numpy as np
 
@@ -24,12 +25,12 @@ BULLETS = ("*", "-", "\u2022", "\u2023", "\u25cf", "\u25e6", "\u25aa", "\u2043",
 ELLIPSES = ("...", "\u2026")
 TOP_NGRAM_SIZES = (2, 3, 4)
 DUP_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)
-SMALL_DOC_WORDS = 48
+SMALL_DOC_WORDS = 64
 _MULT = np.uint64(0x9E3779B97F4A7C15)
+_SIZE_TAGS = [np.uint64((n * 0xD6E8FEB86659FD93) % (1 << 64)) for n in range(2, 11)]
 
-# A word "has an alphabetic character" if it contains a letter; the lookbehind anchors the match at word
-# starts, so the scan is linear even for long letterless words.
-_ALPHA_WORD = re.compile(r"(?<!\S)\S*?[^\W\d_]")
+# Words without a letter (a letter is [^\W\d_]); possessive and anchored at word starts, so the scan is linear.
+_LETTERLESS_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])++(?!\S)")
 _PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n\s*")
 
 ATTRIBUTES = (
@@ -57,53 +58,83 @@ def _duplicate_fractions(units: list[str]) -> tuple[float, float]:
     return dup_units / len(units), dup_chars / max(total_chars, 1)
 
 
-def _ngram_values_small(words: list[str], word_chars: int) -> dict[str, float]:
+def _ngram_values_small(words: list[str], word_lens: list[int], word_chars: int) -> dict[str, float]:
+    """Pure-Python path for short documents. N-grams are exact integers (base = vocabulary size); once no
+    n-gram repeats, no longer one can, so the remaining sizes are filled in without counting."""
     out: dict[str, float] = {}
-    lens = list(map(len, words))
-    for n in TOP_NGRAM_SIZES + DUP_NGRAM_SIZES:
-        if len(words) < n:
+    n_words = len(words)
+    index: dict[str, int] = {}
+    ids = [index.setdefault(w, len(index)) for w in words]
+    base = len(index)
+    cum = list(accumulate(word_lens, initial=0))
+    repeats = base < n_words
+    grams = ids
+    for n in range(2, 11):
+        top_size = n in TOP_NGRAM_SIZES
+        if n_words < n:
             value = 0.0
+        elif not repeats:
+            value = cum[n] / word_chars if top_size else 0.0
         else:
-            grams = list(zip(*[words[i:] for i in range(n)]))
+            grams = [a * base + b for a, b in zip(grams, ids[n - 1:])]
             counts = Counter(grams)
-            if n in TOP_NGRAM_SIZES:
-                best, count = max(counts.items(), key=lambda kv: kv[1])  # first of the most common, as Counter
-                value = count * sum(map(len, best)) / max(word_chars, 1)
+            top = max(counts.values())
+            repeats = top > 1
+            if top_size:
+                first = next(i for i, g in enumerate(grams) if counts[g] == top)
+                value = top * (cum[first + n] - cum[first]) / word_chars
+            elif not repeats:
+                value = 0.0
             else:
-                covered = [False] * len(words)
-                for i, gram in enumerate(grams):
-                    if counts[gram] > 1:
-                        covered[i:i + n] = [True] * n
-                value = sum(l for l, c in zip(lens, covered) if c) / max(word_chars, 1)
-        key = (f"fraction_of_characters_in_most_common_{n}grams" if n in TOP_NGRAM_SIZES
+                covered = bytearray(n_words)
+                for i, g in enumerate(grams):
+                    if counts[g] > 1:
+                        covered[i:i + n] = b"\x01" * n
+                value = sum(l for l, c in zip(word_lens, covered) if c) / word_chars
+        key = (f"fraction_of_characters_in_most_common_{n}grams" if top_size
                else f"fraction_of_characters_in_duplicate_{n}grams")
         out[key] = value
     return out
 
 
 def _ngram_values_numpy(words: list[str], word_lens: np.ndarray, word_chars: int) -> dict[str, float]:
+    """All nine n-gram sizes in one sort: n-gram hashes of every size are concatenated (tagged by size)."""
     out: dict[str, float] = {}
     n_words = len(words)
     hashes = np.fromiter(map(hash, words), dtype=np.int64, count=n_words).view(np.uint64)
     cum = np.concatenate(([0], np.cumsum(word_lens)))
-    rolled = hashes
+    rolled = [hashes]
     for n in range(2, 11):
-        rolled = rolled[:-1] * _MULT + hashes[n - 1:]
-        gram_chars = cum[n:] - cum[:-n]
-        _, first, inverse, counts = np.unique(rolled, return_index=True, return_inverse=True, return_counts=True)
-        if n in TOP_NGRAM_SIZES:
+        rolled.append(rolled[-1][:-1] * _MULT + hashes[n - 1:])
+    sizes = [max(n_words - n + 1, 0) for n in range(2, 11)]
+    grams = np.concatenate([r + tag for tag, r in zip(_SIZE_TAGS, rolled[1:])])
+    order = np.argsort(grams)
+    ordered = grams[order]
+    group = np.concatenate(([0], np.cumsum(ordered[1:] != ordered[:-1])))
+    occurrences = np.empty_like(group)
+    occurrences[order] = np.bincount(group)[group]
+    offset = 0
+    for n, size in zip(range(2, 11), sizes):
+        counts = occurrences[offset:offset + size]
+        offset += size
+        if size == 0:
+            value = 0.0
+        elif n in TOP_NGRAM_SIZES:
             top = counts.max()
-            first_top = first[counts == top].min()
-            out[f"fraction_of_characters_in_most_common_{n}grams"] = float(top * gram_chars[first_top] / word_chars)
+            first_top = int(np.argmax(counts == top))  # earliest occurrence of a most common n-gram
+            chars = cum[first_top + n] - cum[first_top]
+            value = float(top * chars / word_chars)
         else:
-            starts = np.flatnonzero(counts[inverse] > 1)
+            starts = np.flatnonzero(counts > 1)
             if starts.size == 0:
                 value = 0.0
             else:
                 depth = np.cumsum(np.bincount(starts, minlength=n_words + 1)
                                   - np.bincount(starts + n, minlength=n_words + 1))[:n_words]
                 value = float(word_lens[depth > 0].sum() / word_chars)
-            out[f"fraction_of_characters_in_duplicate_{n}grams"] = value
+        key = (f"fraction_of_characters_in_most_common_{n}grams" if n in TOP_NGRAM_SIZES
+               else f"fraction_of_characters_in_duplicate_{n}grams")
+        out[key] = value
     return out
 
 
@@ -115,18 +146,23 @@ def gopher_values(text: str) -> dict[str, float]:
     values["character_count"] = float(len(text))
     values["word_count"] = float(n_words)
     if n_words:
-        word_lens = np.fromiter(map(len, words), dtype=np.int64, count=n_words)
-        word_chars = int(word_lens.sum())
-        values["mean_word_length"] = word_chars / n_words
-        values["median_word_length"] = float(np.median(word_lens))
         symbols = text.count("#") + text.count("...") + text.count("\u2026")
         values["symbol_to_word_ratio"] = symbols / n_words
-        values["fraction_of_words_with_alpha_character"] = len(_ALPHA_WORD.findall(text)) / n_words
+        values["fraction_of_words_with_alpha_character"] = 1 - len(_LETTERLESS_WORD.findall(text)) / n_words
         values["required_word_count"] = float(sum(map(STOP_WORDS.__contains__, words)))
         if n_words < SMALL_DOC_WORDS:
-            values.update(_ngram_values_small(words, word_chars))
+            word_lens = list(map(len, words))
+            word_chars = sum(word_lens)
+            ordered = sorted(word_lens)
+            mid = n_words // 2
+            values["median_word_length"] = float(ordered[mid] if n_words % 2 else (ordered[mid - 1] + ordered[mid]) / 2)
+            values.update(_ngram_values_small(words, word_lens, word_chars))
         else:
+            word_lens = np.fromiter(map(len, words), dtype=np.int64, count=n_words)
+            word_chars = int(word_lens.sum())
+            values["median_word_length"] = float(np.median(word_lens))
             values.update(_ngram_values_numpy(words, word_lens, word_chars))
+        values["mean_word_length"] = word_chars / n_words
 
     lines = [line for line in text.split("\n") if line.strip()]
     if lines:
