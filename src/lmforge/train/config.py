@@ -1,0 +1,176 @@
+"""The training config: one YAML file (plus dotted overrides) describes a whole run.
+
+Sizes are in tokens, as in OLMo-core: `global_batch_size` tokens per optimizer step across all ranks,
+`micro_batch_size` tokens per forward/backward on one device. Gradient accumulation follows from the two
+and the world size. `TrainConfig.check(world_size)` refuses configs that cannot run before any compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmforge.config import from_dict, to_dict
+from lmforge.errors import LmforgeError
+from lmforge.eval.inloop import InLoopEvalConfig
+from lmforge.model.presets import get_preset
+from lmforge.model.transformer import ModelConfig
+
+
+@dataclass
+class ModelSpec:
+    """A preset by name with field overrides, e.g. {preset: olmo2-tiny, overrides: {n_layers: 2}}."""
+
+    preset: str = "olmo2-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build_config(self) -> ModelConfig:
+        base = to_dict(get_preset(self.preset))
+        unknown = sorted(set(self.overrides) - set(base))
+        if unknown:
+            raise LmforgeError(f"model.overrides: unknown model field {unknown[0]!r} (valid: {', '.join(base)})")
+        return from_dict(ModelConfig, {**base, **self.overrides}, prefix="model.overrides.")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # OLMo 2: no weight decay on the token embeddings
+    decay_norm_and_bias: bool = True  # OLMo 2 decays norm weights; OLMo 1 configs set this false
+    max_grad_norm: float | None = 1.0
+    clip_after_warmup_only: bool = False
+    fused: bool | None = None  # None: fused on CUDA, foreach on CPU
+
+
+@dataclass
+class ScheduleConfig:
+    """LR multiplier over time. `units` says whether warmup/decay/duration count optimizer steps or tokens."""
+
+    name: Literal["constant", "linear", "cosine", "inv_sqrt", "wsd"] = "cosine"
+    units: Literal["steps", "tokens"] = "steps"
+    warmup: int = 0
+    alpha_f: float = 0.1  # final LR as a fraction of the peak (linear, cosine, wsd)
+    decay: int | None = None  # wsd: length of the final decay; default 10% of the duration
+    duration: int | None = None  # where linear/cosine reach alpha_f; default: the run's length
+
+
+@dataclass
+class SkipStepConfig:
+    """OLMo-core's skip-step rule: skip the update when loss or grad norm is non-finite or above
+    mean + sigma_factor·std of the last `window` accepted steps (active once `min_values` are recorded)."""
+
+    enabled: bool = True
+    sigma_factor: float = 6.0
+    window: int = 128
+    min_values: int = 64
+    max_consecutive: int = 10  # this many skips in a row stops the run
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"  # auto: fsdp when world > 1
+    hsdp_shard_size: int | None = None  # ranks per shard group (default: GPUs per node)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    ac_every: int = 2  # selective: checkpoint every n-th block
+    compile: bool = False  # torch.compile each block
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int | None = 1000  # steps between saves; None disables step-based saves
+    interval_minutes: float | None = None
+    keep_last: int = 3
+    permanent_interval: int | None = None  # saves at multiples of this step are never deleted
+    save_final: bool = True
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = 10
+    tensorboard: bool = True  # when the tensorboard package is installed
+    wandb: bool = False
+    wandb_project: str = "lmforge"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    peak_flops: float | None = None  # per device, for MFU; default: known GPU peaks, none on CPU
+
+
+@dataclass
+class InitFrom:
+    """Stage 2 / annealing: start from a checkpoint's (or model directory's) weights."""
+
+    path: str
+    load_optimizer: bool = False
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str
+    data: dict[str, Any]  # the training-data config (lmforge.train.dataset)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: str | None = None  # stored with exported models; needed by text evaluators
+    seed: int = 0
+    sequence_length: int = 512
+    global_batch_size: int = 16 * 512  # tokens per optimizer step over all ranks
+    micro_batch_size: int = 4 * 512  # tokens per device per forward/backward
+    # Batch-size warmup (OLMo 65B): [[tokens, global_batch_size], ...]; each entry's batch applies from that
+    # many tokens on; every size must be a multiple of the first.
+    batch_size_schedule: list[tuple[int, int]] = field(default_factory=list)
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    z_loss_multiplier: float = 1e-5
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16: autocast / FSDP bf16 params over fp32 master weights
+    cpu_bf16: bool = False  # CPUs run fp32 unless asked: bf16 autocast is slow on most CPUs
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    skip_step: SkipStepConfig = field(default_factory=SkipStepConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
+    eval_interval: int | None = None
+    init_from: InitFrom | None = None
+
+    def batch_sizes(self) -> list[tuple[int, int]]:
+        """(from_tokens, global_batch_size) pairs, first at 0 tokens."""
+        if not self.batch_size_schedule:
+            return [(0, self.global_batch_size)]
+        return [(int(t), int(b)) for t, b in self.batch_size_schedule]
+
+    def check(self, world_size: int, model: ModelConfig) -> None:
+        """Refuse, before any compute, a config that cannot run on `world_size` ranks."""
+        seq = self.sequence_length
+        if seq <= 0:
+            raise LmforgeError("sequence_length must be positive")
+        if seq > model.max_sequence_length:
+            raise LmforgeError(f"sequence_length {seq} is longer than the model's context "
+                               f"(max_sequence_length {model.max_sequence_length})")
+        if self.micro_batch_size <= 0 or self.micro_batch_size % seq:
+            raise LmforgeError(f"micro_batch_size ({self.micro_batch_size} tokens) must be a positive multiple "
+                               f"of sequence_length ({seq})")
+        sizes = self.batch_sizes()
+        if sizes[0][0] != 0:
+            raise LmforgeError("batch_size_schedule must start at 0 tokens")
+        if any(b[0] >= a[0] for b, a in zip(sizes, sizes[1:])):
+            raise LmforgeError("batch_size_schedule token thresholds must increase")
+        per_step = self.micro_batch_size * world_size
+        for _, size in sizes:
+            if size <= 0 or size % per_step:
+                raise LmforgeError(
+                    f"global batch of {size} tokens is not divisible by micro_batch_size x world size "
+                    f"({self.micro_batch_size} x {world_size} = {per_step} tokens)")
+            if size % sizes[0][1]:
+                raise LmforgeError(f"batch_size_schedule: {size} is not a multiple of the first size {sizes[0][1]}")
+        if self.max_steps is None and self.max_tokens is None:
+            raise LmforgeError("set max_steps or max_tokens")
+        if self.schedule.warmup < 0:
+            raise LmforgeError("schedule.warmup must be >= 0")
+        if self.metrics.log_interval <= 0:
+            raise LmforgeError("metrics.log_interval must be positive")
+        if self.checkpoint.keep_last < 1:
+            raise LmforgeError("checkpoint.keep_last must be >= 1")
+        if self.eval_interval is not None and self.eval_interval <= 0:
+            raise LmforgeError("eval_interval must be positive")

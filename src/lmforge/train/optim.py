@@ -1,0 +1,113 @@
+"""AdamW with OLMo's parameter groups, global-norm gradient clipping across shards, and the skip-step rule."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from lmforge.errors import LmforgeError
+from lmforge.train.config import OptimizerConfig, SkipStepConfig
+
+
+def parameter_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
+    """Two groups: decayed, and not decayed (embeddings unless asked; norms and biases when asked)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = name.split(".")[-2:] == ["embed", "weight"]
+        is_norm_or_bias = param.ndim < 2
+        skip = (is_embedding and not config.decay_embeddings) or (is_norm_or_bias and not config.decay_norm_and_bias)
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = config.fused if config.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(
+        parameter_groups(model, config), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+        weight_decay=config.weight_decay, fused=fused or None, foreach=None if fused else True,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None, clip: bool = True) -> torch.Tensor:
+    """L2 norm of all gradients as one vector, across FSDP shards and ranks; scales them to `max_norm` if
+    larger and `clip`. Returns the norm before clipping (a 0-d tensor on the gradients' device)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):  # a partial sum over shards: reduce it to the global norm
+        total = total.full_tensor()
+    if clip and max_norm:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+    return total
+
+
+class SkipStep:
+    """OLMo-core's SkipStepAdamW rule on the host: skip the update when the loss or the gradient norm is not
+    finite, or exceeds mean + sigma_factor·std (unbiased) of the previous `window` values, once `min_values`
+    are recorded. Finite values enter the window whether or not the step was skipped, so a lasting level
+    shift is accepted after a while; non-finite ones never do."""
+
+    def __init__(self, config: SkipStepConfig):
+        self.config = config
+        self.losses: deque[float] = deque(maxlen=config.window)
+        self.grad_norms: deque[float] = deque(maxlen=config.window)
+        self.consecutive = 0
+        self.total_skipped = 0
+
+    def check(self, loss: float, grad_norm: float) -> str | None:
+        """Reason to skip this step, or None to take it. Raises after too many skips in a row."""
+        if not self.config.enabled:
+            return None
+        reason = None
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            reason = f"non-finite loss {loss} or grad norm {grad_norm}"
+        else:
+            if len(self.losses) >= self.config.min_values:
+                for name, value, window in (("loss", loss, self.losses), ("grad norm", grad_norm, self.grad_norms)):
+                    mean, std = _mean_std(window)
+                    limit = mean + self.config.sigma_factor * std
+                    if value > limit:
+                        reason = f"{name} {value:.4g} > mean + {self.config.sigma_factor:g} sigma = {limit:.4g}"
+                        break
+            self.losses.append(loss)
+            self.grad_norms.append(grad_norm)
+        if reason is None:
+            self.consecutive = 0
+            return None
+        self.consecutive += 1
+        self.total_skipped += 1
+        if self.consecutive >= self.config.max_consecutive:
+            raise LmforgeError(
+                f"stopping: {self.consecutive} optimizer steps in a row were skipped (last: {reason}); the run "
+                f"has diverged or the data is broken. Lower the LR or resume from an earlier checkpoint "
+                f"(skip_step.max_consecutive={self.config.max_consecutive})")
+        return reason
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms),
+                "consecutive": self.consecutive, "total_skipped": self.total_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.extend(state["losses"])
+        self.grad_norms.extend(state["grad_norms"])
+        self.consecutive = state["consecutive"]
+        self.total_skipped = state["total_skipped"]
+
+
+def _mean_std(values: deque[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = math.fsum(values) / n
+    var = math.fsum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    return mean, math.sqrt(var)

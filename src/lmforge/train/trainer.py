@@ -1,0 +1,406 @@
+"""The training loop: one CPU process up to FSDP2 across nodes, with exact resume.
+
+One optimizer step:
+  1. take the step's global batch from the loader (this rank's share; with batch-size warmup, several
+     base-size loader batches),
+  2. count the global batch's real (unmasked) label tokens across ranks,
+  3. forward/backward each micro-batch with loss = (sum of CE + z-loss) · world / global real tokens, so the
+     gradient is that of the global batch's mean loss, whatever the split into micro-batches and ranks
+     (DDP/FSDP average gradients over ranks, hence the factor world),
+  4. global-norm clip, skip-step check, set the LR from the schedule, AdamW step.
+Loss, grad norm and z-loss come to the host once per step (the skip-step rule needs them); everything
+else stays on the device.
+
+Exactness: the model is initialised from the seed alone, the data order is the loader's, the LR is a pure
+function of progress and everything else (optimizer moments, skip-step window, RNG, loader position) is in
+the checkpoint. A run killed at any point and rerun with the same command reproduces the uninterrupted
+run's losses bitwise on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from lmforge.config import save_config, to_dict
+from lmforge.errors import LmforgeError
+from lmforge.manifest import write_manifest
+from lmforge.model.info import flops_per_token
+from lmforge.model.transformer import ModelConfig, Transformer, cross_entropy_loss, init_weights
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
+from lmforge.train.metrics import MetricsLogger, console_line, memory_gib, peak_flops
+from lmforge.train.optim import SkipStep, build_optimizer, clip_grad_norm, set_lr
+from lmforge.train.parallelize import parallelize, unwrap
+from lmforge.train.schedule import lr_multiplier
+
+IGNORE_INDEX = -100
+
+
+class BatchLoader(Protocol):
+    """What the trainer needs from the data side: this rank's share of successive global batches as dicts
+    with "input_ids" (instances, sequence_length) and optionally "labels"/"label_mask"/"doc_ids", plus a
+    resumable position."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+LoaderFactory = Callable[[int, DistInfo], BatchLoader]  # (global batch in tokens, dist info) -> loader
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+@dataclasses.dataclass
+class StepResult:
+    step: int
+    tokens: int
+    loss: float
+    z_loss: float | None
+    grad_norm: float
+    lr: float
+    skipped: str | None
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, loader_factory: LoaderFactory | None = None,
+                 evaluators: list[Evaluator] | None = None, dist_info: DistInfo | None = None,
+                 command: str = "lmforge train"):
+        self.config = config
+        self.command = command
+        self.dist = dist_info or init_distributed(config.device)
+        self.model_config: ModelConfig = config.model.build_config()
+        config.check(self.dist.world_size, self.model_config)
+        self.run_dir = Path(config.run_dir)
+        self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
+        self.sizes = config.batch_sizes()
+        self.base_batch = self.sizes[0][1]
+        self.seq_len = config.sequence_length
+        self.max_steps, self.max_tokens = self._run_length()
+        self._check_checkpoints()
+        # Data before model: missing or unusable data is refused before any compute.
+        factory = loader_factory or default_loader_factory(config)
+        self.loader = factory(self.base_batch, self.dist)
+        self.evaluators = evaluators if evaluators is not None else build_evaluators(config)
+        self.device = self.dist.device
+        self.use_bf16 = config.precision == "bf16" and (self.device.type == "cuda" or config.cpu_bf16)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.skip_step = SkipStep(config.skip_step)
+        self.step = 0
+        self.tokens = 0
+        self.flops_per_token = flops_per_token(self.model_config, self.seq_len)
+        self.peak_flops = peak_flops(self.device, config.metrics.peak_flops)
+        self.metrics = MetricsLogger(self.run_dir, config.metrics, self.dist.is_main, to_dict(config))
+
+    # ---- setup ----------------------------------------------------------------------------------------------
+
+    def _run_length(self) -> tuple[int, int]:
+        """(steps, tokens) the run will take, following the batch-size schedule."""
+        c = self.config
+        steps = tokens = 0
+        while (c.max_steps is None or steps < c.max_steps) and (c.max_tokens is None or tokens < c.max_tokens):
+            tokens += self.batch_size_at(tokens)
+            steps += 1
+        return steps, tokens
+
+    def batch_size_at(self, tokens: int) -> int:
+        size = self.sizes[0][1]
+        for start, s in self.sizes:
+            if tokens >= start:
+                size = s
+        return size
+
+    def _check_checkpoints(self) -> None:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            ckpt.check_same_model(latest, self.model_config)
+        elif self.config.init_from is not None:
+            source = Path(self.config.init_from.path)
+            if (source / "config.json").is_file():
+                from lmforge.model.directory import read_model_config
+
+                ckpt.check_same_model(source, self.model_config, read_model_config(source))
+            else:
+                ckpt.check_same_model(ckpt.resolve_checkpoint(source), self.model_config)
+
+    def _build_model(self) -> torch.nn.Module:
+        model = Transformer(self.model_config)
+        init_weights(model, self.config.seed)  # same weights on every rank and for any world size
+        model.to(self.device)
+        param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
+        model, self.dp_mode = parallelize(model, self.config.parallel, self.dist, param_dtype)
+        return model
+
+    def _autocast(self):
+        # FSDP casts parameters itself (MixedPrecisionPolicy); other modes compute in bf16 through autocast.
+        if self.use_bf16 and self.dp_mode not in ("fsdp", "hsdp"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- state ----------------------------------------------------------------------------------------------
+
+    def _rank_state(self) -> dict:
+        state = {"python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+                 "torch_rng": torch.get_rng_state(), "data": self.loader.state_dict()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _restore_rank_state(self, state: dict) -> None:
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def save(self) -> Path:
+        meta = {"tokens": self.tokens, "model": to_dict(self.model_config), "tokenizer": self.config.tokenizer,
+                "skip_step": self.skip_step.state_dict(), "data": self.loader.state_dict(),
+                "sequence_length": self.seq_len, "config": to_dict(self.config)}
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
+                                    self._rank_state(), self.dist)
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(self.ckpt_root, self.config.checkpoint.keep_last,
+                                   self.config.checkpoint.permanent_interval)
+        return path
+
+    def restore(self) -> bool:
+        """Resume from the latest complete checkpoint, or start a stage-2 run from `init_from`. True if resumed."""
+        if self.dist.is_main:
+            ckpt.remove_partial_saves(self.ckpt_root)
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is not None:
+            meta, rank_state = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist)
+            self.step, self.tokens = meta["step"], meta["tokens"]
+            self.skip_step.load_state_dict(meta["skip_step"])
+            if rank_state is not None:
+                self._restore_rank_state(rank_state)
+                self.loader.load_state_dict(rank_state["data"])
+            else:  # another world size: the loader's position is global, RNG streams restart from the seed
+                self.loader.load_state_dict(meta["data"])
+            self._log(f"resumed from {latest} (step {self.step}, {self.tokens:,} tokens)")
+            return True
+        init = self.config.init_from
+        if init is not None:
+            if init.load_optimizer:
+                ckpt.load_checkpoint(ckpt.resolve_checkpoint(init.path), self.model, self.optimizer, self.dist)
+            else:
+                ckpt.load_weights_for_init(init.path, self.model, self.model_config)
+            self._log(f"initialised weights from {init.path}"
+                      + (" (with its optimizer state)" if init.load_optimizer else ""))
+        return False
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    def _next_batch(self, batches: Iterator[dict], n: int) -> dict[str, torch.Tensor]:
+        parts = []
+        for _ in range(n):
+            try:
+                parts.append(next(batches))
+            except StopIteration:
+                raise LmforgeError(f"the data ran out at step {self.step} ({self.tokens:,} tokens); "
+                                   f"lower max_steps/max_tokens or add data") from None
+        keys = parts[0].keys()
+        return {k: torch.cat([torch.as_tensor(p[k]) for p in parts]) if n > 1 else torch.as_tensor(parts[0][k])
+                for k in keys if k in ("input_ids", "labels", "label_mask", "doc_ids")}
+
+    def _labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "labels" in batch:
+            labels = batch["labels"].long()
+        else:  # next-token targets; the last position of each instance has none
+            ids = batch["input_ids"].long()
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[:, :-1] = ids[:, 1:]
+        if "label_mask" in batch:
+            labels = labels.masked_fill(~batch["label_mask"].bool(), IGNORE_INDEX)
+        return labels
+
+    def forward_loss(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                     doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sum of CE, sum of z-loss) over the micro-batch's real label tokens."""
+        with self._autocast():
+            logits = model(input_ids, doc_ids=doc_ids)
+        return cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
+
+    def _sync_context(self, last: bool):
+        if self.dp_mode in ("fsdp", "hsdp"):
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if self.dp_mode == "ddp" and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: dict[str, torch.Tensor], batch_tokens: int) -> StepResult:
+        c = self.config
+        self.step += 1
+        self.tokens += batch_tokens
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
+        labels = self._labels(batch).to(self.device, non_blocking=True)
+        doc_ids = batch["doc_ids"].to(self.device, non_blocking=True) if "doc_ids" in batch else None
+        real_tokens = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32))
+        scale = self.dist.world_size / real_tokens.clamp(min=1)
+        micro = c.micro_batch_size // self.seq_len
+        n_micro = input_ids.shape[0] // micro
+        ce_total = torch.zeros((), device=self.device)
+        z_total = torch.zeros((), device=self.device)
+        for i in range(n_micro):
+            rows = slice(i * micro, (i + 1) * micro)
+            with self._sync_context(last=i == n_micro - 1):
+                ce, z = self.forward_loss(self.model, input_ids[rows], labels[rows],
+                                          doc_ids[rows] if doc_ids is not None else None)
+                loss = ce + z if z is not None else ce
+                (loss * scale).backward()
+            ce_total += ce.detach()
+            if z is not None:
+                z_total += z.detach()
+        warmup_done = self._progress() > c.schedule.warmup
+        clip = not c.optimizer.clip_after_warmup_only or warmup_done
+        grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
+        reported = all_reduce_sum(torch.stack([ce_total, z_total])) / real_tokens.clamp(min=1)
+        loss_value, z_value, norm_value = torch.cat([reported, grad_norm.reshape(1).float()]).tolist()
+        lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
+        skipped = self.skip_step.check(loss_value, norm_value)
+        if skipped is None:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(self.step, self.tokens, loss_value, z_value if c.z_loss_multiplier else None,
+                          norm_value, lr, skipped)
+
+    def _progress(self) -> int:
+        return self.step if self.config.schedule.units == "steps" else self.tokens
+
+    def _duration(self) -> int:
+        return self.max_steps if self.config.schedule.units == "steps" else self.max_tokens
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            save_config(c, self.run_dir)
+            self._write_manifest(finished=False)
+        resumed = self.restore()
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
+        self._log(f"training {self.model_config.family} model, {sum(p.numel() for p in self.params):,} parameters, "
+                  f"{self.dist.world_size} x {self.device.type} ({self.dp_mode}), {self.max_steps} steps, "
+                  f"{self.max_tokens:,} tokens" + (f", from step {self.step}" if resumed else ""))
+        batches = iter(self.loader)
+        last_save_time = time.monotonic()
+        interval = _Interval()
+        self.model.train()
+        while self.step < self.max_steps:
+            t0 = time.perf_counter()
+            batch_tokens = self.batch_size_at(self.tokens)
+            batch = self._next_batch(batches, batch_tokens // self.base_batch)
+            interval.data_wait += time.perf_counter() - t0
+            result = self.train_step(batch, batch_tokens)
+            interval.add(result, batch_tokens, time.perf_counter() - t0)
+            if result.skipped:
+                self._log(f"step {result.step}: skipped the update ({result.skipped})")
+            if result.step % c.metrics.log_interval == 0 or result.step == self.max_steps:
+                self._log_metrics(result, interval)
+                interval = _Interval()
+            if c.eval_interval and result.step % c.eval_interval == 0 and self.evaluators:
+                self._evaluate()
+            if self._save_due(last_save_time):
+                self.save()
+                last_save_time = time.monotonic()
+        if c.checkpoint.save_final and ckpt.latest_checkpoint(self.ckpt_root) != self.ckpt_root / ckpt.step_dir_name(self.step):
+            self.save()
+        if self.dist.is_main:
+            self._write_manifest(finished=True)
+        self.metrics.close()
+        return {"steps": self.step, "tokens": self.tokens, "skipped_steps": self.skip_step.total_skipped}
+
+    def _save_due(self, last_save_time: float) -> bool:
+        c = self.config.checkpoint
+        if self.step == self.max_steps:
+            return False  # the final save happens after the loop
+        due = bool(c.interval and self.step % c.interval == 0)
+        if c.interval_minutes is not None:
+            # One clock decides for all ranks, so they enter the collective save together.
+            due = due or broadcast_object(time.monotonic() - last_save_time >= 60 * c.interval_minutes)
+        return due
+
+    def _evaluate(self) -> None:
+        module = unwrap(self.model)
+        module.eval()
+        row = {"step": self.step, "tokens": self.tokens}
+        with torch.no_grad(), self._autocast():
+            for evaluator in self.evaluators:
+                row.update({f"eval/{k}": v for k, v in evaluator(module).items()})
+        module.train()
+        self.metrics.log(row)
+        self._log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    def _log_metrics(self, result: StepResult, interval: "_Interval") -> None:
+        tps = interval.tokens / max(interval.elapsed, 1e-9) / self.dist.world_size
+        row = {
+            "step": result.step, "tokens": result.tokens, "loss": result.loss, "z_loss": result.z_loss,
+            "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_second": tps * self.dist.world_size,
+            "tokens_per_second_per_device": tps,
+            "mfu": 100 * self.flops_per_token * tps / self.peak_flops if self.peak_flops else None,
+            "data_wait_pct": 100 * interval.data_wait / max(interval.elapsed, 1e-9),
+            "memory_gib": memory_gib(self.device), "skipped": interval.skipped,
+        }
+        self.metrics.log(row)
+        self._log(console_line(row, self.max_steps))
+
+    def _log(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def _write_manifest(self, finished: bool) -> None:
+        write_manifest(self.run_dir, command=self.command, config=self.config,
+                       counts={"steps": self.step, "tokens": self.tokens, "world_size": self.dist.world_size,
+                               "skipped_steps": self.skip_step.total_skipped, "finished": finished},
+                       extra={"model": to_dict(self.model_config)})
+
+
+@dataclasses.dataclass
+class _Interval:
+    tokens: int = 0
+    elapsed: float = 0.0
+    data_wait: float = 0.0
+    skipped: int = 0
+
+    def add(self, result: StepResult, tokens: int, elapsed: float) -> None:
+        self.tokens += tokens
+        self.elapsed += elapsed
+        self.skipped += result.skipped is not None
+
+
+def default_loader_factory(config: TrainConfig) -> LoaderFactory:
+    raise LmforgeError("no data loader: the training-data module is not available yet")
+
+
+def build_evaluators(config: TrainConfig) -> list[Evaluator]:
+    if config.eval_interval is None:
+        return []
+    from lmforge.eval.inloop import build_inloop_evaluators
+    from lmforge.tokenizer import Tokenizer
+
+    if not config.tokenizer:
+        raise LmforgeError("eval_interval is set but no tokenizer is configured (tokenizer: PATH)")
+    m = config.model.build_config()
+    tokenizer = Tokenizer.load(config.tokenizer, eos_id=m.eos_token_id, pad_id=m.pad_token_id, bos_id=m.bos_token_id)
+    return build_inloop_evaluators(config.eval, tokenizer)
+
+
+def train(config: TrainConfig, **kwargs: Any) -> dict:
+    return Trainer(config, **kwargs).fit()

@@ -1,0 +1,112 @@
+"""Shared pieces of the trainer tests: a tiny in-memory loader and tiny configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmforge.config import from_dict
+from lmforge.train.config import TrainConfig
+
+TINY_MODEL = {"preset": "olmo2-tiny", "overrides": {"n_layers": 2, "d_model": 64, "n_heads": 4,
+                                                    "mlp_hidden_size": 128, "vocab_size": 256,
+                                                    "eos_token_id": 0, "pad_token_id": 1,
+                                                    "max_sequence_length": 64}}
+
+
+class ArrayLoader:
+    """Fixed-length windows of a token array in a seeded order; rank r takes rows r, r+world, ... of each
+    global batch, so the global batch is the same for any world size. Position = batches taken."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_tokens: int, rank: int, world: int,
+                 seed: int = 0):
+        n = len(tokens) // seq_len
+        self.instances = tokens[: n * seq_len].reshape(n, seq_len)
+        self.order = np.random.default_rng(seed).permutation(n)
+        self.per_batch = global_batch_tokens // seq_len
+        self.rank, self.world = rank, world
+        self.batches_processed = 0
+
+    def __iter__(self):
+        while (self.batches_processed + 1) * self.per_batch <= len(self.order):
+            start = self.batches_processed * self.per_batch
+            rows = self.order[start:start + self.per_batch][self.rank::self.world]
+            self.batches_processed += 1
+            yield {"input_ids": torch.from_numpy(self.instances[rows].astype(np.int64))}
+
+    def state_dict(self) -> dict:
+        return {"batches_processed": self.batches_processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_processed = state["batches_processed"]
+
+
+def random_tokens(n: int = 40_000, vocab: int = 256, seed: int = 0) -> np.ndarray:
+    """Tokens with learnable structure: a noisy repeating pattern, so loss can fall quickly."""
+    rng = np.random.default_rng(seed)
+    base = np.tile(np.arange(2, 66), n // 64 + 1)[:n]
+    noise = rng.integers(2, vocab, n)
+    return np.where(rng.random(n) < 0.3, noise, base).astype(np.int64)
+
+
+def array_loader_factory(tokens: np.ndarray, seq_len: int, seed: int = 0):
+    def factory(global_batch_tokens, dist_info):
+        return ArrayLoader(tokens, seq_len, global_batch_tokens, dist_info.rank, dist_info.world_size, seed)
+    return factory
+
+
+def tiny_config(run_dir, **overrides) -> TrainConfig:
+    data = {
+        "run_dir": str(run_dir), "data": {}, "model": TINY_MODEL, "sequence_length": 32,
+        "global_batch_size": 8 * 32, "micro_batch_size": 2 * 32, "max_steps": 8, "precision": "fp32",
+        "device": "cpu", "optimizer": {"lr": 3e-3}, "schedule": {"name": "cosine", "warmup": 2},
+        "checkpoint": {"interval": 4}, "metrics": {"log_interval": 1, "tensorboard": False},
+        "skip_step": {"enabled": False},
+    }
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return from_dict(TrainConfig, data)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict]], seq_len: int) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from lmforge.train.distributed import shutdown_distributed
+    from lmforge.train.trainer import Trainer
+
+    try:
+        for run_dir, overrides in jobs:
+            Trainer(tiny_config(run_dir, **overrides), loader_factory=array_loader_factory(random_tokens(), seq_len)).fit()
+    finally:
+        shutdown_distributed()
+
+
+def run_multiprocess(world: int, jobs: list[tuple[object, dict]], seq_len: int = 32) -> None:
+    """Train each (run_dir, overrides) job in turn on `world` gloo processes (torch.multiprocessing, with
+    the environment torchrun would set). One spawn for several runs: starting processes is the slow part."""
+    import torch.multiprocessing as mp
+
+    jobs = [(str(d), o) for d, o in jobs]
+    mp.spawn(_worker, args=(world, free_port(), jobs, seq_len), nprocs=world, join=True)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
