@@ -142,7 +142,7 @@ def sample_copies(seed: int, stream: str, doc_id: str, rate: float) -> int:
     if rate == 1.0:
         return 1
     whole = int(rate)
-    u = xxhash.xxh3_64_intdigest(f"{seed}\x00{stream}\x00{doc_id}") / 2.0 ** 64
+    u = xxhash.xxh3_64_intdigest(f"{seed}\x00{stream}\x00{doc_id}".encode()) / 2.0 ** 64
     return whole + (u < rate - whole)
 
 

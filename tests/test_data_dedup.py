@@ -1,0 +1,113 @@
+"""Bloom filter, MinHash and the dedup stage's keep-the-first semantics and persisted state."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lmforge.data.attributes import attribute_path, read_attributes
+from lmforge.data.dedup import (BloomFilter, DedupConfig, MinHashConfig, MinHasher, estimated_jaccard,
+                                run_dedup, word_ngram_hashes)
+from lmforge.data.documents import DocumentWriter
+from lmforge.errors import LmforgeError
+
+
+def test_bloom_false_positive_rate_within_target(tmp_path):
+    rng = np.random.default_rng(0)
+    target = 0.01
+    bloom = BloomFilter.sized(20_000, target)
+    members = rng.integers(0, 2 ** 63, size=20_000, dtype=np.uint64)
+    others = rng.integers(0, 2 ** 63, size=200_000, dtype=np.uint64)
+    bloom.add(members)
+    assert bloom.contains(members).all()  # no false negatives
+    fp = bloom.contains(others).mean()
+    assert fp <= target * 1.25  # 200k trials: 3 sigma is ~0.07 * target
+    bloom.save(tmp_path / "f.bloom")
+    loaded = BloomFilter.load(tmp_path / "f.bloom")
+    assert loaded.bits == bloom.bits and loaded.hashes == bloom.hashes
+    assert np.array_equal(loaded.contains(others[:1000]), bloom.contains(others[:1000]))
+
+
+def test_bloom_sizing_formula():
+    bloom = BloomFilter.sized(1_000_000, 1e-6)
+    # m = -n ln p / ln(2)^2 = 28.76 bits per element, k = m/n ln 2 = 19.9
+    assert abs(bloom.bits / 1_000_000 - 28.755) < 0.01
+    assert bloom.hashes == 20
+
+
+def _exact_jaccard(a: str, b: str, n: int) -> float:
+    x, y = set(word_ngram_hashes(a, n).tolist()), set(word_ngram_hashes(b, n).tolist())
+    return len(x & y) / len(x | y)
+
+
+def test_minhash_estimate_close_to_exact_jaccard():
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(500)]
+    hasher = MinHasher(256, seed=3)
+    for keep in (0.2, 0.5, 0.8, 0.95):
+        base = list(rng.choice(vocab, size=300))
+        other = [w if rng.random() < keep else str(rng.choice(vocab)) for w in base]
+        a, b = " ".join(base), " ".join(other)
+        exact = _exact_jaccard(a, b, 3)
+        estimate = estimated_jaccard(hasher.signature(word_ngram_hashes(a, 3)), hasher.signature(word_ngram_hashes(b, 3)))
+        assert abs(estimate - exact) < 0.1, (keep, exact, estimate)  # sd <= 0.031 with 256 permutations
+
+
+def _write(path, docs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with DocumentWriter(path) as w:
+        for d in docs:
+            w.write(d)
+
+
+LONG = " ".join(f"word{i} filler text" for i in range(60))
+
+
+def _corpus(root):
+    _write(root / "documents" / "a.jsonl.gz", [
+        {"id": "a1", "text": "shared line\nunique one\n\n", "source": "web", "metadata": {"url": "http://x/1"}},
+        {"id": "a2", "text": LONG, "source": "web", "metadata": {"url": "http://x/2"}},
+    ])
+    _write(root / "documents" / "b.jsonl.gz", [
+        {"id": "b1", "text": "shared line\nunique one\n\n", "source": "books", "metadata": {"url": "http://x/3"}},
+        {"id": "b2", "text": "other\nshared line\n\n", "source": "books", "metadata": {"url": "http://x/1"}},
+        {"id": "b3", "text": LONG.replace("word59", "changed"), "source": "books"},
+    ])
+
+
+def _attrs(root, shard, name="dedup"):
+    return dict(read_attributes(attribute_path(root / "documents" / shard, name)))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dedup_marks_later_copies_and_keeps_first(tmp_path, workers):
+    _corpus(tmp_path)
+    summary = run_dedup(DedupConfig(documents=[str(tmp_path / "documents" / "*.jsonl.gz")],
+                                    modes=["doc", "url", "paragraph", "minhash"], workers=workers,
+                                    minhash=MinHashConfig(ngram=3, threshold=0.7)))
+    a, b = _attrs(tmp_path, "a.jsonl.gz"), _attrs(tmp_path, "b.jsonl.gz")
+    assert a["a1"]["dedup__duplicate_doc"] == [] and a["a1"]["dedup__duplicate_paragraphs"] == []
+    assert b["b1"]["dedup__duplicate_doc"] == [[0, 24, 1.0]]
+    assert b["b1"]["dedup__duplicate_paragraphs"] == [[0, 12, 1.0], [12, 23, 1.0]]  # blank lines never count
+    assert b["b2"]["dedup__duplicate_url"] == [[0, 19, 1.0]]
+    assert b["b2"]["dedup__duplicate_paragraphs"] == [[6, 18, 1.0]]
+    assert b["b3"]["dedup__near_duplicate"][0][2] >= 0.7 and a["a2"]["dedup__near_duplicate"] == []
+    assert summary["per_source"]["books"]["duplicate_documents"] == 3
+    assert summary["per_source"]["web"]["duplicate_rate"] == 0
+
+
+def test_dedup_state_persists_across_crawls_and_reruns_skip(tmp_path):
+    _corpus(tmp_path / "crawl1")
+    state = tmp_path / "state"
+    cfg = dict(modes=["doc", "paragraph"], state=str(state))
+    run_dedup(DedupConfig(documents=[str(tmp_path / "crawl1/documents/*.gz")], **cfg))
+    again = run_dedup(DedupConfig(documents=[str(tmp_path / "crawl1/documents/*.gz")], **cfg))
+    assert again["shards_skipped_done"] == 2  # not re-marked as duplicates of themselves
+    assert _attrs(tmp_path / "crawl1", "a.jsonl.gz")["a1"]["dedup__duplicate_doc"] == []
+    _write(tmp_path / "crawl2/documents/c.jsonl.gz", [{"id": "c1", "text": "unique one\nbrand new\n"}])
+    run_dedup(DedupConfig(documents=[str(tmp_path / "crawl2/documents/*.gz")], **cfg))
+    assert _attrs(tmp_path / "crawl2", "c.jsonl.gz")["c1"]["dedup__duplicate_paragraphs"] == [[0, 11, 1.0]]
+    meta = json.loads((state / "state.json").read_text())
+    assert len(meta["absorbed"]) == 3
+    with pytest.raises(LmforgeError, match="was built with"):
+        run_dedup(DedupConfig(documents=[str(tmp_path / "crawl2/documents/*.gz")], modes=["doc"], state=str(state)))

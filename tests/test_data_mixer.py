@@ -1,0 +1,137 @@
+"""The filter language (incl. malformed expressions and Dolma JSONPath) and the mixer."""
+
+import pytest
+import yaml
+
+from lmforge.data.attributes import attribute_path
+from lmforge.data.documents import DocumentWriter, read_documents
+from lmforge.data.filter_expr import Context, compile_filter, compile_jsonpath
+from lmforge.data.mixer import load_mixer_config, replace_spans, run_mix, sample_copies
+from lmforge.errors import LmforgeError
+
+ATTRS = {
+    "gopher__word_count": [[0, 20, 40.0]],
+    "pii__email_address": [[0, 3, 1.0], [5, 9, 1.0]],
+    "dedup__duplicate_paragraphs": [[0, 5, 1], [3, 8, 1]],
+    "langid__en": [[0, 20, 0.93]],
+}
+DOC = {"id": "1", "text": "x" * 20, "source": "web", "metadata": {"lang": "en", "year": 2020}}
+
+
+@pytest.mark.parametrize("expr,expected", [
+    ("gopher__word_count < 50", True),
+    ("gopher__word_count < 50 and langid__en >= 0.95", False),
+    ("gopher__word_count < 50 and not (langid__en >= 0.95)", True),
+    ("count(pii__email_address) + count(pii__phone_number) > 1", True),
+    ("frac(dedup__duplicate_paragraphs) == 0.4", True),  # [0,8) of 20 characters, overlap counted once
+    ("chars(dedup__duplicate_paragraphs) / text_length > 0.5", False),
+    ("sum(pii__email_address) == 2 and max(pii__email_address) == 1", True),
+    ("any(c4__has_curly_brace) or doc.source == 'web'", True),
+    ("doc.metadata.year >= 2020 and doc.metadata.lang != \"de\"", True),
+    ("doc.metadata.missing == 'x'", False),
+    ("dedup__duplicate_paragraphs >= 1.0", True),  # integer scores compare numerically (Dolma's trap)
+    ("-gopher__word_count < -39.5 or false", True),
+    ("score(c4__missing) == 0", True),
+])
+def test_filter_language(expr, expected):
+    assert compile_filter(expr)(Context(ATTRS, DOC)) is expected
+
+
+@pytest.mark.parametrize("expr,message", [
+    ("gopher__word_count <", "expected a value but the filter ended at column 21"),
+    ("gopher__word_count", "is a number, not a condition"),
+    ("(a > 1", "expected ')' but found the end"),
+    ("a > > 1", "expected a value but found '>' at column 5"),
+    ("foo(a) > 1", "unknown function 'foo'"),
+    ("a and b", "'and' needs conditions on both sides"),
+    ("'x' < 1", "strings can only be compared with == or !="),
+    ("a > 1 extra", "unexpected 'extra' at column 7"),
+    ("a $ 1", "unexpected character '$' at column 3"),
+    ("__import__(os) > 1", "unknown function '__import__'"),
+    ("__import__('os').system('x') > 1", "unexpected character '.' at column 17"),
+    ("", "non-empty"),
+])
+def test_malformed_filters_fail_clearly(expr, message):
+    with pytest.raises(LmforgeError) as error:
+        compile_filter(expr)
+    assert message in str(error.value)
+
+
+def test_unknown_attribute_suggests_declared_key():
+    keys = ["gopher__fraction_of_characters_in_most_common_2grams", "langid__*"]
+    with pytest.raises(LmforgeError, match="did you mean gopher__fraction_of_characters_in_most_common_2grams"):
+        compile_filter("gopher__fraction_of_characters_in_most_common_2gram > 0.2", keys)
+    assert compile_filter("langid__de > 0.5", keys)  # wildcard keys accept any language
+
+
+def test_dolma_jsonpath_filters():
+    ctx = Context(ATTRS, DOC)
+    rule = "$.attributes[?(@.gopher__word_count && @.gopher__word_count[0] && @.gopher__word_count[0][2] < 50)]"
+    assert compile_jsonpath(rule)(ctx) is True
+    assert compile_jsonpath("$@.attributes[?(@.dedup__duplicate_paragraphs[0][2] >= 1.0)]")(ctx) is True
+    assert compile_jsonpath("$.attributes[?(@.absent[0][2] > 0.5)]")(ctx) is False
+    with pytest.raises(LmforgeError, match="JSONPath"):
+        compile_jsonpath("$.attributes.gopher")
+
+
+def test_replace_spans_and_sampling():
+    assert replace_spans("mail a@b.co now", [(5, 11, "|||EMAIL_ADDRESS|||")]) == "mail |||EMAIL_ADDRESS||| now"
+    assert replace_spans("aaaa bbbb cccc", [(5, 10, ""), (0, 7, "X")]) == "Xcccc"  # overlaps merge
+    kept = sum(sample_copies(0, "s", str(i), 0.3) for i in range(10_000))
+    assert 2800 < kept < 3200
+    copies = [sample_copies(0, "s", str(i), 2.5) for i in range(10_000)]
+    assert set(copies) == {2, 3} and 24_000 < sum(copies) < 26_000
+    assert sample_copies(0, "s", "7", 0.3) == sample_copies(0, "s", "7", 0.3)  # deterministic
+
+
+def _shard(root, name, docs, attrs):
+    path = root / "documents" / name
+    with DocumentWriter(path) as w:
+        for d in docs:
+            w.write(d)
+    with DocumentWriter(attribute_path(path, "t")) as w:
+        for d, a in zip(docs, attrs):
+            w.write({"id": d["id"], "attributes": a})
+    return path
+
+
+def test_mixer_filters_replaces_and_reshards(tmp_path):
+    docs = [{"id": str(i), "text": f"doc {i} mail x{i}@mail.com end", "source": "web"} for i in range(40)]
+    attrs = [{"t__email": [[d["text"].index("x"), d["text"].index(" end"), 1.0]], "t__score": [[0, 5, i / 40]],
+              "t__pii_count": [[0, 5, 9.0 if i == 13 else 1.0]]} for i, d in enumerate(docs)]
+    _shard(tmp_path, "a.jsonl.gz", docs, attrs)
+    config = {
+        "streams": [{"name": "web", "documents": [str(tmp_path / "documents/*.jsonl.gz")], "attributes": ["t"],
+                     "filter": {"include": ["t__score >= 0.25"], "exclude": ["t__pii_count > 5"]},
+                     "span_replacement": [{"span": "t__email", "replacement": "|||EMAIL_ADDRESS|||"}],
+                     "sample_rate": 2.0}],
+        "output": {"path": str(tmp_path / "out"), "max_size_in_bytes": 500},
+    }
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    summary = run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+    counts = summary["streams"]["web"]
+    assert counts["excluded_by_include"] == 10 and counts["excluded_by_exclude"] == 1
+    assert counts["written"] == 58  # ids 10..39 except 13, twice each
+    out = sorted((tmp_path / "out").glob("web-*.jsonl.gz"))
+    assert len(out) > 1
+    texts = [d["text"] for p in out for _, d in read_documents(p)]
+    assert texts[0] == "doc 10 mail |||EMAIL_ADDRESS||| end" and len(texts) == 58
+    again = run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+    assert again["tasks_skipped_done"] == 1
+
+
+def test_mixer_rejects_mismatched_attributes(tmp_path):
+    path = _shard(tmp_path, "a.jsonl", [{"id": "1", "text": "a"}, {"id": "2", "text": "b"}],
+                  [{"t__x": []}, {"t__x": []}])
+    with DocumentWriter(attribute_path(path, "t")) as w:
+        w.write({"id": "1", "attributes": {}})
+        w.write({"id": "9", "attributes": {}})
+    config = {"streams": [{"name": "s", "documents": [str(path)], "attributes": ["t"]}],
+              "output": {"path": str(tmp_path / "out")}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(LmforgeError, match="mismatched ids: .*a.jsonl:2"):
+        run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+    config["streams"][0]["attributes"] = ["missing"]
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(LmforgeError, match="missing attributes 'missing'"):
+        run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
