@@ -58,8 +58,8 @@ def tag_shard(task: TagTask, progress) -> dict:
     groups = [(attr_name, [(t, _tagger(t, task.tagger_options.get(t, {}))) for t in names])
               for attr_name, names in task.groups]
     report = ReadReport()
-    errors: list[str] = []
-    n_errors = 0
+    errors: dict[str, list[str]] = {name: [] for _, taggers in groups for name, _ in taggers}
+    n_errors = dict.fromkeys(errors, 0)
     text_chars = 0
     writers = [DocumentWriter(attribute_path(task.doc_path, attr_name)) for attr_name, _ in groups]
     try:
@@ -72,10 +72,10 @@ def tag_shard(task: TagTask, progress) -> dict:
                         for key, spans in tagger.tag(doc).items():
                             attributes[f"{name}__{key}"] = spans
                     except Exception as e:  # a user tagger may raise anything; the document is reported
-                        n_errors += 1
-                        if len(errors) < MAX_REPORTED_ERRORS:
+                        n_errors[name] += 1
+                        if len(errors[name]) < MAX_REPORTED_ERRORS:
                             where = traceback.extract_tb(e.__traceback__)[-1]
-                            errors.append(f"{task.doc_path}:{line}: tagger {name!r} raised "
+                            errors[name].append(f"{task.doc_path}:{line}: tagger {name!r} raised "
                                           f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})")
                 writer.write({"id": doc["id"], "attributes": attributes})
             progress(1)
@@ -86,11 +86,14 @@ def tag_shard(task: TagTask, progress) -> dict:
     for writer in writers:
         writer.close()
     result = {"documents": report.documents, "skipped_lines": report.skipped,
-              "bad_lines": [str(b) for b in report.bad_lines], "tagger_errors": n_errors,
-              "tagger_error_examples": errors, "text_chars": text_chars}
-    for attr_name, _ in groups:
-        mark_done(task.doc_path, attr_name, result)
-    return {"doc_path": task.doc_path, **result}
+              "bad_lines": [str(b) for b in report.bad_lines], "text_chars": text_chars}
+    for attr_name, taggers in groups:
+        names = [name for name, _ in taggers]
+        mark_done(task.doc_path, attr_name, {
+            **result, "tagger_errors": sum(n_errors[n] for n in names),
+            "tagger_error_examples": [e for n in names for e in errors[n]][:MAX_REPORTED_ERRORS]})
+    return {"doc_path": task.doc_path, **result, "tagger_errors": sum(n_errors.values()),
+            "tagger_error_examples": [e for examples in errors.values() for e in examples][:MAX_REPORTED_ERRORS]}
 
 
 def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], dict[str, list[str]]]:
