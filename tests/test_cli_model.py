@@ -54,3 +54,21 @@ def test_help_at_every_level():
     for argv in (["--help"], ["model", "--help"], ["model", "info", "--help"], ["export", "hf", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: lmforge" in proc.stdout
+
+
+def test_model_yaml_files_match_presets_and_malformed_yaml_is_refused(tmp_path, capsys):
+    from pathlib import Path
+
+    from lmforge.model.presets import get_preset, resolve_model_config
+
+    configs = sorted(Path(__file__).parent.parent.glob("configs/model/*.yaml"))
+    assert configs
+    for path in configs:
+        assert resolve_model_config(str(path)) == get_preset(path.stem)
+    small = tmp_path / "small.yaml"
+    small.write_text("preset: olmo2-tiny\nn_layers: 2\n")
+    assert resolve_model_config(str(small), ["d_model=64"]).n_layers == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: olmo2-tiny\nn_layers: [2\n")
+    code, _, err = run(capsys, "model", "info", str(bad))
+    assert code == 2 and "malformed YAML" in err and "bad.yaml line 3" in err

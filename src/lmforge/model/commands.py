@@ -13,14 +13,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     model_sub.required = True
 
     info = model_sub.add_parser("info", help="parameters, FLOPs per token and training memory of a preset")
-    info.add_argument("preset", help="preset name (e.g. olmo2-1b, olmo2-tiny) or a model directory")
+    info.add_argument("preset", help="preset name (e.g. olmo2-1b, olmo2-tiny), a model YAML file or a model directory")
     info.add_argument("overrides", nargs="*", help="dotted overrides of the model config, e.g. d_model=256")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the context)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
 
     init = model_sub.add_parser("init", help="write a randomly initialised model directory")
-    init.add_argument("preset")
+    init.add_argument("preset", help="preset name, model YAML file or model directory")
     init.add_argument("overrides", nargs="*", help="dotted overrides of the model config, e.g. n_layers=2")
     init.add_argument("--out", required=True, help="output model directory")
     init.add_argument("--seed", type=int, default=0)
@@ -58,22 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     import_hf.set_defaults(func=cmd_import_hf)
 
 
-def _model_config(name: str, overrides: list[str]):
-    from pathlib import Path
-
-    from lmforge.config import apply_overrides, from_dict, to_dict
-    from lmforge.model.directory import read_model_config
-    from lmforge.model.presets import get_preset
-    from lmforge.model.transformer import ModelConfig
-
-    base = read_model_config(name) if Path(name).is_dir() else get_preset(name)
-    return from_dict(ModelConfig, apply_overrides(to_dict(base), overrides), prefix="model.")
-
-
 def cmd_info(args) -> None:
     from lmforge.model.info import model_info
+    from lmforge.model.presets import resolve_model_config
 
-    info = model_info(_model_config(args.preset, args.overrides), args.seq_len)
+    info = model_info(resolve_model_config(args.preset, args.overrides), args.seq_len)
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -91,9 +80,10 @@ def cmd_info(args) -> None:
 def cmd_init(args) -> None:
     from lmforge.manifest import write_manifest
     from lmforge.model.directory import build_model, save_model_dir
+    from lmforge.model.presets import resolve_model_config
     from lmforge.tokenizer import Tokenizer
 
-    config = _model_config(args.preset, args.overrides)
+    config = resolve_model_config(args.preset, args.overrides)
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:
         from lmforge.errors import LmforgeError

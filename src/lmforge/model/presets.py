@@ -6,8 +6,10 @@ parameter counts equal the released Hugging Face checkpoints' (tests/test_model.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
+from lmforge.config import apply_overrides, from_dict, read_yaml, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import ModelConfig
 
@@ -70,3 +72,20 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise LmforgeError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def resolve_model_config(spec: str, overrides: list[str] | None = None) -> ModelConfig:
+    """A model config from a preset name, a model directory, or a YAML file of `ModelConfig` fields (which may
+    start from a preset with `preset: NAME`), then dotted overrides such as `n_layers=2`."""
+    from lmforge.model.directory import read_model_config
+
+    path = Path(spec)
+    if path.is_dir():
+        data = to_dict(read_model_config(path))
+    elif path.suffix in (".yaml", ".yml"):
+        data = read_yaml(path)
+        preset = data.pop("preset", None)
+        data = {**(to_dict(get_preset(preset)) if preset else {}), **data}
+    else:
+        data = to_dict(get_preset(spec))
+    return from_dict(ModelConfig, apply_overrides(data, overrides or []), prefix="model.")
