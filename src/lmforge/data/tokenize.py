@@ -374,8 +374,8 @@ class TrainTokenizerConfig:
     min_frequency: int = 2
 
     def __post_init__(self) -> None:
-        if self.vocab_size < 512:
-            raise ValueError("vocab_size must be >= 512 (256 byte tokens plus merges and specials)")
+        if self.vocab_size <= 256 + 5:
+            raise ValueError("vocab_size must exceed 261: the 256 byte tokens plus 5 special tokens")
         if self.sample_docs < 1:
             raise ValueError("sample_docs must be >= 1")
 
