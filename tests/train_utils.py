@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -19,8 +21,13 @@ class ArrayLoader:
     global batch, so the global batch is the same for any world size. Position = batches taken."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_tokens: int, rank: int, world: int,
-                 seed: int = 0):
+                 seed: int = 0, mask_fraction: float = 0.0):
         n = len(tokens) // seq_len
+        # Per-instance label masks with very different real-token counts, so a loss averaged per micro-batch
+        # (instead of over the global batch's real tokens) would differ.
+        mask_rng = np.random.default_rng(seed + 1)
+        keep = mask_rng.random((n, 1)) * mask_fraction
+        self.label_mask = mask_rng.random((n, seq_len)) >= keep if mask_fraction else None
         self.instances = tokens[: n * seq_len].reshape(n, seq_len)
         self.order = np.random.default_rng(seed).permutation(n)
         self.per_batch = global_batch_tokens // seq_len
@@ -32,7 +39,10 @@ class ArrayLoader:
             start = self.batches_processed * self.per_batch
             rows = self.order[start:start + self.per_batch][self.rank::self.world]
             self.batches_processed += 1
-            yield {"input_ids": torch.from_numpy(self.instances[rows].astype(np.int64))}
+            batch = {"input_ids": torch.from_numpy(self.instances[rows].astype(np.int64))}
+            if self.label_mask is not None:
+                batch["label_mask"] = torch.from_numpy(self.label_mask[rows])
+            yield batch
 
     def state_dict(self) -> dict:
         return {"batches_processed": self.batches_processed}
@@ -49,9 +59,10 @@ def random_tokens(n: int = 40_000, vocab: int = 256, seed: int = 0) -> np.ndarra
     return np.where(rng.random(n) < 0.3, noise, base).astype(np.int64)
 
 
-def array_loader_factory(tokens: np.ndarray, seq_len: int, seed: int = 0):
+def array_loader_factory(tokens: np.ndarray, seq_len: int, seed: int = 0, mask_fraction: float = 0.0):
     def factory(global_batch_tokens, dist_info):
-        return ArrayLoader(tokens, seq_len, global_batch_tokens, dist_info.rank, dist_info.world_size, seed)
+        return ArrayLoader(tokens, seq_len, global_batch_tokens, dist_info.rank, dist_info.world_size, seed,
+                           mask_fraction)
     return factory
 
 
@@ -63,6 +74,7 @@ def tiny_config(run_dir, **overrides) -> TrainConfig:
         "checkpoint": {"interval": 4}, "metrics": {"log_interval": 1, "tensorboard": False},
         "skip_step": {"enabled": False},
     }
+    data = copy.deepcopy(data)
     for key, value in overrides.items():
         node = data
         parts = key.split(".")
@@ -110,3 +122,44 @@ def read_metrics(run_dir) -> list[dict]:
     from pathlib import Path
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def main(argv: list[str]) -> None:
+    """`python tests/train_utils.py RUN_DIR [key=value ...] [--kill-during-save N]`: a one-process run on the
+    in-memory data, for tests that kill it. With --kill-during-save N the process SIGKILLs itself in the
+    middle of its N-th checkpoint save (after the shards are written, before the atomic rename)."""
+    import os
+    import signal
+
+    import yaml
+
+    torch.set_num_threads(1)
+    from lmforge.train import checkpoint
+    from lmforge.train.trainer import Trainer
+
+    kill_at = None
+    if "--kill-during-save" in argv:
+        i = argv.index("--kill-during-save")
+        kill_at = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    run_dir, overrides = argv[0], dict(a.split("=", 1) for a in argv[1:])
+    overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
+    if kill_at is not None:
+        saves = []
+        original = checkpoint._fsync_dir
+
+        def dying_fsync(path):
+            if path.name.startswith(".tmp-"):
+                saves.append(path)
+                if len(saves) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            original(path)
+
+        checkpoint._fsync_dir = dying_fsync
+    Trainer(tiny_config(run_dir, **overrides), loader_factory=array_loader_factory(random_tokens(), 32)).fit()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

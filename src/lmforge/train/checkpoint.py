@@ -43,10 +43,15 @@ META = "meta.json"
 DCP_DIR = "model_and_optim"
 FORMAT = "lmforge-checkpoint"
 
-# DCP warns when used without a process group; a single process is a supported, deliberate case here.
-warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _dcp(fn, state: dict, path: Path) -> None:
+    """dcp.save/dcp.load; without a process group DCP warns that it assumes one process, which is deliberate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+        fn(state, checkpoint_id=str(path))
 
 
 def step_dir_name(step: int) -> str:
@@ -90,7 +95,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     barrier()
     state = {"model": get_model_state_dict(model, options=_OPTIONS),
              "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
-    dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+    _dcp(dcp.save, state, tmp / DCP_DIR)
     (tmp / "train").mkdir(exist_ok=True)
     torch.save(rank_state, tmp / "train" / f"rank{dist_info.rank}.pt")
     barrier()
@@ -167,7 +172,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     state = {"model": get_model_state_dict(model, options=_OPTIONS)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    _dcp(dcp.load, state, path / DCP_DIR)
     set_model_state_dict(model, state["model"], options=_OPTIONS)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
@@ -192,7 +197,7 @@ def load_weights_for_init(path: str | Path, model: torch.nn.Module, config: Mode
     resolved = resolve_checkpoint(path)
     check_same_model(resolved, config)
     state = {"model": get_model_state_dict(model, options=_OPTIONS)}
-    dcp.load(state, checkpoint_id=str(resolved / DCP_DIR))
+    _dcp(dcp.load, state, resolved / DCP_DIR)
     set_model_state_dict(model, state["model"], options=_OPTIONS)
 
 
@@ -216,7 +221,7 @@ def load_full_model(path: str | Path) -> Transformer:
     config = checkpoint_model_config(path)
     model = Transformer(config)
     state = {"model": get_model_state_dict(model, options=_OPTIONS)}
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    _dcp(dcp.load, state, path / DCP_DIR)
     set_model_state_dict(model, state["model"], options=_OPTIONS)
     return model.eval()
 
