@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import torch
 
 from lmforge.data.documents import ReadReport, read_documents, strip_suffix
+from lmforge.eval.scoring import at_least_fp32, logits_at
 
 
 @dataclass
@@ -64,13 +65,21 @@ def window_loglikelihoods(model, windows: list[Window], batch_size: int = 8,
             t = windows[i].tokens
             ids[r, :len(t) - 1] = torch.tensor(t[:-1])
             targets[r, :len(t) - 1] = torch.tensor(t[1:])
-        # Right padding never reaches a real token through causal attention, so no mask is needed.
-        logits = model(ids.to(device))
-        logprobs = (logits.float().gather(-1, targets.to(device)[..., None]).squeeze(-1)
-                    - torch.logsumexp(logits.float(), dim=-1)).double().cpu()
+        # Right padding never reaches a real token through causal attention, so no mask is needed; the LM
+        # head runs on the predicted positions only.
+        scored = torch.zeros((len(batch), L), dtype=torch.bool)
         for r, i in enumerate(batch):
-            n, length = windows[i].n_predicted, len(windows[i].tokens) - 1
-            out[i] = float(logprobs[r, length - n:length].sum())
+            length = len(windows[i].tokens) - 1
+            scored[r, length - windows[i].n_predicted:length] = True
+        scored = scored.to(device)
+        with logits_at(model, lambda h: h[scored]):
+            logits = at_least_fp32(model(ids.to(device)))
+        picked = targets.to(device)[scored]
+        logprobs = (logits.gather(-1, picked[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double().cpu()
+        counts = [windows[i].n_predicted for i in batch]
+        offsets = [0] + torch.cumsum(torch.tensor(counts), 0).tolist()
+        for r, i in enumerate(batch):
+            out[i] = float(logprobs[offsets[r]:offsets[r + 1]].sum())
         if progress is not None:
             progress(len(batch))
     return out

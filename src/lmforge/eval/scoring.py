@@ -6,7 +6,7 @@ context share its forward pass: the context runs once (left-padded with a batch 
 cache, its last position scores every continuation's first token, and only continuations of two or more
 tokens run a second, short pass on top of copies of that cache. Single-token continuations (MC letters,
 " yes"/" no") therefore cost nothing beyond the context. A context that does not fit the model is cut from
-the left so that context + the group's longest continuation - 1 fits; such pairs are counted.
+the left so that context + continuation - 1 fits (per pair, as lm-eval does); such pairs are counted.
 
 Normalisations (the score whose argmax is the prediction; ties go to the first choice):
     none              LL
@@ -39,14 +39,23 @@ class LoglikelihoodResult:
 
 
 @contextlib.contextmanager
-def last_position_logits(model):
-    """Apply the LM head to the last position only: the context pass needs no other logits, and the
-    (batch, length, vocabulary) tensor would dominate time and memory."""
-    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
+def logits_at(model, select: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply the LM head only to `select(hidden states)`: the (batch, length, vocabulary) logits of padding
+    and of positions nobody reads would dominate the time and memory of scoring."""
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (select(args[0]),))
     try:
         yield
     finally:
         handle.remove()
+
+
+def last_position_logits(model):
+    return logits_at(model, lambda h: h[:, -1:])
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in fp32 for bf16/fp16 models (as lm-eval's softmax_dtype=float32), fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -55,7 +64,7 @@ def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -65,27 +74,23 @@ def loglikelihoods(model, pairs: Sequence[Pair], batch_size: int = 16,
     """LL of each (context, continuation) pair; contexts must be non-empty (prefix EOS/BOS for none)."""
     max_len = model.config.max_sequence_length
     groups: dict[tuple[int, ...], list[int]] = {}
+    truncated = [False] * len(pairs)
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise LmforgeError("every scored pair needs a non-empty context and continuation")
         if len(cont) > max_len:
             raise LmforgeError(f"a continuation of {len(cont)} tokens does not fit the model's context of {max_len}")
-        groups.setdefault(tuple(ctx), []).append(i)
+        # Left truncation per pair (as lm-eval): pairs whose cut contexts differ no longer share a pass.
+        room = max_len + 1 - len(cont)
+        truncated[i] = len(ctx) > room
+        groups.setdefault(tuple(ctx[-room:]), []).append(i)
     results = [0.0] * len(pairs)
-    truncated = [False] * len(pairs)
     # Longest first: the first batch shows memory problems at once, and similar lengths batch together.
     order = sorted(groups, key=lambda c: (-(len(c) + max(len(pairs[i][1]) for i in groups[c])), c))
     for start in range(0, len(order), batch_size):
         contexts = order[start:start + batch_size]
         members = [groups[c] for c in contexts]
-        kept = []
-        for ctx, idx in zip(contexts, members):
-            room = max_len + 1 - max(len(pairs[i][1]) for i in idx)
-            if len(ctx) > room:
-                for i in idx:
-                    truncated[i] = True
-            kept.append(ctx[-room:])
-        _score_batch(model, kept, [[pairs[i][1] for i in idx] for idx in members], members, results)
+        _score_batch(model, contexts, [[pairs[i][1] for i in idx] for idx in members], members, results)
         if progress is not None:
             progress(sum(len(m) for m in members))
     return LoglikelihoodResult(results, truncated)
@@ -107,7 +112,7 @@ def _score_batch(model, contexts: list[tuple[int, ...]], continuations: list[lis
     cache = KVCache(model.config, B, Lc, device, dtype)
     with last_position_logits(model):
         logits = model(ids, positions=positions, attention_mask=mask if padded else None, cache=cache)
-    last = torch.log_softmax(logits[:, -1].float(), dim=-1)
+    last = torch.log_softmax(at_least_fp32(logits[:, -1]), dim=-1)
 
     rows = []  # (batch row, continuation, result index) for continuations longer than one token
     for b, (conts, idx) in enumerate(zip(continuations, members)):
@@ -143,10 +148,14 @@ def _score_tails(model, ctx_cache: KVCache, ctx_mask: torch.Tensor, rows, result
     # Padding after a continuation is never attended by its real tokens (causal), so the mask only hides
     # the contexts' left padding.
     mask = torch.cat([row_mask, torch.ones((R, Lt), dtype=row_mask.dtype, device=device)], dim=1)
-    logits = model(ids, positions=positions, attention_mask=mask, cache=cache)
-    logprobs = _token_logprobs(logits, targets)
-    for r, (_, cont, i) in enumerate(rows):
-        results[i] += float(logprobs[r, :len(cont) - 1].double().sum())
+    lengths = torch.tensor([len(cont) - 1 for _, cont, _ in rows], device=device)
+    real = torch.arange(Lt, device=device)[None, :] < lengths[:, None]
+    with logits_at(model, lambda h: h[real]):
+        logits = model(ids, positions=positions, attention_mask=mask, cache=cache)
+    logprobs = _token_logprobs(logits, targets[real]).double().cpu()
+    offsets = [0] + torch.cumsum(lengths, 0).tolist()
+    for r, (_, _, i) in enumerate(rows):
+        results[i] += float(logprobs[offsets[r]:offsets[r + 1]].sum())
 
 
 # ---------------------------------------------------------------------------------------------- normalisation

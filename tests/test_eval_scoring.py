@@ -1,0 +1,161 @@
+"""Rank classification: normalisations and PMI on hand-worked numbers, LL against a stub model with known
+log-probabilities, the shared-context scorer against naive float64 forwards, batch-size independence."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lmforge.eval.evaluate import evaluate_tasks
+from lmforge.eval.scoring import ChoiceStats, gold_bits_per_byte, loglikelihoods, normalized_score, predict
+from lmforge.eval.tasks import Formulation, RCInstance, Task
+from lmforge.model.directory import build_model
+from lmforge.model.presets import get_preset
+
+
+# Five choices built so that each normalisation picks a different one (worked out by hand):
+#   choice         LL    tokens  chars(space)  chars(no space)  bytes(no space)  LL("Answer:")
+#   A " a"        -2.0     1        2              1                1             -1.9
+#   B " bb"       -2.4     4        3              2                2             -2.4
+#   C " cccccc"   -5.0     6        7              6                6             -5.0
+#   D "dddddddd"  -5.8     8        8              8                8             -6.0
+#   E " éé"       -2.6     2        3              2                4             -2.5
+# none: A (-2.0); per_token: B (-0.6); per_char: C (-5/7=-0.714 > D -0.725); per_char_nospace: D (-0.725 >
+# C -0.833); per_byte: E (-2.6/4=-0.65); pmi: D (+0.2, all others <= 0).
+HAND = [ChoiceStats(-2.0, 1, " a", -1.9), ChoiceStats(-2.4, 4, " bb", -2.4), ChoiceStats(-5.0, 6, " cccccc", -5.0),
+        ChoiceStats(-5.8, 8, "dddddddd", -6.0), ChoiceStats(-2.6, 2, " éé", -2.5)]
+
+
+@pytest.mark.parametrize("norm,expected", [("none", 0), ("per_token", 1), ("per_char", 2), ("per_char_nospace", 3),
+                                           ("per_byte", 4), ("pmi", 3)])
+def test_each_normalization_on_hand_worked_choices(norm, expected):
+    assert predict(HAND, norm)[0] == expected
+
+
+def test_normalized_scores_exact_values():
+    assert normalized_score(HAND[2], "per_char") == pytest.approx(-5.0 / 7)
+    assert normalized_score(HAND[2], "per_char_nospace") == pytest.approx(-5.0 / 6)
+    assert normalized_score(HAND[4], "per_byte") == pytest.approx(-2.6 / 4)
+    assert normalized_score(HAND[3], "pmi") == pytest.approx(0.2)
+    assert normalized_score(HAND[1], "per_token") == pytest.approx(-0.6)
+
+
+def test_pmi_is_a_difference_not_olmo_eval_ratio():
+    # The olmo_eval pmi_dc ratio LL/LL_uncond would pick A here (2.0/1.9 is the largest ratio); PMI picks D.
+    ratio_pick = max(range(5), key=lambda i: HAND[i].ll / HAND[i].ll_uncond)
+    assert ratio_pick == 0 and predict(HAND, "pmi")[0] == 3
+
+
+def test_ties_go_to_the_first_choice():
+    tied = [ChoiceStats(-1.0, 1, " x"), ChoiceStats(-1.0, 1, " y")]
+    assert predict(tied, "none")[0] == 0
+
+
+def test_gold_bits_per_byte():
+    assert gold_bits_per_byte([-2.0, -4.0], [3, 5]) == pytest.approx(6.0 / (math.log(2) * 8))
+
+
+class BigramStub(nn.Module):
+    """A model whose next-token log-probabilities depend only on the current token: a known table."""
+
+    def __init__(self, vocab: int, max_len: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab, vocab, generator=g, dtype=torch.float64)
+        self.config = SimpleNamespace(max_sequence_length=max_len, pad_token_id=0, n_layers=1, n_kv_heads=1,
+                                      head_dim=1, bos_token_id=None)
+        self.lm_head = nn.Linear(vocab, vocab, bias=False).double()
+        with torch.no_grad():
+            self.lm_head.weight.copy_(self.table.T)
+        self.vocab = vocab
+
+    def forward(self, input_ids, positions=None, attention_mask=None, doc_ids=None, cache=None):
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.lm_head(nn.functional.one_hot(input_ids, self.vocab).double())
+
+    def logprob(self, prev: int, nxt: int) -> float:
+        return float(torch.log_softmax(self.table[prev], -1)[nxt])
+
+
+def test_loglikelihood_matches_the_known_table_and_truncation_is_counted():
+    stub = BigramStub(11, max_len=6)
+    pairs = [((1, 2, 3), (4,)), ((1, 2, 3), (5, 6, 7)), ((9,), (2, 2)), ((1, 2, 3, 4, 5, 6, 7), (8, 9))]
+    out = loglikelihoods(stub, pairs, batch_size=2)
+    for (ctx, cont), ll in zip(pairs, out.loglikelihoods):
+        prev, expected = ctx[-1], 0.0
+        for t in cont:
+            expected += stub.logprob(prev, t)
+            prev = t
+        assert ll == pytest.approx(expected, abs=1e-9)
+    assert out.truncated == [False, False, False, True]
+
+
+class CharTokenizer:
+    """Bytes as tokens; id 256 is EOS."""
+
+    eos_id, pad_id, bos_id, vocab_size, source = 256, 256, None, 257, "bytes"
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def tiny_model(preset: str, max_len: int = 64, seed: int = 0):
+    config = get_preset(preset)
+    config.vocab_size, config.eos_token_id, config.pad_token_id = 257, 256, 256
+    config.max_sequence_length, config.n_layers = max_len, 2
+    return build_model(config, seed).eval()
+
+
+def naive_loglikelihood(model, ctx, cont) -> float:
+    """One full float64 forward per pair, no cache, no padding, left truncation at the context."""
+    tokens = (list(ctx) + list(cont))[-(model.config.max_sequence_length + 1):]
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens[:-1]])).double()
+    logprobs = torch.log_softmax(logits[0], -1)
+    n = len(cont)
+    return float(sum(logprobs[len(tokens) - 1 - n + j, tokens[len(tokens) - n + j]] for j in range(n)))
+
+
+@pytest.mark.parametrize("preset", ["olmo2-tiny", "olmo-tiny", "bloom-tiny"])
+def test_shared_context_scorer_equals_naive_forwards_at_every_batch_size(preset):
+    model = tiny_model(preset, max_len=24).double()
+    tok = CharTokenizer()
+    contexts = ["Question: why?\nAnswer:", "Q: a\nA:", "The quick brown fox jumps over the lazy dog. Answer:", "x"]
+    conts = [" yes", " no", " because it is", " B", " fox"]
+    pairs = [(tuple(tok.encode(c)), tuple(tok.encode(k))) for c in contexts for k in conts]
+    expected = [naive_loglikelihood(model, c, k) for c, k in pairs]
+    for batch_size in (1, 3, 16):
+        out = loglikelihoods(model, pairs, batch_size=batch_size)
+        assert out.loglikelihoods == pytest.approx(expected, abs=1e-9)
+    too_long = [len(c) + len(k) - 1 > 24 for c, k in pairs]
+    assert loglikelihoods(model, pairs).truncated == too_long and 0 < sum(too_long) < len(pairs)
+
+
+def test_task_results_are_independent_of_batch_size():
+    model = tiny_model("olmo2-tiny", max_len=64)
+    tok = CharTokenizer()
+    instances = [RCInstance(f"t/{i}", [f"Question: item {i} is?\nAnswer:"] * 3,
+                            [" red", " a green one", " blue" * (i % 3 + 1)], i % 3) for i in range(12)]
+    wino = [RCInstance(f"w/{i}", [f"Tom met {n} so {n}" for n in ("Ann", "Bob")], [" left early."] * 2, i % 2)
+            for i in range(4)]
+    task = Task("toy", "olmes", [Formulation("rc", "pmi", instances), Formulation("mc", "per_char", wino)])
+    runs = [evaluate_tasks(model, tok, [task], batch_size=b, all_norms=True) for b in (1, 5, 64)]
+    base_results, base_preds = runs[0]
+    for results, preds in runs[1:]:
+        for name, form in results["toy"]["formulations"].items():
+            ref = base_results["toy"]["formulations"][name]
+            assert {k: v for k, v in form.items() if k.startswith("acc")} == \
+                   {k: v for k, v in ref.items() if k.startswith("acc")}
+            assert form["bpb"] == pytest.approx(ref["bpb"], abs=1e-5)
+        for a, b in zip(preds["toy"], base_preds["toy"]):
+            assert a["pred"] == b["pred"]
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
