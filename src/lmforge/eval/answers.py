@@ -49,7 +49,7 @@ def last_boxed(text: str) -> str | None:
     if start < 0:
         return None
     rest = text[start:]
-    if rest.startswith("\\boxed ") :
+    if rest.startswith("\\boxed "):
         return rest[len("\\boxed "):].split("$")[0].strip()
     brace = rest.find("{")
     if brace < 0:
@@ -94,7 +94,8 @@ REMOVED_EXPRESSIONS = [
 
 
 def normalize_final_answer(answer: str) -> str:
-    answer = answer.split("=")[-1]
+    # \left/\right go first: Minerva's unit list removes "ft", which would turn "\left(" into "\le(".
+    answer = answer.replace("\\left", "").replace("\\right", "").split("=")[-1]
     for before, after in SUBSTITUTIONS:
         answer = answer.replace(before, after)
     for expression in REMOVED_EXPRESSIONS:
