@@ -1,0 +1,87 @@
+"""Paragraph-level decontamination: 13+ word paragraphs from evaluation texts mark or remove training documents."""
+
+import argparse
+import gzip
+import json
+
+import pytest
+
+from lmforge.data import decontaminate_commands
+from lmforge.errors import LmforgeError
+from lmforge.eval.decontaminate import DecontaminationConfig, ParagraphFilter, decontaminate
+
+QUESTION = "Which of these would help to prevent infections from spreading in a hospital during the flu season?"
+SHORT = "Which gas do plants take in?"
+
+
+def write_docs(path, docs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": f"Question: {QUESTION}\nAnswer:", "choices": ["washing hands", "x"],
+                                "gold": 0}) + "\n" + json.dumps({"context": f"Question: {SHORT}\nAnswer:",
+                                                                  "choices": ["carbon dioxide", "y"], "gold": 0}) + "\n")
+    docs = [
+        {"id": "a", "source": "web", "text": f"Intro line.\n{QUESTION}\nMore text."},  # contaminated
+        {"id": "b", "source": "web", "text": f"{SHORT}\nThat question is too short to count."},  # clean (< 13 words)
+        {"id": "c", "source": "books", "text": "which of these  would help to prevent infections from spreading"},
+        {"id": "d", "source": "books", "text": f"Q:\n   {QUESTION.replace(' ', '  ')}  "},  # whitespace differs
+    ]
+    write_docs(tmp_path / "train" / "documents" / "shard0.jsonl.gz", docs)
+    return tmp_path, task
+
+
+def test_filter_counts_words_and_ignores_prompt_labels():
+    f = ParagraphFilter(min_words=13)
+    f.add_text(f"Question: {QUESTION}\nAnswer: washing hands\nQuestion: {SHORT}")
+    assert len(f) == 1
+    text = f"one\n{QUESTION}\n{SHORT}"
+    start = text.index(QUESTION)
+    assert f.contaminated_spans(text) == [(start, start + len(QUESTION))]
+
+
+def test_mark_writes_dolma_attributes_and_counts_per_source(corpus):
+    root, task = corpus
+    config = DecontaminationConfig(documents=[str(root / "train/documents/*.jsonl.gz")], tasks=[str(task)])
+    summary = decontaminate(config, log=lambda m: None)
+    assert summary["per_source"] == {"web": {"documents": 2, "contaminated": 1, "paragraphs": 1},
+                                     "books": {"documents": 2, "contaminated": 1, "paragraphs": 1}}
+    with gzip.open(root / "train/attributes/decontamination/shard0.jsonl.gz", "rt") as f:
+        rows = [json.loads(l) for l in f]
+    assert [r["id"] for r in rows] == ["a", "b", "c", "d"]
+    spans = rows[0]["attributes"]["decontamination__contaminated_paragraphs"]
+    assert spans == [[len("Intro line.\n"), len("Intro line.\n") + len(QUESTION), 1.0]]
+    assert rows[1]["attributes"]["decontamination__contaminated_paragraphs"] == []
+    again = decontaminate(config, log=lambda m: None)  # finished shards are skipped on a rerun
+    assert again["shards_already_done"] == 1
+
+
+def test_remove_via_cli_writes_only_clean_documents(corpus, capsys):
+    root, task = corpus
+    parser = argparse.ArgumentParser()
+    decontaminate_commands.register(parser.add_subparsers())
+    out = root / "clean"
+    args = parser.parse_args(["decontaminate", "--documents", str(root / "train/documents/*.jsonl.gz"),
+                              "--tasks", str(task), "--mode", "remove", "--out", str(out)])
+    assert args.func(args) == 0
+    with gzip.open(out / "documents" / "shard0.jsonl.gz", "rt") as f:
+        assert [json.loads(l)["id"] for l in f] == ["b", "c"]
+    assert json.loads(capsys.readouterr().out)["per_source"]["web"]["contaminated"] == 1
+    assert (out / "manifest.json").is_file()
+
+
+def test_bad_input(corpus):
+    root, task = corpus
+    with pytest.raises(LmforgeError, match="--out"):
+        decontaminate(DecontaminationConfig(documents=[str(root / "train/documents/*")], tasks=[str(task)],
+                                            mode="remove"))
+    with pytest.raises(LmforgeError, match="no files match"):
+        decontaminate(DecontaminationConfig(documents=[str(root / "nothing/*")], tasks=[str(task)]))
+    with pytest.raises(LmforgeError, match="unknown task"):
+        decontaminate(DecontaminationConfig(documents=[str(root / "train/documents/*")], tasks=["nope"]))
