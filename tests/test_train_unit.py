@@ -139,7 +139,7 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides, message", [
     ({"global_batch_size": 5 * 32}, "not divisible by micro_batch_size x world size"),
     ({"micro_batch_size": 40}, "multiple of sequence_length"),
-    ({"sequence_length": 128, "micro_batch_size": 128, "global_batch_size": 512}, "longer than the model's context"),
+    ({"data.sequence_length": 128, "micro_batch_size": 128, "global_batch_size": 512}, "longer than the model's context"),
     ({"max_steps": None}, "set max_steps or max_tokens"),
     ({"batch_size_schedule": [[0, 256], [1000, 384]]}, "not a multiple of the first"),
     ({"model.overrides.d_modl": 32}, "unknown model field 'd_modl'"),

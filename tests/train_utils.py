@@ -18,7 +18,7 @@ TINY_MODEL = {"preset": "olmo2-tiny", "overrides": {"n_layers": 2, "d_model": 64
 
 class ArrayLoader:
     """Fixed-length windows of a token array in a seeded order; rank r takes rows r, r+world, ... of each
-    global batch, so the global batch is the same for any world size. Position = batches taken."""
+    global batch, so the global batch is the same for any world size. Its state is the position in the order."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_tokens: int, rank: int, world: int,
                  seed: int = 0, mask_fraction: float = 0.0):
@@ -32,23 +32,25 @@ class ArrayLoader:
         self.order = np.random.default_rng(seed).permutation(n)
         self.per_batch = global_batch_tokens // seq_len
         self.rank, self.world = rank, world
-        self.batches_processed = 0
+        self.position = 0  # instances of the global order consumed
 
     def __iter__(self):
-        while (self.batches_processed + 1) * self.per_batch <= len(self.order):
-            start = self.batches_processed * self.per_batch
-            rows = self.order[start:start + self.per_batch][self.rank::self.world]
-            self.batches_processed += 1
+        while self.position + self.per_batch <= len(self.order):
+            rows = self.order[self.position:self.position + self.per_batch][self.rank::self.world]
+            self.position += self.per_batch
             batch = {"input_ids": torch.from_numpy(self.instances[rows].astype(np.int64))}
             if self.label_mask is not None:
                 batch["label_mask"] = torch.from_numpy(self.label_mask[rows])
             yield batch
 
+    def set_global_batch_instances(self, n: int) -> None:
+        self.per_batch = n
+
     def state_dict(self) -> dict:
-        return {"batches_processed": self.batches_processed}
+        return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batches_processed = state["batches_processed"]
+        self.position = state["position"]
 
 
 def random_tokens(n: int = 40_000, vocab: int = 256, seed: int = 0) -> np.ndarray:
@@ -68,7 +70,7 @@ def array_loader_factory(tokens: np.ndarray, seq_len: int, seed: int = 0, mask_f
 
 def tiny_config(run_dir, **overrides) -> TrainConfig:
     data = {
-        "run_dir": str(run_dir), "data": {}, "model": TINY_MODEL, "sequence_length": 32,
+        "run_dir": str(run_dir), "data": {"paths": ["in-memory"], "sequence_length": 32}, "model": TINY_MODEL,
         "global_batch_size": 8 * 32, "micro_batch_size": 2 * 32, "max_steps": 8, "precision": "fp32",
         "device": "cpu", "optimizer": {"lr": 3e-3}, "schedule": {"name": "cosine", "warmup": 2},
         "checkpoint": {"interval": 4}, "metrics": {"log_interval": 1, "tensorboard": False},

@@ -1,6 +1,6 @@
 """The training config: one YAML file (plus dotted overrides) describes a whole run.
 
-Sizes are in tokens, as in OLMo-core: `global_batch_size` tokens per optimizer step across all ranks,
+Sizes are in tokens, as in OLMo-core (the sequence length is the data's, `data.sequence_length`): `global_batch_size` tokens per optimizer step across all ranks,
 `micro_batch_size` tokens per forward/backward on one device. Gradient accumulation follows from the two
 and the world size. `TrainConfig.check(world_size)` refuses configs that cannot run before any compute.
 """
@@ -15,6 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.inloop import InLoopEvalConfig
 from lmforge.model.presets import get_preset
 from lmforge.model.transformer import ModelConfig
+from lmforge.train.dataset import DataConfig
 
 
 @dataclass
@@ -23,9 +24,17 @@ class ModelSpec:
 
     preset: str = "olmo2-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Take vocab_size and the EOS/PAD/BOS ids from the run's tokenizer (e.g. a BPE trained for this corpus).
+    vocab_from_tokenizer: bool = False
 
-    def build_config(self) -> ModelConfig:
+    def build_config(self, tokenizer=None) -> ModelConfig:
         base = to_dict(get_preset(self.preset))
+        if self.vocab_from_tokenizer:
+            if tokenizer is None:
+                raise LmforgeError("model.vocab_from_tokenizer is set but the run has no tokenizer: set "
+                                   "`tokenizer: PATH` or keep the tokenizer/ folder next to the token files")
+            base.update(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                        pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id)
         unknown = sorted(set(self.overrides) - set(base))
         if unknown:
             raise LmforgeError(f"model.overrides: unknown model field {unknown[0]!r} (valid: {', '.join(base)})")
@@ -108,11 +117,10 @@ class InitFrom:
 @dataclass
 class TrainConfig:
     run_dir: str
-    data: dict[str, Any]  # the training-data config (lmforge.train.dataset)
+    data: DataConfig  # token files, mixture, sequence_length (see docs/training-data.md)
     model: ModelSpec = field(default_factory=ModelSpec)
-    tokenizer: str | None = None  # stored with exported models; needed by text evaluators
-    seed: int = 0
-    sequence_length: int = 512
+    tokenizer: str | None = None  # stored with exported models; default: the data's tokenizer
+    seed: int = 0  # model initialisation (the data order has its own data.seed)
     global_batch_size: int = 16 * 512  # tokens per optimizer step over all ranks
     micro_batch_size: int = 4 * 512  # tokens per device per forward/backward
     # Batch-size warmup (OLMo 65B): [[tokens, global_batch_size], ...]; each entry's batch applies from that
@@ -134,6 +142,10 @@ class TrainConfig:
     eval_interval: int | None = None
     init_from: InitFrom | None = None
 
+    @property
+    def sequence_length(self) -> int:
+        return self.data.sequence_length
+
     def batch_sizes(self) -> list[tuple[int, int]]:
         """(from_tokens, global_batch_size) pairs, first at 0 tokens."""
         if not self.batch_size_schedule:
@@ -146,7 +158,7 @@ class TrainConfig:
         if seq <= 0:
             raise LmforgeError("sequence_length must be positive")
         if seq > model.max_sequence_length:
-            raise LmforgeError(f"sequence_length {seq} is longer than the model's context "
+            raise LmforgeError(f"data.sequence_length {seq} is longer than the model's context "
                                f"(max_sequence_length {model.max_sequence_length})")
         if self.micro_batch_size <= 0 or self.micro_batch_size % seq:
             raise LmforgeError(f"micro_batch_size ({self.micro_batch_size} tokens) must be a positive multiple "

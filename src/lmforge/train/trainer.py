@@ -48,13 +48,15 @@ IGNORE_INDEX = -100
 
 
 class BatchLoader(Protocol):
-    """What the trainer needs from the data side: this rank's share of successive global batches as dicts
-    with "input_ids" (instances, sequence_length) and optionally "labels"/"label_mask"/"doc_ids", plus a
-    resumable position."""
+    """What the trainer needs from the data side (`lmforge.train.data_loader.DataLoader` is one): this rank's
+    share of successive global batches as dicts with "input_ids" (instances, sequence_length) and optionally
+    "labels", "label_mask", "doc_lens" (intra-document masking) and "batch_start"/"epoch" (logged for
+    `lmforge data inspect`); a resumable position; and a settable global batch size (batch-size warmup)."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def set_global_batch_instances(self, n: int) -> None: ...
 
 
 LoaderFactory = Callable[[int, DistInfo], BatchLoader]  # (global batch in tokens, dist info) -> loader
@@ -79,7 +81,9 @@ class Trainer:
         self.config = config
         self.command = command
         self.dist = dist_info or init_distributed(config.device)
-        self.model_config: ModelConfig = config.model.build_config()
+        self.tokenizer = resolve_tokenizer(config)
+        self.model_config: ModelConfig = config.model.build_config(
+            load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
         config.check(self.dist.world_size, self.model_config)
         self.run_dir = Path(config.run_dir)
         self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
@@ -89,9 +93,11 @@ class Trainer:
         self.max_steps, self.max_tokens = self._run_length()
         self._check_checkpoints()
         # Data before model: missing or unusable data is refused before any compute.
-        factory = loader_factory or default_loader_factory(config)
+        factory = loader_factory or default_loader_factory(config, self.run_dir)
         self.loader = factory(self.base_batch, self.dist)
-        self.evaluators = evaluators if evaluators is not None else build_evaluators(config)
+        self.loader_batch = self.base_batch // self.seq_len
+        self.batch_log = None
+        self.evaluators = evaluators if evaluators is not None else self._build_evaluators()
         self.device = self.dist.device
         self.use_bf16 = config.precision == "bf16" and (self.device.type == "cuda" or config.cpu_bf16)
         self.model = self._build_model()
@@ -166,7 +172,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def save(self) -> Path:
-        meta = {"tokens": self.tokens, "model": to_dict(self.model_config), "tokenizer": self.config.tokenizer,
+        meta = {"tokens": self.tokens, "model": to_dict(self.model_config), "tokenizer": self.tokenizer,
                 "skip_step": self.skip_step.state_dict(), "data": self.loader.state_dict(),
                 "sequence_length": self.seq_len, "config": to_dict(self.config)}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
@@ -204,17 +210,16 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
 
-    def _next_batch(self, batches: Iterator[dict], n: int) -> dict[str, torch.Tensor]:
-        parts = []
-        for _ in range(n):
-            try:
-                parts.append(next(batches))
-            except StopIteration:
-                raise LmforgeError(f"the data ran out at step {self.step} ({self.tokens:,} tokens); "
-                                   f"lower max_steps/max_tokens or add data") from None
-        keys = parts[0].keys()
-        return {k: torch.cat([torch.as_tensor(p[k]) for p in parts]) if n > 1 else torch.as_tensor(parts[0][k])
-                for k in keys if k in ("input_ids", "labels", "label_mask", "doc_ids")}
+    def _next_batch(self, batches: Iterator[dict], batch_tokens: int) -> dict:
+        instances = batch_tokens // self.seq_len
+        if instances != self.loader_batch:  # batch-size warmup: the loader continues at the same position
+            self.loader.set_global_batch_instances(instances)
+            self.loader_batch = instances
+        try:
+            return next(batches)
+        except StopIteration:
+            raise LmforgeError(f"the data ran out at step {self.step} ({self.tokens:,} tokens); "
+                               f"lower max_steps/max_tokens or add data") from None
 
     def _labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "labels" in batch:
@@ -248,7 +253,7 @@ class Trainer:
         self.tokens += batch_tokens
         input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
         labels = self._labels(batch).to(self.device, non_blocking=True)
-        doc_ids = batch["doc_ids"].to(self.device, non_blocking=True) if "doc_ids" in batch else None
+        doc_ids = _doc_ids(batch["doc_lens"]).to(self.device, non_blocking=True) if "doc_lens" in batch else None
         real_tokens = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32))
         scale = self.dist.world_size / real_tokens.clamp(min=1)
         micro = c.micro_batch_size // self.seq_len
@@ -306,8 +311,10 @@ class Trainer:
         while self.step < self.max_steps:
             t0 = time.perf_counter()
             batch_tokens = self.batch_size_at(self.tokens)
-            batch = self._next_batch(batches, batch_tokens // self.base_batch)
+            batch = self._next_batch(batches, batch_tokens)
             interval.data_wait += time.perf_counter() - t0
+            if self.dist.is_main and "batch_start" in batch:
+                self._batch_log().append(self.step + 1, batch)
             result = self.train_step(batch, batch_tokens)
             interval.add(result, batch_tokens, time.perf_counter() - t0)
             if result.skipped:
@@ -325,6 +332,10 @@ class Trainer:
         if self.dist.is_main:
             self._write_manifest(finished=True)
         self.metrics.close()
+        if self.batch_log is not None:
+            self.batch_log.close()
+        if hasattr(self.loader, "close"):
+            self.loader.close()
         return {"steps": self.step, "tokens": self.tokens, "skipped_steps": self.skip_step.total_skipped}
 
     def _save_due(self, last_save_time: float) -> bool:
@@ -336,6 +347,22 @@ class Trainer:
             # One clock decides for all ranks, so they enter the collective save together.
             due = due or broadcast_object(time.monotonic() - last_save_time >= 60 * c.interval_minutes)
         return due
+
+    def _build_evaluators(self) -> list[Evaluator]:
+        if self.config.eval_interval is None:
+            return []
+        from lmforge.eval.inloop import build_inloop_evaluators
+
+        if not self.tokenizer:
+            raise LmforgeError("eval_interval is set but the run has no tokenizer (tokenizer: PATH)")
+        return build_inloop_evaluators(self.config.eval, load_tokenizer(self.tokenizer, self.model_config))
+
+    def _batch_log(self):
+        if self.batch_log is None:
+            from lmforge.train.data_lineage import BatchLog
+
+            self.batch_log = BatchLog(self.run_dir)
+        return self.batch_log
 
     def _evaluate(self) -> None:
         module = unwrap(self.model)
@@ -385,21 +412,47 @@ class _Interval:
         self.skipped += result.skipped is not None
 
 
-def default_loader_factory(config: TrainConfig) -> LoaderFactory:
-    raise LmforgeError("no data loader: the training-data module is not available yet")
+def default_loader_factory(config: TrainConfig, run_dir: Path) -> LoaderFactory:
+    """The token-file dataset of `config.data`; rank 0 records it in the run directory for `data inspect`."""
+
+    def factory(global_batch_tokens: int, dist_info: DistInfo) -> BatchLoader:
+        from lmforge.train.data_lineage import write_run_data_record
+
+        dataset = config.data.build()
+        if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_data_record(run_dir, dataset)
+        return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.rank,
+                              world_size=dist_info.world_size)
+
+    return factory
 
 
-def build_evaluators(config: TrainConfig) -> list[Evaluator]:
-    if config.eval_interval is None:
-        return []
-    from lmforge.eval.inloop import build_inloop_evaluators
+def resolve_tokenizer(config: TrainConfig) -> str | None:
+    """The run's tokenizer: configured, the data's, or the copy `lmforge data tokenize` keeps in its output."""
+    name = config.tokenizer or config.data.tokenizer
+    if name:
+        return str(Path(name).resolve()) if Path(name).exists() else name  # a path, or a name such as "olmo"
+    for pattern in config.data.paths:
+        path = Path(pattern)
+        for folder in [path, *path.parents[:3]] if path.is_dir() else list(path.parents[:4]):
+            candidate = folder / "tokenizer" / "tokenizer.json"
+            if candidate.is_file():
+                return str(candidate.parent.resolve())
+    return None
+
+
+def load_tokenizer(name: str, model: ModelConfig | None = None):
     from lmforge.tokenizer import Tokenizer
 
-    if not config.tokenizer:
-        raise LmforgeError("eval_interval is set but no tokenizer is configured (tokenizer: PATH)")
-    m = config.model.build_config()
-    tokenizer = Tokenizer.load(config.tokenizer, eos_id=m.eos_token_id, pad_id=m.pad_token_id, bos_id=m.bos_token_id)
-    return build_inloop_evaluators(config.eval, tokenizer)
+    if model is None:
+        return Tokenizer.load(name)
+    return Tokenizer.load(name, eos_id=model.eos_token_id, pad_id=model.pad_token_id, bos_id=model.bos_token_id)
+
+
+def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
+    """(B, D) zero-padded document lengths -> (B, L) document index per position."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(row)), row) for row in doc_lens.long()])
 
 
 def train(config: TrainConfig, **kwargs: Any) -> dict:
