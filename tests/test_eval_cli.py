@@ -131,3 +131,19 @@ def test_regimes_follow_the_olmo1_paper_and_olmes():
     gsm = load_task("gsm8k", "olmes", 2).formulations[0]
     assert gsm.checker == "gsm8k" and gsm.instances[0].answer == "18" and "\n\n" in gsm.stop
     assert resolve_tasks(None, "olmo1", None)[1] == "olmo1" and len(resolve_tasks(None, "olmes", None)[0]) == 10
+
+
+def test_inloop_evaluators_reuse_the_offline_code_on_a_fixed_subset(model_dir, user_tasks):
+    from lmforge.eval.evaluate import evaluate_tasks
+    from lmforge.eval.inloop import InLoopEvalConfig, build_inloop_evaluators
+    from lmforge.model.directory import load_model_dir
+
+    model, tokenizer = load_model_dir(model_dir)
+    config = InLoopEvalConfig(tasks=[str(user_tasks / "mc.yaml")], limit=3,
+                              ppl_documents=[str(user_tasks / "*.jsonl.gz")], max_ppl_documents=4)
+    evaluators = build_inloop_evaluators(config, tokenizer)
+    first = {k: v for e in evaluators for k, v in e(model).items()}
+    assert first == {k: v for e in evaluators for k, v in e(model).items()}
+    offline, _ = evaluate_tasks(model, tokenizer, [load_task(str(user_tasks / "mc.yaml"), "olmes", 3)])
+    assert first["sky/acc"] == offline["sky"]["acc"] and first["sky/bpb"] == offline["sky"]["bpb"]
+    assert {"ppl/web/bpb", "ppl/books/bpb", "ppl/bpb"} <= set(first)
