@@ -10,16 +10,20 @@ the mixer checks ids line by line.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
 from typing import Iterator
 
-from lmforge.data.documents import iter_lines
+from lmforge.data.documents import compression_of, iter_lines
 from lmforge.errors import LmforgeError
-from lmforge.manifest import atomic_write_json
+from lmforge.manifest import atomic_path, atomic_write_json
 
 DONE_DIR = ".done"
+# Attribute files are mostly small numbers and repeated keys: the fastest levels compress them well enough.
+GZIP_LEVEL = 1
+ZSTD_LEVEL = 1
 
 
 def split_documents_path(doc_path: str | Path) -> tuple[Path, Path]:
@@ -97,3 +101,47 @@ def read_attributes(path: str | Path) -> Iterator[tuple[str, dict]]:
             yield str(row["id"]), row.get("attributes") or {}
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
+
+
+class AttributeWriter:
+    """Write one attribute file atomically (it appears under its name only when closed cleanly)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        compression = compression_of(self.path)
+        if compression == "gz":
+            self._stream = gzip.open(tmp, "wb", compresslevel=GZIP_LEVEL)
+        elif compression == "zst":
+            import zstandard
+
+            self._stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(open(tmp, "wb"), closefd=True)
+        else:
+            self._stream = open(tmp, "wb")
+        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        self.count = 0
+
+    def write(self, doc_id: str, attributes: dict) -> None:
+        self._stream.write(self._dumps({"id": doc_id, "attributes": attributes}).encode("utf-8") + b"\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._stream.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._stream.close()
+        try:
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        except RuntimeError:
+            pass
+
+    def __enter__(self) -> "AttributeWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -124,16 +124,16 @@ def replace_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
     """Replace spans (start, end, replacement); overlapping spans merge and keep the first replacement."""
     if not spans:
         return text
-    spans.sort(key=lambda s: (s[0], -s[1]))
+    spans.sort()
     pieces, reach = [], 0
     for start, end, replacement in spans:
-        start, end = max(0, int(start)), min(len(text), int(end))
         if start < reach:
-            reach = max(reach, end)
+            if end > reach:
+                reach = end
             continue
         pieces.append(text[reach:start])
         pieces.append(replacement)
-        reach = max(end, start)
+        reach = end if end > start else start
     pieces.append(text[reach:])
     return "".join(pieces)
 
@@ -219,7 +219,7 @@ def mix_task(task: MixTask, progress) -> dict:
                 if copies == 0:
                     counts["sampled_out"] += 1
                     continue
-                spans = [(s[0], s[1], replacement) for key, replacement, lo, hi in replacements
+                spans = [(int(s[0]), int(s[1]), replacement) for key, replacement, lo, hi in replacements
                          for s in attributes.get(key) or [] if s[2] >= lo and (hi is None or s[2] < hi)]
                 counts["spans_replaced"] += len(spans)
                 text = replace_spans(doc["text"], spans)

@@ -11,18 +11,22 @@ import re
 
 from lmforge.data.taggers import Tagger, register_tagger
 
-EMAIL = re.compile(
-    r"(?<![\w.%+-])[\w.%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
-)
+# Patterns start with a literal or a character class and boundaries are checked in Python: a leading
+# lookbehind would stop `re` from skipping ahead to candidate positions, making every scan much slower.
+_EMAIL_LOCAL = re.compile(r"[\w.%+-]+\Z")
+_EMAIL_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
+_EMAIL_LOCAL_CHARS = re.compile(r"[\w.%+-]")
+MAX_LOCAL_PART = 64
 PHONE = re.compile(
-    r"(?<![\w+])(?:"
+    r"(?:"
     r"(?:\+?1[-.\s]?)?(?:\(\d{3}\)[-.\s]?|\d{3}[-.\s])\d{3}[-.\s]\d{4}"  # North American, separated
     r"|\+\d{1,3}[-.\s]?(?:\(\d{1,4}\)[-.\s]?)?\d{1,4}(?:[-.\s]\d{2,4}){1,4}"  # international, leading +
-    r")(?![\w])"
+    r")(?!\w)"
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
-IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])")
+IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+IPV6 = re.compile(r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])")
+_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")
 _HAS_DIGIT_RUN = re.compile(r"\d{3}")
 _HAS_DOTTED_DIGITS = re.compile(r"\d\.\d")
 _NOT_PII_CONTEXT = ("isbn", "doi")
@@ -31,15 +35,30 @@ MIN_PHONE_DIGITS = 10
 MAX_PHONE_DIGITS = 15
 
 
+def _preceded_by(text: str, start: int, chars: str) -> bool:
+    if start == 0:
+        return False
+    c = text[start - 1]
+    return c.isalnum() or c == "_" or c in chars
+
+
 def _context_excludes(text: str, start: int) -> bool:
     before = text[max(0, start - CONTEXT_CHARS):start].lower()
     return any(word in before for word in _NOT_PII_CONTEXT)
 
 
 def find_emails(text: str) -> list[list[float]]:
-    if "@" not in text:
-        return []
-    return [[m.start(), m.end(), 1.0] for m in EMAIL.finditer(text)]
+    spans = []
+    at = text.find("@")
+    while at != -1:
+        local = _EMAIL_LOCAL.search(text, max(0, at - MAX_LOCAL_PART), at)
+        domain = _EMAIL_DOMAIN.match(text, at + 1) if local else None
+        if domain and not (local.start() > 0 and _EMAIL_LOCAL_CHARS.match(text, local.start() - 1)):
+            spans.append([local.start(), domain.end(), 1.0])
+            at = text.find("@", domain.end())
+        else:
+            at = text.find("@", at + 1)
+    return spans
 
 
 def find_phones(text: str) -> list[list[float]]:
@@ -47,6 +66,8 @@ def find_phones(text: str) -> list[list[float]]:
         return []
     spans = []
     for m in PHONE.finditer(text):
+        if _preceded_by(text, m.start(), "+"):
+            continue
         digits = sum(c.isdigit() for c in m.group())
         if MIN_PHONE_DIGITS <= digits <= MAX_PHONE_DIGITS and not _context_excludes(text, m.start()):
             spans.append([m.start(), m.end(), 1.0])
@@ -56,9 +77,10 @@ def find_phones(text: str) -> list[list[float]]:
 def find_ips(text: str) -> list[list[float]]:
     spans = []
     if _HAS_DOTTED_DIGITS.search(text):
-        spans += [[m.start(), m.end(), 1.0] for m in IPV4.finditer(text) if not _context_excludes(text, m.start())]
-    if text.count(":") >= 7:
-        spans += [[m.start(), m.end(), 1.0] for m in IPV6.finditer(text)]
+        spans += [[m.start(), m.end(), 1.0] for m in IPV4.finditer(text)
+                  if not _preceded_by(text, m.start(), ".") and not _context_excludes(text, m.start())]
+    if _IPV6_HINT.search(text):
+        spans += [[m.start(), m.end(), 1.0] for m in IPV6.finditer(text) if not _preceded_by(text, m.start(), ":")]
     return spans
 
 

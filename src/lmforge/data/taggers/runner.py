@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.data import taggers as registry
-from lmforge.data.attributes import attribute_dir, attribute_path, is_done, mark_done, read_done_markers
-from lmforge.data.documents import DocumentWriter, ReadReport, expand_globs, read_documents
+from lmforge.data.attributes import (AttributeWriter, attribute_dir, attribute_path, is_done, mark_done,
+                                      read_done_markers)
+from lmforge.data.documents import ReadReport, expand_globs, read_documents
 from lmforge.data.executor import ExecutorConfig, run_tasks
 from lmforge.errors import LmforgeError
 from lmforge.manifest import write_manifest
@@ -61,7 +62,7 @@ def tag_shard(task: TagTask, progress) -> dict:
     errors: dict[str, list[str]] = {name: [] for _, taggers in groups for name, _ in taggers}
     n_errors = dict.fromkeys(errors, 0)
     text_chars = 0
-    writers = [DocumentWriter(attribute_path(task.doc_path, attr_name)) for attr_name, _ in groups]
+    writers = [AttributeWriter(attribute_path(task.doc_path, attr_name)) for attr_name, _ in groups]
     try:
         for line, doc in read_documents(task.doc_path, report):
             text_chars += len(doc["text"])
@@ -77,7 +78,7 @@ def tag_shard(task: TagTask, progress) -> dict:
                             where = traceback.extract_tb(e.__traceback__)[-1]
                             errors[name].append(f"{task.doc_path}:{line}: tagger {name!r} raised "
                                           f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})")
-                writer.write({"id": doc["id"], "attributes": attributes})
+                writer.write(doc["id"], attributes)
             progress(1)
     except BaseException:
         for writer in writers:
