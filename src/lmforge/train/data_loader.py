@@ -92,6 +92,8 @@ class DataLoader:
             self.global_batch_instances = global_batch_instances
 
     def state_dict(self) -> dict:
+        """The position after the last batch handed out (prefetched batches do not count); the same on every
+        rank except `instances_filtered`, which counts this rank's instances only."""
         return {
             "version": STATE_VERSION,
             "fingerprint": self.dataset.fingerprint,
@@ -202,8 +204,8 @@ class DataLoader:
                 self._stop_prefetch()
                 raise batch
         self.epoch = batch["epoch"]
-        self.position = batch["batch_start"] + self.global_batch_instances
-        self.tokens_consumed += self.global_batch_instances * self.dataset.sequence_length
+        self.position = batch["batch_start"] + batch["global_batch_instances"]
+        self.tokens_consumed += batch["global_batch_instances"] * self.dataset.sequence_length
         self.instances_filtered += batch["filtered"]
         return batch
 
