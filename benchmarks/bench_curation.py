@@ -85,7 +85,8 @@ def compare_tags(work: Path, ours_exp: str, dolma_exp: str) -> dict:
             for rule in SAME_GOPHER_RULES:
                 mine = a[f"gopher__{rule}"][0][2]
                 their = b.get(f"{dolma_exp}__gopher_v1__{rule}", [[0, 0, 0.0]])[0][2]  # dolma omits empty values
-                same[f"gopher {rule}"] = same.get(f"gopher {rule}", 0) + (abs(mine - their) <= 1e-5)  # dolma writes 5 decimals
+                # dolma writes 5 decimals
+                same[f"gopher {rule}"] = same.get(f"gopher {rule}", 0) + (abs(mine - their) <= 1e-5)
             key = f"{dolma_exp}__c4_v1__lines_with_no_ending_punctuation"
             mine_lines = [s[:2] for s in a["c4__lines_with_no_ending_punctuation"]]
             same["c4 lines_with_no_ending_punctuation"] = same.get("c4 lines_with_no_ending_punctuation", 0) + (
@@ -127,7 +128,8 @@ def dedup_run(work: Path, text_mb: float, skip_dolma: bool) -> dict:
         (work / "dolma.bloom").unlink(missing_ok=True)
         # absolute paths: with a relative one dolma's deduper panics ("Attribute would be written to document
         # location!") in a worker thread and still exits 0
-        d = timed([str(DOLMA), "dedupe", "--documents", str(work / "documents/*.jsonl.gz"), "--dedupe.name", "dolma_para",
+        d = timed([str(DOLMA), "dedupe", "--documents", str(work / "documents/*.jsonl.gz"),
+                   "--dedupe.name", "dolma_para",
                    "--dedupe.paragraphs.attribute_name", "bff_duplicate_paragraph_spans", "--dedupe.skip_empty",
                    "--bloom_filter.file", "dolma.bloom", "--no-bloom_filter.read_only",
                    "--bloom_filter.estimated_doc_count", "5000000",
@@ -138,20 +140,22 @@ def dedup_run(work: Path, text_mb: float, skip_dolma: bool) -> dict:
     return row
 
 
-def mix_run(work: Path, text_mb: float, skip_dolma: bool) -> dict:
+def mix_run(work: Path, text_mb: float, skip_dolma: bool, compression: str) -> dict:
     ours = {"streams": [{"name": "bench", "documents": ["documents/*.jsonl.gz"], "attributes": ["para"],
                          "filter": {"include": ["count(para__duplicate_paragraphs) < 500"]},
                          "span_replacement": [{"span": "para__duplicate_paragraphs", "replacement": ""}]}],
-            "output": {"path": "mixed_lmforge", "max_size_in_bytes": 20_000_000}}
+            "output": {"path": "mixed_lmforge", "max_size_in_bytes": 20_000_000, "compression": compression}}
     (work / "mix_lmforge.json").write_text(json.dumps(ours))
     shutil.rmtree(work / "mixed_lmforge", ignore_errors=True)
     seconds = timed(LMFORGE + ["data", "mix", "mix_lmforge.json"], work)
-    row = {"stage": "mix (filter + delete duplicate paragraphs)", "processes": 1, "lmforge_s": seconds,
+    row = {"stage": f"mix (filter + delete duplicate paragraphs), {compression} output", "processes": 1,
+           "lmforge_s": seconds,
            "lmforge_mb_s": text_mb / seconds}
     if not skip_dolma:
         theirs = {"streams": [{"name": "bench", "documents": [str(work / "documents/*.jsonl.gz")],
                                "attributes": ["dolma_para"],
                                "output": {"path": "mixed_dolma", "max_size_in_bytes": 20_000_000},
+                               "compression": {"output": compression},
                                "filter": {"syntax": "jq", "include": [
                                    "(.attributes.bff_duplicate_paragraph_spans | length) < 500"]},
                                "span_replacement": [{"span": "$.attributes.bff_duplicate_paragraph_spans",
@@ -184,7 +188,8 @@ def main() -> None:
     print(f"tag set: {tag_mb:.1f} MB text; full set: {full_mb:.1f} MB text", flush=True)
     rows = tag_runs(work / "tag", tag_mb, args.processes, args.skip_dolma)
     rows.append(dedup_run(work / "full", full_mb, args.skip_dolma))
-    rows.append(mix_run(work / "full", full_mb, args.skip_dolma))
+    rows.append(mix_run(work / "full", full_mb, args.skip_dolma, "gz"))
+    rows.append(mix_run(work / "full", full_mb, args.skip_dolma, "zst"))
     for row in rows:
         agreement = row.pop("agreement", None)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))

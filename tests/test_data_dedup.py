@@ -49,7 +49,8 @@ def test_minhash_estimate_close_to_exact_jaccard():
         other = [w if rng.random() < keep else str(rng.choice(vocab)) for w in base]
         a, b = " ".join(base), " ".join(other)
         exact = _exact_jaccard(a, b, 3)
-        estimate = estimated_jaccard(hasher.signature(word_ngram_hashes(a, 3)), hasher.signature(word_ngram_hashes(b, 3)))
+        estimate = estimated_jaccard(hasher.signature(word_ngram_hashes(a, 3)),
+                                     hasher.signature(word_ngram_hashes(b, 3)))
         assert abs(estimate - exact) < 0.1, (keep, exact, estimate)  # sd <= 0.031 with 256 permutations
 
 

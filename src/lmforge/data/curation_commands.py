@@ -91,9 +91,9 @@ def _cmd_tag(args: argparse.Namespace) -> int:
 
     names = _split_list(args.taggers)
     taggers.load_tagger_modules(args.tagger_module)
-    if names == ["list"] or not names:
+    if names == ["list"]:
         print("\n".join(taggers.available_taggers()))
-        return 0 if names else 2
+        return 0
     config = TagConfig(documents=args.documents, taggers=names, experiment=args.experiment,
                        tagger_modules=args.tagger_module,
                        tagger_options=taggers.parse_tagger_options(args.tagger_option),

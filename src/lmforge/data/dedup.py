@@ -384,7 +384,8 @@ def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeW
     keys = band_keys(fp["signatures"], config.minhash.bands, config.minhash.rows).tolist() \
         if "minhash" in modes and fp["signatures"] is not None else None
     stats = {"documents": n, "duplicate_docs": 0, "duplicate_urls": 0, "near_duplicates": 0,
-             "paragraphs": int(len(fp["para_hash"])), "duplicate_paragraphs": int(para_dup.sum()) if para_dup is not None else 0,
+             "paragraphs": int(len(fp["para_hash"])),
+             "duplicate_paragraphs": int(para_dup.sum()) if para_dup is not None else 0,
              "text_chars": sum(fp["lengths"]), "duplicate_paragraph_chars": 0}
     per_source: dict[str, dict] = {}
     for i in range(n):

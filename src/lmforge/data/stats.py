@@ -113,8 +113,8 @@ def analyse_shard(task: StatsTask, progress) -> dict:
     return {
         "doc_path": task.doc_path, "documents": report.documents, "skipped_lines": report.skipped,
         "bad_lines": [str(b) for b in report.bad_lines], "sources": sources, "doc_hashes": doc_hashes,
-        "ngrams": {n: [(" ".join(g) if isinstance(g, tuple) else g, c) for g, c in counter.most_common(SHARD_TOP_NGRAMS)]
-                   for n, counter in ngrams.items()},
+        "ngrams": {n: [(" ".join(g) if isinstance(g, tuple) else g, c)
+                       for g, c in counter.most_common(SHARD_TOP_NGRAMS)] for n, counter in ngrams.items()},
         "strings": strings, "languages": languages,
     }
 
@@ -195,11 +195,12 @@ def write_plots(report: dict, output: Path) -> list[str]:
     written = []
     fig, ax = plt.subplots(figsize=(8, 4))
     for source, s in report["per_source"].items():
-        bins = list(s["length_histogram_characters"].items())
-        ax.plot([b for b, _ in bins], [c for _, c in bins], marker="o", label=source)
-    ax.set_xlabel("document length (characters, log2 bins)")
+        bins = s["length_histogram_characters"]
+        upper = [int(label.split("-")[1]) + 1 for label in bins]  # bin "a-b" holds lengths a..b
+        ax.plot(upper, list(bins.values()), marker="o", label=source)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("document length (characters, upper edge of log2 bin)")
     ax.set_ylabel("documents")
-    ax.tick_params(axis="x", labelrotation=60)
     ax.legend(fontsize=7)
     _save_png(fig, output / "length_histogram.png")
     written.append("length_histogram.png")
