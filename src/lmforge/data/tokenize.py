@@ -140,7 +140,10 @@ def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 class _FileWriter:
-    """Accumulates documents of one shard and rolls to a new token file when the next would overflow it."""
+    """Streams one shard's documents into token files, rolling to a new file when the next document would
+    overflow the current one. Tokens go to a temporary file in 16 MiB pieces, so memory stays flat."""
+
+    BUFFER_TOKENS = 1 << 23
 
     def __init__(self, task: ShardTask, result: ShardResult, vocab_size: int):
         self.task = task
@@ -148,37 +151,55 @@ class _FileWriter:
         self.vocab_size = vocab_size
         self.dtype = np.dtype(task.dtype)
         self.index = 0
+        self._atomic: contextlib.ExitStack | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.chunks: list[np.ndarray] = []
+        self.buffered = 0
         self.ids: list[str] = []
         self.sources: list[str] = []
         self.lines: list[int] = []
         self.ends: list[int] = []
         self.tokens = 0
 
+    def _name(self) -> str:
+        return f"{self.task.stem}-{self.index:05d}"
+
     def add(self, doc_id: str, source: str, line: int, tokens: np.ndarray) -> None:
         if self.tokens and self.tokens + len(tokens) > self.task.max_tokens_per_file:
             self.flush()
+        if self._atomic is None:
+            self._atomic = contextlib.ExitStack()
+            tmp = self._atomic.enter_context(atomic_path(Path(self.task.out) / f"{self._name()}.npy"))
+            self._stream = self._atomic.enter_context(open(tmp, "wb"))
         self.chunks.append(tokens)
+        self.buffered += len(tokens)
         self.tokens += len(tokens)
         self.ids.append(doc_id)
         self.sources.append(source)
         self.lines.append(line)
         self.ends.append(self.tokens)
+        if self.buffered >= self.BUFFER_TOKENS:
+            self._write_buffer()
+
+    def _write_buffer(self) -> None:
+        if self.chunks:
+            self._stream.write(np.concatenate(self.chunks).astype(self.dtype, copy=False).tobytes())
+        self.chunks = []
+        self.buffered = 0
 
     def flush(self) -> None:
-        if not self.ids:
+        """Finish the current token file and its sidecar (renamed into place) and start the next."""
+        if self._atomic is None:
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        name = f"{self.task.stem}-{self.index:05d}"
-        out = Path(self.task.out)
-        tokens = np.concatenate(self.chunks).astype(self.dtype, copy=False)
-        with atomic_path(out / f"{name}.npy") as tmp:
-            tokens.tofile(tmp)
+        self._write_buffer()
+        atomic, self._atomic = self._atomic, None
+        atomic.close()  # closes the stream, then renames the temporary file over the target
+        name = self._name()
         ends = np.asarray(self.ends, dtype=np.int64)
         starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         table = pa.table({
@@ -192,12 +213,18 @@ class _FileWriter:
             dtype=self.task.dtype, eos_id=self.task.eos_id, bos_id=self.task.bos_id,
             vocab_size=self.vocab_size, shard=self.task.path,
         ))
-        with atomic_path(out / f"{name}{SIDECAR_SUFFIX}") as tmp:
+        with atomic_path(Path(self.task.out) / f"{name}{SIDECAR_SUFFIX}") as tmp:
             pq.write_table(table, tmp, compression="zstd")
         self.result.files.append({"tokens_file": f"{name}.npy", "sidecar": f"{name}{SIDECAR_SUFFIX}",
                                   "tokens": int(self.tokens), "documents": len(self.ids)})
         self.index += 1
         self._reset()
+
+    def abort(self) -> None:
+        """Drop the file being written (its temporary file is removed, the target is untouched)."""
+        if self._atomic is not None:
+            atomic, self._atomic = self._atomic, None
+            atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def sidecar_metadata(*, dtype: str, eos_id: int, bos_id: int | None, vocab_size: int, shard: str) -> dict:
@@ -244,18 +271,22 @@ def _tokenize_shard(task: ShardTask) -> ShardResult:
             result.text_bytes += len(text.encode("utf-8"))
         batch.clear()
 
-    for line, doc in read_documents(task.path, report):
-        # Dolma strips surrounding whitespace before encoding; doing the same keeps token ids identical.
-        text = doc["text"].strip()
-        if not text:
-            result.skipped_empty += 1
-            continue
-        source = doc.get("source")
-        batch.append((line, doc["id"], source if isinstance(source, str) and source else task.stem, text))
-        if len(batch) >= ENCODE_BATCH_DOCS:
-            encode_pending()
-    encode_pending()
-    writer.flush()
+    try:
+        for line, doc in read_documents(task.path, report):
+            # Dolma strips surrounding whitespace before encoding; doing the same keeps token ids identical.
+            text = doc["text"].strip()
+            if not text:
+                result.skipped_empty += 1
+                continue
+            source = doc.get("source")
+            batch.append((line, doc["id"], source if isinstance(source, str) and source else task.stem, text))
+            if len(batch) >= ENCODE_BATCH_DOCS:
+                encode_pending()
+        encode_pending()
+        writer.flush()
+    except BaseException:
+        writer.abort()
+        raise
     result.skipped_bad_lines = report.skipped
     result.bad_lines = [str(b) for b in report.bad_lines]
     atomic_write_json(out / PROGRESS_DIR / f"{task.stem}.json", result.__dict__)
