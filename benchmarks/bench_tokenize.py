@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,13 +35,17 @@ CORPUS = "/work/shared/corpus"
 DEFAULT_SHARDS = ["python-docs-0000", "debian-reference-0000", "fortunes-0001", "python-stdlib-0000"]
 
 
-def run(cmd: list[str], env: dict) -> float:
+def run(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and its worker processes). CPU time is what to compare on a
+    shared machine: other tenants' load stretches wall time but not the work done."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def dolma_ids(out: Path, dtype: str) -> dict[str, list[int]]:
@@ -94,20 +99,24 @@ def main() -> None:
     try:
         for processes in args.processes:
             ours_out, dolma_out = work / f"ours_p{processes}", work / f"dolma_p{processes}"
-            t_ours = run([sys.executable, "-m", "lmforge", "data", "tokenize", "--documents", *files,
+            t_ours, cpu_ours = run([sys.executable, "-m", "lmforge", "data", "tokenize", "--documents", *files,
                           "--tokenizer", args.tokenizer, "--out", str(ours_out), "--workers", str(processes),
                           "--quiet"], env)
-            t_dolma = run([args.dolma, "tokens", "--documents", str(docs_dir / "*"), "--destination", str(dolma_out),
+            t_dolma, cpu_dolma = run([args.dolma, "tokens", "--documents", str(docs_dir / "*"), "--destination", str(dolma_out),
                            "--tokenizer.name_or_path", tokenizer.source, "--tokenizer.eos_token_id",
                            str(tokenizer.eos_id), "--tokenizer.pad_token_id", str(tokenizer.pad_id), "--dtype", dtype,
                            "--processes", str(processes), "--seed", "3920"], env)
             counts = json.loads((ours_out / "manifest.json").read_text())["counts"]
             mb, tokens = counts["text_bytes"] / 1e6, counts["tokens"]
-            row = {"processes": processes, "ours_s": t_ours, "dolma_s": t_dolma, "text_MB": mb, "tokens": tokens}
+            row = {"processes": processes, "ours_s": t_ours, "dolma_s": t_dolma, "ours_cpu_s": cpu_ours,
+                   "dolma_cpu_s": cpu_dolma, "text_MB": mb, "tokens": tokens, "load": os.getloadavg()[0]}
             results.append(row)
             print(f"P={processes}: lmforge {t_ours:6.1f} s  {mb / t_ours:5.2f} MB/s  {tokens / t_ours / 1e6:5.3f} M tok/s"
                   f" | dolma {t_dolma:6.1f} s  {mb / t_dolma:5.2f} MB/s  {tokens / t_dolma / 1e6:5.3f} M tok/s"
                   f" | speed-up {t_dolma / t_ours:4.2f}x")
+            print(f"     per CPU second: lmforge {tokens / cpu_ours / 1e6:5.3f} M tok/s, dolma "
+                  f"{tokens / cpu_dolma / 1e6:5.3f} M tok/s, ratio {cpu_dolma / cpu_ours:4.2f}x "
+                  f"(load average {os.getloadavg()[0]:.1f})")
             ours, theirs = lmforge_ids(ours_out, dtype), dolma_ids(dolma_out, dtype)
             if not theirs:
                 sys.exit("dolma wrote no documents; see its log")
