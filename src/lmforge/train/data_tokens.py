@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from lmforge.errors import LmforgeError
-from lmforge.manifest import file_hash
 
 LMFORGE_SIDECAR = ".docs.parquet"
 DOLMA_SIDECAR = ".csv.gz"
@@ -43,9 +43,10 @@ class TokenFile:
     sidecar: str
     dtype: str
     num_tokens: int
-    sidecar_hash: str
+    sidecar_digest: str
     _documents: Documents | None = field(default=None, repr=False)
     _memmap: np.memmap | None = field(default=None, repr=False)
+    _ends: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def tokens(self) -> np.memmap:
@@ -58,10 +59,28 @@ class TokenFile:
             self._documents = read_sidecar(self.sidecar)
         return self._documents
 
+    def doc_ends(self) -> np.ndarray:
+        """End offsets of the documents, read without their ids (what document boundaries need)."""
+        if self._ends is None:
+            if self._documents is None and self.sidecar.endswith(LMFORGE_SIDECAR):
+                self._ends = _read_parquet_columns(self.sidecar, ["end"])["end"].to_numpy().astype(np.int64)
+            else:
+                self._ends = self.documents().ends
+        return self._ends
+
+    def doc_sources(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(source per document, starts, ends), read without the ids."""
+        if self._documents is None and self.sidecar.endswith(LMFORGE_SIDECAR):
+            table = _read_parquet_columns(self.sidecar, ["source", "start", "end"])
+            return (table["source"].to_pylist(), table["start"].to_numpy().astype(np.int64),
+                    table["end"].to_numpy().astype(np.int64))
+        docs = self.documents()
+        return docs.sources, docs.starts, docs.ends
+
     def identity(self) -> list:
-        """What the dataset fingerprint hashes: the file's name, length, dtype and documents, not its folder,
-        so moving a dataset keeps its fingerprint."""
-        return [os.path.basename(self.path), self.num_tokens, self.dtype, self.sidecar_hash]
+        """What the dataset fingerprint hashes: the file's name, length and dtype and a digest of its sidecar,
+        not its folder, so moving a dataset keeps its fingerprint."""
+        return [os.path.basename(self.path), self.num_tokens, self.dtype, self.sidecar_digest]
 
 
 def resolve_token_paths(patterns: list[str]) -> list[str]:
@@ -117,7 +136,27 @@ def open_token_file(path: str, dtype: str | None = None) -> TokenFile:
                                f"not of {dtype} as expected")
         raise LmforgeError(f"{path}: truncated or corrupt: {size} bytes, but its sidecar describes {expected} "
                            f"{dtype} tokens ({expected * itemsize} bytes)")
-    return TokenFile(path=path, sidecar=sidecar, dtype=dtype, num_tokens=expected, sidecar_hash=file_hash(sidecar))
+    return TokenFile(path=path, sidecar=sidecar, dtype=dtype, num_tokens=expected, sidecar_digest=sidecar_digest(sidecar))
+
+
+def sidecar_digest(sidecar: str, tail_bytes: int = 1 << 16) -> str:
+    """xxh3 of the sidecar's size and last 64 KiB. For Parquet the tail is the footer, which holds
+    per-row-group sizes and min/max statistics of every column. That makes the digest content-sensitive
+    without reading sidecars that can be gigabytes in total."""
+    size = os.path.getsize(sidecar)
+    with open(sidecar, "rb") as f:
+        f.seek(max(0, size - tail_bytes))
+        tail = f.read()
+    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(str(size).encode() + b"\x00" + tail)
+
+
+def _read_parquet_columns(sidecar: str, columns: list[str]):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(sidecar, columns=columns)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise LmforgeError(f"cannot read token sidecar {sidecar}: {e}") from None
 
 
 def _parquet_summary(sidecar: str) -> tuple[str, int]:

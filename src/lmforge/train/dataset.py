@@ -160,15 +160,15 @@ class Dataset:
         """Runs of consecutive documents of the same `source` in the pooled files, per source name."""
         runs: dict[str, list[tuple[int, int, int]]] = {}
         for fi in file_indices:
-            docs = self.files[fi].documents()
-            names = np.asarray(docs.sources, dtype=object)
+            sources, starts, ends = self.files[fi].doc_sources()
+            names = np.asarray(sources, dtype=object)
             if len(names) == 0:
                 continue
             change = np.flatnonzero(names[1:] != names[:-1]) + 1
             run_starts = np.concatenate([[0], change])
             run_ends = np.concatenate([change, [len(names)]])
             for a, b in zip(run_starts, run_ends):
-                runs.setdefault(names[a], []).append((fi, int(docs.starts[a]), int(docs.ends[b - 1])))
+                runs.setdefault(names[a], []).append((fi, int(starts[a]), int(ends[b - 1])))
         return {name: tuple(np.array(col, dtype=np.int64) for col in zip(*r)) for name, r in runs.items()}
 
     def _check_lengths(self) -> None:
@@ -249,7 +249,7 @@ class Dataset:
         _, pieces = self._pieces(index)
         lengths = []
         for f, a, b in pieces:
-            ends = self.files[f].documents().ends
+            ends = self.files[f].doc_ends()
             inner = ends[np.searchsorted(ends, a, side="right"):np.searchsorted(ends, b, side="left")]
             cuts = np.concatenate([[a], inner, [b]])
             lengths.extend(int(x) for x in np.diff(cuts))
