@@ -17,6 +17,7 @@ import gzip
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -58,13 +59,27 @@ def build_corpus(corpus: Path, out: Path, limit_mb: float | None) -> float:
     return text_bytes / 1e6
 
 
+CPU_SECONDS: dict[float, float] = {}
+
+
 def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
+    """Wall seconds; the command's CPU seconds (user+sys, its workers included) go to CPU_SECONDS[wall]."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    CPU_SECONDS[elapsed] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return elapsed
+
+
+def with_peer(row: dict, ours: float, theirs: float, text_mb: float) -> dict:
+    row.update(lmforge_cpu_s=CPU_SECONDS[ours], dolma_s=theirs, dolma_mb_s=text_mb / theirs,
+               dolma_cpu_s=CPU_SECONDS[theirs], wall_ratio=theirs / ours,
+               cpu_ratio=CPU_SECONDS[theirs] / CPU_SECONDS[ours], load=round(os.getloadavg()[0], 1))
+    return row
 
 
 def read_jsonl_gz(path: Path) -> list[dict]:
@@ -109,7 +124,7 @@ def tag_runs(work: Path, text_mb: float, processes: list[int], skip_dolma: bool)
             shutil.rmtree(work / "attributes" / dolma_exp, ignore_errors=True)
             d = timed([str(DOLMA), "tag", "--documents", str(work / "documents/*.jsonl.gz"), "--experiment", dolma_exp,
                        "--taggers", "gopher_v1", "c4_v1", "pii_regex_v1", "--processes", str(p)], work)
-            row.update(dolma_s=d, dolma_mb_s=text_mb / d, ratio=d / seconds)
+            with_peer(row, seconds, d, text_mb)
             if p == processes[0]:
                 row["agreement"] = compare_tags(work, exp, dolma_exp)
         rows.append(row)
@@ -136,7 +151,7 @@ def dedup_run(work: Path, text_mb: float, skip_dolma: bool) -> dict:
                    "--bloom_filter.desired_false_positive_rate", "1e-6", "--processes", "1"], work)
         if not list((work / "attributes" / "dolma_para").glob("*.jsonl.gz")):
             sys.exit("dolma dedupe wrote no attributes")
-        row.update(dolma_s=d, dolma_mb_s=text_mb / d, ratio=d / seconds)
+        with_peer(row, seconds, d, text_mb)
     return row
 
 
@@ -165,7 +180,7 @@ def mix_run(work: Path, text_mb: float, skip_dolma: bool, compression: str) -> d
         shutil.rmtree(work / "mixed_dolma", ignore_errors=True)
         shutil.rmtree(work / "mixwork", ignore_errors=True)
         d = timed([str(DOLMA), "-c", "mix_dolma.json", "mix"], work)
-        row.update(dolma_s=d, dolma_mb_s=text_mb / d, ratio=d / seconds)
+        with_peer(row, seconds, d, text_mb)
     return row
 
 

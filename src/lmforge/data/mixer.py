@@ -190,6 +190,7 @@ def mix_task(task: MixTask, progress) -> dict:
     counts = dict.fromkeys(("read", "excluded_by_include", "excluded_by_exclude", "sampled_out", "too_short",
                             "written", "spans_replaced", "text_chars_in", "text_chars_out"), 0)
     report = ReadReport()
+    discard = set(task.output.discard_fields)
     try:
         for path in task.paths:
             attr_iters = [(attribute_path(path, name), read_attributes(attribute_path(path, name)))
@@ -208,13 +209,14 @@ def mix_task(task: MixTask, progress) -> dict:
                         raise LmforgeError(f"mismatched ids: {path}:{line} has id {doc['id']!r} but {attr_path} "
                                            f"has {row[0]!r} at the same position")
                     attributes.update(row[1])
-                ctx = Context(attributes, doc)
-                if include and not any(f(ctx) for f in include):
-                    counts["excluded_by_include"] += 1
-                    continue
-                if any(f(ctx) for f in exclude):
-                    counts["excluded_by_exclude"] += 1
-                    continue
+                if include or exclude:
+                    ctx = Context(attributes, doc)
+                    if include and not any(f(ctx) for f in include):
+                        counts["excluded_by_include"] += 1
+                        continue
+                    if any(f(ctx) for f in exclude):
+                        counts["excluded_by_exclude"] += 1
+                        continue
                 copies = sample_copies(task.seed, stream.name, doc["id"], stream.sample_rate)
                 if copies == 0:
                     counts["sampled_out"] += 1
@@ -226,7 +228,7 @@ def mix_task(task: MixTask, progress) -> dict:
                 if len(text.strip()) < stream.min_text_length:
                     counts["too_short"] += 1
                     continue
-                out = {k: v for k, v in doc.items() if k not in task.output.discard_fields}
+                out = {k: v for k, v in doc.items() if k not in discard} if discard else doc
                 out["text"] = text
                 for _ in range(copies):
                     writer.write(out)

@@ -173,9 +173,10 @@ def gopher_values(text: str) -> dict[str, float]:
         values["fraction_of_lines_ending_with_ellipsis"] = ellipses / len(lines)
         (values["fraction_of_duplicate_lines"],
          values["fraction_of_characters_in_duplicate_lines"]) = _duplicate_fractions(lines)
-    paragraphs = [p for p in _PARAGRAPH_BREAK.split(text.strip()) if p.strip()]
-    (values["fraction_of_duplicate_paragraphs"],
-     values["fraction_of_characters_in_duplicate_paragraphs"]) = _duplicate_fractions(paragraphs)
+    if len(lines) > 1:  # one line cannot make two paragraphs
+        paragraphs = [p for p in _PARAGRAPH_BREAK.split(text.strip()) if p.strip()]
+        (values["fraction_of_duplicate_paragraphs"],
+         values["fraction_of_characters_in_duplicate_paragraphs"]) = _duplicate_fractions(paragraphs)
     return values
 
 
