@@ -16,10 +16,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.config import from_dict, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.manifest import atomic_write_json
+
+if TYPE_CHECKING:
+    from lmforge.train.dataset import Dataset
 
 RUN_DATA_FILE = "data.json"
 BATCHES_FILE = "batches.jsonl"
@@ -107,8 +111,8 @@ def load_run_dataset(run_dir: str | Path):
     return dataset
 
 
-def batch_instances(run_dir: str | Path, step: int) -> tuple[dict, list[dict]]:
-    """The batch record of `step` and, per instance, its id, rank and documents."""
+def batch_instances(run_dir: str | Path, step: int) -> tuple[dict, list[dict], "Dataset"]:
+    """The batch record of `step`, per instance its id, rank and documents, and the rebuilt dataset."""
     from lmforge.train.data_loader import epoch_order
 
     dataset = load_run_dataset(run_dir)

@@ -16,12 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.train.data_filter import InstanceFilterConfig, keep_instance
 from lmforge.train.data_tokens import TokenFile, open_token_file, resolve_token_paths
+
+if TYPE_CHECKING:
+    from lmforge.train.data_loader import DataLoader
 
 FINGERPRINT_VERSION = 1
 
