@@ -221,6 +221,11 @@ def test_bad_token_files_and_configs(files, tmp_path):
     np.arange(100, dtype=np.uint16).tofile(bad / "orphan.npy")
     with pytest.raises(LmforgeError, match="no sidecar"):
         DataConfig(paths=[str(bad / "orphan.npy")], sequence_length=8).build()
+    unfinished = tmp_path / "unfinished"
+    (unfinished / ".progress").mkdir(parents=True)
+    write_token_file(unfinished / "t.npy", [np.arange(100, dtype=np.uint16)])
+    with pytest.raises(LmforgeError, match="tokenization has not finished"):
+        DataConfig(paths=[str(unfinished)], sequence_length=8).build()
     with pytest.raises(LmforgeError, match="fewer than one instance"):
         DataConfig(paths=[str(files["dir"])], sequence_length=10_000).build()
     with pytest.raises(LmforgeError, match="mixture source 'wiki': no token files match"):

@@ -39,8 +39,20 @@ def write_run_data_record(run_dir: str | Path, dataset) -> Path:
             raise LmforgeError(f"{path} records a different dataset (fingerprint {previous.get('fingerprint')}) "
                                f"than this run's ({dataset.fingerprint}); use a new run directory")
         return path
-    atomic_write_json(path, {"format": RUN_DATA_FORMAT, "config": to_dict(dataset.config), **dataset.summary()})
+    atomic_write_json(path, {"format": RUN_DATA_FORMAT, "config": _absolute_paths(to_dict(dataset.config)),
+                             **dataset.summary()})
     return path
+
+
+def _absolute_paths(config: dict) -> dict:
+    """The config with every path made absolute, so `inspect` works from any working directory."""
+    config = dict(config)
+    config["paths"] = [os.path.abspath(p) for p in config["paths"]]
+    config["mixture"] = {name: dict(source, paths=[os.path.abspath(p) for p in source["paths"]])
+                         for name, source in config["mixture"].items()}
+    if config.get("tokenizer") and os.path.exists(config["tokenizer"]):
+        config["tokenizer"] = os.path.abspath(config["tokenizer"])
+    return config
 
 
 class BatchLog:

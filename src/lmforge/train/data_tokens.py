@@ -94,6 +94,9 @@ def resolve_token_paths(patterns: list[str]) -> list[str]:
             if os.path.isfile(os.path.join(pattern, MANIFEST_NAME)):
                 manifest = read_manifest(pattern)
                 files = [os.path.join(pattern, f["tokens_file"]) for f in manifest.get("files", [])]
+            elif os.path.isdir(os.path.join(pattern, ".progress")):
+                raise LmforgeError(f"{pattern} has no {MANIFEST_NAME}: its tokenization has not finished "
+                                   f"(rerun `lmforge data tokenize` with the same arguments to complete it)")
             else:
                 files = sorted(glob.glob(os.path.join(pattern, "*.npy")))
             if not files:
