@@ -389,6 +389,9 @@ def _write_tokenize_manifest(config: TokenizeConfig, out: Path, results: list[Sh
                           "bos_id": bos_id, "vocab_size": tokenizer.vocab_size, "copy": "tokenizer/tokenizer.json"},
             "sources": dict(sorted(sources.items())),
             "files": files,
+            "shards": [{"path": r.path, "documents": r.documents, "tokens": r.tokens,
+                        "skipped_empty_documents": r.skipped_empty, "skipped_bad_lines": r.skipped_bad_lines}
+                       for r in results],
             "bad_lines": bad_lines,
         },
     )
