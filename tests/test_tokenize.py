@@ -112,6 +112,8 @@ def test_token_ids_match_direct_encoding_and_sidecar(corpus, tmp_path):
                 for d in corpus["docs"][n])
     assert manifest["sources"]["alpha"]["tokens"] == alpha
     assert manifest["counts"]["tokens"] == sum(s["tokens"] for s in manifest["sources"].values())
+    shard_b = next(s for s in manifest["shards"] if s["path"].endswith("b-0000.jsonl"))
+    assert (shard_b["skipped_empty_documents"], shard_b["skipped_bad_lines"], shard_b["documents"]) == (2, 2, 50)
 
 
 def test_rerun_byte_identical_and_independent_of_workers(corpus, tmp_path):
