@@ -29,7 +29,7 @@ import xxhash
 
 from lmforge.data.documents import ReadReport, expand_globs, read_documents, strip_suffix
 from lmforge.errors import LmforgeError
-from lmforge.manifest import atomic_path, atomic_write_json, file_hash, write_manifest
+from lmforge.manifest import MANIFEST_NAME, atomic_path, atomic_write_json, file_hash, write_manifest
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-tokens-v1"
@@ -339,6 +339,9 @@ def tokenize(config: TokenizeConfig, progress: bool = True) -> dict:
             results[task.stem] = done
         else:
             todo.append(task)
+    if todo:
+        # Until this run finishes, the directory must not look finished to readers (they check the manifest).
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
     # Largest shards first so the last worker is not left alone with a big one.
     todo.sort(key=lambda t: (-os.path.getsize(t.path), t.stem))
     bar = tqdm(total=sum(os.path.getsize(t.path) for t in todo), unit="B", unit_scale=True,
