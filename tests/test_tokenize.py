@@ -126,6 +126,12 @@ def test_rerun_byte_identical_and_independent_of_workers(corpus, tmp_path):
     for name, data in one.items():
         if name.endswith(".npy"):
             assert len(data) // 2 <= 300
+    # A single shard with 2 workers is encoded on the tokenizer's threads instead: same bytes.
+    single = str(Path(corpus["glob"]).parent / "b-0000.jsonl")
+    for name, workers in (("s1", 1), ("s2", 2)):
+        tokenize(TokenizeConfig(documents=[single], tokenizer=corpus["tokenizer"], out=str(tmp_path / name),
+                                workers=workers), progress=False)
+    assert _output_bytes(tmp_path / "s1") == _output_bytes(tmp_path / "s2")
     import shutil
 
     shutil.rmtree(tmp_path / "w1" / ".progress")

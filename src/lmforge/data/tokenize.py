@@ -119,10 +119,11 @@ def _load_tokenizer(path: str, eos_id: int) -> Tokenizer:
 
 
 @contextlib.contextmanager
-def _single_threaded_tokenizers():
-    """Parallelism comes from worker processes; keep each one to a single core so `--workers` means cores."""
+def _tokenizer_threads(parallel: bool):
+    """Parallelism normally comes from worker processes, one core each, so `--workers` means cores. With a
+    single shard to do, the shard's batches are encoded on the tokenizer's own threads instead."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
     try:
         yield
     finally:
@@ -238,9 +239,9 @@ def sidecar_metadata(*, dtype: str, eos_id: int, bos_id: int | None, vocab_size:
     }
 
 
-def tokenize_shard(task: ShardTask) -> ShardResult:
+def tokenize_shard(task: ShardTask, parallel_encode: bool = False) -> ShardResult:
     """Tokenize one input shard into its token files; the progress record is written last."""
-    with _single_threaded_tokenizers():
+    with _tokenizer_threads(parallel_encode):
         return _tokenize_shard(task)
 
 
@@ -349,7 +350,7 @@ def tokenize(config: TokenizeConfig, progress: bool = True) -> dict:
     sizes = {t.stem: os.path.getsize(t.path) for t in todo}
     if config.workers == 1 or len(todo) <= 1:
         for task in todo:
-            results[task.stem] = tokenize_shard(task)
+            results[task.stem] = tokenize_shard(task, parallel_encode=config.workers > 1)
             bar.update(sizes[task.stem])
     else:
         ctx = multiprocessing.get_context("spawn")
