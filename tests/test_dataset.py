@@ -308,7 +308,7 @@ def tokenized_run(tmp_path):
     """Real documents through `data tokenize`, a loader, and a fake run directory written with the helpers."""
     rng = np.random.default_rng(1)
     words = "alpha beta gamma delta data model token step loss batch".split()
-    docs = [{"id": f"doc-{i}", "text": " ".join(rng.choice(words, size=int(rng.integers(3, 30)))),
+    docs = [{"id": f"doc-{i}", "text": " ".join(rng.choice(words, size=int(rng.integers(3, 12)))),
              "source": "web" if i % 2 else "books"} for i in range(60)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     tok_dir = tmp_path / "tok"
@@ -347,12 +347,25 @@ def test_inspect_lists_the_documents_of_a_step(tokenized_run, capsys):
         assert header in out
         block = out.split(header)[1].split("\ninstance ")[0]
         assert [line.split()[0] for line in block.strip().splitlines()[1:]] == expected
-    assert main(["data", "inspect", "--run", str(run), "--step", "2", "--instance", "1", "--text"]) == 0
-    out = capsys.readouterr().out
-    index = int(order[4 + 1])
-    full = [d for d in dataset.instance_documents(index) if d["doc_span"] == [0, d["doc_tokens"]]]
-    assert full, "expected a whole document inside a 32-token window"
-    assert f"    | {docs[full[0]['id']]['text']}<|endoftext|>" in out
+    # Step 2 covers order positions 4..7; take one of its instances that holds a whole document.
+    whole_docs = {}
+    for position in range(4):
+        index = int(order[4 + position])
+        full = [d for d in dataset.instance_documents(index) if d["doc_span"] == [0, d["doc_tokens"]]]
+        if full:
+            whole_docs[position] = (index, full[0])
+    assert whole_docs, "expected a whole document inside some 32-token window"
+    position, (index, doc) = next(iter(whole_docs.items()))
+    args = ["data", "inspect", "--run", str(run), "--step", "2", "--instance", str(position), "--text"]
+    assert main(args) == 0
+    assert f"    | {docs[doc['id']]['text']}<|endoftext|>" in capsys.readouterr().out
+    assert main(args + ["--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["start"] == 4 and record["size"] == 4 and record["instances"][0]["instance_id"] == index
+    pieces = record["instances"][0]["documents"]
+    assert sum(d["instance_span"][1] - d["instance_span"][0] for d in pieces) == 32
+    whole = next(d for d in pieces if d["id"] == doc["id"])
+    assert whole["text"] == docs[whole["id"]]["text"] + "<|endoftext|>"
     assert main(["data", "inspect", "--run", str(run), "--step", "9"]) == 2
     assert "step 9 is not in" in capsys.readouterr().err
 

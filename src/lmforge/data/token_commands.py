@@ -47,6 +47,7 @@ def register(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", required=True, type=int, metavar="N", help="training step (as the trainer logged it)")
     p.add_argument("--instance", type=int, metavar="I", help="only the I-th instance of the batch (0-based)")
     p.add_argument("--text", action="store_true", help="also print the decoded text of each document span")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=_inspect)
 
 
@@ -97,5 +98,5 @@ def _report_skips(empty: int, bad: int, bad_lines: list[str]) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from lmforge.train.data_lineage import inspect_batch
 
-    print(inspect_batch(args.run, args.step, instance=args.instance, text=args.text), end="")
+    print(inspect_batch(args.run, args.step, instance=args.instance, text=args.text, as_json=args.json), end="")
     return 0

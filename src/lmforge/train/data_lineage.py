@@ -157,13 +157,22 @@ def _tokenizer_for(dataset):
                        "folder that `lmforge data tokenize` writes next to the token files")
 
 
-def inspect_batch(run_dir: str | Path, step: int, instance: int | None = None, text: bool = False) -> str:
+def inspect_batch(run_dir: str | Path, step: int, instance: int | None = None, text: bool = False,
+                  as_json: bool = False) -> str:
     record, instances, dataset = batch_instances(run_dir, step)
     if instance is not None:
         if not 0 <= instance < len(instances):
             raise LmforgeError(f"instance {instance} is outside the batch of step {step} ({len(instances)} instances)")
         instances = [instances[instance]]
     tokenizer = _tokenizer_for(dataset) if text else None
+    if as_json:
+        if tokenizer is not None:
+            for inst in instances:
+                for doc in inst["documents"]:
+                    doc["text"] = _decode(dataset, tokenizer, doc)
+        return json.dumps({"step": step, **record, "fingerprint": dataset.fingerprint,
+                           "sequence_length": dataset.sequence_length, "instances": instances},
+                          ensure_ascii=False) + "\n"
     lines = [f"step {step}: epoch {record['epoch']}, global order positions {record['start']}.."
              f"{record['start'] + record['size'] - 1}, {record['size']} instances of {dataset.sequence_length} "
              f"tokens over {record['world_size']} ranks; dataset {dataset.fingerprint[:16]}"]
@@ -176,8 +185,11 @@ def inspect_batch(run_dir: str | Path, step: int, instance: int | None = None, t
                          f"of {doc['doc_tokens']}  -> instance {doc['instance_span'][0]}..{doc['instance_span'][1]}"
                          f"  ({doc['shard']}:{doc['line']})")
             if tokenizer is not None:
-                file = next(f for f in dataset.files if f.path == doc["token_file"])
-                lo, hi = doc["file_span"]
-                decoded = tokenizer.decode(int(t) for t in file.tokens[lo:hi])
-                lines.extend("    | " + row for row in decoded.splitlines() or [""])
+                lines.extend("    | " + row for row in _decode(dataset, tokenizer, doc).splitlines() or [""])
     return "\n".join(lines) + "\n"
+
+
+def _decode(dataset, tokenizer, doc: dict) -> str:
+    file = next(f for f in dataset.files if f.path == doc["token_file"])
+    lo, hi = doc["file_span"]
+    return tokenizer.decode(int(t) for t in file.tokens[lo:hi])
