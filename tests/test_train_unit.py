@@ -155,12 +155,12 @@ def test_bad_configs_are_refused_before_compute(tmp_path, overrides, message):
 
 
 @pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml")),
-                         ids=lambda p: p.name)
-def test_shipped_configs_resolve_and_fit_eight_ranks(path):
+                         ids=lambda p: p.name)  # tiny ones on 1 rank, recipes on 8
+def test_shipped_configs_resolve_and_fit_their_scale(path):
     from lmforge.config import load_config
     from lmforge.model.presets import get_preset
     from lmforge.train.config import TrainConfig
 
     config = load_config(TrainConfig, path, ["data.paths=[tokens]"])
     model = get_preset(config.model.preset) if config.model.vocab_from_tokenizer else config.model.build_config()
-    config.check(8 if config.device != "cpu" else 1, model)
+    config.check(1 if "tiny" in config.model.preset else 8, model)
