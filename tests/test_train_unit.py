@@ -164,3 +164,19 @@ def test_shipped_configs_resolve_and_fit_their_scale(path):
     config = load_config(TrainConfig, path, ["data.paths=[tokens]"])
     model = get_preset(config.model.preset) if config.model.vocab_from_tokenizer else config.model.build_config()
     config.check(1 if "tiny" in config.model.preset else 8, model)
+
+
+def test_fused_ce_and_z_loss_match_float64_reference():
+    from lmforge.train.trainer import IGNORE_INDEX, ce_and_z_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 4
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :2] = IGNORE_INDEX
+    ce, z = ce_and_z_loss(logits, labels, 1e-4)
+    lp = torch.log_softmax(logits.double(), -1)
+    lse = torch.logsumexp(logits.double(), -1)
+    valid = labels != IGNORE_INDEX
+    expected_ce = -lp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)[valid].sum()
+    assert ce.item() == pytest.approx(expected_ce.item(), rel=1e-6)
+    assert z.item() == pytest.approx(1e-4 * lse[valid].pow(2).sum().item(), rel=1e-6)

@@ -237,7 +237,9 @@ class Trainer:
         """(sum of CE, sum of z-loss) over the micro-batch's real label tokens."""
         with self._autocast():
             logits = model(input_ids, doc_ids=doc_ids)
-        return cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
+        if not self.config.z_loss_multiplier:
+            return cross_entropy_loss(logits, labels, IGNORE_INDEX, reduction="sum")
+        return ce_and_z_loss(logits, labels, self.config.z_loss_multiplier)
 
     def _sync_context(self, last: bool):
         if self.dp_mode in ("fsdp", "hsdp"):
@@ -448,6 +450,20 @@ def load_tokenizer(name: str, model: ModelConfig | None = None):
     if model is None:
         return Tokenizer.load(name)
     return Tokenizer.load(name, eos_id=model.eos_token_id, pad_id=model.pad_token_id, bos_id=model.bos_token_id)
+
+
+def ce_and_z_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_multiplier: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and z-loss in fp32 from one logsumexp (CE = lse - target logit, z = mult·lse²), instead of
+    a cross-entropy kernel plus a second pass over the vocabulary for the z-loss."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    ce = torch.where(valid, lse - target, 0.0).sum()
+    z = z_loss_multiplier * torch.where(valid, lse.pow(2), 0.0).sum()
+    return ce, z
 
 
 def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
