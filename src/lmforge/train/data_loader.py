@@ -122,9 +122,6 @@ class DataLoader:
 
     # ---- batches -----------------------------------------------------------------------------------------
 
-    def global_batch_ids(self, epoch: int, start: int, size: int) -> np.ndarray:
-        return self.order(epoch)[start:start + size]
-
     def make_batch(self, epoch: int, start: int) -> dict:
         """This rank's part of the global batch that starts at `start` in epoch `epoch`'s order."""
         per_rank = self.global_batch_instances // self.world_size
