@@ -122,6 +122,10 @@ def test_order_independent_of_world_size_and_batch_size(files):
     batches, state = _global_sequence(ds, [16] * (per_epoch + 2), world_size=2)
     assert batches[per_epoch] == order1[:16].tolist()
     assert state["epoch"] == 1 and state["instances_consumed"] == 32
+    # max_epochs ends the iteration after that many epochs of full batches.
+    loader = ds.loader(16, max_epochs=2, prefetch_batches=1)
+    assert sum(1 for _ in loader) == 2 * per_epoch
+    assert loader.state_dict()["epoch"] == 1 and loader.batches_in_epoch() == per_epoch
 
 
 def test_exact_resume_after_world_size_and_batch_size_change(files):

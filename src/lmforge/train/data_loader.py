@@ -153,22 +153,25 @@ class DataLoader:
         return batch
 
     def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> None:
+            # Never block for good on a full queue: the consumer may be stopping this thread.
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         try:
             while not stop.is_set():
                 epoch, position = self._next_start(epoch, position)
                 if self.max_epochs is not None and epoch >= self.max_epochs:
-                    out.put(None)
+                    put(None)
                     return
-                batch = self.make_batch(epoch, position)
-                while not stop.is_set():
-                    try:
-                        out.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                put(self.make_batch(epoch, position))
                 position += self.global_batch_instances
         except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
-            out.put(e)
+            put(e)
 
     def _stop_prefetch(self) -> None:
         if self._thread is not None:
