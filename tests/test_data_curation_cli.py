@@ -127,3 +127,24 @@ def test_ray_executor_matches_local(tmp_path, capsys, monkeypatch):
     ray_rows = list(read_attributes(tmp_path / "attributes/viaray/a.jsonl.gz"))
     local_rows = list(read_attributes(tmp_path / "attributes/local/a.jsonl.gz"))
     assert ray_rows == local_rows
+
+
+def test_parquet_shards_are_tagged_and_mixed(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("pyarrow")
+    from lmforge.data.documents import DocumentWriter
+
+    monkeypatch.chdir(tmp_path)
+    with DocumentWriter(tmp_path / "documents" / "p.parquet") as w:
+        w.write({"id": "1", "text": "mail bob@example.org now", "source": "s", "metadata": {"k": 1}})
+        w.write({"id": "2", "text": "nothing here", "source": "s", "metadata": {}})
+    code, summary, _ = _run(capsys, ["data", "tag", "--documents", "documents/*.parquet", "--taggers", "pii"])
+    assert code == 0 and summary["documents"] == 2
+    assert [r[0] for r in read_attributes(tmp_path / "attributes/pii/p.jsonl.gz")] == ["1", "2"]
+    (tmp_path / "mix.yaml").write_text(
+        "streams:\n  - name: s\n    documents: ['documents/*.parquet']\n    attributes: [pii]\n"
+        "    filter: {include: ['count(pii__email_address) > 0']}\n"
+        "    span_replacement: [{span: pii__email_address, replacement: 'EMAIL'}]\noutput: {path: out}\n")
+    code, mixed, _ = _run(capsys, ["data", "mix", "mix.yaml"])
+    assert code == 0 and mixed["streams"]["s"]["written"] == 1
+    docs = [d for p in (tmp_path / "out").glob("*.jsonl.gz") for _, d in read_documents(p)]
+    assert docs == [{"id": "1", "text": "mail EMAIL now", "source": "s", "metadata": {"k": 1}}]

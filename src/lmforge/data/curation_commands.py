@@ -29,7 +29,7 @@ def register(data_sub: argparse._SubParsersAction) -> None:
         "tag", help="run taggers over documents, writing Dolma-layout attribute files",
         description="Run taggers over document shards. Each tagger writes attributes/<tagger>/<shard> beside "
                     "documents/ (or attributes/<experiment>/ for all). Finished shards are skipped.")
-    tag.add_argument("--documents", action="append", required=True, help="document glob (repeatable)")
+    tag.add_argument("--documents", action="append", help="document glob (repeatable; required unless listing)")
     tag.add_argument("--taggers", action="append", help="comma-separated tagger names (`--taggers list` lists them)")
     tag.add_argument("--experiment", default=None, help="write all taggers into attributes/<experiment>/")
     tag.add_argument("--tagger-module", action="append", default=[],
@@ -94,6 +94,10 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     if names == ["list"]:
         print("\n".join(taggers.available_taggers()))
         return 0
+    if not args.documents:
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError("lmforge data tag needs --documents GLOB")
     config = TagConfig(documents=args.documents, taggers=names, experiment=args.experiment,
                        tagger_modules=args.tagger_module,
                        tagger_options=taggers.parse_tagger_options(args.tagger_option),

@@ -25,7 +25,7 @@ BULLETS = ("*", "-", "\u2022", "\u2023", "\u25cf", "\u25e6", "\u25aa", "\u2043",
 ELLIPSES = ("...", "\u2026")
 TOP_NGRAM_SIZES = (2, 3, 4)
 DUP_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)
-SMALL_DOC_WORDS = 64
+SMALL_DOC_WORDS = 256
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 _SIZE_TAGS = [np.uint64((n * 0xD6E8FEB86659FD93) % (1 << 64)) for n in range(2, 11)]
 
@@ -100,42 +100,43 @@ def _ngram_values_small(words: list[str], word_lens: list[int], word_chars: int)
 
 def _ngram_values_numpy(words: list[str], word_lens: np.ndarray, word_chars: int) -> dict[str, float]:
     """All nine n-gram sizes in one sort: n-gram hashes of every size are concatenated (tagged by size)."""
-    out: dict[str, float] = {}
     n_words = len(words)
+    if n_words < max(DUP_NGRAM_SIZES):  # the vectorised layout needs every size to have an n-gram
+        return _ngram_values_small(words, word_lens.tolist(), word_chars)
+    out: dict[str, float] = {}
     hashes = np.fromiter(map(hash, words), dtype=np.int64, count=n_words).view(np.uint64)
     cum = np.concatenate(([0], np.cumsum(word_lens)))
     rolled = [hashes]
     for n in range(2, 11):
         rolled.append(rolled[-1][:-1] * _MULT + hashes[n - 1:])
-    sizes = [max(n_words - n + 1, 0) for n in range(2, 11)]
     grams = np.concatenate([r + tag for tag, r in zip(_SIZE_TAGS, rolled[1:])])
     order = np.argsort(grams)
     ordered = grams[order]
     group = np.concatenate(([0], np.cumsum(ordered[1:] != ordered[:-1])))
     occurrences = np.empty_like(group)
     occurrences[order] = np.bincount(group)[group]
-    offset = 0
-    for n, size in zip(range(2, 11), sizes):
-        counts = occurrences[offset:offset + size]
-        offset += size
-        if size == 0:
-            value = 0.0
-        elif n in TOP_NGRAM_SIZES:
-            top = counts.max()
-            first_top = int(np.argmax(counts == top))  # earliest occurrence of a most common n-gram
-            chars = cum[first_top + n] - cum[first_top]
-            value = float(top * chars / word_chars)
-        else:
-            starts = np.flatnonzero(counts > 1)
-            if starts.size == 0:
-                value = 0.0
-            else:
-                depth = np.cumsum(np.bincount(starts, minlength=n_words + 1)
-                                  - np.bincount(starts + n, minlength=n_words + 1))[:n_words]
-                value = float(word_lens[depth > 0].sum() / word_chars)
-        key = (f"fraction_of_characters_in_most_common_{n}grams" if n in TOP_NGRAM_SIZES
-               else f"fraction_of_characters_in_duplicate_{n}grams")
-        out[key] = value
+    sizes = n_words - np.arange(1, 10)  # occurrences of each n-gram size, n = 2..10 (n_words >= 10 here)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    for j, n in enumerate(TOP_NGRAM_SIZES):
+        counts = occurrences[offsets[j]:offsets[j + 1]]
+        top = counts.max()
+        first = int(np.argmax(counts == top))  # earliest occurrence of a most common n-gram
+        out[f"fraction_of_characters_in_most_common_{n}grams"] = float(top * (cum[first + n] - cum[first]) / word_chars)
+    # Duplicate n-grams, all six sizes at once: +1/-1 at the start/end of every repeated occurrence, one row
+    # per size, then a running sum marks the covered words.
+    first_dup = offsets[len(TOP_NGRAM_SIZES)]
+    dup_sizes = sizes[len(TOP_NGRAM_SIZES):]
+    row = np.repeat(np.arange(len(DUP_NGRAM_SIZES)), dup_sizes)
+    start = np.arange(len(row)) - np.repeat(offsets[len(TOP_NGRAM_SIZES):-1] - first_dup, dup_sizes)
+    repeated = occurrences[first_dup:] > 1
+    width = n_words + 1
+    row, start = row[repeated], start[repeated]
+    length = np.asarray(DUP_NGRAM_SIZES)[row]
+    delta = (np.bincount(row * width + start, minlength=len(DUP_NGRAM_SIZES) * width)
+             - np.bincount(row * width + start + length, minlength=len(DUP_NGRAM_SIZES) * width))
+    covered = np.cumsum(delta.reshape(len(DUP_NGRAM_SIZES), width), axis=1)[:, :n_words] > 0
+    for n, chars in zip(DUP_NGRAM_SIZES, covered @ word_lens):
+        out[f"fraction_of_characters_in_duplicate_{n}grams"] = float(chars / word_chars)
     return out
 
 

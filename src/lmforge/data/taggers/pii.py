@@ -17,12 +17,12 @@ _EMAIL_LOCAL = re.compile(r"[\w.%+-]+\Z")
 _EMAIL_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
 _EMAIL_LOCAL_CHARS = re.compile(r"[\w.%+-]")
 MAX_LOCAL_PART = 64
-PHONE = re.compile(
-    r"(?:"
-    r"(?:\+?1[-.\s]?)?(?:\(\d{3}\)[-.\s]?|\d{3}[-.\s])\d{3}[-.\s]\d{4}"  # North American, separated
-    r"|\+\d{1,3}[-.\s]?(?:\(\d{1,4}\)[-.\s]?)?\d{1,4}(?:[-.\s]\d{2,4}){1,4}"  # international, leading +
-    r")(?!\w)"
-)
+# North American numbers end in "ddd-dddd": find that tail (a class-led pattern, fast to scan for), then
+# take the longest number ending there. International numbers start with "+" (found with str.find).
+_NANP_TAIL = re.compile(r"\d{3}[-.\s]\d{4}(?!\w)")
+_NANP = re.compile(r"(?:\+?1[-.\s]?)?(?:\(\d{3}\)[-.\s]?|\d{3}[-.\s])\d{3}[-.\s]\d{4}\Z")
+_INTERNATIONAL = re.compile(r"\+\d{1,3}[-.\s]?(?:\(\d{1,4}\)[-.\s]?)?\d{1,4}(?:[-.\s]\d{2,4}){1,4}(?!\w)")
+NANP_MAX_CHARS = 20
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 IPV6 = re.compile(r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])")
@@ -64,13 +64,25 @@ def find_emails(text: str) -> list[list[float]]:
 def find_phones(text: str) -> list[list[float]]:
     if not _HAS_DIGIT_RUN.search(text):
         return []
-    spans = []
-    for m in PHONE.finditer(text):
-        if _preceded_by(text, m.start(), "+"):
-            continue
-        digits = sum(c.isdigit() for c in m.group())
-        if MIN_PHONE_DIGITS <= digits <= MAX_PHONE_DIGITS and not _context_excludes(text, m.start()):
-            spans.append([m.start(), m.end(), 1.0])
+    found: list[tuple[int, int]] = []
+    for tail in _NANP_TAIL.finditer(text):
+        m = _NANP.search(text, max(0, tail.end() - NANP_MAX_CHARS), tail.end())
+        if m:
+            found.append((m.start(), m.end()))
+    plus = text.find("+")
+    while plus != -1:
+        m = _INTERNATIONAL.match(text, plus)
+        if m:
+            found.append((m.start(), m.end()))
+        plus = text.find("+", plus + 1)
+    spans: list[list[float]] = []
+    for start, end in sorted(found, key=lambda se: (se[0], -se[1])):
+        if spans and start < spans[-1][1]:
+            continue  # overlaps a longer or earlier number
+        digits = sum(c.isdigit() for c in text[start:end])
+        if (MIN_PHONE_DIGITS <= digits <= MAX_PHONE_DIGITS and not _preceded_by(text, start, "+")
+                and not _context_excludes(text, start)):
+            spans.append([start, end, 1.0])
     return spans
 
 
