@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most N instances per task")
     p.add_argument("--ppl", nargs="+", default=[], metavar="DOCUMENT_GLOBS",
                    help="Dolma-format documents for bits per byte (quote the globs)")
-    p.add_argument("--ppl-max-documents", type=int, default=None, help="score at most N perplexity documents")
+    p.add_argument("--ppl-max-documents", type=int, default=None, help="score at most N documents of each --ppl file")
     p.add_argument("--all-norms", action="store_true", help="also compute PMI accuracy where it is not the rule")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override generative tasks' token budget")
     p.add_argument("--out", default=None, help="write results.json, results.md, predictions/*.jsonl and a manifest here")

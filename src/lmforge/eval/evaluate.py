@@ -215,6 +215,8 @@ def run_eval(model, tokenizer, config: EvalConfig, model_info: dict | None = Non
     if ppl_paths:
         report = ReadReport()
         documents = collect_documents(ppl_paths, config.ppl_max_documents, report)
+        if not documents:
+            raise LmforgeError(f"no documents to score in {', '.join(ppl_paths)} ({report.skipped} bad lines skipped)")
         bar = Progress(len(documents), "perplexity", progress)
         ppl = perplexity(model, tokenizer, documents, max(1, config.batch_size // 2), bar)
         bar.close()

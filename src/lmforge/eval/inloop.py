@@ -19,7 +19,7 @@ class InLoopEvalConfig:
     tasks: list[str] = field(default_factory=list)  # downstream task names
     limit: int = 100  # instances per task, always the same ones
     ppl_documents: list[str] = field(default_factory=list)  # Dolma document globs for bits per byte
-    max_ppl_documents: int = 200
+    max_ppl_documents: int = 200  # per file
     batch_size: int = 16
     regime: str = "olmes"  # olmo1 (zero-shot) or olmes (5-shot, cloze and letters)
 

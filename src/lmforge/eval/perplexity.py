@@ -107,13 +107,16 @@ def document_source_domain(doc: dict, path: str) -> tuple[str, str]:
 
 
 def collect_documents(paths: Iterable[str], max_documents: int | None, report: ReadReport) -> list[tuple[str, str, str]]:
-    """(source, domain, text) of the documents to score, in file order."""
+    """(source, domain, text) of the documents to score, in file order; at most `max_documents` from each
+    file, so that every source (typically one held-out file or directory each) is represented."""
     docs = []
     for path in paths:
+        taken = 0
         for _, doc in read_documents(path, report):
-            if max_documents is not None and len(docs) >= max_documents:
-                return docs
+            if max_documents is not None and taken >= max_documents:
+                break
             docs.append((*document_source_domain(doc, path), doc["text"]))
+            taken += 1
     return docs
 
 
