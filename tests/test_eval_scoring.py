@@ -129,8 +129,8 @@ def naive_loglikelihood(model, ctx, cont) -> float:
 def test_shared_context_scorer_equals_naive_forwards_at_every_batch_size(preset):
     model = tiny_model(preset, max_len=24).double()
     tok = CharTokenizer()
-    contexts = ["Question: why?\nAnswer:", "Q: a\nA:", "The quick brown fox jumps over the lazy dog. Answer:", "x"]
-    conts = [" yes", " no", " because it is", " B", " fox"]
+    contexts = ["Question: why?\nAnswer:", "The quick brown fox jumps over the lazy dog. Answer:", "x"]
+    conts = [" yes", " because it is", " B", " fox"]
     pairs = [(tuple(tok.encode(c)), tuple(tok.encode(k))) for c in contexts for k in conts]
     expected = [naive_loglikelihood(model, c, k) for c, k in pairs]
     for batch_size in (1, 3, 16):
@@ -144,9 +144,9 @@ def test_task_results_are_independent_of_batch_size():
     model = tiny_model("olmo2-tiny", max_len=64)
     tok = CharTokenizer()
     instances = [RCInstance(f"t/{i}", [f"Question: item {i} is?\nAnswer:"] * 3,
-                            [" red", " a green one", " blue" * (i % 3 + 1)], i % 3) for i in range(12)]
+                            [" red", " a green one", " blue" * (i % 3 + 1)], i % 3) for i in range(8)]
     wino = [RCInstance(f"w/{i}", [f"Tom met {n} so {n}" for n in ("Ann", "Bob")], [" left early."] * 2, i % 2)
-            for i in range(4)]
+            for i in range(3)]
     task = Task("toy", "olmes", [Formulation("rc", "pmi", instances), Formulation("mc", "per_char", wino)])
     runs = [evaluate_tasks(model, tok, [task], batch_size=b, all_norms=True) for b in (1, 5, 64)]
     base_results, base_preds = runs[0]
