@@ -39,17 +39,18 @@ def rewind_to_step_4(src, dst):
     (dst / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows if r["step"] <= 4))
 
 
-def test_two_process_fsdp_and_ddp_match_one_process_and_resume_across_world_sizes(tmp_path):
+def test_two_process_fsdp_ddp_hsdp_match_one_process_and_resume_across_world_sizes(tmp_path):
     single = train_here(tmp_path / "single")
     rewind_to_step_4(tmp_path / "single", tmp_path / "single_then_two")
     run_multiprocess(2, [
         (tmp_path / "fsdp", {**BASE, "parallel.data_parallel": "fsdp"}),
         (tmp_path / "ddp", {**BASE, "parallel.data_parallel": "ddp"}),
+        (tmp_path / "hsdp", {**BASE, "parallel.data_parallel": "hsdp", "parallel.hsdp_shard_size": 1}),
         (tmp_path / "single_then_two", {**BASE, "parallel.data_parallel": "fsdp"}),
     ])
-    fsdp, ddp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "ddp")
-    assert len(single) == len(fsdp) == len(ddp) == 8
-    for other in (fsdp, ddp):
+    fsdp, ddp, hsdp = (read_metrics(tmp_path / name) for name in ("fsdp", "ddp", "hsdp"))
+    assert len(single) == len(fsdp) == len(ddp) == len(hsdp) == 8
+    for other in (fsdp, ddp, hsdp):
         assert column(other, "loss") == pytest.approx(column(single, "loss"), rel=RTOL)
         assert column(other, "grad_norm") == pytest.approx(column(single, "grad_norm"), rel=RTOL)
         assert column(other, "tokens") == column(single, "tokens")

@@ -90,6 +90,12 @@ def test_retention_keeps_last_k_and_permanent_ones(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / CHECKPOINTS)] == [4, 8, 9, 10]
 
 
+def test_time_based_saves(tmp_path):
+    train_here(tmp_path, **{"max_steps": 3, "checkpoint.interval": None, "checkpoint.interval_minutes": 1e-9,
+                            "checkpoint.keep_last": 5, "checkpoint.save_final": False})
+    assert [s for s, _ in list_checkpoints(tmp_path / CHECKPOINTS)] == [1, 2]  # the last step: no final save
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path, reference):
     run_dir, _ = reference
     with pytest.raises(LmforgeError, match=r"holds another model \(d_model: 64 vs 32"):

@@ -242,8 +242,10 @@ class Trainer:
         return ce_and_z_loss(logits, labels, self.config.z_loss_multiplier)
 
     def _sync_context(self, last: bool):
-        if self.dp_mode in ("fsdp", "hsdp"):
-            self.model.set_requires_gradient_sync(last)
+        # FSDP reduce-scatters every micro-batch, as OLMo-core does: sharded fp32 gradients accumulate, and no
+        # unsharded gradient is kept between micro-batches. HSDP delays only the all-reduce across replicas.
+        if self.dp_mode == "hsdp":
+            self.model.set_requires_all_reduce(last)
             return contextlib.nullcontext()
         if self.dp_mode == "ddp" and not last:
             return self.model.no_sync()
