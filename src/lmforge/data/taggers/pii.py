@@ -23,8 +23,8 @@ _NANP_TAIL = re.compile(r"\d{3}[-.\s]\d{4}(?!\w)")
 _NANP = re.compile(r"(?:\+?1[-.\s]?)?(?:\(\d{3}\)[-.\s]?|\d{3}[-.\s])\d{3}[-.\s]\d{4}\Z")
 _INTERNATIONAL = re.compile(r"\+\d{1,3}[-.\s]?(?:\(\d{1,4}\)[-.\s]?)?\d{1,4}(?:[-.\s]\d{2,4}){1,4}(?!\w)")
 NANP_MAX_CHARS = 20
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+# Dotted quads (class-led, fast to scan for); octets 0..255 without leading zeros are checked in Python.
+IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
 IPV6 = re.compile(r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])")
 _IPV6_HINT = re.compile(r":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")
 _HAS_DIGIT_RUN = re.compile(r"\d{3}")
@@ -86,11 +86,16 @@ def find_phones(text: str) -> list[list[float]]:
     return spans
 
 
+def _valid_octets(quad: str) -> bool:
+    return all(part == "0" or (part[0] != "0" and int(part) <= 255) for part in quad.split("."))
+
+
 def find_ips(text: str) -> list[list[float]]:
     spans = []
     if _HAS_DOTTED_DIGITS.search(text):
         spans += [[m.start(), m.end(), 1.0] for m in IPV4.finditer(text)
-                  if not _preceded_by(text, m.start(), ".") and not _context_excludes(text, m.start())]
+                  if _valid_octets(m.group()) and not _preceded_by(text, m.start(), ".")
+                  and not _context_excludes(text, m.start())]
     if _IPV6_HINT.search(text):
         spans += [[m.start(), m.end(), 1.0] for m in IPV6.finditer(text) if not _preceded_by(text, m.start(), ":")]
     return spans
