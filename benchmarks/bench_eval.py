@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lmforge.eval.evaluate import evaluate_tasks
-from lmforge.eval.tasks import Formulation, Task, load_task
+from lmforge.eval.tasks import Task, load_task
 from lmforge.model.directory import build_model, load_model_dir, save_model_dir
 from lmforge.model.hf import export_hf
 from lmforge.model.presets import get_preset
@@ -63,17 +63,13 @@ def main() -> None:
     save_model_dir(build_model(config, seed=0), work / "model", Tokenizer.load("olmo"))
     export_hf(work / "model", work / "hf")
 
-    tasks = []
     for name, regime in TASKS:
-        task = load_task(name, regime, args.instances)
-        tasks.append(Task(name, regime, [task.formulations[0]]))  # the cloze formulation only
+        instances = load_task(name, regime, args.instances).formulations[0].instances
         rows = [{"context": i.contexts[0], "choices": [k[1:] for k in i.continuations], "gold": i.gold}
-                for i in task.formulations[0].instances]
-        assert all(len(set(i.contexts)) == 1 and all(k.startswith(" ") for k in i.continuations)
-                   for i in task.formulations[0].instances)
+                for i in instances]
+        assert all(len(set(i.contexts)) == 1 and all(k.startswith(" ") for k in i.continuations) for i in instances)
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (work / f"{name}.yaml").write_text(YAML.format(name=f"peer_{name}", data=work / f"{name}.jsonl"))
-    n_instances = sum(len(t.formulations[0].instances) for t in tasks)
 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -86,10 +82,14 @@ def main() -> None:
                            task_manager=TaskManager(include_path=str(work), include_defaults=False))
     peer_seconds = time.perf_counter() - start
 
-    model, tokenizer = load_model_dir(work / "model")
+    # Both timings are end to end: lm-eval's includes loading the model and its task data, so ours does too.
     start = time.perf_counter()
+    model, tokenizer = load_model_dir(work / "model")
+    tasks = [Task(name, regime, load_task(name, regime, args.instances).formulations[:1])  # cloze only
+             for name, regime in TASKS]
     ours, predictions = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size)
     our_seconds = time.perf_counter() - start
+    n_instances = sum(len(t.formulations[0].instances) for t in tasks)
 
     max_diff, same_acc = 0.0, True
     for name, _ in TASKS:

@@ -54,8 +54,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     config = EvalConfig(tasks=args.tasks, suite=args.suite, regime=args.regime, limit=args.limit, ppl=args.ppl,
                         ppl_max_documents=args.ppl_max_documents, batch_size=args.batch_size,
                         all_norms=args.all_norms, max_new_tokens=args.max_new_tokens)
-    if args.tasks or args.suite:
-        load_tasks(EvalConfig(tasks=args.tasks, suite=args.suite, regime=args.regime, limit=1))  # fail fast
+    tasks = load_tasks(config)  # before the model: bad task names and files fail fast
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.empty(0, device=device)
@@ -68,11 +67,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
     model_info = {"path": str(args.model), "hash": file_hash(weights), "config": model.config.__dict__,
                   "tokenizer_hash": file_hash(Path(args.model) / "tokenizer.json"), "device": device,
                   "dtype": args.dtype}
-    results = run_eval(model, tokenizer, config, model_info, progress=not args.no_progress and sys.stderr.isatty())
+    progress = not args.no_progress and sys.stderr.isatty()
+    results = run_eval(model, tokenizer, config, tasks, model_info, progress=progress)
     table = markdown_report(results)
     if args.out:
-        write_outputs(results, Path(args.out), config, [str(weights), *results["perplexity"]["inputs"]]
-                      if results.get("perplexity") else [str(weights)])
+        task_files = [f.source for t in tasks for f in t.formulations if Path(f.source).is_file()]
+        ppl_files = results["perplexity"]["inputs"] if results.get("perplexity") else []
+        write_outputs(results, Path(args.out), config, [str(weights), *task_files, *ppl_files])
     print(table, end="")
     timing = results["timing"]
     if timing["instances"]:

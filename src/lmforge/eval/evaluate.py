@@ -91,10 +91,17 @@ def evaluate_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 16, al
 
     encoder = Encoder(tokenizer, model.config.bos_token_id)
     pair_index: dict[tuple, int] = {}
+    max_len = model.config.max_sequence_length
 
-    def pair(context: str, continuation: str) -> int:
+    def pair(context: str, continuation: str, where: str) -> int:
         key = (encoder.context(context), encoder.continuation(continuation))
+        if len(key[1]) > max_len:
+            raise LmforgeError(f"{where}: a continuation of {len(key[1])} tokens does not fit the model's "
+                               f"context of {max_len} tokens")
         return pair_index.setdefault(key, len(pair_index))
+
+    def fits(text: str) -> bool:
+        return len(encoder.continuation(text)) <= max_len
 
     plans = []  # (task, formulation, per-instance [(cond pair ids), (uncond pair ids) | None])
     for task in tasks:
@@ -103,11 +110,13 @@ def evaluate_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 16, al
             refs = []
             for inst in form.instances:
                 if isinstance(inst, RCInstance):
-                    cond = [pair(c, k) for c, k in zip(inst.contexts, inst.continuations)]
-                    uncond = [pair(UNCOND_CONTEXT, k) for k in inst.continuations] if pmi else None
+                    cond = [pair(c, k, inst.id) for c, k in zip(inst.contexts, inst.continuations)]
+                    uncond = [pair(UNCOND_CONTEXT, k, inst.id) for k in inst.continuations] if pmi else None
                     refs.append((cond, uncond))
+                elif inst.reference and fits(inst.reference):  # gold solution bits per byte, when it fits
+                    refs.append(([pair(inst.context, inst.reference, inst.id)], None))
                 else:
-                    refs.append(([pair(inst.context, inst.reference)], None) if inst.reference else ([], None))
+                    refs.append(([], None))
             plans.append((task, form, refs))
 
     pairs = list(pair_index)
@@ -196,16 +205,19 @@ def generative_metrics(form, records: list[dict], refs, lls, macro: bool) -> dic
 
 
 def load_tasks(config: EvalConfig) -> list[Task]:
+    if not config.tasks and not config.suite:
+        return []
     names, regime = resolve_tasks(config.tasks, config.suite, config.regime)
     return [load_task(name, regime, config.limit) for name in names]
 
 
-def run_eval(model, tokenizer, config: EvalConfig, model_info: dict | None = None, progress: bool = False) -> dict:
+def run_eval(model, tokenizer, config: EvalConfig, tasks: list[Task] | None = None, model_info: dict | None = None,
+             progress: bool = False) -> dict:
     """Everything `lmforge eval` reports, as one JSON-able dict (predictions under the `_predictions` key)."""
     from lmforge.data.documents import ReadReport, expand_globs
     from lmforge.eval.perplexity import collect_documents, perplexity
 
-    tasks = load_tasks(config)
+    tasks = load_tasks(config) if tasks is None else tasks
     ppl_paths = expand_globs(config.ppl) if config.ppl else []
     started = time.perf_counter()
     task_results, predictions = evaluate_tasks(model, tokenizer, tasks, config.batch_size, config.all_norms,

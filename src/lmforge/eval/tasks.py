@@ -20,6 +20,7 @@ import importlib.util
 import json
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import xxhash
@@ -318,7 +319,7 @@ def load_minerva_math(regime: str, limit: int | None) -> Task:
                 description="MATH (Minerva prompt), macro average over 7 subjects")
 
 
-BUILTIN = {**{name: (lambda n: lambda regime, limit: load_dump_task(n, regime, limit))(name) for name in DUMP_TASKS},
+BUILTIN = {**{name: partial(load_dump_task, name) for name in DUMP_TASKS},
            "copa": load_copa, "mmlu": load_mmlu, "gsm8k": load_gsm8k, "minerva_math": load_minerva_math}
 
 SUITES = {
