@@ -180,3 +180,20 @@ def test_fused_ce_and_z_loss_match_float64_reference():
     expected_ce = -lp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)[valid].sum()
     assert ce.item() == pytest.approx(expected_ce.item(), rel=1e-6)
     assert z.item() == pytest.approx(1e-4 * lse[valid].pow(2).sum().item(), rel=1e-6)
+
+
+def test_fused_loss_gradient_matches_float64_autograd():
+    from lmforge.train.trainer import IGNORE_INDEX, ce_and_z_loss
+
+    torch.manual_seed(1)
+    logits = (torch.randn(2, 4, 9) * 3).requires_grad_()
+    labels = torch.randint(0, 9, (2, 4))
+    labels[1, 3] = IGNORE_INDEX
+    ce, z = ce_and_z_loss(logits, labels, 1e-2)
+    (0.7 * ce + 1.3 * z).backward()
+    ref = logits.detach().double().requires_grad_()
+    valid = labels != IGNORE_INDEX
+    lse = torch.logsumexp(ref, -1)
+    ce64 = (lse - ref.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1))[valid].sum()
+    (0.7 * ce64 + 1.3 * 1e-2 * lse[valid].pow(2).sum()).backward()
+    torch.testing.assert_close(logits.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
