@@ -197,3 +197,43 @@ def test_fused_loss_gradient_matches_float64_autograd():
     ce64 = (lse - ref.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1))[valid].sum()
     (0.7 * ce64 + 1.3 * 1e-2 * lse[valid].pow(2).sum()).backward()
     torch.testing.assert_close(logits.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_size_warmup_doubles_on_token_schedule_and_lr_in_tokens(tmp_path):
+    from lmforge.train.trainer import Trainer
+    from train_utils import read_metrics
+
+    torch.set_num_threads(1)
+    config = tiny_config(tmp_path, **{"max_tokens": 1280, "max_steps": None, "global_batch_size": 128,
+                                      "batch_size_schedule": [[0, 128], [256, 256], [768, 512]],
+                                      "schedule": {"name": "linear", "units": "tokens", "warmup": 256, "alpha_f": 0.0},
+                                      "checkpoint.interval": None, "checkpoint.save_final": False})
+    trainer = Trainer(config, loader_factory=array_loader_factory(random_tokens(), 32))
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    # 128, 128 (256 reached), 256, 256 (768 reached), 512 -> 1280 tokens in 5 steps
+    assert [r["tokens"] for r in rows] == [128, 256, 512, 768, 1280]
+    assert trainer.loader.position == 1280 // 32  # every instance of the order used once, none skipped
+    lr = 3e-3
+    assert [r["lr"] for r in rows] == pytest.approx([lr * 0.5, lr, lr * (1 - 256 / 1024), lr * (1 - 512 / 1024), 0.0])
+
+
+def test_in_loop_evaluators_run_every_interval_in_eval_mode(tmp_path):
+    from lmforge.train.trainer import Trainer
+    from train_utils import read_metrics
+
+    torch.set_num_threads(1)
+    calls = []
+
+    def evaluator(model):
+        calls.append((model.training, torch.is_grad_enabled()))
+        return {"score": float(len(calls))}
+
+    config = tiny_config(tmp_path, **{"max_steps": 5, "eval_interval": 2, "checkpoint.interval": None,
+                                      "checkpoint.save_final": False})
+    trainer = Trainer(config, loader_factory=array_loader_factory(random_tokens(), 32), evaluators=[evaluator])
+    trainer.fit()
+    assert calls == [(False, False), (False, False)]
+    assert trainer.model.training
+    evals = [r for r in read_metrics(tmp_path) if "eval/score" in r]
+    assert [(r["step"], r["eval/score"]) for r in evals] == [(2, 1.0), (4, 2.0)]
