@@ -144,6 +144,10 @@ def test_inloop_evaluators_reuse_the_offline_code_on_a_fixed_subset(model_dir, u
     evaluators = build_inloop_evaluators(config, tokenizer)
     first = {k: v for e in evaluators for k, v in e(model).items()}
     assert first == {k: v for e in evaluators for k, v in e(model).items()}
+    import torch
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer calls them
+        assert first == {k: v for e in evaluators for k, v in e(model).items()}
     offline, _ = evaluate_tasks(model, tokenizer, [load_task(str(user_tasks / "mc.yaml"), "olmes", 3)])
     assert first["sky/acc"] == offline["sky"]["acc"] and first["sky/bpb"] == offline["sky"]["bpb"]
     assert {"ppl/web/bpb", "ppl/books/bpb", "ppl/bpb"} <= set(first)

@@ -24,6 +24,14 @@ class InLoopEvalConfig:
     regime: str = "olmes"  # olmo1 (zero-shot) or olmes (5-shot, cloze and letters)
 
 
+def full_precision(model):
+    """Autocast off: the evaluators run in the parameters' dtype, as `lmforge eval` does, so in-loop and
+    offline numbers agree (and the KV cache, allocated in that dtype, matches the attention inputs)."""
+    import torch
+
+    return torch.autocast(device_type=next(model.parameters()).device.type, enabled=False)
+
+
 def build_inloop_evaluators(config: InLoopEvalConfig, tokenizer) -> list[MetricsFn]:
     from lmforge.data.documents import ReadReport, expand_globs
     from lmforge.eval.evaluate import evaluate_tasks
@@ -35,7 +43,8 @@ def build_inloop_evaluators(config: InLoopEvalConfig, tokenizer) -> list[Metrics
         tasks = [load_task(name, config.regime, config.limit) for name in config.tasks]
 
         def downstream(model) -> dict[str, float]:
-            results, _ = evaluate_tasks(model, tokenizer, tasks, batch_size=config.batch_size)
+            with full_precision(model):
+                results, _ = evaluate_tasks(model, tokenizer, tasks, batch_size=config.batch_size)
             metrics = {}
             for name, r in results.items():
                 metrics[f"{name}/acc"] = r["acc"]
@@ -47,7 +56,8 @@ def build_inloop_evaluators(config: InLoopEvalConfig, tokenizer) -> list[Metrics
         documents = collect_documents(expand_globs(config.ppl_documents), config.max_ppl_documents, ReadReport())
 
         def bits_per_byte(model) -> dict[str, float]:
-            result = perplexity(model, tokenizer, documents, batch_size=max(1, config.batch_size // 2))
+            with full_precision(model):
+                result = perplexity(model, tokenizer, documents, batch_size=max(1, config.batch_size // 2))
             metrics = {f"ppl/{source}/bpb": s["bits_per_byte_macro"] for source, s in result["sources"].items()}
             metrics["ppl/bpb"] = result["total"]["bits_per_byte"]
             return metrics
