@@ -124,6 +124,9 @@ class BloomFilter:
             return ((mixed >> np.uint64(32)) * np.uint64(self.bits)) >> np.uint64(32)
         return mixed % np.uint64(self.bits)
 
+    def estimated_false_positive_rate(self) -> float:
+        return (1 - math.exp(-self.hashes * self.inserted / self.bits)) ** self.hashes
+
     def contains(self, keys: np.ndarray) -> np.ndarray:
         if len(keys) == 0:
             return np.zeros(0, dtype=bool)
@@ -333,8 +336,8 @@ class DedupState:
         bloom = None
         if self.bloom is not None:
             b = self.bloom
-            fp = (1 - math.exp(-b.hashes * b.inserted / b.bits)) ** b.hashes
-            bloom = {"bits": b.bits, "hashes": b.hashes, "inserted": b.inserted, "estimated_false_positive_rate": fp}
+            bloom = {"bits": b.bits, "hashes": b.hashes, "inserted": b.inserted,
+                     "estimated_false_positive_rate": b.estimated_false_positive_rate()}
         atomic_write_json(d / "state.json", {"params": self.params, "absorbed": self.absorbed, "bloom": bloom,
                                              "documents": len(self.docs), "urls": len(self.urls),
                                              "minhash_documents": len(self.signatures)})
@@ -485,7 +488,7 @@ def run_dedup(config: DedupConfig) -> dict:
                "state": str(state_dir), **totals, "bad_line_examples": skipped[:10]}
     if state.bloom is not None:
         b = state.bloom
-        summary["bloom_estimated_false_positive_rate"] = (1 - math.exp(-b.hashes * b.inserted / b.bits)) ** b.hashes
+        summary["bloom_estimated_false_positive_rate"] = b.estimated_false_positive_rate()
         if b.inserted > config.bloom.expected_elements:
             summary["warning"] = (f"the Bloom filter holds {b.inserted} paragraphs, more than the "
                                   f"{config.bloom.expected_elements} it was sized for; raise --expected-paragraphs "

@@ -11,7 +11,6 @@ same config; a manifest in the output directory records counts per stream.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import xxhash
+import zstandard
 
 from lmforge.config import load_config, to_dict
 from lmforge.data.attributes import attribute_dir, attribute_path, read_attributes
@@ -258,14 +258,10 @@ def estimated_text_bytes(path: str) -> int:
                 isize = struct.unpack("<I", f.read(4))[0]
             return max(isize, size)
         if path.endswith(".zst"):
-            import zstandard
-
             with open(path, "rb") as f:
                 content = zstandard.frame_content_size(f.read(18))
-            if content > 0:
-                return content
-            return size * DEFAULT_COMPRESSION_RATIO
-    except (OSError, gzip.BadGzipFile, ValueError):
+            return content if content > 0 else size * DEFAULT_COMPRESSION_RATIO
+    except (OSError, struct.error, zstandard.ZstdError):
         pass
     return size
 
