@@ -159,3 +159,45 @@ def test_task_results_are_independent_of_batch_size():
         for a, b in zip(preds["toy"], base_preds["toy"]):
             assert a["pred"] == b["pred"]
             assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+
+
+def test_every_normalization_end_to_end_against_the_stub_table():
+    """evaluate_tasks on a model with known log-probs: per-choice LL, PMI's LL("Answer:") and each
+    normalisation's prediction per instance equal a direct computation from the table."""
+    stub, tok = BigramStub(257, max_len=64, seed=5), CharTokenizer()
+
+    def table_ll(context: str, continuation: str) -> float:
+        prev, total = tok.encode(context)[-1], 0.0
+        for t in tok.encode(continuation):
+            total += stub.logprob(prev, t)
+            prev = t
+        return total
+
+    choices = [" a", " bb", " cccccc", "dddddddd", " éé", " ok"]
+    instances = [RCInstance(f"s/{i}", [f"Q{i}: pick?\nAnswer:"] * 4, [choices[(i + j) % 6] for j in range(4)], i % 4)
+                 for i in range(8)]
+    expected: dict[str, list[int]] = {}
+    for inst in instances:
+        lls = [table_ll(c, k) for c, k in zip(inst.contexts, inst.continuations)]
+        unconds = [table_ll("Answer:", k) for k in inst.continuations]
+        units = {"none": [1] * 4, "per_token": [len(tok.encode(k)) for k in inst.continuations],
+                 "per_char": [len(k) for k in inst.continuations],
+                 "per_char_nospace": [len(k.lstrip(" ")) for k in inst.continuations],
+                 "per_byte": [len(k.lstrip(" ").encode()) for k in inst.continuations]}
+        for norm in ("none", "per_token", "per_char", "per_char_nospace", "per_byte", "pmi"):
+            scores = ([ll - u for ll, u in zip(lls, unconds)] if norm == "pmi"
+                      else [ll / n for ll, n in zip(lls, units[norm])])
+            expected.setdefault(norm, []).append(scores.index(max(scores)))
+    assert len({tuple(v) for v in expected.values()}) >= 4  # the normalisations disagree on this data
+    for norm, preds in expected.items():
+        task = Task("stub", "olmes", [Formulation("rc", norm, instances)])
+        results, predictions = evaluate_tasks(stub, tok, [task], batch_size=3)
+        rows = predictions["stub"]
+        assert [r["pred"] for r in rows] == preds, norm
+        assert rows[0]["loglikelihoods"] == pytest.approx(
+            [table_ll(c, k) for c, k in zip(instances[0].contexts, instances[0].continuations)], abs=1e-9)
+        if norm == "pmi":
+            assert rows[0]["loglikelihoods_uncond"] == pytest.approx(
+                [table_ll("Answer:", k) for k in instances[0].continuations], abs=1e-9)
+        accuracy = sum(p == i.gold for p, i in zip(preds, instances)) / len(instances)
+        assert results["stub"]["acc"] == pytest.approx(accuracy)
