@@ -19,13 +19,6 @@ MIN_WORDS_PER_LINE = 5
 END_MARKS = (".", "?", "!", '"', "\u201d")
 _SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d)\]]*(?=\s|$)")
 _WORD = re.compile(r"\w+")
-# A line (plus its newline) whose last non-space character is not an end mark, or that is blank.
-_NO_END_MARK_LINE = re.compile(r'^(?:[^\n]*[^.?!"\u201d\s])?[^\S\n]*$\n?', re.MULTILINE)
-# A line with at most MIN_WORDS_PER_LINE - 1 whitespace-separated words.
-_FEW_WORDS_LINE = re.compile(r"^[^\S\n]*+(?:\S++[^\S\n]*+){0,%d}+$\n?" % (MIN_WORDS_PER_LINE - 1), re.MULTILINE)
-# A line that passes both rules above: at least MIN_WORDS_PER_LINE words and an end mark.
-_KEPT_LINE = re.compile(r'^(?=(?:[^\S\n]*+\S++){%d})[^\n]*[.?!"\u201d][^\S\n]*$' % MIN_WORDS_PER_LINE, re.MULTILINE)
-_JAVASCRIPT_LINE = re.compile(r"^[^\n]*javascript[^\n]*$\n?", re.MULTILINE)
 
 
 @lru_cache(maxsize=1)
@@ -45,7 +38,11 @@ def naughty_words() -> tuple[frozenset[str], dict[str, list[tuple[str, re.Patter
 def has_naughty_word(lower: str) -> bool:
     # C4 matches bad words between non-word characters; tokenising on \w+ gives the same boundaries.
     tokens, phrases = naughty_words()
-    words = set(_WORD.findall(lower))
+    # The set of \w+ runs, computed cheaply: whitespace tokens that are all alphanumeric are runs already;
+    # only the others (punctuation attached) go through the regex.
+    pieces = set(lower.split())
+    words = {p for p in pieces if p.isalnum()}
+    words.update(_WORD.findall(" ".join(p for p in pieces if not p.isalnum())))
     if not tokens.isdisjoint(words):
         return True
     candidates = [p for first in words.intersection(phrases) for p in phrases[first]] + phrases.get("", [])
@@ -53,16 +50,31 @@ def has_naughty_word(lower: str) -> bool:
 
 
 def c4_attributes(text: str) -> dict[str, list[list[float]]]:
-    # Each line rule is one regex over the whole text (a match is a line plus its newline), which keeps the
-    # per-line work in C; the spans equal a line-by-line loop's.
-    no_punct = [[m.start(), m.end(), 1.0] for m in _NO_END_MARK_LINE.finditer(text)]
-    few_words = [[m.start(), m.end(), 1.0] for m in _FEW_WORDS_LINE.finditer(text)]
+    no_punct: list[list[float]] = []
+    few_words: list[list[float]] = []
+    javascript: list[list[float]] = []
+    kept: list[str] = []
     lower = text.lower()
-    javascript = ([[m.start(), m.end(), 1.0] for m in _JAVASCRIPT_LINE.finditer(lower)]
-                  if "javascript" in lower else [])
-    kept = [m.group() for m in _KEPT_LINE.finditer(text)]
-    if javascript:
-        kept = [line for line in kept if "javascript" not in line.lower()]
+    any_javascript = "javascript" in lower
+    lines = text.split("\n")
+    last = len(lines) - 1
+    start = 0
+    for i, line in enumerate(lines):
+        end = start + len(line) + (i < last)
+        stripped = line.strip()
+        bad = False
+        if not stripped.endswith(END_MARKS):
+            no_punct.append([start, end, 1.0])
+            bad = True
+        if len(stripped.split(None, MIN_WORDS_PER_LINE)) < MIN_WORDS_PER_LINE:  # maxsplit: no long lists
+            few_words.append([start, end, 1.0])
+            bad = True
+        if any_javascript and "javascript" in stripped.lower():
+            javascript.append([start, end, 1.0])
+            bad = True
+        if not bad:
+            kept.append(stripped)
+        start = end
     n = len(text)
     return {
         "lines_with_no_ending_punctuation": no_punct,
@@ -72,7 +84,7 @@ def c4_attributes(text: str) -> dict[str, list[list[float]]]:
         "has_lorem_ipsum": [[0, n, 1.0]] if "lorem ipsum" in lower else [],
         "has_curly_brace": [[0, n, 1.0]] if "{" in text else [],
         "sentence_count": [[0, n, float(len(_SENTENCE_END.findall("\n".join(kept))))]],
-        "line_count": [[0, n, float(text.count("\n") + 1)]],
+        "line_count": [[0, n, float(len(lines))]],
     }
 
 
