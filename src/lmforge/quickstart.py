@@ -1,17 +1,21 @@
 """`make quickstart`: the whole pipeline at laptop scale, through the same `lmforge` commands a user runs.
 
-raw documents -> tagged, deduplicated, mixed corpus -> BPE tokenizer -> token memmaps -> a tiny OLMo 2
-pretrained on CPU -> evaluated -> exported to Hugging Face format, with `REPORT.md` tying it together.
+raw documents -> tagged, deduplicated, mixed corpus (+ statistics) -> BPE tokenizer -> token memmaps -> a tiny
+OLMo 2 pretrained on CPU -> lineage of a batch -> evaluated (downstream tasks + bits per byte on held-out
+documents) -> exported to Hugging Face format, with `REPORT.md` tying it together.
 
-The raw documents are built offline from what every Python install has: the standard library's module
-docstrings (English prose) and its source files (code). Each stage is skipped when its output exists.
+The raw documents are built offline from what every Python install has: the standard library's docstrings
+(English prose) and its source files (code); every 20th document is held out for perplexity. Each stage
+skips work that is already done, so a rerun is quick.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
+import io
 import json
 import sys
 import sysconfig
@@ -21,12 +25,14 @@ from pathlib import Path
 from lmforge.cli import main as lmforge
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+HELD_OUT_EVERY = 20
 
 
-def stdlib_documents(limit_bytes: int) -> tuple[list[dict], list[dict]]:
-    """(prose documents from module docstrings, code documents from source files), deterministic order."""
+def stdlib_documents(limit_bytes: int) -> list[dict]:
+    """Prose documents from module docstrings and code documents from source files, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    prose, code, total = [], [], 0
+    docs, total = [], 0
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if SKIP_DIRS & set(rel.parts) or total > limit_bytes:
@@ -37,56 +43,145 @@ def stdlib_documents(limit_bytes: int) -> tuple[list[dict], list[dict]]:
         except (UnicodeDecodeError, SyntaxError, ValueError):
             continue
         doc_id = hashlib.sha1(str(rel).encode()).hexdigest()[:16]
-        meta = {"path": str(rel)}
+        meta = {"path": str(rel), "license": "PSF-2.0"}
         docstrings = [ast.get_docstring(n) for n in ast.walk(tree)
                       if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        text = "\n\n".join(d for d in docstrings if d and len(d.split()) >= 5)
-        if text:
-            prose.append({"id": f"prose-{doc_id}", "text": text, "source": "stdlib-prose", "metadata": meta})
-        code.append({"id": f"code-{doc_id}", "text": source, "source": "stdlib-code", "metadata": meta})
-        total += len(source.encode()) + len(text.encode())
-    return prose, code
+        prose = "\n\n".join(d for d in docstrings if d and len(d.split()) >= 5)
+        if prose:
+            docs.append({"id": f"prose-{doc_id}", "text": prose, "source": "stdlib-prose", "metadata": meta})
+        docs.append({"id": f"code-{doc_id}", "text": source, "source": "stdlib-code", "metadata": meta})
+        total += len(source.encode()) + len(prose.encode())
+    return docs
 
 
-def write_raw_corpus(out: Path, limit_bytes: int) -> None:
+def write_raw_corpus(out: Path, limit_bytes: int) -> dict:
     from lmforge.data.documents import DocumentWriter
 
-    prose, code = stdlib_documents(limit_bytes)
-    added = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(0))
-    for name, docs in (("stdlib-prose", prose), ("stdlib-code", code)):
-        shards = 2
-        for shard in range(shards):
-            with DocumentWriter(out / "raw" / "documents" / f"{name}-{shard:04d}.jsonl.gz") as writer:
-                for doc in docs[shard::shards]:
-                    writer.write({**doc, "added": added, "created": None})
+    added = "2026-01-01T00:00:00.000Z"
+    counts = {"train": 0, "heldout": 0}
+    by_source: dict[str, list[dict]] = {}
+    for doc in stdlib_documents(limit_bytes):
+        by_source.setdefault(doc["source"], []).append({**doc, "added": added, "created": None})
+    for source, docs in by_source.items():
+        held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == 0]
+        train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != 0]
+        for shard in range(2):
+            with DocumentWriter(out / "raw" / "documents" / f"{source}-{shard:04d}.jsonl.gz") as writer:
+                for doc in train[shard::2]:
+                    writer.write(doc)
+        with DocumentWriter(out / "heldout" / f"{source}-0000.jsonl.gz") as writer:
+            for doc in held:
+                writer.write(doc)
+        counts["train"] += len(train)
+        counts["heldout"] += len(held)
+    return counts
 
 
-def step(title: str, argv: list[str]) -> None:
+def run(title: str, argv: list[str], capture: bool = False) -> str:
     print(f"\n== {title}\n$ lmforge {' '.join(argv)}", flush=True)
-    code = lmforge(argv)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer) if capture else contextlib.nullcontext():
+        code = lmforge(argv)
+    if capture:
+        print(buffer.getvalue(), end="", flush=True)
     if code:
         sys.exit(code)
+    return buffer.getvalue()
+
+
+def rewrite_paths(config_name: str, out: Path, dest: Path) -> Path:
+    """The repo's quickstart configs name `quickstart/...`; point them at `out` instead."""
+    text = (CONFIGS / config_name).read_text(encoding="utf-8").replace("quickstart/", f"{out.as_posix()}/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text, encoding="utf-8")
+    return dest
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="quickstart")
     parser.add_argument("--raw-bytes", type=int, default=6_000_000, help="size of the raw corpus to build")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--eval-limit", type=int, default=100, help="instances per downstream task")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.time()
+    docs_glob = str(out / "raw" / "documents" / "*.jsonl.gz")
 
     if not (out / "raw" / "documents").is_dir():
         print("== building raw documents from the Python standard library", flush=True)
         write_raw_corpus(out, args.raw_bytes)
+    run("tag: Gopher and C4 quality rules, PII spans, language id",
+        ["data", "tag", "--documents", docs_glob, "--taggers", "gopher,c4,pii,langid"], capture=True)
+    run("dedup: exact documents and URLs, paragraphs (Bloom filter), near-duplicates (MinHash)",
+        ["data", "dedup", "--documents", docs_glob], capture=True)
+    mix_config = rewrite_paths("data/quickstart_mix.yaml", out, out / "configs" / "mix.yaml")
+    run("mix: filter on the attributes, mask PII, drop duplicate paragraphs", ["data", "mix", str(mix_config)], capture=True)
+    mixed_glob = str(out / "mixed" / "documents" / "*.jsonl.gz")
+    run("stats: what is in the corpus", ["data", "stats", "--documents", mixed_glob, "--output", str(out / "stats")],
+        capture=True)
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        run("train a byte-level BPE tokenizer", ["data", "train-tokenizer", "--documents", mixed_glob,
+                                                 "--vocab-size", str(args.vocab_size), "--out", str(out / "tokenizer")])
+    run("tokenize into token memmaps", ["data", "tokenize", "--documents", mixed_glob, "--tokenizer",
+                                        str(out / "tokenizer"), "--out", str(out / "tokens")])
+    train_config = rewrite_paths("train/quickstart.yaml", out, out / "configs" / "train.yaml")
+    run_dir = out / "run"
+    run("pretrain a tiny OLMo 2 (rerun resumes from the last checkpoint)",
+        ["train", str(train_config), f"data.paths=[{out / 'tokens'}]", f"run_dir={run_dir}", f"max_steps={args.steps}"])
+    lineage = run("lineage: the documents in the batch at step 1",
+                  ["data", "inspect", "--run", str(run_dir), "--step", "1", "--instance", "0"], capture=True)
     model_dir = out / "model"
-    if not (model_dir / "model.safetensors").is_file():
-        step("initialise a tiny OLMo 2", ["model", "init", "olmo2-tiny", "--out", str(model_dir), "--tokenizer", "olmo"])
-    step("generate", ["generate", str(model_dir), "--prompt", "The quick brown fox", "--max-new-tokens", "16"])
-    step("export to Hugging Face format", ["export", "hf", str(model_dir), str(out / "hf")])
-    report = {"elapsed_seconds": round(time.time() - start, 1), "model": str(model_dir), "hf": str(out / "hf")}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nquickstart finished in {report['elapsed_seconds']} s; outputs in {out}/")
+    run("export the final checkpoint as a model directory", ["checkpoint", "export", str(run_dir), str(model_dir)])
+    run("evaluate: downstream tasks (OLMo 1 regime) and bits per byte on held-out documents",
+        ["eval", str(model_dir), "--tasks", "arc_easy,hellaswag,piqa,sciq,copa", "--regime", "olmo1",
+         "--limit", str(args.eval_limit), "--ppl", str(out / "heldout" / "*.jsonl.gz"), "--out", str(out / "eval"),
+         "--no-progress"], capture=True)
+    sample = run("generate", ["generate", str(model_dir), "--prompt", "def read_file(path):", "--max-new-tokens",
+                              "48", "--temperature", "0.7", "--top-p", "0.9", "--seed", "0"], capture=True)
+    run("export to Hugging Face format", ["export", "hf", str(model_dir), str(out / "hf")], capture=True)
+    write_report(out, time.time() - start, lineage, sample)
+    print(f"\nquickstart finished in {time.time() - start:.0f} s; read {out / 'REPORT.md'}")
+
+
+def write_report(out: Path, elapsed: float, lineage: str, sample: str) -> None:
+    mixed = read_json(out / "mixed" / "documents" / "manifest.json").get("counts", {})
+    tokens = read_json(out / "tokens" / "manifest.json").get("counts", {})
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    eval_md = out / "eval" / "results.md"
+    lines = [
+        "# lmforge quickstart report",
+        "",
+        f"Everything below was produced by `make quickstart` in {elapsed:.0f} s, through the `lmforge` commands",
+        "printed in its log. Each directory has a `manifest.json` (config, inputs with hashes, counts).",
+        "",
+        "## Data",
+        "",
+        f"- raw documents: `{out}/raw/documents/` (Python standard library docstrings and code), held out: `{out}/heldout/`",
+        f"- attributes (taggers, dedup): `{out}/raw/attributes/`; statistics: `{out}/stats/`",
+        f"- mixed corpus: `{out}/mixed/documents/` — mixer counts: `{json.dumps(mixed)[:600]}`",
+        f"- tokenizer: `{out}/tokenizer/`; tokens: `{out}/tokens/` — {tokens.get('tokens', '?')} tokens in "
+        f"{tokens.get('documents', '?')} documents",
+        "",
+        "## Training",
+        "",
+    ]
+    if metrics:
+        first, last = metrics[0], metrics[-1]
+        lines += [f"- run directory: `{out}/run/` (config.yaml, metrics.jsonl, checkpoints/, data.json, batches.jsonl)",
+                  f"- loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']} "
+                  f"({last['tokens']:,} tokens, {last['tokens_per_second']:,.0f} tokens/s at the last log)", ""]
+    lines += ["### Lineage of step 1, instance 0", "", "```", lineage.strip()[:2000], "```", "",
+              "## Evaluation", ""]
+    lines += [eval_md.read_text().strip() if eval_md.is_file() else "(no results)", ""]
+    lines += ["## A sample", "", "```", sample.strip(), "```", "",
+              "## Release", "", f"`{out}/hf/` loads with `transformers.AutoModelForCausalLM.from_pretrained`.", ""]
+    (out / "REPORT.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 if __name__ == "__main__":
