@@ -18,6 +18,17 @@ from lmforge.errors import LmforgeError
 from lmforge.train.config import ScheduleConfig
 
 
+def check_schedule(config: ScheduleConfig, duration: float) -> None:
+    """Refuse a schedule that cannot reach its end, before training starts."""
+    end = config.duration if config.duration is not None else duration
+    if config.name in ("linear", "cosine") and end <= config.warmup:
+        raise LmforgeError(f"schedule: duration {end} {config.units} must be longer than the warmup {config.warmup}")
+    if config.name == "wsd":
+        decay = config.decay if config.decay is not None else round(0.1 * end)
+        if end - decay < config.warmup:
+            raise LmforgeError(f"schedule: wsd warmup {config.warmup} + decay {decay} exceed the duration {end}")
+
+
 def lr_multiplier(config: ScheduleConfig, t: float, duration: float) -> float:
     """LR as a fraction of the peak at progress `t`; `duration` is the run's length in the same units."""
     warmup = config.warmup

@@ -42,7 +42,7 @@ from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object
 from lmforge.train.metrics import MetricsLogger, console_line, memory_gib, peak_flops
 from lmforge.train.optim import SkipStep, build_optimizer, clip_grad_norm, set_lr
 from lmforge.train.parallelize import parallelize, unwrap
-from lmforge.train.schedule import lr_multiplier
+from lmforge.train.schedule import check_schedule, lr_multiplier
 
 IGNORE_INDEX = -100
 
@@ -91,6 +91,7 @@ class Trainer:
         self.base_batch = self.sizes[0][1]
         self.seq_len = config.sequence_length
         self.max_steps, self.max_tokens = self._run_length()
+        check_schedule(config.schedule, self._duration())
         self._check_checkpoints()
         # Data before model: missing or unusable data is refused before any compute.
         factory = loader_factory or default_loader_factory(config, self.run_dir)
