@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "winogrande, gsm8k, minerva_math; a path ending in .yaml or .jsonl is a user task "
                     "(see docs/evaluation.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="lmforge model directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("model", metavar="MODEL",
+                   help="lmforge model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--tasks", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], default=[],
                    help="comma-separated task names or user task files")
     p.add_argument("--suite", choices=["olmo1", "olmes", "core"], default=None,
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ppl-max-documents", type=int, default=None, help="score at most N documents of each --ppl file")
     p.add_argument("--all-norms", action="store_true", help="also compute PMI accuracy where it is not the rule")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override generative tasks' token budget")
-    p.add_argument("--out", default=None, help="write results.json, results.md, predictions/*.jsonl and a manifest here")
+    p.add_argument("--out", default=None,
+                   help="write results.json, results.md, predictions/*.jsonl and a manifest here")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

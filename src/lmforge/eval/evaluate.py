@@ -272,14 +272,16 @@ def markdown_report(results: dict) -> str:
             lines.append("\n\\* the formulation the task reports (OLMES: the better of cloze and letters)")
     ppl = results.get("perplexity")
     if ppl:
-        lines += ["", "| source | bits/byte (macro over domains) | bits/byte (micro) | domains | documents | tokens | bytes |",
+        lines += ["", "| source | bits/byte (macro over domains) | bits/byte (micro) | domains | documents | tokens "
+                      "| bytes |",
                   "|---|---|---|---|---|---|---|"]
         for source, s in ppl["sources"].items():
             m = s["micro"]
             lines.append(f"| {source} | {fmt(s['bits_per_byte_macro'])} | {fmt(m['bits_per_byte'])} | "
                          f"{len(s['domains'])} | {m['documents']} | {m['tokens']} | {m['bytes']} |")
         t = ppl["total"]
-        lines.append(f"| **all** | - | {fmt(t['bits_per_byte'])} | - | {t['documents']} | {t['tokens']} | {t['bytes']} |")
+        lines.append(f"| **all** | - | {fmt(t['bits_per_byte'])} | - | {t['documents']} | {t['tokens']} | "
+                     f"{t['bytes']} |")
         lines += ["", "| source | domain | bits/byte | documents | tokens | bytes |", "|---|---|---|---|---|---|"]
         for source, s in ppl["sources"].items():
             for domain, d in s["domains"].items():

@@ -106,7 +106,8 @@ def document_source_domain(doc: dict, path: str) -> tuple[str, str]:
     return str(source), str(domain)
 
 
-def collect_documents(paths: Iterable[str], max_documents: int | None, report: ReadReport) -> list[tuple[str, str, str]]:
+def collect_documents(paths: Iterable[str], max_documents: int | None,
+                      report: ReadReport) -> list[tuple[str, str, str]]:
     """(source, domain, text) of the documents to score, in file order; at most `max_documents` from each
     file, so that every source (typically one held-out file or directory each) is represented."""
     docs = []

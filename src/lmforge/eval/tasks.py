@@ -223,7 +223,8 @@ def read_arrow(relative: str) -> tuple[list[dict], Path]:
 
 
 def load_copa(regime: str, limit: int | None) -> Task:
-    """COPA as in lm-eval/catwalk: "<premise without period> because|therefore" + " <choice, first letter lowercased>"."""
+    """COPA as in lm-eval/catwalk: "<premise without period> because|therefore" + " <choice, lowercased first
+    letter>"."""
     rows, path = read_arrow("super_glue/copa/validation")
     connector = {"cause": " because", "effect": " therefore"}
     instances = []
