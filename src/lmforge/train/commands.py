@@ -57,8 +57,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(config, command=" ".join(["lmforge", "train", args.config, *args.overrides]))
     finally:
         shutdown_distributed()
-    print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens"
-          f" ({summary['skipped_steps']} updates skipped); checkpoints in {config.run_dir}/checkpoints")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens"
+              f" ({summary['skipped_steps']} updates skipped); checkpoints in {config.run_dir}/checkpoints")
     return 0
 
 
