@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from itertools import accumulate
+from operator import methodcaller
 
 import numpy as np
 
@@ -23,6 +24,8 @@ from lmforge.data.taggers import Tagger, register_tagger
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("*", "-", "\u2022", "\u2023", "\u25cf", "\u25e6", "\u25aa", "\u2043", "\u2013")
 ELLIPSES = ("...", "\u2026")
+_starts_with_bullet = methodcaller("startswith", BULLETS)
+_ends_with_ellipsis = methodcaller("endswith", ELLIPSES)
 TOP_NGRAM_SIZES = (2, 3, 4)
 DUP_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)
 SMALL_DOC_WORDS = 256
@@ -47,9 +50,9 @@ ATTRIBUTES = (
 
 def _duplicate_fractions(units: list[str]) -> tuple[float, float]:
     """(fraction of units that occur more than once, fraction of their characters); every copy counts."""
-    if not units:
-        return 0.0, 0.0
     counts = Counter(units)
+    if len(counts) == len(units):  # the common case: nothing repeats
+        return 0.0, 0.0
     dup_units = dup_chars = 0
     for unit, count in counts.items():
         if count > 1:
@@ -166,10 +169,10 @@ def gopher_values(text: str) -> dict[str, float]:
             values.update(_ngram_values_numpy(words, word_lens, word_chars))
         values["mean_word_length"] = word_chars / n_words
 
-    lines = [line for line in text.split("\n") if line.strip()]
+    lines = list(filter(str.strip, text.split("\n")))  # non-blank lines; map/filter keep the loops in C
     if lines:
-        bullets = sum(1 for line in lines if line.lstrip().startswith(BULLETS))
-        ellipses = sum(1 for line in lines if line.rstrip().endswith(ELLIPSES))
+        bullets = sum(map(_starts_with_bullet, map(str.lstrip, lines)))
+        ellipses = sum(map(_ends_with_ellipsis, map(str.rstrip, lines)))
         values["fraction_of_lines_starting_with_bullet_point"] = bullets / len(lines)
         values["fraction_of_lines_ending_with_ellipsis"] = ellipses / len(lines)
         (values["fraction_of_duplicate_lines"],
