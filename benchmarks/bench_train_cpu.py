@@ -102,7 +102,6 @@ def run_lmforge(args, path: Path) -> dict:
 
 
 def run_olmo_core(args, path: Path) -> dict:
-    import torch
     from olmo_core.data import NumpyDataLoaderConfig, NumpyDatasetDType, NumpyFSLDatasetConfig, TokenizerConfig
     from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
     from olmo_core.optim import CosWithWarmup, OptimGroupOverride, SkipStepAdamWConfig

@@ -2,7 +2,6 @@
 retention; refusing another model's checkpoint; stage-2 init, export and soups."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -143,7 +143,7 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
     ({"max_steps": None}, "set max_steps or max_tokens"),
     ({"batch_size_schedule": [[0, 256], [1000, 384]]}, "not a multiple of the first"),
     ({"model.overrides.d_modl": 32}, "unknown model field 'd_modl'"),
-    ({"schedule.warmup": 8}, "must be longer than the warmup"),
+    ({"schedule.warmup": 4, "schedule.duration": 3}, "must be longer than the warmup"),
 ])
 def test_bad_configs_are_refused_before_compute(tmp_path, overrides, message):
     from lmforge.train.trainer import Trainer

@@ -18,9 +18,11 @@ from lmforge.errors import LmforgeError
 from lmforge.train.config import ScheduleConfig
 
 
-def check_schedule(config: ScheduleConfig, duration: float) -> None:
-    """Refuse a schedule that cannot reach its end, before training starts."""
-    end = config.duration if config.duration is not None else duration
+def check_schedule(config: ScheduleConfig, run_length: float) -> None:
+    """Refuse, before training, a schedule the run would leave the warmup of without a decay to follow."""
+    end = config.duration if config.duration is not None else run_length
+    if run_length <= config.warmup:
+        return  # the run ends within the warmup (e.g. a short test of a long recipe)
     if config.name in ("linear", "cosine") and end <= config.warmup:
         raise LmforgeError(f"schedule: duration {end} {config.units} must be longer than the warmup {config.warmup}")
     if config.name == "wsd":
@@ -32,7 +34,7 @@ def check_schedule(config: ScheduleConfig, duration: float) -> None:
 def lr_multiplier(config: ScheduleConfig, t: float, duration: float) -> float:
     """LR as a fraction of the peak at progress `t`; `duration` is the run's length in the same units."""
     warmup = config.warmup
-    if warmup and t < warmup:
+    if warmup and t <= warmup:
         return t / warmup
     name = config.name
     if name == "constant":

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
