@@ -120,10 +120,19 @@ class AttributeWriter:
         else:
             self._stream = open(tmp, "wb")
         self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        self._no_spans: dict[tuple, str] = {}
         self.count = 0
 
     def write(self, doc_id: str, attributes: dict) -> None:
-        self._stream.write(self._dumps({"id": doc_id, "attributes": attributes}).encode("utf-8") + b"\n")
+        if any(attributes.values()):
+            line = self._dumps({"id": doc_id, "attributes": attributes})
+        else:  # most documents have no duplicate/PII spans: reuse the encoded attributes
+            keys = tuple(attributes)
+            encoded = self._no_spans.get(keys)
+            if encoded is None:
+                encoded = self._no_spans[keys] = self._dumps(attributes)
+            line = '{"id":' + self._dumps(doc_id) + ',"attributes":' + encoded + "}"
+        self._stream.write(line.encode("utf-8") + b"\n")
         self.count += 1
 
     def close(self) -> None:
