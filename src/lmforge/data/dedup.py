@@ -93,71 +93,115 @@ def _splitmix(h: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-class BloomFilter:
-    """m bits and k probes per key (double hashing of a 64-bit key hash), numpy-vectorised.
+BLOCK_WORDS = 8  # a block is one 64-byte cache line of 8 uint64 words
+PROBES_PER_MIX = 10  # 6-bit bit positions taken from one 64-bit mix
 
-    Sized for n expected keys and false-positive rate p: m = -n ln p / (ln 2)^2, k = round(m/n ln 2).
-    In memory each bit is a byte, so setting bits is one idempotent scatter (8x the RAM of the packed
-    file: 29 MB per million paragraphs at p = 1e-6); on disk the bits are packed.
+
+def _probe_words(hashes: int) -> list[int]:
+    """How many of the k probes land in each word of a block (probe i goes to word i mod 8)."""
+    return [len(range(w, hashes, BLOCK_WORDS)) for w in range(BLOCK_WORDS)]
+
+
+def blocked_false_positive_rate(bits: int, hashes: int, elements: int) -> float:
+    """FP rate of the split-block filter below: block loads are Poisson, each word a small Bloom filter."""
+    blocks = bits // (64 * BLOCK_WORDS)
+    load = elements / blocks
+    per_word = [k for k in _probe_words(hashes) if k]
+    rate, j, term = 0.0, 0, math.exp(-load)
+    while j < load + 12 * math.sqrt(load) + 60:
+        hit = 1.0
+        for k in per_word:
+            hit *= (1 - (1 - 1 / 64) ** (j * k)) ** k
+        rate += term * hit
+        j += 1
+        term *= load / j
+    return rate
+
+
+def _all_set(rows: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    return ~np.bitwise_or.reduce(masks & ~rows, axis=1).astype(bool)
+
+
+class BloomFilter:
+    """A split-block Bloom filter: each key picks one 512-bit block (a cache line) and sets k bits in it,
+    probe i in word i mod 8, so a lookup or insert touches one cache line instead of k.
+
+    k = round(log2(1/p)); the size starts from the standard m = -n ln p / (ln 2)^2 bits and grows by 5 % until
+    the filter's false-positive rate for n keys is <= p (about 1.4x the standard size at p = 1e-6).
     """
 
-    def __init__(self, bits: int, hashes: int, array: np.ndarray | None = None, inserted: int = 0):
+    def __init__(self, bits: int, hashes: int, words: np.ndarray | None = None, inserted: int = 0):
         self.bits = int(bits)
         self.hashes = int(hashes)
-        self.array = array if array is not None else np.zeros(self.bits, dtype=bool)
+        self.blocks = self.bits // (64 * BLOCK_WORDS)
+        self.words = words if words is not None else np.zeros(self.blocks * BLOCK_WORDS, dtype=np.uint64)
         self.inserted = inserted
 
     @classmethod
     def sized(cls, expected: int, false_positive_rate: float) -> "BloomFilter":
-        bits = math.ceil(-expected * math.log(false_positive_rate) / math.log(2) ** 2)
-        bits = max(64, (bits + 63) // 64 * 64)
-        hashes = max(1, round(bits / expected * math.log(2)))
-        return cls(bits, hashes)
-
-    def _positions(self, keys: np.ndarray) -> np.ndarray:
-        """(k, len(keys)) bit positions."""
-        h1 = keys.astype(np.uint64, copy=False)
-        h2 = _splitmix(h1) | np.uint64(1)
-        probes = np.arange(self.hashes, dtype=np.uint64)[:, None]
-        mixed = h1[None, :] + probes * h2[None, :]
-        if self.bits < 1 << 32:  # Lemire's multiply-shift range reduction: no 64-bit division
-            return ((mixed >> np.uint64(32)) * np.uint64(self.bits)) >> np.uint64(32)
-        return mixed % np.uint64(self.bits)
+        hashes = max(1, round(-math.log2(false_positive_rate)))
+        blocks = max(1, math.ceil(-expected * math.log(false_positive_rate) / math.log(2) ** 2 / 512))
+        while blocked_false_positive_rate(blocks * 512, hashes, expected) > false_positive_rate:
+            blocks = math.ceil(blocks * 1.05)
+        return cls(blocks * 512, hashes)
 
     def estimated_false_positive_rate(self) -> float:
-        return (1 - math.exp(-self.hashes * self.inserted / self.bits)) ** self.hashes
+        return blocked_false_positive_rate(self.bits, self.hashes, self.inserted)
+
+    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(block of each key, (len(keys), 8) uint64 masks of its k bits)."""
+        mix = _splitmix(keys.astype(np.uint64, copy=False) ^ np.uint64(0x5851F42D4C957F2D))
+        if self.blocks < 1 << 32:  # Lemire's multiply-shift range reduction: no 64-bit division
+            block = ((mix >> np.uint64(32)) * np.uint64(self.blocks)) >> np.uint64(32)
+        else:
+            block = mix % np.uint64(self.blocks)
+        columns = [np.zeros(len(keys), dtype=np.uint64) for _ in range(BLOCK_WORDS)]
+        for i in range(self.hashes):
+            if i % PROBES_PER_MIX == 0:
+                mix = _splitmix(mix)
+            bit = (mix >> np.uint64(6 * (i % PROBES_PER_MIX))) & np.uint64(63)
+            columns[i % BLOCK_WORDS] |= np.uint64(1) << bit
+        return block.astype(np.intp), np.stack(columns, axis=1)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         if len(keys) == 0:
             return np.zeros(0, dtype=bool)
-        return self.array[self._positions(keys)].all(axis=0)
+        block, masks = self._locate(keys)
+        table = self.words.reshape(self.blocks, BLOCK_WORDS)
+        return _all_set(table[block], masks)
 
     def add(self, keys: np.ndarray) -> None:
-        if len(keys):
-            self.array[self._positions(keys)] = True
         self.inserted += len(keys)
+        if len(keys) == 0:
+            return
+        block, masks = self._locate(keys)
+        table = self.words.reshape(self.blocks, BLOCK_WORDS)
+        # `table[b] |= m` with a repeated b keeps only the last write: re-apply the few that got lost
+        while len(block):
+            table[block] |= masks
+            lost = ~_all_set(table[block], masks)
+            block, masks = block[lost], masks[lost]
 
     def save(self, path: str | Path) -> None:
-        header = json.dumps({"format": BLOOM_MAGIC, "version": 1, "bits": self.bits, "hashes": self.hashes,
-                             "inserted": self.inserted}).encode() + b"\n"
+        header = json.dumps({"format": BLOOM_MAGIC, "version": 2, "layout": "split-block-512",
+                             "bits": self.bits, "hashes": self.hashes, "inserted": self.inserted}).encode() + b"\n"
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(header)
-                f.write(np.packbits(self.array, bitorder="little").tobytes())
+                f.write(self.words.astype("<u8", copy=False).tobytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "BloomFilter":
         with open(path, "rb") as f:
             try:
                 header = json.loads(f.readline())
-                assert header["format"] == BLOOM_MAGIC
+                assert header["format"] == BLOOM_MAGIC and header.get("layout") == "split-block-512"
             except (ValueError, KeyError, AssertionError):
-                raise LmforgeError(f"{path} is not an lmforge Bloom filter") from None
-            packed = np.frombuffer(f.read(), dtype=np.uint8)
-        if len(packed) != (header["bits"] + 7) // 8:
-            raise LmforgeError(f"{path}: truncated Bloom filter ({len(packed)} bytes for {header['bits']} bits)")
-        array = np.unpackbits(packed, bitorder="little", count=header["bits"]).astype(bool)
-        return cls(header["bits"], header["hashes"], array, header.get("inserted", 0))
+                raise LmforgeError(f"{path} is not an lmforge Bloom filter (version 2)") from None
+            words = np.frombuffer(f.read(), dtype="<u8").astype(np.uint64)
+        if len(words) != header["bits"] // 64:
+            raise LmforgeError(f"{path}: truncated Bloom filter ({len(words)} words for {header['bits']} bits)")
+        return cls(header["bits"], header["hashes"], words, header.get("inserted", 0))
 
 
 # ---------------------------------------------------------------- MinHash
