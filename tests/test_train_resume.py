@@ -147,3 +147,17 @@ def test_export_and_soup(tmp_path, reference):
         expected = (0.25 * wa[name].double() + 0.75 * wb[name].double()).float()
         torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
     assert main(["soup", a, "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_stage2_from_an_exported_model_directory(tmp_path, reference):
+    from lmforge.cli import main
+
+    run_dir, _ = reference
+    assert main(["checkpoint", "export", str(run_dir), str(tmp_path / "model")]) == 0
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny_config(tmp_path / "stage2", **{"init_from": {"path": str(tmp_path / "model")}}),
+                      loader_factory=array_loader_factory(random_tokens(), 32))
+    assert trainer.restore() is False  # a fresh run, initialised from the weights
+    source = load_full_model(run_dir).state_dict()
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, source[name]), name
