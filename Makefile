@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 QUICKSTART_DIR ?= quickstart
 
-.PHONY: venv quickstart test bench clean
+.PHONY: venv quickstart test clean
 
 venv: $(VENV)/.installed
 

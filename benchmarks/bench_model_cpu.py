@@ -19,19 +19,22 @@ import time
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, measured alternately so that background load hurts both alike."""
+    ours(), theirs()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="olmo2-tiny")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--gen-batch", type=int, default=4)
@@ -52,7 +55,10 @@ def main() -> None:
     from lmforge.model.transformer import cross_entropy_loss
 
     transformers.logging.set_verbosity_error()
-    ours = build_model(get_preset(args.preset), seed=0)
+    config = get_preset(args.preset)
+    if args.vocab_size:
+        config.vocab_size = args.vocab_size
+    ours = build_model(config, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(ours, f"{tmp}/m")
         export_hf(f"{tmp}/m", f"{tmp}/hf")
@@ -74,8 +80,8 @@ def main() -> None:
 
     ours.train(), theirs.train()
     tokens = args.batch * args.seq
-    t_ours, t_theirs = timed(step_ours, args.repeats), timed(step_theirs, args.repeats)
-    print(f"forward+backward {args.preset} batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads")
+    t_ours, t_theirs = timed_pair(step_ours, step_theirs, args.repeats)
+    print(f"forward+backward {args.preset} (vocab {vocab}) batch {args.batch} x seq {args.seq}, {torch.get_num_threads()} threads")
     print(f"  lmforge       {tokens / t_ours:10.0f} tokens/s")
     print(f"  transformers  {tokens / t_theirs:10.0f} tokens/s")
     print(f"  ratio         {t_theirs / t_ours:10.2f}x")
@@ -93,7 +99,7 @@ def main() -> None:
                             min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
     new = args.gen_batch * args.new_tokens
-    g_ours, g_theirs = timed(gen_ours, max(2, args.repeats // 2)), timed(gen_theirs, max(2, args.repeats // 2))
+    g_ours, g_theirs = timed_pair(gen_ours, gen_theirs, max(2, args.repeats // 2))
     print(f"generation greedy, {args.gen_batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens")
     print(f"  lmforge       {new / g_ours:10.0f} tokens/s")
     print(f"  transformers  {new / g_theirs:10.0f} tokens/s")
