@@ -7,7 +7,7 @@ exact paragraph dedup with a Bloom filter (`dedup --modes paragraph` vs `dolma d
 documents with >= 500 duplicate paragraphs, delete duplicate paragraphs). Wall time of the whole command,
 start-up included, for both. Throughput is MB of UTF-8 text per second. After tagging, attribute values are
 compared document by document for the rules both tools implement the same way. Needs
-/work/peers/dolma-venv (benchmarks/peers/setup_dolma.sh).
+.peers/dolma-venv (benchmarks/peers/setup_dolma.sh).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--skip-dolma", action="store_true")
     args = parser.parse_args()
     global DOLMA
-    DOLMA = Path(os.environ.get("DOLMA_VENV", "/work/peers/dolma-venv")) / "bin" / "dolma"
+    DOLMA = Path(os.environ.get("DOLMA_VENV", Path(__file__).resolve().parents[1] / ".peers" / "dolma-venv")) / "bin" / "dolma"
     if not args.skip_dolma and not DOLMA.exists():
         sys.exit(f"{DOLMA} not found: run benchmarks/peers/setup_dolma.sh (or pass --skip-dolma)")
     work = Path(args.work)

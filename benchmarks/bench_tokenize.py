@@ -4,9 +4,9 @@ Runs both as subprocesses (start-up included, as a user would see it) at each pr
 tokens/s and the ratio, then checks that every document's token ids are identical in the two outputs.
 
     .venv/bin/python benchmarks/bench_tokenize.py                       # 4 shards of ../shared/corpus
-    .venv/bin/python benchmarks/bench_tokenize.py --documents '/work/shared/corpus/*.jsonl.zst' --processes 1 2
+    .venv/bin/python benchmarks/bench_tokenize.py --documents '../shared/corpus/*.jsonl.zst' --processes 1 2
 
-Needs the dolma peer: benchmarks/peers/setup_dolma.sh (creates /work/peers/dolma-venv).
+Needs the dolma peer: benchmarks/peers/setup_dolma.sh (creates .peers/dolma-venv).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from lmforge.data.documents import open_binary, strip_suffix
 from lmforge.tokenizer import Tokenizer
 
-CORPUS = "/work/shared/corpus"
+CORPUS = str(Path(__file__).resolve().parents[2] / "shared" / "corpus")
 DEFAULT_SHARDS = ["python-docs-0000", "debian-reference-0000", "fortunes-0001", "python-stdlib-0000"]
 
 
@@ -75,7 +75,7 @@ def main() -> None:
                         default=[f"{CORPUS}/{name}.jsonl.zst" for name in DEFAULT_SHARDS])
     parser.add_argument("--tokenizer", default="olmo")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--dolma", default="/work/peers/dolma-venv/bin/dolma")
+    parser.add_argument("--dolma", default=str(Path(os.environ.get("DOLMA_VENV", Path(__file__).resolve().parents[1] / ".peers" / "dolma-venv")) / "bin" / "dolma"))
     args = parser.parse_args()
 
     if not os.path.exists(args.dolma):

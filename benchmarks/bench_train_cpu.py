@@ -26,7 +26,7 @@ import numpy as np
 
 EOS = 2
 D_MODEL, N_LAYERS, N_HEADS, HIDDEN = 128, 4, 4, 512
-PEER_VENV = Path(os.environ.get("OLMO_CORE_VENV", "/work/peers/olmo-core-venv"))
+PEER_VENV = Path(os.environ.get("OLMO_CORE_VENV", Path(__file__).resolve().parents[1] / ".peers" / "olmo-core-venv"))
 
 
 def write_tokens(work: Path, num_tokens: int, vocab: int) -> Path:

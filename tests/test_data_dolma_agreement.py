@@ -16,7 +16,7 @@ import pytest
 
 from lmforge.data.taggers import make_tagger
 
-DOLMA_VENV = Path(os.environ.get("DOLMA_VENV", "/work/peers/dolma-venv"))
+DOLMA_VENV = Path(os.environ.get("DOLMA_VENV", Path(__file__).resolve().parents[1] / ".peers" / "dolma-venv"))
 DOLMA_PYTHON = DOLMA_VENV / "bin" / "python"
 
 pytestmark = pytest.mark.skipif(not DOLMA_PYTHON.exists(), reason=f"dolma not installed in {DOLMA_VENV}")

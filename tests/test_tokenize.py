@@ -21,7 +21,7 @@ from lmforge.tokenizer import Tokenizer, train_bpe
 
 WORDS = ("the cat sat on a mat while data flows through pipes and tokens . model loss step "
          "Zürich 東京 naïve café λ").split()
-DOLMA_VENV = Path("/work/peers/dolma-venv")
+DOLMA_VENV = Path(os.environ.get("DOLMA_VENV", Path(__file__).resolve().parents[1] / ".peers" / "dolma-venv"))
 
 
 def _docs(seed: int, n: int, source: str) -> list[dict]:

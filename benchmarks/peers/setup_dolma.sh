@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Create /work/peers/dolma-venv with dolma 1.2.1, the peer for the curation benchmarks and agreement tests.
+# Create .peers/dolma-venv (in the repository, git-ignored; override with DOLMA_VENV) with dolma 1.2.1, the peer for the curation benchmarks and agreement tests.
 # An unconstrained install spends minutes backtracking through boto3 releases (s3fs==2023.6.0 pins
 # aiobotocore~=2.5); these constraints make it resolve in under a minute.
 set -euo pipefail
-VENV="${DOLMA_VENV:-/work/peers/dolma-venv}"
+VENV="${DOLMA_VENV:-$(cd "$(dirname "$0")/../.." && pwd)/.peers/dolma-venv}"
 PYTHON="${PYTHON:-python3.11}"
 if [ -x "$VENV/bin/dolma" ]; then
   echo "dolma already installed in $VENV"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Create /work/peers/olmo-core-venv with OLMo-core 3.0.0 (ai2-olmo-core) on CPU torch: the peer trainer for
+# Create .peers/olmo-core-venv (in the repository, git-ignored; override with OLMO_CORE_VENV) with OLMo-core 3.0.0 (ai2-olmo-core) on CPU torch: the peer trainer for
 # benchmarks/bench_train_cpu.py. Same torch as lmforge's venv so the comparison measures the trainers.
 set -euo pipefail
-VENV="${OLMO_CORE_VENV:-/work/peers/olmo-core-venv}"
+VENV="${OLMO_CORE_VENV:-$(cd "$(dirname "$0")/../.." && pwd)/.peers/olmo-core-venv}"
 PYTHON="${PYTHON:-python3.11}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import olmo_core.train" 2>/dev/null; then
