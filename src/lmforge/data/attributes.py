@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from lmforge.data.documents import compression_of, iter_lines
+from lmforge.data.documents import AtomicShardWriter, compression_of, iter_lines
 from lmforge.errors import LmforgeError
-from lmforge.manifest import atomic_path, atomic_write_json
+from lmforge.manifest import atomic_write_json
 
 DONE_DIR = ".done"
 # Attribute files are mostly small numbers and repeated keys: the fastest levels compress them well enough.
@@ -103,13 +103,12 @@ def read_attributes(path: str | Path) -> Iterator[tuple[str, dict]]:
             raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
 
 
-class AttributeWriter:
+class AttributeWriter(AtomicShardWriter):
     """Write one attribute file atomically (it appears under its name only when closed cleanly)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._atomic = atomic_path(self.path)
-        tmp = self._atomic.__enter__()
+        super().__init__(path)
+        tmp = self._tmp
         compression = compression_of(self.path)
         if compression == "gz":
             self._stream = gzip.open(tmp, "wb", compresslevel=GZIP_LEVEL)
@@ -135,22 +134,3 @@ class AttributeWriter:
         self._stream.write(line.encode("utf-8") + b"\n")
         self.count += 1
 
-    def close(self) -> None:
-        self._stream.close()
-        self._atomic.__exit__(None, None, None)
-
-    def abort(self) -> None:
-        self._stream.close()
-        try:
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        except RuntimeError:
-            pass
-
-    def __enter__(self) -> "AttributeWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

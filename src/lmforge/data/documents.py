@@ -191,17 +191,51 @@ def dumps_document(doc: dict) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-class DocumentWriter:
-    """Write documents to a shard atomically: the file appears under its name only when closed cleanly."""
+class AtomicShardWriter:
+    """A shard that appears under its name only when closed cleanly: `abort()`, or an exception inside a
+    `with` block, drops the partial file and leaves whatever the target held before."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
+        self._stream: IO[bytes] | None = None
+
+    def _finish(self) -> None:
+        """Write anything held back (subclasses); called by `close` before the rename."""
+
+    def close(self) -> None:
+        self._finish()
+        if self._stream is not None:
+            self._stream.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        try:
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        except RuntimeError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class DocumentWriter(AtomicShardWriter):
+    """Write documents to a shard atomically (.jsonl, .gz, .zst or .parquet by suffix)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
         self.count = 0
         self.bytes = 0
         self._parquet_rows: list[dict] | None = [] if self.path.name.endswith(".parquet") else None
-        self._stream = None
         if self._parquet_rows is None:
             self._stream = open_binary(self._tmp, "wb", compression=compression_of(self.path))
 
@@ -214,33 +248,12 @@ class DocumentWriter:
         self.bytes += len(data)
         self._stream.write(data)
 
-    def close(self) -> None:
+    def _finish(self) -> None:
         if self._parquet_rows is not None:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
             pq.write_table(pa.Table.from_pylist(self._parquet_rows), str(self._tmp))
-        else:
-            self._stream.close()
-        self._atomic.__exit__(None, None, None)
-
-    def abort(self) -> None:
-        """Drop the partial file; the target keeps whatever it held before."""
-        if self._stream is not None:
-            self._stream.close()
-        try:
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        except RuntimeError:
-            pass
-
-    def __enter__(self) -> "DocumentWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def expand_globs(patterns: list[str] | str) -> list[str]:
