@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
+import orjson
 import zstandard
 
 from lmforge.errors import LmforgeError
@@ -83,7 +84,8 @@ def open_binary(path: str | Path, mode: str = "rb", compression: str | None = No
             return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
         return open(path, "rb")
     if compression == "gz":
-        return gzip.open(path, "wb", compresslevel=6)
+        # Level 3: about twice as fast as the default 6 for ~10% larger shards; writing is the mixer's bottleneck.
+        return gzip.open(path, "wb", compresslevel=3)
     if compression == "zst":
         return zstandard.ZstdCompressor(level=3).stream_writer(open(path, "wb"), closefd=True)
     return open(path, "wb")
@@ -98,6 +100,16 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
 
 
 def parse_document(raw: bytes, path: str, line: int, report: ReadReport) -> dict | None:
+    try:
+        # orjson rejects invalid UTF-8 and lone surrogates itself, so a line it parses needs no more checks
+        # than the fields'; a line it refuses goes through the slow path below for a precise message.
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_document_slowly(raw, path, line, report)
+    return _checked_fields(doc, path, line, report)
+
+
+def _parse_document_slowly(raw: bytes, path: str, line: int, report: ReadReport) -> dict | None:
     if not raw.strip():
         report.skip(path, line, "empty line")
         return None
@@ -111,6 +123,13 @@ def parse_document(raw: bytes, path: str, line: int, report: ReadReport) -> dict
     except json.JSONDecodeError as e:
         report.skip(path, line, f"malformed JSON: {e.msg} at column {e.colno}")
         return None
+    if isinstance(doc, dict) and isinstance(doc.get("text"), str) and _has_lone_surrogate(doc["text"]):
+        report.skip(path, line, "invalid UTF-8 (lone surrogate escape in 'text')")
+        return None
+    return _checked_fields(doc, path, line, report)
+
+
+def _checked_fields(doc, path: str, line: int, report: ReadReport) -> dict | None:
     if not isinstance(doc, dict):
         report.skip(path, line, "not a JSON object")
         return None
@@ -119,9 +138,6 @@ def parse_document(raw: bytes, path: str, line: int, report: ReadReport) -> dict
         return None
     if not isinstance(doc.get("text"), str):
         report.skip(path, line, "missing 'text'" if "text" not in doc else "'text' is not a string")
-        return None
-    if _has_lone_surrogate(doc["text"]):
-        report.skip(path, line, "invalid UTF-8 (lone surrogate escape in 'text')")
         return None
     doc["id"] = str(doc["id"])
     return doc
