@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+import orjson
+
 from lmforge.data.documents import AtomicShardWriter, compression_of, iter_lines
 from lmforge.errors import LmforgeError
 from lmforge.manifest import atomic_write_json
@@ -97,9 +99,9 @@ def read_attributes(path: str | Path) -> Iterator[tuple[str, dict]]:
         raise LmforgeError(f"attribute file not found: {path} (run `lmforge data tag` or `dedup` first)")
     for number, raw in iter_lines(path):
         try:
-            row = json.loads(raw)
+            row = orjson.loads(raw)
             yield str(row["id"]), row.get("attributes") or {}
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
             raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
 
 

@@ -204,7 +204,11 @@ def _to_parquet_row(doc: dict) -> dict:
 
 
 def dumps_document(doc: dict) -> bytes:
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    """Compact JSON, non-ASCII unescaped (Dolma's layout); the json module takes what orjson cannot (huge ints)."""
+    try:
+        return orjson.dumps(doc) + b"\n"
+    except TypeError:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 class AtomicShardWriter:
