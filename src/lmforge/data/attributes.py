@@ -105,6 +105,13 @@ def read_attributes(path: str | Path) -> Iterator[tuple[str, dict]]:
             raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
 
 
+def _dumps(value) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # values orjson does not know (numpy scalars other than arrays, huge ints)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=float).encode("utf-8")
+
+
 class AttributeWriter(AtomicShardWriter):
     """Write one attribute file atomically (it appears under its name only when closed cleanly)."""
 
@@ -120,19 +127,18 @@ class AttributeWriter(AtomicShardWriter):
             self._stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(open(tmp, "wb"), closefd=True)
         else:
             self._stream = open(tmp, "wb")
-        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-        self._no_spans: dict[tuple, str] = {}
+        self._no_spans: dict[tuple, bytes] = {}
         self.count = 0
 
     def write(self, doc_id: str, attributes: dict) -> None:
         if any(attributes.values()):
-            line = self._dumps({"id": doc_id, "attributes": attributes})
+            line = _dumps({"id": doc_id, "attributes": attributes})
         else:  # most documents have no duplicate/PII spans: reuse the encoded attributes
             keys = tuple(attributes)
             encoded = self._no_spans.get(keys)
             if encoded is None:
-                encoded = self._no_spans[keys] = self._dumps(attributes)
-            line = '{"id":' + self._dumps(doc_id) + ',"attributes":' + encoded + "}"
-        self._stream.write(line.encode("utf-8") + b"\n")
+                encoded = self._no_spans[keys] = _dumps(attributes)
+            line = b'{"id":' + _dumps(doc_id) + b',"attributes":' + encoded + b"}"
+        self._stream.write(line + b"\n")
         self.count += 1
 
