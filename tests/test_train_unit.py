@@ -168,13 +168,14 @@ def test_shipped_configs_resolve_and_fit_their_scale(path):
 
 
 def test_fused_ce_and_z_loss_match_float64_reference():
-    from lmforge.train.trainer import IGNORE_INDEX, ce_and_z_loss
+    from lmforge.model.transformer import cross_entropy_loss
+    from lmforge.train.trainer import IGNORE_INDEX
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11) * 4
     labels = torch.randint(0, 11, (3, 5))
     labels[0, :2] = IGNORE_INDEX
-    ce, z = ce_and_z_loss(logits, labels, 1e-4)
+    ce, z = cross_entropy_loss(logits, labels, IGNORE_INDEX, 1e-4, reduction="sum")
     lp = torch.log_softmax(logits.double(), -1)
     lse = torch.logsumexp(logits.double(), -1)
     valid = labels != IGNORE_INDEX
@@ -184,13 +185,14 @@ def test_fused_ce_and_z_loss_match_float64_reference():
 
 
 def test_fused_loss_gradient_matches_float64_autograd():
-    from lmforge.train.trainer import IGNORE_INDEX, ce_and_z_loss
+    from lmforge.model.transformer import cross_entropy_loss
+    from lmforge.train.trainer import IGNORE_INDEX
 
     torch.manual_seed(1)
     logits = (torch.randn(2, 4, 9) * 3).requires_grad_()
     labels = torch.randint(0, 9, (2, 4))
     labels[1, 3] = IGNORE_INDEX
-    ce, z = ce_and_z_loss(logits, labels, 1e-2)
+    ce, z = cross_entropy_loss(logits, labels, IGNORE_INDEX, 1e-2, reduction="sum")
     (0.7 * ce + 1.3 * z).backward()
     ref = logits.detach().double().requires_grad_()
     valid = labels != IGNORE_INDEX
