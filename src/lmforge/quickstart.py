@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="quickstart")
     parser.add_argument("--raw-bytes", type=int, default=6_000_000, help="size of the raw corpus to build")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--steps", type=int, default=150, help="training steps")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--eval-limit", type=int, default=100, help="instances per downstream task")
     args = parser.parse_args()
