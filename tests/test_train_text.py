@@ -60,6 +60,14 @@ def test_loss_falls_on_real_text_and_run_is_inspectable(tmp_path, tokens_dir, ca
     model, tokenizer = load_model_dir(tmp_path / "model")
     assert tokenizer is not None and model.config.vocab_size == tokenizer.vocab_size
 
+    # `export hf` takes the run directory itself (its latest checkpoint), as `checkpoint export` does.
+    transformers = pytest.importorskip("transformers")
+    assert main(["export", "hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tokenizer.encode("def main():\n    return 0")])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
 
 def test_missing_data_is_refused_before_compute(tmp_path, capsys):
     code = main(["train", str(CONFIG), f"data.paths=[{tmp_path / 'nowhere'}]", f"run_dir={tmp_path / 'run'}",

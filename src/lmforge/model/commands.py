@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export_sub = export.add_subparsers(dest="export_format", metavar="FORMAT")
     export_sub.required = True
     export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2 or Bloom)")
-    export_hf.add_argument("model", help="lmforge model directory (or checkpoint exported with `checkpoint export`)")
+    export_hf.add_argument("model", help="lmforge model directory, training checkpoint, or run directory (latest checkpoint)")
     export_hf.add_argument("out")
     export_hf.set_defaults(func=cmd_export_hf)
 

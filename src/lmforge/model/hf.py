@@ -140,9 +140,23 @@ def to_hf_state(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
     return family, hf
 
 
+def _load_model_or_checkpoint(path: str | Path):
+    """A model directory, or a training checkpoint / run directory (its latest checkpoint), unsharded."""
+    if (Path(path) / "config.json").is_file() or not Path(path).exists():
+        return load_model_dir(path)
+    import tempfile
+
+    from lmforge.train.checkpoint import export_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_checkpoint(path, tmp)
+        return load_model_dir(tmp)
+
+
 def export_hf(model_dir: str | Path, out: str | Path) -> str:
-    """Write a transformers directory (config, safetensors, tokenizer files); returns the architecture."""
-    model, tokenizer = load_model_dir(model_dir)
+    """Write a transformers directory (config, safetensors, tokenizer files) from a model directory or a
+    checkpoint; returns the architecture."""
+    model, tokenizer = _load_model_or_checkpoint(model_dir)
     family, state = to_hf_state(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
