@@ -135,3 +135,16 @@ def test_mixer_rejects_mismatched_attributes(tmp_path):
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(LmforgeError, match="missing attributes 'missing'"):
         run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+
+
+def test_mixer_writes_parquet_shards(tmp_path):
+    docs = [{"id": str(i), "text": f"document number {i}", "source": "web", "metadata": {"i": i}} for i in range(30)]
+    _shard(tmp_path, "a.jsonl.gz", docs, [{"t__score": [[0, 5, i / 30]]} for i in range(30)])
+    config = {"streams": [{"name": "web", "documents": [str(tmp_path / "documents/*.jsonl.gz")], "attributes": ["t"],
+                           "filter": {"include": ["t__score >= 0.5"]}}],
+              "output": {"path": str(tmp_path / "out"), "max_size_in_bytes": 400, "compression": "parquet"}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    assert run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))["streams"]["web"]["written"] == 15
+    shards = sorted((tmp_path / "out").glob("web-*.parquet"))
+    assert len(shards) > 1
+    assert [d for p in shards for _, d in read_documents(p)] == docs[15:]

@@ -261,11 +261,11 @@ class DocumentWriter(AtomicShardWriter):
 
     def write(self, doc: dict) -> None:
         self.count += 1
+        data = dumps_document(doc)  # for Parquet too: `bytes` (JSON size) is what output shards roll over on
+        self.bytes += len(data)
         if self._parquet_rows is not None:
             self._parquet_rows.append(_to_parquet_row(doc))
             return
-        data = dumps_document(doc)
-        self.bytes += len(data)
         self._stream.write(data)
 
     def _finish(self) -> None:

@@ -64,7 +64,7 @@ class StreamConfig:
 class OutputConfig:
     path: str
     max_size_in_bytes: int = 1 << 30
-    compression: Literal["gz", "zst", "none"] = "gz"
+    compression: Literal["gz", "zst", "none", "parquet"] = "gz"  # "parquet" writes Parquet shards instead of JSONL
     discard_fields: list[str] = field(default_factory=list)
 
 
@@ -147,7 +147,7 @@ def sample_copies(seed: int, stream: str, doc_id: str, rate: float) -> int:
 
 
 def _suffix(compression: str) -> str:
-    return {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl"}[compression]
+    return {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl", "parquet": ".parquet"}[compression]
 
 
 class _RollingWriter:
