@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A path that cannot be read or written (a file where a directory must go, no permission, disk full):
+        # the user's environment, not a bug, so one line naming the path.
+        if args.debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"lmforge: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

@@ -229,6 +229,8 @@ def write_plots(report: dict, output: Path) -> list[str]:
 def run_stats(config: StatsConfig) -> dict:
     if any(n < 1 for n in config.ngram_sizes):
         raise LmforgeError("n-gram sizes must be >= 1")
+    if config.top_k < 0:
+        raise LmforgeError(f"--top-k must be >= 0, got {config.top_k}")
     paths = expand_globs(config.documents)
     tasks = [StatsTask(p, list(config.count_strings), list(config.ngram_sizes), config.tokenizer, config.langid,
                        weight=Path(p).stat().st_size) for p in paths]

@@ -416,6 +416,8 @@ class TrainTokenizerConfig:
             raise ValueError("vocab_size must exceed 261: the 256 byte tokens plus 5 special tokens")
         if self.sample_docs < 1:
             raise ValueError("sample_docs must be >= 1")
+        if self.min_frequency < 0:
+            raise ValueError("min_frequency must be >= 0")
 
 
 def sample_documents(paths: list[str], sample_docs: int, seed: int, report: ReadReport) -> list[str]:

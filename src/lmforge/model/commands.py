@@ -99,7 +99,27 @@ def cmd_init(args) -> None:
 def _device(name: str | None) -> str:
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    from lmforge.errors import LmforgeError
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise LmforgeError(f"device {device!r} is not usable: {e}") from None
+    return device
+
+
+def _check_sampling_args(args) -> None:
+    from lmforge.errors import LmforgeError
+
+    if args.max_new_tokens < 0:
+        raise LmforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise LmforgeError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def cmd_generate(args) -> None:
@@ -108,6 +128,7 @@ def cmd_generate(args) -> None:
     from lmforge.model.generation import SamplingConfig, generate_text
     from lmforge.tokenizer import Tokenizer
 
+    _check_sampling_args(args)
     model, tokenizer = load_model_dir(args.model, device=_device(args.device))
     if args.tokenizer:
         tokenizer = Tokenizer.load(args.tokenizer)

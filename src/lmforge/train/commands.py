@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from lmforge.errors import LmforgeError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
@@ -45,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
         return launch_torchrun(args)
     from lmforge.config import load_config
@@ -93,7 +97,12 @@ def cmd_checkpoint_list(args: argparse.Namespace) -> int:
 
     from lmforge.train.checkpoint import CHECKPOINTS, list_checkpoints, read_meta
 
-    for step, path in list_checkpoints(Path(args.run_dir) / CHECKPOINTS):
+    if not Path(args.run_dir).is_dir():
+        raise LmforgeError(f"run directory not found: {args.run_dir}")
+    checkpoints = list_checkpoints(Path(args.run_dir) / CHECKPOINTS)
+    if not checkpoints:
+        raise LmforgeError(f"no complete checkpoints in {Path(args.run_dir) / CHECKPOINTS}")
+    for step, path in checkpoints:
         meta = read_meta(path)
         print(f"{path}\tstep {step}\t{meta.get('tokens', 0):,} tokens\tworld size {meta['world_size']}")
     return 0

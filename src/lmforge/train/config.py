@@ -178,6 +178,8 @@ class TrainConfig:
                 raise LmforgeError(f"batch_size_schedule: {size} is not a multiple of the first size {sizes[0][1]}")
         if self.max_steps is None and self.max_tokens is None:
             raise LmforgeError("set max_steps or max_tokens")
+        if (self.max_steps is not None and self.max_steps < 1) or (self.max_tokens is not None and self.max_tokens < 1):
+            raise LmforgeError("max_steps and max_tokens must be positive")
         if self.schedule.warmup < 0:
             raise LmforgeError("schedule.warmup must be >= 0")
         if self.metrics.log_interval <= 0:

@@ -1,0 +1,113 @@
+"""Bad input on the command line: one `lmforge: error:` line naming what is wrong, exit code 2, no traceback."""
+
+import json
+
+import pytest
+
+from conftest import requires_olmo_tokenizer
+from lmforge.cli import main
+
+
+def run_cli(argv, capsys):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_line_error(code, err, *mentions):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmforge: error: "), err
+    for text in mentions:
+        assert str(text) in lines[0], err
+
+
+@pytest.fixture
+def docs(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"id": str(i), "text": f"document number {i} says hello to the world"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "in_the_way"
+    path.write_text("a file where a directory must go\n")
+    return path
+
+
+def test_model_init_output_is_a_file(a_file, capsys):
+    assert_one_line_error(*run_cli(["model", "init", "olmo2-tiny", "n_layers=1", "--out", a_file], capsys), a_file)
+
+
+def test_data_stats_output_is_a_file(docs, a_file, capsys):
+    argv = ["data", "stats", "--documents", docs, "--output", a_file, "--no-plots", "--no-langid"]
+    assert_one_line_error(*run_cli(argv, capsys), a_file)
+
+
+def test_dedup_state_is_a_file(docs, a_file, capsys):
+    assert_one_line_error(*run_cli(["data", "dedup", "--documents", docs, "--state", a_file], capsys), a_file)
+
+
+def test_train_tokenizer_output_is_a_file(docs, a_file, capsys):
+    argv = ["data", "train-tokenizer", "--documents", docs, "--vocab-size", "300", "--out", a_file]
+    assert_one_line_error(*run_cli(argv, capsys), a_file)
+
+
+def test_train_tokenizer_negative_min_frequency(docs, tmp_path, capsys):
+    argv = ["data", "train-tokenizer", "--documents", docs, "--vocab-size", "300", "--out", tmp_path / "tok",
+            "--min-frequency", "-1"]
+    assert_one_line_error(*run_cli(argv, capsys), "min_frequency")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_stats_negative_top_k(docs, tmp_path, capsys):
+    argv = ["data", "stats", "--documents", docs, "--output", tmp_path / "stats", "--top-k", "-1", "--no-plots",
+            "--no-langid"]
+    assert_one_line_error(*run_cli(argv, capsys), "--top-k")
+
+
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "-1"), ("--temperature", "-0.5"), ("--top-k", "0"),
+                                         ("--top-p", "0"), ("--top-p", "1.5")])
+def test_generate_rejects_bad_sampling_args(tmp_path, flag, value, capsys):
+    argv = ["generate", tmp_path / "model", "--prompt", "hi", flag, value]
+    assert_one_line_error(*run_cli(argv, capsys), flag)
+
+
+@pytest.mark.parametrize("device", ["nosuch", "cuda:999"])
+def test_generate_rejects_unusable_device(tmp_path, device, capsys):
+    argv = ["generate", tmp_path / "model", "--prompt", "hi", "--device", device]
+    assert_one_line_error(*run_cli(argv, capsys), f"device {device!r}")
+
+
+def test_checkpoint_list_missing_run_dir(tmp_path, capsys):
+    assert_one_line_error(*run_cli(["checkpoint", "list", tmp_path / "nope"], capsys), tmp_path / "nope")
+
+
+def test_checkpoint_list_run_without_checkpoints(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step00000002").mkdir()  # interrupted: no meta.json
+    assert_one_line_error(*run_cli(["checkpoint", "list", tmp_path / "run"], capsys), tmp_path / "run")
+
+
+def test_train_nproc_zero(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nmax_steps: 1\n")
+    assert_one_line_error(*run_cli(["train", config, "--nproc", "0"], capsys), "--nproc")
+
+
+@requires_olmo_tokenizer
+@pytest.mark.parametrize("override", ["max_steps=-1", "max_steps=0"])
+def test_train_non_positive_max_steps(docs, tmp_path, override, capsys):
+    assert main(["data", "tokenize", "--documents", str(docs), "--tokenizer", "olmo", "--out", str(tmp_path / "tok"),
+                 "--quiet"]) == 0
+    config = tmp_path / "train.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\ndata:\n  paths: [{tmp_path / 'tok'}]\n  sequence_length: 8\n"
+                      "model:\n  preset: olmo2-tiny\n  overrides: {n_layers: 1}\nglobal_batch_size: 16\n"
+                      "micro_batch_size: 16\nmax_steps: 1\n")
+    capsys.readouterr()
+    assert_one_line_error(*run_cli(["train", config, override], capsys), "max_steps")
+    assert not (tmp_path / "run" / "checkpoints").exists()
