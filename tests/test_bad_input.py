@@ -111,3 +111,74 @@ def test_train_non_positive_max_steps(docs, tmp_path, override, capsys):
     capsys.readouterr()
     assert_one_line_error(*run_cli(["train", config, override], capsys), "max_steps")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run with one complete checkpoint (trained in memory: no token files needed)."""
+    from train_utils import array_loader_factory, random_tokens, tiny_config
+
+    from lmforge.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("run")
+    config = tiny_config(run, **{"max_steps": 1, "checkpoint.interval": 1, "global_batch_size": 2 * 32})
+    Trainer(config, loader_factory=array_loader_factory(random_tokens(2_000), 32)).fit()
+    return run
+
+
+def copy_of(run_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    return tmp_path / "run", checkpoint
+
+
+def test_checkpoint_export_garbage_weights(run_dir, tmp_path, capsys):
+    run, checkpoint = copy_of(run_dir, tmp_path)
+    for shard in (checkpoint / "model_and_optim").glob("*.distcp"):
+        shard.write_bytes(b"garbage")
+    code, err = run_cli(["checkpoint", "export", run, tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, checkpoint / "model_and_optim")
+    assert not (tmp_path / "out").exists()
+
+
+def test_soup_checkpoint_without_dcp_metadata(run_dir, tmp_path, capsys):
+    run, checkpoint = copy_of(run_dir, tmp_path)
+    (checkpoint / "model_and_optim" / ".metadata").unlink()
+    code, err = run_cli(["soup", checkpoint, run_dir / "checkpoints" / checkpoint.name, "--out", tmp_path / "out"],
+                        capsys)
+    assert_one_line_error(code, err, checkpoint / "model_and_optim" / ".metadata")
+
+
+def test_checkpoint_list_meta_not_an_object(run_dir, tmp_path, capsys):
+    run, checkpoint = copy_of(run_dir, tmp_path)
+    (checkpoint / "meta.json").write_text("[1, 2]")
+    assert_one_line_error(*run_cli(["checkpoint", "list", run], capsys), checkpoint / "meta.json")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "5"])
+def test_model_dir_config_not_an_object(tmp_path, content, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(content)
+    argv = ["export", "hf", tmp_path / "model", tmp_path / "out"]
+    assert_one_line_error(*run_cli(argv, capsys), tmp_path / "model" / "config.json")
+
+
+@pytest.mark.parametrize("config", [[1], {"model_type": "olmo2", "hidden_size": "abc", "num_hidden_layers": 1,
+                                          "num_attention_heads": 4, "intermediate_size": 8, "vocab_size": 128}])
+def test_import_hf_bad_config(tmp_path, config, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    argv = ["import", "hf", tmp_path / "hf", "--out", tmp_path / "out"]
+    assert_one_line_error(*run_cli(argv, capsys), tmp_path / "hf" / "config.json")
+
+
+def test_import_hf_corrupt_shard_index(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(
+        {"model_type": "olmo2", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "intermediate_size": 128, "vocab_size": 128}))
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    argv = ["import", "hf", tmp_path / "hf", "--out", tmp_path / "out"]
+    assert_one_line_error(*run_cli(argv, capsys), tmp_path / "hf" / "model.safetensors.index.json")

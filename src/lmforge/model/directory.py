@@ -48,8 +48,8 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise LmforgeError(f"{directory} is not a model directory: no config.json") from None
     except json.JSONDecodeError as e:
         raise LmforgeError(f"corrupt {path}: {e}") from None
-    if data.get("format") != FORMAT:
-        hint = " (a Hugging Face directory? use `lmforge import hf` first)" if "architectures" in data else ""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        hint = " (a Hugging Face directory? use `lmforge import hf` first)" if isinstance(data, dict) and "architectures" in data else ""
         raise LmforgeError(f"{path} is not an lmforge model config{hint}")
     return from_dict(ModelConfig, data["model"], prefix="model.")
 

@@ -200,6 +200,8 @@ def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
             return model_type, config
     except KeyError as e:
         raise LmforgeError(f"{path}: config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. "hidden_size": "abc"
+        raise LmforgeError(f"{path / 'config.json'}: bad value: {e}") from None
     raise LmforgeError(f"{path}: cannot import model_type {model_type!r} (supported: olmo, olmo2, bloom)")
 
 
@@ -209,7 +211,10 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_state(single)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LmforgeError(f"corrupt {index}: {e!r}") from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(load_state(directory / shard))
@@ -226,6 +231,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise LmforgeError(f"{hf_dir} has no config.json") from None
     except json.JSONDecodeError as e:
         raise LmforgeError(f"corrupt {hf_dir / 'config.json'}: {e}") from None
+    if not isinstance(hf_config, dict):
+        raise LmforgeError(f"{hf_dir / 'config.json'} is not a JSON object")
     family, config = _from_hf_config(hf_config, hf_dir)
     if "lmforge_model" in hf_config:  # exported by lmforge: keep the options HF does not record (init, context)
         config = from_dict(ModelConfig, hf_config["lmforge_model"], prefix="lmforge_model.")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,7 +52,18 @@ def _dcp(fn, state: dict, path: Path) -> None:
     """dcp.save/dcp.load; without a process group DCP warns that it assumes one process, which is deliberate."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
-        fn(state, checkpoint_id=str(path))
+        if fn is not dcp.load:
+            fn(state, checkpoint_id=str(path))
+            return
+        if not (path / ".metadata").is_file():  # checked here: DCP would log its own tracebacks first
+            raise LmforgeError(f"incomplete checkpoint: {path / '.metadata'} is missing")
+        try:
+            fn(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # missing/truncated shards surface as assorted errors
+            if isinstance(e, CheckpointException):  # a BaseException wrapping each rank's (error, stack)
+                e = next(iter(e.failures.values()))[0]
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LmforgeError(f"corrupt or incomplete checkpoint weights in {path}: {detail}") from None
 
 
 def step_dir_name(step: int) -> str:
@@ -135,7 +147,7 @@ def read_meta(path: str | Path) -> dict:
         raise LmforgeError(f"{path} is not a complete lmforge checkpoint (no {META})") from None
     except json.JSONDecodeError as e:
         raise LmforgeError(f"corrupt {path / META}: {e}") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LmforgeError(f"{path / META} is not an lmforge checkpoint")
     return meta
 
@@ -179,7 +191,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     rank_file = path / "train" / f"rank{dist_info.rank}.pt"
     rank_state = None
     if meta["world_size"] == dist_info.world_size and rank_file.is_file():
-        rank_state = torch.load(rank_file, weights_only=False)
+        try:
+            rank_state = torch.load(rank_file, weights_only=False)
+        except Exception as e:  # unpickling garbage raises whatever the bytes happen to trigger
+            raise LmforgeError(f"corrupt {rank_file}: {e}") from None
     return meta, rank_state
 
 
