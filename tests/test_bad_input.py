@@ -182,3 +182,28 @@ def test_import_hf_corrupt_shard_index(tmp_path, capsys):
     (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"metadata": {}}')
     argv = ["import", "hf", tmp_path / "hf", "--out", tmp_path / "out"]
     assert_one_line_error(*run_cli(argv, capsys), tmp_path / "hf" / "model.safetensors.index.json")
+
+
+@pytest.fixture
+def dedup_state(docs, tmp_path):
+    """A dedup state directory built from `docs` (state.json, documents.npy, paragraphs.bloom)."""
+    state = tmp_path / "state"
+    assert main(["data", "dedup", "--documents", str(docs), "--state", str(state), "--name", "first"]) == 0
+    return state
+
+
+@pytest.mark.parametrize("name, damage", [("state.json", b"{x"), ("documents.npy", b"junk"),
+                                          ("paragraphs.bloom", None)])
+def test_dedup_corrupt_state(docs, dedup_state, name, damage, capsys):
+    path = dedup_state / name
+    path.write_bytes(damage if damage is not None else path.read_bytes()[:1001])  # None: truncated mid-word
+    capsys.readouterr()
+    code, err = run_cli(["data", "dedup", "--documents", docs, "--state", dedup_state, "--name", "again"], capsys)
+    assert_one_line_error(code, err, path)
+
+
+def test_eval_task_file_malformed_yaml(tmp_path, capsys):
+    task = tmp_path / "task.yaml"
+    task.write_text("name: [unclosed\n")
+    code, err = run_cli(["eval", tmp_path / "model", "--tasks", task], capsys)
+    assert_one_line_error(code, err, task, "line 2")

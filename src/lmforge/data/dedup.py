@@ -198,7 +198,8 @@ class BloomFilter:
                 assert header["format"] == BLOOM_MAGIC and header.get("layout") == "split-block-512"
             except (ValueError, KeyError, AssertionError):
                 raise LmforgeError(f"{path} is not an lmforge Bloom filter (version 2)") from None
-            words = np.frombuffer(f.read(), dtype="<u8").astype(np.uint64)
+            data = f.read()
+            words = np.frombuffer(data[:len(data) - len(data) % 8], dtype="<u8").astype(np.uint64)
         if len(words) != header["bits"] // 64:
             raise LmforgeError(f"{path}: truncated Bloom filter ({len(words)} words for {header['bits']} bits)")
         return cls(header["bits"], header["hashes"], words, header.get("inserted", 0))
@@ -342,7 +343,11 @@ class DedupState:
         self.lsh: dict[tuple[int, int], int] = {}
         meta_path = directory / "state.json"
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                meta["params"], meta["absorbed"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise LmforgeError(f"corrupt dedup state {meta_path}: {e!r}") from None
             if meta["params"] != self.params:
                 raise LmforgeError(f"dedup state {directory} was built with {meta['params']}, not {self.params}; "
                                    "use another --state (or --name) for different settings")
@@ -354,13 +359,13 @@ class DedupState:
     def _load(self) -> None:
         d = self.directory
         if (d / "documents.npy").is_file():
-            self.docs = _ints_from_array(np.load(d / "documents.npy"))
+            self.docs = _ints_from_array(_load_array(d / "documents.npy"))
         if (d / "urls.npy").is_file():
-            self.urls = _ints_from_array(np.load(d / "urls.npy"))
+            self.urls = _ints_from_array(_load_array(d / "urls.npy"))
         if (d / "paragraphs.bloom").is_file():
             self.bloom = BloomFilter.load(d / "paragraphs.bloom")
         if (d / "minhash.npy").is_file():
-            signatures = np.load(d / "minhash.npy")
+            signatures = _load_array(d / "minhash.npy")
             mh = self.params["minhash"]
             self.signatures = list(signatures)
             for index, keys in enumerate(band_keys(signatures, mh["bands"], mh["rows"])):
@@ -385,6 +390,13 @@ class DedupState:
         atomic_write_json(d / "state.json", {"params": self.params, "absorbed": self.absorbed, "bloom": bloom,
                                              "documents": len(self.docs), "urls": len(self.urls),
                                              "minhash_documents": len(self.signatures)})
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (ValueError, EOFError) as e:
+        raise LmforgeError(f"corrupt dedup state file {path}: {e}") from None
 
 
 def _ints_from_array(array: np.ndarray) -> set[int]:

@@ -388,7 +388,10 @@ def load_user_task(path_str: str, regime: str, limit: int | None) -> Task:
         try:
             spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise LmforgeError(f"{path}: invalid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise LmforgeError(f"malformed YAML in {path}{where}: {problem}") from None
         if not isinstance(spec, dict):
             raise LmforgeError(f"{path}: expected a mapping of task settings")
         unknown = sorted(set(spec) - USER_KEYS)
