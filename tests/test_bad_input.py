@@ -40,7 +40,8 @@ def a_file(tmp_path):
 
 
 def test_model_init_output_is_a_file(a_file, capsys):
-    assert_one_line_error(*run_cli(["model", "init", "olmo2-tiny", "n_layers=1", "--out", a_file], capsys), a_file)
+    argv = ["model", "init", "olmo2-tiny", "n_layers=1", "vocab_size=256", "eos_token_id=0", "--out", a_file]
+    assert_one_line_error(*run_cli(argv, capsys), a_file)
 
 
 def test_data_stats_output_is_a_file(docs, a_file, capsys):
@@ -207,3 +208,17 @@ def test_eval_task_file_malformed_yaml(tmp_path, capsys):
     task.write_text("name: [unclosed\n")
     code, err = run_cli(["eval", tmp_path / "model", "--tasks", task], capsys)
     assert_one_line_error(code, err, task, "line 2")
+
+
+@requires_olmo_tokenizer
+def test_eval_ppl_reports_skipped_lines(docs, tmp_path, capsys):
+    model = tmp_path / "model"
+    assert main(["model", "init", "olmo2-tiny", "n_layers=1", "d_model=32", "n_heads=2", "n_kv_heads=2", "mlp_hidden_size=64",
+                 "--out", str(model), "--tokenizer", "olmo"]) == 0
+    with open(docs, "a") as f:
+        f.write('{"id": "broken", "text": \n')
+    capsys.readouterr()
+    assert main(["eval", str(model), "--ppl", str(docs), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "| 5 |" in captured.out.replace("  ", " ")  # the five good documents were scored
+    assert "skipped 1 unreadable lines" in captured.err and f"{docs}:6" in captured.err

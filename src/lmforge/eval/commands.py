@@ -77,6 +77,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
         ppl_files = results["perplexity"]["inputs"] if results.get("perplexity") else []
         write_outputs(results, Path(args.out), config, [str(weights), *task_files, *ppl_files])
     print(table, end="")
+    skipped = results["perplexity"]["read_report"] if results.get("perplexity") else None
+    if skipped and skipped["skipped"]:
+        print(f"skipped {skipped['skipped']} unreadable lines in the --ppl documents; first: {skipped['bad_lines'][0]}",
+              file=sys.stderr)
     timing = results["timing"]
     if timing["instances"]:
         print(f"\n{timing['instances']} instances in {timing['task_seconds']:.1f}s "
