@@ -100,18 +100,35 @@ def test_train_nproc_zero(tmp_path, capsys):
     assert_one_line_error(*run_cli(["train", config, "--nproc", "0"], capsys), "--nproc")
 
 
-@requires_olmo_tokenizer
-@pytest.mark.parametrize("override", ["max_steps=-1", "max_steps=0"])
-def test_train_non_positive_max_steps(docs, tmp_path, override, capsys):
+def write_train_config(docs, tmp_path):
+    """Token files from `docs` and a one-step training config for a very small model on them."""
     assert main(["data", "tokenize", "--documents", str(docs), "--tokenizer", "olmo", "--out", str(tmp_path / "tok"),
                  "--quiet"]) == 0
     config = tmp_path / "train.yaml"
     config.write_text(f"run_dir: {tmp_path / 'run'}\ndata:\n  paths: [{tmp_path / 'tok'}]\n  sequence_length: 8\n"
-                      "model:\n  preset: olmo2-tiny\n  overrides: {n_layers: 1}\nglobal_batch_size: 16\n"
-                      "micro_batch_size: 16\nmax_steps: 1\n")
+                      "model:\n  preset: olmo2-tiny\n  vocab_from_tokenizer: true\n"
+                      "  overrides: {n_layers: 1, d_model: 32, n_heads: 2, n_kv_heads: 2, mlp_hidden_size: 64}\n"
+                      "global_batch_size: 16\nmicro_batch_size: 16\nmax_steps: 1\ncheckpoint: {interval: 1}\n")
+    return config
+
+
+@requires_olmo_tokenizer
+@pytest.mark.parametrize("override", ["max_steps=-1", "max_steps=0"])
+def test_train_non_positive_max_steps(docs, tmp_path, override, capsys):
+    config = write_train_config(docs, tmp_path)
     capsys.readouterr()
     assert_one_line_error(*run_cli(["train", config, override], capsys), "max_steps")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@requires_olmo_tokenizer
+def test_inspect_counts_unreadable_batch_lines(docs, tmp_path, capsys):
+    assert main(["train", str(write_train_config(docs, tmp_path))]) == 0
+    batches = tmp_path / "run" / "batches.jsonl"
+    batches.write_text("not json\n" + batches.read_text(encoding="utf-8").replace('"step": 1', '"step": 1,'))
+    capsys.readouterr()
+    code, err = run_cli(["data", "inspect", "--run", tmp_path / "run", "--step", "1"], capsys)
+    assert_one_line_error(code, err, batches, "skipped 2 unreadable lines, first line 1")
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +239,13 @@ def test_eval_ppl_reports_skipped_lines(docs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "| 5 |" in captured.out.replace("  ", " ")  # the five good documents were scored
     assert "skipped 1 unreadable lines" in captured.err and f"{docs}:6" in captured.err
+
+
+@requires_olmo_tokenizer
+def test_resume_from_corrupt_rank_state(docs, tmp_path, capsys):
+    config = write_train_config(docs, tmp_path)
+    assert main(["train", str(config)]) == 0
+    (rank_file,) = (tmp_path / "run" / "checkpoints").glob("step*/train/rank0.pt")
+    rank_file.write_bytes(b"junk")
+    capsys.readouterr()
+    assert_one_line_error(*run_cli(["train", config, "max_steps=2"], capsys), rank_file)

@@ -94,21 +94,25 @@ def find_batch(run_dir: str | Path, step: int) -> dict:
         raise LmforgeError(f"{path} not found: the run logged no batches")
     found = None
     steps = []
+    bad_lines = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+                record_step = record["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
                 # The last line of a run killed mid-write may be partial; any other bad line is corruption.
+                bad_lines.append(number)
                 continue
-            steps.append(record["step"])
-            if record["step"] == step:
+            steps.append(record_step)
+            if record_step == step:
                 found = record
     if found is None:
         span = f"steps {min(steps)}..{max(steps)}" if steps else "no steps"
-        raise LmforgeError(f"step {step} is not in {path} ({span} logged)")
+        skipped = f"; skipped {len(bad_lines)} unreadable lines, first line {bad_lines[0]}" if bad_lines else ""
+        raise LmforgeError(f"step {step} is not in {path} ({span} logged{skipped})")
     return found
 
 
