@@ -249,3 +249,9 @@ def test_resume_from_corrupt_rank_state(docs, tmp_path, capsys):
     rank_file.write_bytes(b"junk")
     capsys.readouterr()
     assert_one_line_error(*run_cli(["train", config, "max_steps=2"], capsys), rank_file)
+
+
+def test_dedup_read_only_without_state(docs, tmp_path, capsys):
+    code, err = run_cli(["data", "dedup", "--documents", docs, "--state", tmp_path / "nope", "--read-only"], capsys)
+    assert_one_line_error(code, err, tmp_path / "nope" / "state.json")
+    assert not (tmp_path / "attributes").exists()

@@ -353,6 +353,8 @@ class DedupState:
                                    "use another --state (or --name) for different settings")
             self.absorbed = meta["absorbed"]
             self._load()
+        elif config.read_only:  # nothing to check against and nothing added: every document would pass
+            raise LmforgeError(f"--read-only needs an existing dedup state, but {meta_path} does not exist")
         elif "paragraph" in config.modes:
             self.bloom = BloomFilter.sized(config.bloom.expected_elements, config.bloom.false_positive_rate)
 
