@@ -255,3 +255,15 @@ def test_dedup_read_only_without_state(docs, tmp_path, capsys):
     code, err = run_cli(["data", "dedup", "--documents", docs, "--state", tmp_path / "nope", "--read-only"], capsys)
     assert_one_line_error(code, err, tmp_path / "nope" / "state.json")
     assert not (tmp_path / "attributes").exists()
+
+
+@pytest.mark.parametrize("command", [["data", "mix"], ["train"]])
+def test_config_not_utf8(tmp_path, command, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"\xff\xfe seed: 1\n")
+    assert_one_line_error(*run_cli([*command, config], capsys), config, "UTF-8")
+
+
+@pytest.mark.parametrize("seq_len", ["0", "-5"])
+def test_model_info_non_positive_seq_len(seq_len, capsys):
+    assert_one_line_error(*run_cli(["model", "info", "olmo2-tiny", "--seq-len", seq_len], capsys), "--seq-len")

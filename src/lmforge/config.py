@@ -29,6 +29,8 @@ def read_yaml(path: str | Path) -> dict:
         raise LmforgeError(f"config file not found: {path}") from None
     except OSError as e:
         raise LmforgeError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

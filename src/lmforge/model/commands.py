@@ -62,6 +62,10 @@ def cmd_info(args) -> None:
     from lmforge.model.info import model_info
     from lmforge.model.presets import resolve_model_config
 
+    if args.seq_len is not None and args.seq_len < 1:
+        from lmforge.errors import LmforgeError
+
+        raise LmforgeError(f"--seq-len must be at least 1, got {args.seq_len}")
     info = model_info(resolve_model_config(args.preset, args.overrides), args.seq_len)
     if args.json:
         print(json.dumps(info, indent=2))
