@@ -267,3 +267,37 @@ def test_config_not_utf8(tmp_path, command, capsys):
 @pytest.mark.parametrize("seq_len", ["0", "-5"])
 def test_model_info_non_positive_seq_len(seq_len, capsys):
     assert_one_line_error(*run_cli(["model", "info", "olmo2-tiny", "--seq-len", seq_len], capsys), "--seq-len")
+
+
+NOT_UTF8 = b"\xff\xfe{}\n"
+
+
+@pytest.mark.parametrize("kind", ["model", "hf"])
+def test_config_json_not_utf8(tmp_path, kind, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "config.json").write_bytes(NOT_UTF8)
+    argv = (["export", "hf", tmp_path / "in", tmp_path / "out"] if kind == "model"
+            else ["import", "hf", tmp_path / "in", "--out", tmp_path / "out"])
+    assert_one_line_error(*run_cli(argv, capsys), tmp_path / "in" / "config.json")
+
+
+def test_checkpoint_meta_not_utf8(run_dir, tmp_path, capsys):
+    run, checkpoint = copy_of(run_dir, tmp_path)
+    (checkpoint / "meta.json").write_bytes(NOT_UTF8)
+    assert_one_line_error(*run_cli(["checkpoint", "list", run], capsys), checkpoint / "meta.json")
+
+
+def test_stats_count_file_not_utf8(docs, tmp_path, capsys):
+    count_file = tmp_path / "strings.txt"
+    count_file.write_bytes(NOT_UTF8)
+    argv = ["data", "stats", "--documents", docs, "--output", tmp_path / "stats", "--count-file", count_file,
+            "--no-plots", "--no-langid"]
+    assert_one_line_error(*run_cli(argv, capsys), count_file, "UTF-8")
+
+
+@pytest.mark.parametrize("name, where", [("task.yaml", ""), ("task.jsonl", ":2")])
+def test_eval_task_file_not_utf8(tmp_path, name, where, capsys):
+    task = tmp_path / name
+    task.write_bytes(b'{"context": "q", "choices": ["a", "b"], "gold": 0}\n' + NOT_UTF8 if where else NOT_UTF8)
+    code, err = run_cli(["eval", tmp_path / "model", "--tasks", task], capsys)
+    assert_one_line_error(code, err, f"{task}{where}", "UTF-8")

@@ -138,5 +138,5 @@ def read_manifest(directory: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"no {MANIFEST_NAME} in {directory}") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # malformed JSON or not UTF-8
         raise LmforgeError(f"corrupt manifest {path}: {e}") from None

@@ -143,6 +143,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             strings += [s for s in Path(args.count_file).read_text(encoding="utf-8").splitlines() if s.strip()]
         except OSError as e:
             raise LmforgeError(f"cannot read --count-file {args.count_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"--count-file {args.count_file} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     config = StatsConfig(documents=args.documents, output=args.output, count_strings=strings, top_k=args.top_k,
                          ngram_sizes=args.ngram or [1, 2, 3], tokenizer=args.tokenizer, langid=not args.no_langid,
                          plots=not args.no_plots, workers=args.workers, executor=args.executor,

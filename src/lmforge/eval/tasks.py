@@ -387,6 +387,8 @@ def load_user_task(path_str: str, regime: str, limit: int | None) -> Task:
     else:
         try:
             spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -426,10 +428,14 @@ def read_user_instances(data: Path, name: str, kind: str, delimiter: str, limit:
         raise LmforgeError(f"task data file not found: {data}")
     required = KIND_FIELDS[kind]
     instances = []
-    with open(data, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(data, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
             if limit is not None and len(instances) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LmforgeError(f"{data}:{line_no}: not UTF-8 text: {e.reason} at column {e.start + 1}") from None
             if not line.strip():
                 continue
             where = f"{data}:{line_no}"

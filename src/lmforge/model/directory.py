@@ -46,7 +46,7 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"{directory} is not a model directory: no config.json") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # malformed JSON or not UTF-8
         raise LmforgeError(f"corrupt {path}: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         hint = " (a Hugging Face directory? use `lmforge import hf` first)" if isinstance(data, dict) and "architectures" in data else ""

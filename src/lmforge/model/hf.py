@@ -229,7 +229,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"{hf_dir} has no config.json") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # malformed JSON or not UTF-8
         raise LmforgeError(f"corrupt {hf_dir / 'config.json'}: {e}") from None
     if not isinstance(hf_config, dict):
         raise LmforgeError(f"{hf_dir / 'config.json'} is not a JSON object")

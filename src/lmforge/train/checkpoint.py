@@ -145,7 +145,7 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"{path} is not a complete lmforge checkpoint (no {META})") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # malformed JSON or not UTF-8
         raise LmforgeError(f"corrupt {path / META}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LmforgeError(f"{path / META} is not an lmforge checkpoint")

@@ -84,7 +84,7 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmforgeError(f"{path} not found: the run directory has no training-data record") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # malformed JSON or not UTF-8
         raise LmforgeError(f"corrupt {path}: {e}") from None
 
 
