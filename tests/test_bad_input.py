@@ -301,3 +301,18 @@ def test_eval_task_file_not_utf8(tmp_path, name, where, capsys):
     task.write_bytes(b'{"context": "q", "choices": ["a", "b"], "gold": 0}\n' + NOT_UTF8 if where else NOT_UTF8)
     code, err = run_cli(["eval", tmp_path / "model", "--tasks", task], capsys)
     assert_one_line_error(code, err, f"{task}{where}", "UTF-8")
+
+
+@requires_olmo_tokenizer
+def test_tokenizer_larger_than_embedding(docs, tmp_path, capsys):
+    import shutil
+
+    from lmforge.tokenizer import resolve_tokenizer_path
+
+    model = tmp_path / "model"
+    assert main(["model", "init", "olmo2-tiny", "n_layers=1", "d_model=32", "n_heads=2", "n_kv_heads=2",
+                 "mlp_hidden_size=64", "vocab_size=256", "eos_token_id=0", "pad_token_id=1", "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert_one_line_error(*run_cli(["generate", model, "--prompt", "hi", "--tokenizer", "olmo"], capsys), "olmo")
+    shutil.copy(resolve_tokenizer_path("olmo"), model / "tokenizer.json")
+    assert_one_line_error(*run_cli(["eval", model, "--ppl", docs], capsys), model / "tokenizer.json")

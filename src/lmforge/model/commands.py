@@ -136,6 +136,9 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_model_dir(args.model, device=_device(args.device))
     if args.tokenizer:
         tokenizer = Tokenizer.load(args.tokenizer)
+        if tokenizer.vocab_size > model.config.embedding_size:
+            raise LmforgeError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the model's "
+                               f"embedding has {model.config.embedding_size} rows")
     if tokenizer is None:
         raise LmforgeError(f"{args.model} has no tokenizer.json; pass --tokenizer")
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -92,6 +92,9 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu",
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     tokenizer = Tokenizer.load(directory, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                bos_id=config.bos_token_id) if (directory / "tokenizer.json").is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:  # ids past the embedding would crash
+        raise LmforgeError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
+                           f"embedding has {config.embedding_size} rows")
     return model.eval(), tokenizer
 
 
