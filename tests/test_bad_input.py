@@ -316,3 +316,13 @@ def test_tokenizer_larger_than_embedding(docs, tmp_path, capsys):
     assert_one_line_error(*run_cli(["generate", model, "--prompt", "hi", "--tokenizer", "olmo"], capsys), "olmo")
     shutil.copy(resolve_tokenizer_path("olmo"), model / "tokenizer.json")
     assert_one_line_error(*run_cli(["eval", model, "--ppl", docs], capsys), model / "tokenizer.json")
+
+
+@requires_olmo_tokenizer
+def test_train_model_vocab_smaller_than_tokenizer(docs, tmp_path, capsys):
+    config = write_train_config(docs, tmp_path)
+    capsys.readouterr()
+    argv = ["train", config, "model.vocab_from_tokenizer=false", "model.overrides.vocab_size=256",
+            "model.overrides.eos_token_id=0", "model.overrides.pad_token_id=1"]
+    assert_one_line_error(*run_cli(argv, capsys), tmp_path / "tok" / "tokenizer", "256 rows")
+    assert not (tmp_path / "run" / "checkpoints").exists()

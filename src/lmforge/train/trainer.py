@@ -84,6 +84,12 @@ class Trainer:
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
         config.check(self.dist.world_size, self.model_config)
+        if self.tokenizer and not config.model.vocab_from_tokenizer:  # token ids past the embedding would crash
+            vocab = load_tokenizer(self.tokenizer).vocab_size
+            if vocab > self.model_config.embedding_size:
+                raise LmforgeError(f"the run's tokenizer {self.tokenizer} has {vocab} tokens but the model's "
+                                   f"embedding has {self.model_config.embedding_size} rows; set "
+                                   "model.vocab_from_tokenizer=true or a larger model vocab_size")
         self.run_dir = Path(config.run_dir)
         self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
         self.sizes = config.batch_sizes()
