@@ -326,3 +326,16 @@ def test_train_model_vocab_smaller_than_tokenizer(docs, tmp_path, capsys):
             "model.overrides.eos_token_id=0", "model.overrides.pad_token_id=1"]
     assert_one_line_error(*run_cli(argv, capsys), tmp_path / "tok" / "tokenizer", "256 rows")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("weights", [["nan", "1"], ["inf", "1"]])
+def test_soup_non_finite_weights(run_dir, tmp_path, weights, capsys):
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    argv = ["soup", checkpoint, checkpoint, "--weights", *weights, "--out", tmp_path / "soup"]
+    assert_one_line_error(*run_cli(argv, capsys), "finite")
+    assert not (tmp_path / "soup").exists()
+
+
+def test_generate_nan_temperature(tmp_path, capsys):
+    argv = ["generate", tmp_path / "model", "--prompt", "hi", "--temperature", "nan"]
+    assert_one_line_error(*run_cli(argv, capsys), "--temperature")

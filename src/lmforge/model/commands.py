@@ -118,7 +118,7 @@ def _check_sampling_args(args) -> None:
 
     if args.max_new_tokens < 0:
         raise LmforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
+    if not 0 <= args.temperature < float("inf"):  # NaN fails too
         raise LmforgeError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")

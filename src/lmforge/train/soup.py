@@ -32,8 +32,8 @@ def soup(paths: list[str], out: str | Path, weights: list[float] | None = None, 
         weights = [1.0] * len(paths)
     if len(weights) != len(paths):
         raise LmforgeError(f"{len(weights)} weights for {len(paths)} checkpoints")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise LmforgeError("weights must be non-negative and not all zero")
+    if not all(0 <= w < float("inf") for w in weights) or sum(weights) <= 0:  # `0 <= w` is False for NaN too
+        raise LmforgeError("weights must be finite, non-negative and not all zero")
     total = sum(weights)
     weights = [w / total for w in weights]
     averaged: dict[str, torch.Tensor] = {}
