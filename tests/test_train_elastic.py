@@ -3,9 +3,8 @@ is restarted by torchrun, resumes from the run's latest checkpoint by itself, an
 never been interrupted.
 
 The reference is an uninterrupted 2-process run of the same command: the restarted workers have the same world
-size, so they reload their own RNG and data positions and the losses must match bit for bit. The reference run
-is also checked against a 1-process run with test_train_parallel's tolerance (rtol 1e-5), so a launcher that
-quietly trained on one process would not pass either.
+size, so they reload their own RNG and data positions and the losses must match bit for bit (test_train_parallel
+shows that 2 processes train like 1 within rtol 1e-5; here the world size never changes, so no tolerance).
 """
 
 import json
@@ -18,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from lmforge.cli import main
 from lmforge.train.checkpoint import CHECKPOINTS, list_checkpoints
 from test_dataset import write_token_file
 from train_utils import TINY_MODEL, random_tokens, read_metrics
@@ -30,9 +27,8 @@ pytestmark = [pytest.mark.slow,
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "train" / "quickstart.yaml"
-STEPS, INTERVAL, KILL_AFTER_STEP = 40, 5, 12
-RTOL = 1e-5  # see test_train_parallel: 1 vs 2 processes differ only in the order of float32 additions
-RUN_TIMEOUT = 60
+STEPS, INTERVAL, KILL_AFTER_STEP = 30, 5, 12
+RUN_TIMEOUT = 90
 # What a launcher that could not set up its rendezvous says; anything else that stops it is a failure.
 CANNOT_START = ("EADDRINUSE", "Address already in use", "RendezvousConnectionError", "DistNetworkError",
                 "RendezvousTimeoutError")
@@ -136,8 +132,8 @@ class Launch:
             time.sleep(0.05)
         return self.process.returncode
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-8000:]
+    def output(self, tail: int = 8000) -> str:
+        return self.log.read_text(errors="replace")[-tail:] if tail else self.log.read_text(errors="replace")
 
     def processes(self) -> str:
         """What each process of the run waits on, for a run that hangs."""
@@ -206,16 +202,16 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path, tokens_dir
         killed_at = len(read_metrics(elastic_dir))
         os.kill(victims["1"], signal.SIGKILL)  # one worker, not the launcher
         code = launch.wait(RUN_TIMEOUT)
-        log = launch.output()
+        log = launch.output(tail=0)
     finally:
         launch.close()
-    assert code == 0, log
+    assert code == 0, log[-8000:]
     assert killed_at < STEPS, "the run finished before the kill"
 
     # torchrun restarted the worker group, and the new workers resumed from a checkpoint, not from step 0.
-    assert "resumed from" in log, log
+    assert "will restart worker group" in log and "resumed from" in log, log[-8000:]
     resumed_step = int(log.split("resumed from", 1)[1].split("(step ", 1)[1].split(",", 1)[0])
-    assert INTERVAL <= resumed_step <= killed_at and resumed_step % INTERVAL == 0, log
+    assert INTERVAL <= resumed_step <= killed_at and resumed_step % INTERVAL == 0, log[-8000:]
     manifest = json.loads((elastic_dir / "manifest.json").read_text())
     assert manifest["counts"]["finished"] is True and manifest["counts"]["world_size"] == 2
     assert [s for s, _ in list_checkpoints(elastic_dir / CHECKPOINTS)][-1] == STEPS
@@ -226,9 +222,3 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path, tokens_dir
     for key in ("loss", "grad_norm", "tokens", "lr"):
         assert [r[key] for r in elastic] == [r[key] for r in reference], key
     assert reference[-1]["loss"] < reference[0]["loss"] - 0.5  # it learned, so equal losses are not trivial
-
-    # The 2-process reference trains like one process on the same global batch.
-    torch.set_num_threads(1)
-    assert main(["train", str(CONFIG), *overrides(tokens_dir, tmp_path / "single")]) == 0
-    single = read_metrics(tmp_path / "single")
-    assert [r["loss"] for r in reference] == pytest.approx([r["loss"] for r in single], rel=RTOL)

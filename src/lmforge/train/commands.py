@@ -81,8 +81,9 @@ def launch_torchrun(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # share the node's cores between the workers instead of oversubscribing
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(args.nproc, 1)))
-    # With the rendezvous store shared between attempts (torchrun's default), restarted workers can read the
-    # dead workers' gloo addresses left in it and wait on them forever; a store per attempt has no such keys.
+    # torchrun shares one rendezvous store between restart attempts by default; restarted gloo workers then
+    # often hung forever creating their process group (tests/test_train_elastic.py), presumably on keys the
+    # killed attempt left in the store. A fresh store per attempt has none.
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return subprocess.call(cmd, env=env)
 
