@@ -339,3 +339,11 @@ def test_soup_non_finite_weights(run_dir, tmp_path, weights, capsys):
 def test_generate_nan_temperature(tmp_path, capsys):
     argv = ["generate", tmp_path / "model", "--prompt", "hi", "--temperature", "nan"]
     assert_one_line_error(*run_cli(argv, capsys), "--temperature")
+
+
+@pytest.mark.parametrize("command", ["tag", "dedup", "stats"])
+def test_curation_workers_must_be_positive(tmp_path, capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", command, "--documents", str(tmp_path / "*.jsonl"), "--workers", "0"])
+    assert exit_info.value.code == 2
+    assert "--workers: must be at least 1, got 0" in capsys.readouterr().err

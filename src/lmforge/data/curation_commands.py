@@ -11,8 +11,18 @@ def _split_list(values: list[str] | None) -> list[str]:
     return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (one shard per task)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (one shard per task)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local processes, or Ray tasks (the same command across machines)")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto or ray://host:10001)")
