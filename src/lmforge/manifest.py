@@ -130,13 +130,17 @@ def write_manifest(
     return path
 
 
-def read_manifest(directory: str | Path) -> dict:
+def read_json(path: str | Path, missing: str) -> dict:
+    """A JSON file the user's workflow produced; `missing` says what its absence means."""
     from lmforge.errors import LmforgeError
 
-    path = Path(directory) / MANIFEST_NAME
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LmforgeError(f"no {MANIFEST_NAME} in {directory}") from None
+        raise LmforgeError(missing) from None
     except ValueError as e:  # malformed JSON or not UTF-8
-        raise LmforgeError(f"corrupt manifest {path}: {e}") from None
+        raise LmforgeError(f"corrupt {path}: {e}") from None
+
+
+def read_manifest(directory: str | Path) -> dict:
+    return read_json(Path(directory) / MANIFEST_NAME, f"no {MANIFEST_NAME} in {directory}")

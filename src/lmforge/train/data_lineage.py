@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from lmforge.config import from_dict, to_dict
 from lmforge.errors import LmforgeError
-from lmforge.manifest import atomic_write_json
+from lmforge.manifest import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from lmforge.train.dataset import Dataset
@@ -80,12 +80,7 @@ class BatchLog:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmforgeError(f"{path} not found: the run directory has no training-data record") from None
-    except ValueError as e:  # malformed JSON or not UTF-8
-        raise LmforgeError(f"corrupt {path}: {e}") from None
+    return read_json(path, f"{path} not found: the run directory has no training-data record")
 
 
 def find_batch(run_dir: str | Path, step: int) -> dict:
