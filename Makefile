@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 quickstart: venv
-	$(PY) -m lmforge.quickstart --out $(QUICKSTART_DIR)
+	$(PY) -m lmforge.recipes.quickstart --out $(QUICKSTART_DIR)
 
 test: venv
 	$(PY) -m pytest -x tests

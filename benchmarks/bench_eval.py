@@ -26,7 +26,7 @@ from lmforge.eval.tasks import Task, load_task
 from lmforge.model.directory import build_model, load_model_dir, save_model_dir
 from lmforge.model.hf import export_hf
 from lmforge.model.presets import get_preset
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokens.tokenizer import Tokenizer
 
 YAML = """task: {name}
 dataset_path: json
@@ -60,8 +60,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     config = get_preset("olmo2-tiny")
-    save_model_dir(build_model(config, seed=0), work / "model", Tokenizer.load("olmo"))
-    export_hf(work / "model", work / "hf")
+    model, tokenizer = build_model(config, seed=0), Tokenizer.load("olmo")
+    save_model_dir(model, work / "model", tokenizer)
+    export_hf(model, tokenizer, work / "hf")
 
     for name, regime in TASKS:
         instances = load_task(name, regime, args.instances).formulations[0].instances

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lmforge.data.tokenize import sidecar_metadata
-from lmforge.train.data_filter import InstanceFilterConfig
-from lmforge.train.dataset import DataConfig
+from lmforge.tokens.tokenize import sidecar_metadata
+from lmforge.tokens.instance_filter import InstanceFilterConfig
+from lmforge.tokens.dataset import DataConfig
 
 
 def make_files(folder: Path, total_tokens: int, dtype: str, files: int = 4) -> None:

@@ -48,7 +48,7 @@ def main() -> None:
 
     import transformers
 
-    from lmforge.model.directory import build_model, save_model_dir
+    from lmforge.model.directory import build_model
     from lmforge.model.generation import SamplingConfig, generate_ids
     from lmforge.model.hf import export_hf
     from lmforge.model.presets import get_preset
@@ -60,8 +60,7 @@ def main() -> None:
         config.vocab_size = args.vocab_size
     ours = build_model(config, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        save_model_dir(ours, f"{tmp}/m")
-        export_hf(f"{tmp}/m", f"{tmp}/hf")
+        export_hf(ours, None, f"{tmp}/hf")
         theirs = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", attn_implementation="sdpa")
     vocab = ours.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmforge.data.documents import open_binary, strip_suffix
-from lmforge.tokenizer import Tokenizer
+from lmforge.curation.documents import open_binary, strip_suffix
+from lmforge.tokens.tokenizer import Tokenizer
 
 CORPUS = str(Path(__file__).resolve().parents[2] / "shared" / "corpus")
 DEFAULT_SHARDS = ["python-docs-0000", "debian-reference-0000", "fortunes-0001", "python-stdlib-0000"]

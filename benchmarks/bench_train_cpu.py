@@ -67,7 +67,7 @@ class StepClock:
 def run_lmforge(args, path: Path) -> dict:
     import torch
 
-    from lmforge.config import from_dict
+    from lmforge.core.config import from_dict
     from lmforge.train.config import TrainConfig
     from lmforge.train.trainer import Trainer
 

@@ -1,7 +1,7 @@
 import pytest
 
-from lmforge.errors import LmforgeError
-from lmforge.tokenizer import resolve_tokenizer_path
+from lmforge.core.errors import LmforgeError
+from lmforge.tokens.tokenizer import resolve_tokenizer_path
 
 
 def _has_olmo_tokenizer() -> bool:

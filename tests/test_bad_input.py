@@ -307,7 +307,7 @@ def test_eval_task_file_not_utf8(tmp_path, name, where, capsys):
 def test_tokenizer_larger_than_embedding(docs, tmp_path, capsys):
     import shutil
 
-    from lmforge.tokenizer import resolve_tokenizer_path
+    from lmforge.tokens.tokenizer import resolve_tokenizer_path
 
     model = tmp_path / "model"
     assert main(["model", "init", "olmo2-tiny", "n_layers=1", "d_model=32", "n_heads=2", "n_kv_heads=2",

@@ -3,8 +3,8 @@ from typing import Literal
 
 import pytest
 
-from lmforge.config import apply_overrides, dump_yaml, load_config
-from lmforge.errors import LmforgeError
+from lmforge.core.config import apply_overrides, dump_yaml, load_config
+from lmforge.core.errors import LmforgeError
 
 
 @dataclass

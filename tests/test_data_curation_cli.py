@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from lmforge.cli import main
-from lmforge.data.attributes import read_attributes
-from lmforge.data.documents import read_documents
+from lmforge.curation.attributes import read_attributes
+from lmforge.curation.documents import read_documents
 
 GOOD = [
     {"id": "d1", "text": "The cat sat on the mat and looked at the birds outside the window all day long. " * 8
@@ -30,7 +30,7 @@ def _corpus(root):
     with gzip.open(docs / "empty.jsonl.gz", "wb"):
         pass
     (root / "boom.py").write_text(textwrap.dedent("""
-        from lmforge.data.taggers import Tagger, register_tagger
+        from lmforge.curation.taggers import Tagger, register_tagger
 
         @register_tagger("boom_test")
         class Boom(Tagger):
@@ -131,7 +131,7 @@ def test_ray_executor_matches_local(tmp_path, capsys, monkeypatch):
 
 def test_parquet_shards_are_tagged_and_mixed(tmp_path, capsys, monkeypatch):
     pytest.importorskip("pyarrow")
-    from lmforge.data.documents import DocumentWriter
+    from lmforge.curation.documents import DocumentWriter
 
     monkeypatch.chdir(tmp_path)
     with DocumentWriter(tmp_path / "documents" / "p.parquet") as w:

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from lmforge.data.attributes import attribute_path, read_attributes
-from lmforge.data.dedup import (BloomFilter, DedupConfig, MinHashConfig, MinHasher, blocked_false_positive_rate,
+from lmforge.curation.attributes import attribute_path, read_attributes
+from lmforge.curation.dedup import (BloomFilter, DedupConfig, MinHashConfig, MinHasher, blocked_false_positive_rate,
                                 estimated_jaccard, run_dedup, word_ngram_hashes)
-from lmforge.data.documents import DocumentWriter
-from lmforge.errors import LmforgeError
+from lmforge.curation.documents import DocumentWriter
+from lmforge.core.errors import LmforgeError
 
 
 @pytest.mark.parametrize("target", [0.01, 0.001])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.taggers import make_tagger
+from lmforge.curation.taggers import make_tagger
 
 DOLMA_VENV = Path(os.environ.get("DOLMA_VENV", Path(__file__).resolve().parents[1] / ".peers" / "dolma-venv"))
 DOLMA_PYTHON = DOLMA_VENV / "bin" / "python"

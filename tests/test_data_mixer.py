@@ -3,11 +3,11 @@
 import pytest
 import yaml
 
-from lmforge.data.attributes import attribute_path
-from lmforge.data.documents import DocumentWriter, read_documents
-from lmforge.data.filter_expr import Context, compile_filter, compile_jsonpath
-from lmforge.data.mixer import load_mixer_config, replace_spans, run_mix, sample_copies
-from lmforge.errors import LmforgeError
+from lmforge.curation.attributes import attribute_path
+from lmforge.curation.documents import DocumentWriter, read_documents
+from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath
+from lmforge.curation.mixer import load_mixer_config, replace_spans, run_mix, sample_copies
+from lmforge.core.errors import LmforgeError
 
 ATTRS = {
     "gopher__word_count": [[0, 20, 40.0]],

@@ -4,11 +4,11 @@ import textwrap
 
 import pytest
 
-from lmforge.data import taggers
-from lmforge.data.taggers import gopher
-from lmforge.data.taggers.c4 import c4_attributes
-from lmforge.data.taggers.pii import find_emails, find_ips, find_phones
-from lmforge.errors import LmforgeError
+from lmforge.curation import taggers
+from lmforge.curation.taggers import gopher
+from lmforge.curation.taggers.c4 import c4_attributes
+from lmforge.curation.taggers.pii import find_emails, find_ips, find_phones
+from lmforge.core.errors import LmforgeError
 
 GOPHER_DOC = "the cat sat\nthe cat sat\n# hello...\n- item one"
 
@@ -160,7 +160,7 @@ def test_langid_document_and_paragraph():
 
 def test_fasttext_classifier_tagger_with_lid176():
     pytest.importorskip("fasttext")
-    from lmforge.data.taggers.language import lid176_path
+    from lmforge.curation.taggers.language import lid176_path
 
     tagger = taggers.make_tagger("fasttext", {"model": str(lid176_path()), "k": "1"})
     out = tagger.tag({"id": "1", "text": "Dies ist ein ganz normaler deutscher Satz über das Wetter."})
@@ -187,7 +187,7 @@ def test_unknown_tagger_lists_available():
 def test_user_tagger_module(tmp_path):
     module = tmp_path / "my_taggers.py"
     module.write_text(textwrap.dedent("""
-        from lmforge.data.taggers import Tagger, register_tagger
+        from lmforge.curation.taggers import Tagger, register_tagger
 
         @register_tagger("shouting_test")
         class Shouting(Tagger):

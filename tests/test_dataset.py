@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.cli import main
-from lmforge.data.tokenize import TokenizeConfig, sidecar_metadata, tokenize
-from lmforge.errors import LmforgeError
-from lmforge.tokenizer import train_bpe
-from lmforge.train.data_filter import InstanceFilterConfig, has_repeated_ngram
-from lmforge.train.data_lineage import BatchLog, write_run_data_record
-from lmforge.train.data_loader import epoch_order
-from lmforge.train.dataset import DataConfig, SourceConfig
+from lmforge.tokens.tokenize import TokenizeConfig, sidecar_metadata, tokenize
+from lmforge.core.errors import LmforgeError
+from lmforge.tokens.tokenizer import train_bpe
+from lmforge.tokens.instance_filter import InstanceFilterConfig, has_repeated_ngram
+from lmforge.tokens.lineage import BatchLog, write_run_data_record
+from lmforge.tokens.loader import epoch_order
+from lmforge.tokens.dataset import DataConfig, SourceConfig
 
 
 def write_token_file(path, docs: list[np.ndarray], sources: list[str] | None = None, dtype: str = "uint16"):

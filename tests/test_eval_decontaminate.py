@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from lmforge.data import decontaminate_commands
-from lmforge.errors import LmforgeError
-from lmforge.eval.decontaminate import DecontaminationConfig, ParagraphFilter, decontaminate
+from lmforge.cli import data as data_cli
+from lmforge.core.errors import LmforgeError
+from lmforge.curation.decontaminate import DecontaminationConfig, ParagraphFilter, decontaminate
+from lmforge.eval.tasks import task_texts
 
 QUESTION = "Which of these would help to prevent infections from spreading in a hospital during the flu season?"
 SHORT = "Which gas do plants take in?"
@@ -49,7 +50,7 @@ def test_filter_counts_words_and_ignores_prompt_labels():
 def test_mark_writes_dolma_attributes_and_counts_per_source(corpus):
     root, task = corpus
     config = DecontaminationConfig(documents=[str(root / "train/documents/*.jsonl.gz")], tasks=[str(task)])
-    summary = decontaminate(config, log=lambda m: None)
+    summary = decontaminate(config, task_texts(config.tasks), log=lambda m: None)
     assert summary["per_source"] == {"web": {"documents": 2, "contaminated": 1, "paragraphs": 1},
                                      "books": {"documents": 2, "contaminated": 1, "paragraphs": 1}}
     with gzip.open(root / "train/attributes/decontamination/shard0.jsonl.gz", "rt") as f:
@@ -58,16 +59,16 @@ def test_mark_writes_dolma_attributes_and_counts_per_source(corpus):
     spans = rows[0]["attributes"]["decontamination__contaminated_paragraphs"]
     assert spans == [[len("Intro line.\n"), len("Intro line.\n") + len(QUESTION), 1.0]]
     assert rows[1]["attributes"]["decontamination__contaminated_paragraphs"] == []
-    again = decontaminate(config, log=lambda m: None)  # finished shards are skipped on a rerun
+    again = decontaminate(config, task_texts(config.tasks), log=lambda m: None)  # finished shards are skipped on a rerun
     assert again["shards_already_done"] == 1
 
 
 def test_remove_via_cli_writes_only_clean_documents(corpus, capsys):
     root, task = corpus
     parser = argparse.ArgumentParser()
-    decontaminate_commands.register(parser.add_subparsers())
+    data_cli.register(parser.add_subparsers())
     out = root / "clean"
-    args = parser.parse_args(["decontaminate", "--documents", str(root / "train/documents/*.jsonl.gz"),
+    args = parser.parse_args(["data", "decontaminate", "--documents", str(root / "train/documents/*.jsonl.gz"),
                               "--tasks", str(task), "--mode", "remove", "--out", str(out)])
     assert args.func(args) == 0
     with gzip.open(out / "documents" / "shard0.jsonl.gz", "rt") as f:
@@ -80,8 +81,9 @@ def test_bad_input(corpus):
     root, task = corpus
     with pytest.raises(LmforgeError, match="--out"):
         decontaminate(DecontaminationConfig(documents=[str(root / "train/documents/*")], tasks=[str(task)],
-                                            mode="remove"))
+                                            mode="remove"), task_texts([str(task)]))
     with pytest.raises(LmforgeError, match="no files match"):
-        decontaminate(DecontaminationConfig(documents=[str(root / "nothing/*")], tasks=[str(task)]))
+        decontaminate(DecontaminationConfig(documents=[str(root / "nothing/*")], tasks=[str(task)]),
+                      task_texts([str(task)]))
     with pytest.raises(LmforgeError, match="unknown task"):
-        decontaminate(DecontaminationConfig(documents=[str(root / "train/documents/*")], tasks=["nope"]))
+        list(task_texts(["nope"]))

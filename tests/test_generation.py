@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.model.directory import build_model
 from lmforge.model.generation import SamplingConfig, cut_at_stop, generate_ids, next_token
 from lmforge.model.presets import get_preset

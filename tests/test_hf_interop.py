@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.model.directory import build_model, load_model_dir, save_model_dir
 from lmforge.model.generation import SamplingConfig, generate_ids
 from lmforge.model.hf import export_hf, import_hf
@@ -19,7 +19,7 @@ def _exported(tmp_path, preset, init_std=None):
         config.init, config.init_std = "normal", init_std
     model = build_model(config, seed=0).eval()
     save_model_dir(model, tmp_path / "ours")
-    export_hf(tmp_path / "ours", tmp_path / "hf")
+    export_hf(model, None, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     return model, hf
 
@@ -50,7 +50,7 @@ def test_unexpressible_model_is_refused(tmp_path):
     config.position = "alibi"
     save_model_dir(build_model(config, 0), tmp_path / "m")
     with pytest.raises(LmforgeError, match="cannot express"):
-        export_hf(tmp_path / "m", tmp_path / "hf")
+        export_hf(build_model(config, 0), None, tmp_path / "hf")
 
 
 @pytest.mark.parametrize("preset", ["olmo-tiny", "olmo2-tiny", "bloom-tiny"])

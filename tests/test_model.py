@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.model.directory import build_model, load_model_dir, save_model_dir
 from lmforge.model.info import count_parameters, flops_per_token
 from lmforge.model.presets import get_preset

@@ -16,8 +16,8 @@ import zstandard
 
 from conftest import requires_olmo_tokenizer
 from lmforge.cli import main
-from lmforge.data.tokenize import TokenizeConfig, token_dtype, tokenize
-from lmforge.tokenizer import Tokenizer, train_bpe
+from lmforge.tokens.tokenize import TokenizeConfig, token_dtype, tokenize
+from lmforge.tokens.tokenizer import Tokenizer, train_bpe
 
 WORDS = ("the cat sat on a mat while data flows through pipes and tokens . model loss step "
          "Zürich 東京 naïve café λ").split()
@@ -194,7 +194,7 @@ def test_train_tokenizer_cli(corpus, tmp_path):
                     "(benchmarks/peers/setup_dolma.sh)")
 def test_token_ids_identical_to_dolma_tokens(corpus, tmp_path):
     # The OLMo tokenizer: dolma's pinned tokenizers (<=0.19) cannot read JSON that newer versions write.
-    from lmforge.tokenizer import resolve_tokenizer_path
+    from lmforge.tokens.tokenizer import resolve_tokenizer_path
 
     tokenizer_path = str(resolve_tokenizer_path("olmo"))
     clean = tmp_path / "clean" / "documents"

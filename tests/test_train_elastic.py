@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.train.checkpoint import CHECKPOINTS, list_checkpoints
+from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from test_dataset import write_token_file
 from train_utils import TINY_MODEL, random_tokens, read_metrics
 

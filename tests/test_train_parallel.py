@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from lmforge.train.checkpoint import CHECKPOINTS
+from lmforge.model.checkpoints import CHECKPOINTS
 from lmforge.train.trainer import Trainer
 from train_utils import array_loader_factory, random_tokens, read_metrics, run_multiprocess, tiny_config
 
@@ -80,7 +80,7 @@ def test_gradient_accumulation_4x1_equals_1x4_with_uneven_masks(tmp_path):
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
-    from lmforge.train.checkpoint import load_full_model
+    from lmforge.model.loading import load
 
     plain = train_here(tmp_path / "plain", max_steps=4, **{"checkpoint.interval": None})
     for mode in ("full", "selective"):
@@ -88,4 +88,4 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
                                                            "parallel.activation_checkpointing": mode})
         assert column(rows, "loss") == column(plain, "loss")  # recomputation is exact on CPU
     # Checkpoints keep the model's parameter names: the wrapped run's checkpoint loads into a plain model.
-    assert set(load_full_model(tmp_path / "full").state_dict()) == set(load_full_model(tmp_path / "plain").state_dict())
+    assert set(load(tmp_path / "full").model.state_dict()) == set(load(tmp_path / "plain").model.state_dict())

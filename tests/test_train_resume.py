@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import CHECKPOINTS, list_checkpoints, load_full_model
+from lmforge.core.errors import LmforgeError
+from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
+from lmforge.model.loading import load
 from lmforge.train.trainer import Trainer
 from train_utils import array_loader_factory, random_tokens, read_metrics, tiny_config
 
@@ -76,7 +77,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, referenc
     root = run_dir / CHECKPOINTS
     assert [s for s, _ in list_checkpoints(root)] == [3]
     assert (root / ".tmp-step00000006").is_dir()  # the half-finished save
-    model = load_full_model(root / "step00000003")
+    model = load(root / "step00000003").model
     assert model.config.d_model == 64
     subprocess.run(command(run_dir), check=True, stderr=subprocess.DEVNULL)
     assert not (root / ".tmp-step00000006").exists()
@@ -106,7 +107,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, reference):
 
 def test_stage2_starts_from_checkpoint_weights_with_linear_decay_to_zero(tmp_path, reference):
     run_dir, _ = reference
-    source = load_full_model(run_dir)
+    source = load(run_dir).model
     anneal = {"init_from": {"path": str(run_dir)}, "max_steps": 4, "checkpoint.interval": None,
               "schedule": {"name": "linear", "warmup": 0, "alpha_f": 0.0}, "optimizer.lr": 1e-3}
     captured = {}
@@ -136,13 +137,13 @@ def test_export_and_soup(tmp_path, reference):
     checkpoints = list_checkpoints(run_dir / CHECKPOINTS)
     assert main(["checkpoint", "export", str(run_dir), str(tmp_path / "exported")]) == 0
     exported, _ = load_model_dir(tmp_path / "exported")
-    latest = load_full_model(checkpoints[-1][1])
+    latest = load(checkpoints[-1][1]).model
     for name, tensor in latest.state_dict().items():
         assert torch.equal(exported.state_dict()[name], tensor)
     a, b = (str(p) for _, p in checkpoints[-2:])
     assert main(["soup", a, b, "--out", str(tmp_path / "soup"), "--weights", "1", "3"]) == 0
     souped, _ = load_model_dir(tmp_path / "soup")
-    wa, wb = load_full_model(a).state_dict(), load_full_model(b).state_dict()
+    wa, wb = load(a).model.state_dict(), load(b).model.state_dict()
     for name, tensor in souped.state_dict().items():
         expected = (0.25 * wa[name].double() + 0.75 * wb[name].double()).float()
         torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7)
@@ -158,6 +159,6 @@ def test_stage2_from_an_exported_model_directory(tmp_path, reference):
     trainer = Trainer(tiny_config(tmp_path / "stage2", **{"init_from": {"path": str(tmp_path / "model")}}),
                       loader_factory=array_loader_factory(random_tokens(), 32))
     assert trainer.restore() is False  # a fresh run, initialised from the weights
-    source = load_full_model(run_dir).state_dict()
+    source = load(run_dir).model.state_dict()
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, source[name]), name

@@ -18,7 +18,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "quickstart
 
 @pytest.fixture(scope="module")
 def tokens_dir(tmp_path_factory):
-    from lmforge.data.tokenize import TokenizeConfig, TrainTokenizerConfig, tokenize, train_tokenizer
+    from lmforge.tokens.tokenize import TokenizeConfig, TrainTokenizerConfig, tokenize, train_tokenizer
 
     root = tmp_path_factory.mktemp("text")
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.train.config import OptimizerConfig, ScheduleConfig, SkipStepConfig
 from lmforge.train.optim import SkipStep, clip_grad_norm, parameter_groups
 from lmforge.train.schedule import lr_multiplier
@@ -158,7 +158,7 @@ def test_bad_configs_are_refused_before_compute(tmp_path, overrides, message):
 @pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml")),
                          ids=lambda p: p.name)  # tiny ones on 1 rank, recipes on 8
 def test_shipped_configs_resolve_and_fit_their_scale(path):
-    from lmforge.config import load_config
+    from lmforge.core.config import load_config
     from lmforge.model.presets import get_preset
     from lmforge.train.config import TrainConfig
 

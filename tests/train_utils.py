@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.train.config import TrainConfig
 
 TINY_MODEL = {"preset": "olmo2-tiny", "overrides": {"n_layers": 2, "d_model": 64, "n_heads": 4,

@@ -16,9 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.eval.scoring import ChoiceStats, gold_bits_per_byte, loglikelihoods, predict
-from lmforge.eval.tasks import (NORMALIZATIONS, UNCOND_CONTEXT, GenInstance, RCInstance, Task, load_task,
+from lmforge.eval.tasks import (NORMALIZATIONS, UNCOND_CONTEXT, RCInstance, Task, load_task,
                                 resolve_tasks)
 
 FREE_NORMALIZATIONS = tuple(n for n in NORMALIZATIONS if n != "pmi")  # need no extra forward pass
@@ -214,7 +214,7 @@ def load_tasks(config: EvalConfig) -> list[Task]:
 def run_eval(model, tokenizer, config: EvalConfig, tasks: list[Task] | None = None, model_info: dict | None = None,
              progress: bool = False) -> dict:
     """Everything `lmforge eval` reports, as one JSON-able dict (predictions under the `_predictions` key)."""
-    from lmforge.data.documents import ReadReport, expand_globs
+    from lmforge.curation.documents import ReadReport, expand_globs
     from lmforge.eval.perplexity import collect_documents, perplexity
 
     tasks = load_tasks(config) if tasks is None else tasks
@@ -291,8 +291,9 @@ def markdown_report(results: dict) -> str:
 
 
 def write_outputs(results: dict, out: Path, config: EvalConfig, inputs: list[str]) -> None:
-    from lmforge.manifest import atomic_write_json, atomic_write_text, write_manifest
-    from lmforge.data.documents import DocumentWriter
+    from lmforge.core.manifest import write_manifest
+    from lmforge.core.files import atomic_write_json, atomic_write_text
+    from lmforge.curation.documents import DocumentWriter
 
     out.mkdir(parents=True, exist_ok=True)
     predictions = results.pop("_predictions", {})

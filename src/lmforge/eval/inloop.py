@@ -33,7 +33,7 @@ def full_precision(model):
 
 
 def build_inloop_evaluators(config: InLoopEvalConfig, tokenizer) -> list[MetricsFn]:
-    from lmforge.data.documents import ReadReport, expand_globs
+    from lmforge.curation.documents import ReadReport, expand_globs
     from lmforge.eval.evaluate import evaluate_tasks
     from lmforge.eval.perplexity import collect_documents, perplexity
     from lmforge.eval.tasks import load_task

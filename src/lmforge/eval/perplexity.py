@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lmforge.data.documents import ReadReport, read_documents, strip_suffix
+from lmforge.curation.documents import ReadReport, read_documents, strip_suffix
 from lmforge.eval.scoring import at_least_fp32, logits_at
 
 

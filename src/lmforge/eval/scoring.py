@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.model.transformer import KVCache
 
 Pair = tuple[tuple[int, ...], tuple[int, ...]]

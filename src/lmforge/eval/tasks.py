@@ -22,11 +22,12 @@ import random
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import xxhash
 import yaml
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 NORMALIZATIONS = ("none", "per_token", "per_char", "per_char_nospace", "per_byte", "pmi")
 REGIMES = ("olmo1", "olmes")
@@ -469,3 +470,15 @@ def read_user_instances(data: Path, name: str, kind: str, delimiter: str, limit:
     if not instances:
         raise LmforgeError(f"{data}: no instances")
     return instances
+
+
+def task_texts(names: list[str]) -> Iterator[str]:
+    """Every prompt, choice and answer of the tasks, under both regimes (validation and test splits)."""
+    for name in names:
+        for regime in ("olmo1", "olmes"):
+            for form in load_task(name, regime).formulations:
+                for inst in form.instances:
+                    if isinstance(inst, RCInstance):
+                        yield from dict.fromkeys(c + k for c, k in zip(inst.contexts, inst.continuations))
+                    else:
+                        yield inst.context + inst.reference

@@ -14,11 +14,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import from_dict, to_dict
-from lmforge.errors import LmforgeError
-from lmforge.manifest import atomic_path, atomic_write_json
+from lmforge.core.config import from_dict, to_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_path, atomic_write_json
 from lmforge.model.transformer import ModelConfig, Transformer
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
 FORMAT = "lmforge-model"
 WEIGHTS = "model.safetensors"
@@ -36,6 +36,11 @@ def save_model_dir(model: Transformer, directory: str | Path, tokenizer: Tokeniz
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Has a config.json: an lmforge model directory, or one `read_model_config` explains why it is not."""
+    return (Path(path) / "config.json").is_file()
 
 
 def read_model_config(directory: str | Path) -> ModelConfig:
@@ -90,12 +95,17 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu",
 
         model.alibi_slopes = alibi_slopes(config.n_heads)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    tokenizer = Tokenizer.load(directory, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
-                               bos_id=config.bos_token_id) if (directory / "tokenizer.json").is_file() else None
-    if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:  # ids past the embedding would crash
-        raise LmforgeError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
-                           f"embedding has {config.embedding_size} rows")
+    tokenizer = find_tokenizer(model_dir=directory, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                               bos_id=config.bos_token_id, required=False)
+    check_tokenizer_fits(tokenizer, config)
     return model.eval(), tokenizer
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer | None, config: ModelConfig) -> None:
+    """Token ids past the embedding would crash inside it: refuse such a pair up front."""
+    if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:
+        raise LmforgeError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
+                           f"embedding has {config.embedding_size} rows")
 
 
 def build_model(config: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:

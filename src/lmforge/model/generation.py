@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.model.transformer import KVCache, Transformer
 
 

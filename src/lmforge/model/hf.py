@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import from_dict, to_dict
-from lmforge.errors import LmforgeError
-from lmforge.manifest import atomic_path, atomic_write_json
-from lmforge.model.directory import load_model_dir, load_state, save_model_dir
+from lmforge.core.config import from_dict, to_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_path, atomic_write_json
+from lmforge.model.directory import load_state, save_model_dir
 from lmforge.model.transformer import ModelConfig, Transformer
+from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
 # The options each transformers class hard-codes; a model must match one set exactly.
 FAMILY_OPTIONS = {
@@ -140,23 +141,9 @@ def to_hf_state(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
     return family, hf
 
 
-def _load_model_or_checkpoint(path: str | Path):
-    """A model directory, or a training checkpoint / run directory (its latest checkpoint), unsharded."""
-    if (Path(path) / "config.json").is_file() or not Path(path).exists():
-        return load_model_dir(path)
-    import tempfile
-
-    from lmforge.train.checkpoint import export_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        export_checkpoint(path, tmp)
-        return load_model_dir(tmp)
-
-
-def export_hf(model_dir: str | Path, out: str | Path) -> str:
-    """Write a transformers directory (config, safetensors, tokenizer files) from a model directory or a
-    checkpoint; returns the architecture."""
-    model, tokenizer = _load_model_or_checkpoint(model_dir)
+def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) -> str:
+    """Write a transformers directory (config, safetensors, tokenizer files) for a loaded model (see
+    `lmforge.model.load`); returns the architecture."""
     family, state = to_hf_state(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,8 +209,23 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise LmforgeError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
+def is_hf_dir(path: str | Path) -> bool:
+    """A transformers model directory: its config.json names a model_type or architectures."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
+
+
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Convert a transformers OLMo / OLMo 2 / BLOOM directory into an lmforge model directory."""
+    model, tokenizer = read_hf(hf_dir)
+    return save_model_dir(model, out, tokenizer)
+
+
+def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
+    """A transformers OLMo / OLMo 2 / BLOOM directory as an lmforge model (CPU) and its tokenizer."""
     hf_dir = Path(hf_dir)
     try:
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
@@ -263,9 +265,6 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     model.load_state_dict(ours, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    tokenizer = None
-    if (hf_dir / "tokenizer.json").is_file():
-        from lmforge.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(hf_dir, eos_id=config.eos_token_id, pad_id=config.pad_token_id, bos_id=config.bos_token_id)
-    return save_model_dir(model, out, tokenizer)
+    tokenizer = find_tokenizer(model_dir=hf_dir, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                               bos_id=config.bos_token_id, required=False)
+    return model.eval(), tokenizer

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from lmforge.config import apply_overrides, from_dict, read_yaml, to_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import apply_overrides, from_dict, read_yaml, to_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.model.transformer import ModelConfig
 
 OLMO1_VOCAB = 50_280  # gpt-neox-olmo-dolma-v1_5; embedding padded to 50,304

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmforge.config import from_dict, to_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import from_dict, to_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.eval.inloop import InLoopEvalConfig
 from lmforge.model.presets import get_preset
 from lmforge.model.transformer import ModelConfig
-from lmforge.train.dataset import DataConfig
+from lmforge.tokens.dataset import DataConfig
 
 
 @dataclass

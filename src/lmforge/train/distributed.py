@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 
 @dataclass

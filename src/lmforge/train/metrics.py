@@ -69,7 +69,7 @@ class MetricsLogger:
         """On resume, drop rows a killed run logged after its last checkpoint, so the file reads as one run."""
         if not self.enabled or not self.path.is_file():
             return
-        from lmforge.manifest import atomic_write_text
+        from lmforge.core.files import atomic_write_text
 
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():

@@ -8,7 +8,7 @@ from collections import deque
 import torch
 from torch.distributed.tensor import DTensor
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.train.config import OptimizerConfig, SkipStepConfig
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.train.config import ScheduleConfig
 
 

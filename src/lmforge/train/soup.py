@@ -7,22 +7,12 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import to_dict
-from lmforge.errors import LmforgeError
-from lmforge.manifest import write_manifest
-from lmforge.model.directory import load_model_dir, save_model_dir
+from lmforge.core.config import to_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.core.manifest import write_manifest
+from lmforge.model.directory import save_model_dir
+from lmforge.model.loading import load
 from lmforge.model.transformer import Transformer
-from lmforge.train.checkpoint import load_full_model, read_meta, resolve_checkpoint
-
-
-def load_any(path: str | Path) -> tuple[Transformer, str | None]:
-    """(model, tokenizer name or None) from a model directory, a checkpoint or a run directory."""
-    path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        model, _ = load_model_dir(path)
-        return model, str(path) if (path / "tokenizer.json").is_file() else None
-    resolved = resolve_checkpoint(path)
-    return load_full_model(resolved), read_meta(resolved).get("tokenizer")
 
 
 def soup(paths: list[str], out: str | Path, weights: list[float] | None = None, tokenizer: str | None = None) -> Path:
@@ -40,24 +30,18 @@ def soup(paths: list[str], out: str | Path, weights: list[float] | None = None, 
     first: Transformer | None = None
     first_tokenizer = None
     for path, weight in zip(paths, weights):
-        model, tok = load_any(path)
+        loaded = load(path, tokenizer=tokenizer if first is None else None)
+        model = loaded.model
         if first is None:
-            first, first_tokenizer = model, tok
+            first, first_tokenizer = model, loaded.tokenizer
         elif to_dict(model.config) != to_dict(first.config):
             raise LmforgeError(f"{path} holds a different model from {paths[0]}; only one model's checkpoints mix")
         for name, tensor in model.state_dict().items():
             acc = averaged.setdefault(name, torch.zeros(tensor.shape, dtype=torch.float64))
             acc.add_(tensor.double(), alpha=weight)
     first.load_state_dict({k: v.to(torch.float32) for k, v in averaged.items()})
-    tok_obj = None
-    tokenizer_name = tokenizer or first_tokenizer
-    if tokenizer_name:
-        from lmforge.tokenizer import Tokenizer
-
-        c = first.config
-        tok_obj = Tokenizer.load(tokenizer_name, eos_id=c.eos_token_id, pad_id=c.pad_token_id, bos_id=c.bos_token_id)
     out = Path(out)
-    save_model_dir(first, out, tok_obj)
+    save_model_dir(first, out, first_tokenizer)
     write_manifest(out, command="soup", config={"checkpoints": [str(p) for p in paths], "weights": weights},
                    counts={"checkpoints": len(paths)})
     return out

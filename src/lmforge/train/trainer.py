@@ -30,11 +30,13 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from lmforge.config import save_config, to_dict
-from lmforge.errors import LmforgeError
-from lmforge.manifest import write_manifest
+from lmforge.core.config import save_config, to_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.core.manifest import write_manifest
 from lmforge.model.info import flops_per_token
 from lmforge.model.transformer import ModelConfig, Transformer, cross_entropy_loss, init_weights
+from lmforge.model.checkpoints import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, step_dir_name
+from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer, tokens_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
@@ -47,7 +49,7 @@ IGNORE_INDEX = -100
 
 
 class BatchLoader(Protocol):
-    """What the trainer needs from the data side (`lmforge.train.data_loader.DataLoader` is one): this rank's
+    """What the trainer needs from the data side (`lmforge.tokens.loader.DataLoader` is one): this rank's
     share of successive global batches as dicts with "input_ids" (instances, sequence_length) and optionally
     "labels", "label_mask", "doc_lens" (intra-document masking) and "batch_start"/"epoch" (logged for
     `lmforge data inspect`); a resumable position; and a settable global batch size (batch-size warmup)."""
@@ -91,7 +93,7 @@ class Trainer:
                                    f"embedding has {self.model_config.embedding_size} rows; set "
                                    "model.vocab_from_tokenizer=true or a larger model vocab_size")
         self.run_dir = Path(config.run_dir)
-        self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
+        self.ckpt_root = self.run_dir / CHECKPOINTS
         self.sizes = config.batch_sizes()
         self.base_batch = self.sizes[0][1]
         self.seq_len = config.sequence_length
@@ -135,7 +137,7 @@ class Trainer:
         return size
 
     def _check_checkpoints(self) -> None:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        latest = latest_checkpoint(self.ckpt_root)
         if latest is not None:
             ckpt.check_same_model(latest, self.model_config)
         elif self.config.init_from is not None:
@@ -145,7 +147,7 @@ class Trainer:
 
                 ckpt.check_same_model(source, self.model_config, read_model_config(source))
             else:
-                ckpt.check_same_model(ckpt.resolve_checkpoint(source), self.model_config)
+                ckpt.check_same_model(resolve_checkpoint(source), self.model_config)
 
     def _build_model(self) -> torch.nn.Module:
         model = Transformer(self.model_config)
@@ -192,7 +194,7 @@ class Trainer:
         """Resume from the latest complete checkpoint, or start a stage-2 run from `init_from`. True if resumed."""
         if self.dist.is_main:
             ckpt.remove_partial_saves(self.ckpt_root)
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        latest = latest_checkpoint(self.ckpt_root)
         if latest is not None:
             meta, rank_state = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist)
             self.step, self.tokens = meta["step"], meta["tokens"]
@@ -207,7 +209,7 @@ class Trainer:
         init = self.config.init_from
         if init is not None:
             if init.load_optimizer:
-                ckpt.load_checkpoint(ckpt.resolve_checkpoint(init.path), self.model, self.optimizer, self.dist)
+                ckpt.load_checkpoint(resolve_checkpoint(init.path), self.model, self.optimizer, self.dist)
             else:
                 ckpt.load_weights_for_init(init.path, self.model, self.model_config)
             self._log(f"initialised weights from {init.path}"
@@ -335,7 +337,7 @@ class Trainer:
             if self._save_due(last_save_time):
                 self.save()
                 last_save_time = time.monotonic()
-        if c.checkpoint.save_final and ckpt.latest_checkpoint(self.ckpt_root) != self.ckpt_root / ckpt.step_dir_name(self.step):
+        if c.checkpoint.save_final and latest_checkpoint(self.ckpt_root) != self.ckpt_root / step_dir_name(self.step):
             self.save()
         if self.dist.is_main:
             self._write_manifest(finished=True)
@@ -367,7 +369,7 @@ class Trainer:
 
     def _batch_log(self):
         if self.batch_log is None:
-            from lmforge.train.data_lineage import BatchLog
+            from lmforge.tokens.lineage import BatchLog
 
             self.batch_log = BatchLog(self.run_dir)
         return self.batch_log
@@ -424,7 +426,7 @@ def default_loader_factory(config: TrainConfig, run_dir: Path) -> LoaderFactory:
     """The token-file dataset of `config.data`; rank 0 records it in the run directory for `data inspect`."""
 
     def factory(global_batch_tokens: int, dist_info: DistInfo) -> BatchLoader:
-        from lmforge.train.data_lineage import write_run_data_record
+        from lmforge.tokens.lineage import write_run_data_record
 
         dataset = config.data.build()
         if dist_info.is_main:
@@ -441,21 +443,13 @@ def resolve_tokenizer(config: TrainConfig) -> str | None:
     name = config.tokenizer or config.data.tokenizer
     if name:
         return str(Path(name).resolve()) if Path(name).exists() else name  # a path, or a name such as "olmo"
-    for pattern in config.data.paths:
-        path = Path(pattern)
-        for folder in [path, *path.parents[:3]] if path.is_dir() else list(path.parents[:4]):
-            candidate = folder / "tokenizer" / "tokenizer.json"
-            if candidate.is_file():
-                return str(candidate.parent.resolve())
-    return None
+    return tokens_tokenizer(config.data.paths)
 
 
-def load_tokenizer(name: str, model: ModelConfig | None = None):
-    from lmforge.tokenizer import Tokenizer
-
+def load_tokenizer(name: str, model: ModelConfig | None = None) -> Tokenizer:
     if model is None:
-        return Tokenizer.load(name)
-    return Tokenizer.load(name, eos_id=model.eos_token_id, pad_id=model.pad_token_id, bos_id=model.bos_token_id)
+        return find_tokenizer(name)
+    return find_tokenizer(name, eos_id=model.eos_token_id, pad_id=model.pad_token_id, bos_id=model.bos_token_id)
 
 
 def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:

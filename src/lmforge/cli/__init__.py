@@ -1,0 +1,63 @@
+"""The `lmforge` command: parses arguments and hands off to the stage. No logic lives here.
+
+Each area (model, data, train, eval, adapt) registers its subcommands from its own `commands.py`; a handler
+receives the parsed namespace. Errors meant for users are `LmforgeError`: one line on stderr, exit code 2
+(`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from lmforge import __version__
+from lmforge.core.errors import LmforgeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge.cli import data as data_commands
+    from lmforge.cli import eval as eval_commands
+    from lmforge.cli import model as model_commands
+    from lmforge.cli import train as train_commands
+
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="A fully open language-model workbench: curate, tokenize, pretrain, evaluate, adapt, release.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for area in (model_commands, data_commands, train_commands, eval_commands):
+        area.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except LmforgeError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A path that cannot be read or written (a file where a directory must go, no permission, disk full):
+        # the user's environment, not a bug, so one line naming the path.
+        if args.debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"lmforge: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""`lmforge model info|init`, `lmforge generate`, `lmforge export hf`, `lmforge import hf`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="model presets: sizes, FLOPs, memory; initialise a model directory")
+    model_sub = model.add_subparsers(dest="model_command", metavar="MODEL_COMMAND")
+    model_sub.required = True
+
+    info = model_sub.add_parser("info", help="parameters, FLOPs per token and training memory of a preset")
+    info.add_argument("preset", help="preset name (e.g. olmo2-1b, olmo2-tiny), a model YAML file or a model directory")
+    info.add_argument("overrides", nargs="*", help="dotted overrides of the model config, e.g. d_model=256")
+    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the context)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    init = model_sub.add_parser("init", help="write a randomly initialised model directory")
+    init.add_argument("preset", help="preset name, model YAML file or model directory")
+    init.add_argument("overrides", nargs="*", help="dotted overrides of the model config, e.g. n_layers=2")
+    init.add_argument("--out", required=True, help="output model directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--tokenizer", default=None, help="tokenizer name or path to store in the directory")
+    init.set_defaults(func=cmd_init)
+
+    gen = sub.add_parser("generate", help="generate text from a model directory")
+    gen.add_argument("model", help="model directory, training run or checkpoint, or transformers directory")
+    gen.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser("export", help="export a model directory to another format")
+    export_sub = export.add_subparsers(dest="export_format", metavar="FORMAT")
+    export_sub.required = True
+    export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2 or Bloom)")
+    export_hf.add_argument("model", help="lmforge model directory, training checkpoint, or run directory (latest checkpoint)")
+    export_hf.add_argument("out")
+    export_hf.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
+    export_hf.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
+    export_hf.set_defaults(func=cmd_export_hf)
+
+    imp = sub.add_parser("import", help="import a model from another format")
+    imp_sub = imp.add_subparsers(dest="import_format", metavar="FORMAT")
+    imp_sub.required = True
+    import_hf = imp_sub.add_parser("hf", help="Hugging Face OLMo / OLMo 2 / BLOOM directory")
+    import_hf.add_argument("hf_dir")
+    import_hf.add_argument("--out", required=True)
+    import_hf.set_defaults(func=cmd_import_hf)
+
+
+def cmd_info(args) -> None:
+    from lmforge.model.info import model_info
+    from lmforge.model.presets import resolve_model_config
+
+    if args.seq_len is not None and args.seq_len < 1:
+        from lmforge.core.errors import LmforgeError
+
+        raise LmforgeError(f"--seq-len must be at least 1, got {args.seq_len}")
+    info = model_info(resolve_model_config(args.preset, args.overrides), args.seq_len)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.preset} ({info['family']})")
+    print(f"  parameters            {info['parameters']:>16,}")
+    print(f"  non-embedding         {info['non_embedding_parameters']:>16,}")
+    print(f"  vocab / embedding     {info['vocab_size']:>8,} / {info['embedding_size']:,}")
+    print(f"  FLOPs per token       {info['flops_per_token']:>16,}  (training, seq {info['seq_len']}, 6N + causal attention)")
+    print("  memory for weights + grads + AdamW state:")
+    for name, parts in info["memory_bytes"].items():
+        detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
+        print(f"    {name:<11} {parts['total'] / 2**30:10.2f} GiB  ({detail} GiB)")
+
+
+def cmd_init(args) -> None:
+    from lmforge.core.manifest import write_manifest
+    from lmforge.model.directory import build_model, save_model_dir
+    from lmforge.model.presets import resolve_model_config
+    from lmforge.tokens.tokenizer import Tokenizer
+
+    config = resolve_model_config(args.preset, args.overrides)
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:
+        from lmforge.core.errors import LmforgeError
+
+        raise LmforgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                           f"{config.embedding_size}; set vocab_size={tokenizer.vocab_size}")
+    save_model_dir(build_model(config, args.seed), args.out, tokenizer)
+    write_manifest(args.out, command="model init", config={"preset": args.preset, "seed": args.seed,
+                                                           "overrides": args.overrides, "model": config})
+    print(f"wrote {args.out}")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    from lmforge.core.errors import LmforgeError
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise LmforgeError(f"device {device!r} is not usable: {e}") from None
+    return device
+
+
+def _check_sampling_args(args) -> None:
+    from lmforge.core.errors import LmforgeError
+
+    if args.max_new_tokens < 0:
+        raise LmforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < float("inf"):  # NaN fails too
+        raise LmforgeError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def cmd_generate(args) -> None:
+    from lmforge.model.generation import SamplingConfig, generate_text
+    from lmforge.model.loading import load
+
+    _check_sampling_args(args)
+    loaded = load(args.model, args.step, device=_device(args.device), tokenizer=args.tokenizer,
+                  require_tokenizer=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop_strings=args.stop, seed=args.seed)
+    texts = generate_text(model, tokenizer, args.prompt, config)
+    if args.json:
+        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(args.prompt, texts)], ensure_ascii=False))
+        return
+    for prompt, text in zip(args.prompt, texts):
+        sys.stdout.write(f"{prompt}{text}\n")
+
+
+def cmd_export_hf(args) -> None:
+    from lmforge.model.hf import export_hf
+    from lmforge.model.loading import load
+
+    loaded = load(args.model, args.step, tokenizer=args.tokenizer)
+    arch = export_hf(loaded.model, loaded.tokenizer, args.out)
+    print(f"wrote {args.out} ({arch})")
+
+
+def cmd_import_hf(args) -> None:
+    from lmforge.model.hf import import_hf
+
+    import_hf(args.hf_dir, args.out)
+    print(f"wrote {args.out}")

@@ -1,0 +1,175 @@
+"""Run one function over many shards: local processes or a Ray cluster, with a progress bar.
+
+A task is a picklable object with a `weight` (input bytes, for the ETA) handled by a top-level function
+`fn(task, progress) -> dict`; `progress(n)` reports n more documents done. Stages make tasks resumable by
+writing each output atomically and skipping tasks whose outputs exist, so a killed run restarts where it
+stopped. Results come back in task order.
+
+    results = run_tasks(tag_shard, tasks, ExecutorConfig(workers=2), desc="tag")
+    results = run_tasks(tag_shard, tasks, ExecutorConfig(kind="ray", address="auto"), desc="tag")
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from lmforge.core.errors import LmforgeError
+
+PROGRESS_EVERY_DOCS = 500
+
+
+@dataclass
+class ExecutorConfig:
+    kind: str = "local"
+    workers: int = 1
+    address: str | None = None
+    progress: bool = True
+
+
+class Progress:
+    """A tqdm bar over input bytes (ETA) with documents/s in the postfix; silent when stderr is not a tty."""
+
+    def __init__(self, total_bytes: int, n_tasks: int, desc: str, enabled: bool):
+        self.docs = 0
+        self.start = time.monotonic()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{desc} ({n_tasks} shards)",
+                            dynamic_ncols=True)
+
+    def documents(self, n: int) -> None:
+        self.docs += n
+        if self.bar is not None:
+            rate = self.docs / max(time.monotonic() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.docs} docs, {rate:,.0f} docs/s", refresh=False)
+            self.bar.refresh()
+
+    def task_done(self, weight: int) -> None:
+        if self.bar is not None:
+            self.bar.update(weight)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+_WORKER_QUEUE = None
+
+
+def _init_worker(docs_queue) -> None:
+    global _WORKER_QUEUE
+    _WORKER_QUEUE = docs_queue
+
+
+def _run_local(fn: Callable, task: Any) -> dict:
+    docs_queue = _WORKER_QUEUE
+    pending = 0
+
+    def progress(n: int) -> None:
+        nonlocal pending
+        pending += n
+        if pending >= PROGRESS_EVERY_DOCS:
+            docs_queue.put(pending)
+            pending = 0
+
+    result = fn(task, progress)
+    if pending:
+        docs_queue.put(pending)
+    return result
+
+
+def _drain(docs_queue, bar: Progress, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            bar.documents(docs_queue.get(timeout=0.2))
+        except queue.Empty:
+            continue
+        except (EOFError, OSError):
+            return
+
+
+def run_tasks(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, desc: str = "") -> list[dict]:
+    return list(iter_tasks(fn, tasks, config, desc))
+
+
+def iter_tasks(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, desc: str = "") -> Iterator[dict]:
+    """Yield fn's results in task order while the tasks run in parallel."""
+    if not tasks:
+        return
+    bar = Progress(sum(getattr(t, "weight", 0) for t in tasks), len(tasks), desc, config.progress)
+    try:
+        if config.kind == "local":
+            yield from _iter_local(fn, tasks, config, bar)
+        elif config.kind == "ray":
+            yield from _iter_ray(fn, tasks, config, bar)
+        else:
+            raise LmforgeError(f"unknown executor {config.kind!r}; choose 'local' or 'ray'")
+    finally:
+        bar.close()
+
+
+def _iter_local(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: Progress) -> Iterator[dict]:
+    workers = max(1, min(config.workers, len(tasks)))
+    if workers == 1:
+        for task in tasks:
+            result = fn(task, bar.documents)
+            bar.task_done(getattr(task, "weight", 0))
+            yield result
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    docs_queue = ctx.Queue()
+    stop = threading.Event()
+    drainer = threading.Thread(target=_drain, args=(docs_queue, bar, stop), daemon=True)
+    drainer.start()
+    try:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(docs_queue,)) as pool:
+            pending = [pool.apply_async(_run_local, (fn, task)) for task in tasks]
+            for task, handle in zip(tasks, pending):
+                result = handle.get()
+                bar.task_done(getattr(task, "weight", 0))
+                yield result
+    finally:
+        stop.set()
+        drainer.join(timeout=1)
+
+
+def _iter_ray(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: Progress) -> Iterator[dict]:
+    try:
+        import ray
+    except ImportError:
+        raise LmforgeError("--executor ray needs Ray: pip install 'lmforge[ray]'") from None
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+        if config.address:
+            kwargs["address"] = config.address
+        else:
+            kwargs["num_cpus"] = max(1, config.workers)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise LmforgeError(f"cannot connect to Ray at {config.address or 'a new local instance'}: {e}") from None
+        started_here = True
+    try:
+        remote = ray.remote(_run_ray_task)
+        refs = [remote.remote(fn, task) for task in tasks]
+        for task, ref in zip(tasks, refs):
+            result = ray.get(ref)
+            bar.documents(int(result.get("documents", 0)))
+            bar.task_done(getattr(task, "weight", 0))
+            yield result
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run_ray_task(fn: Callable, task: Any) -> dict:
+    return fn(task, lambda n: None)

@@ -1,0 +1,144 @@
+"""Attribute files in Dolma's layout, and the per-shard completion markers that make stages resumable.
+
+For `<root>/documents/<rel>.jsonl.gz` the attributes named `<name>` live in
+`<root>/attributes/<name>/<rel>.jsonl.gz`: same relative path, one line per (valid) document, same order,
+`{"id": ..., "attributes": {"<tagger>__<attribute>": [[start, end, score], ...]}}`. A document path with no
+`documents` directory gets `<dir>/attributes/<name>/<file>` instead. Lines skipped by the document reader
+(malformed JSON, missing id/text) have no attribute line, so readers that skip the same lines stay aligned;
+the mixer checks ids line by line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+
+from lmforge.curation.documents import AtomicShardWriter, compression_of, iter_lines
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json
+
+DONE_DIR = ".done"
+# Attribute files are mostly small numbers and repeated keys: the fastest levels compress them well enough.
+GZIP_LEVEL = 1
+ZSTD_LEVEL = 1
+
+
+def split_documents_path(doc_path: str | Path) -> tuple[Path, Path]:
+    """(root that holds `documents/`, path relative to `documents/`)."""
+    path = Path(doc_path)
+    parts = path.parts
+    if "documents" in parts[:-1]:
+        i = len(parts) - 2 - parts[:-1][::-1].index("documents")
+        return Path(*parts[:i]) if i else Path("."), Path(*parts[i + 1:])
+    return path.parent, Path(path.name)
+
+
+def attribute_suffix(rel: Path) -> Path:
+    return rel.with_name(rel.name[: -len(".parquet")] + ".jsonl.gz") if rel.name.endswith(".parquet") else rel
+
+
+def attribute_dir(doc_path: str | Path, name: str) -> Path:
+    root, _ = split_documents_path(doc_path)
+    return root / "attributes" / name
+
+
+def attribute_path(doc_path: str | Path, name: str) -> Path:
+    root, rel = split_documents_path(doc_path)
+    return root / "attributes" / name / attribute_suffix(rel)
+
+
+def done_marker_path(doc_path: str | Path, name: str) -> Path:
+    root, rel = split_documents_path(doc_path)
+    return root / "attributes" / name / DONE_DIR / (str(attribute_suffix(rel)) + ".json")
+
+
+def source_fingerprint(path: str | Path) -> dict:
+    stat = os.stat(path)
+    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def is_done(doc_path: str | Path, name: str) -> bool:
+    """A shard is done for `name` when its attribute file and marker exist and the documents are unchanged."""
+    marker = done_marker_path(doc_path, name)
+    if not marker.is_file() or not attribute_path(doc_path, name).is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8")).get("source", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+    current = source_fingerprint(doc_path)
+    return recorded.get("bytes") == current["bytes"] and recorded.get("mtime_ns") == current["mtime_ns"]
+
+
+def mark_done(doc_path: str | Path, name: str, result: dict) -> None:
+    atomic_write_json(done_marker_path(doc_path, name), {"source": source_fingerprint(doc_path), **result})
+
+
+def read_done_markers(directory: Path) -> list[dict]:
+    done = directory / DONE_DIR
+    if not done.is_dir():
+        return []
+    out = []
+    for marker in sorted(done.rglob("*.json")):
+        try:
+            out.append(json.loads(marker.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def read_attributes(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """Stream (id, attributes) from one attribute file; a corrupt line is an error naming file and line."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise LmforgeError(f"attribute file not found: {path} (run `lmforge data tag` or `dedup` first)")
+    for number, raw in iter_lines(path):
+        try:
+            row = orjson.loads(raw)
+            yield str(row["id"]), row.get("attributes") or {}
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+            raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
+
+
+def _dumps(value) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # values orjson does not know (numpy scalars other than arrays, huge ints)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=float).encode("utf-8")
+
+
+class AttributeWriter(AtomicShardWriter):
+    """Write one attribute file atomically (it appears under its name only when closed cleanly)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        tmp = self._tmp
+        compression = compression_of(self.path)
+        if compression == "gz":
+            self._stream = gzip.open(tmp, "wb", compresslevel=GZIP_LEVEL)
+        elif compression == "zst":
+            import zstandard
+
+            self._stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(open(tmp, "wb"), closefd=True)
+        else:
+            self._stream = open(tmp, "wb")
+        self._no_spans: dict[tuple, bytes] = {}
+        self.count = 0
+
+    def write(self, doc_id: str, attributes: dict) -> None:
+        if any(attributes.values()):
+            line = _dumps({"id": doc_id, "attributes": attributes})
+        else:  # most documents have no duplicate/PII spans: reuse the encoded attributes
+            keys = tuple(attributes)
+            encoded = self._no_spans.get(keys)
+            if encoded is None:
+                encoded = self._no_spans[keys] = _dumps(attributes)
+            line = b'{"id":' + _dumps(doc_id) + b',"attributes":' + encoded + b"}"
+        self._stream.write(line + b"\n")
+        self.count += 1
+

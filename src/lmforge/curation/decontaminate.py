@@ -1,0 +1,177 @@
+"""Paragraph-level decontamination of training documents against evaluation texts (Paloma / Dolma style).
+
+The filter holds every paragraph of the evaluation texts (task prompts and answers, held-out documents) that
+has at least `min_words` words (13, as Dolma's decontamination). A paragraph is a line; it is compared after
+collapsing whitespace and dropping a short leading prompt label ("Question:", "Answer:", "Goal:" ...), so
+"Question: <q>" in a task matches "<q>" in a web page. Training documents containing any filter paragraph are
+contaminated: `mark` writes Dolma-layout attributes (`<name>__contaminated_paragraphs` spans) for the mixer,
+`remove` writes the clean documents to a new directory. Counts are reported per source.
+
+The evaluation texts are passed in (`lmforge.eval.tasks.task_texts` gives a task's), so curation does not depend
+on evaluation. Dolma uses a Bloom filter; this uses an exact set of 64-bit hashes (no false positives short of a hash
+collision), which fits in memory for evaluation-sized filters (~16 bytes per paragraph).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import xxhash
+
+from lmforge.curation.attributes import attribute_path, is_done, mark_done, split_documents_path
+from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
+from lmforge.core.errors import LmforgeError
+
+WORD = re.compile(r"\w+", re.UNICODE)
+PROMPT_LABEL = re.compile(r"^(?:[A-Z][A-Za-z]{0,15}(?: [A-Za-z]{1,15})?:|[A-J][.)])\s+")
+
+
+@dataclass
+class DecontaminationConfig:
+    documents: list[str] = field(default_factory=list)  # training document globs
+    tasks: list[str] = field(default_factory=list)  # names of the evaluation tasks whose texts are passed in
+    eval_documents: list[str] = field(default_factory=list)  # held-out document globs (e.g. Paloma)
+    min_words: int = 13
+    mode: str = "mark"  # mark | remove
+    name: str = "decontamination"  # attribute name (mark)
+    out: str | None = None  # output directory (remove)
+    overwrite: bool = False
+
+
+def normalize_paragraph(paragraph: str) -> str:
+    return PROMPT_LABEL.sub("", " ".join(paragraph.split()))
+
+
+def paragraph_spans(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, normalised text) of each line."""
+    start = 0
+    for line in text.split("\n"):
+        yield start, start + len(line), normalize_paragraph(line)
+        start += len(line) + 1
+
+
+def paragraph_key(normalized: str) -> int:
+    return xxhash.xxh3_64_intdigest(normalized.encode("utf-8"))
+
+
+class ParagraphFilter:
+    def __init__(self, min_words: int = 13):
+        self.min_words = min_words
+        self.keys: set[int] = set()
+
+    def add_text(self, text: str) -> None:
+        for _, _, norm in paragraph_spans(text):
+            if len(WORD.findall(norm)) >= self.min_words:
+                self.keys.add(paragraph_key(norm))
+
+    def contaminated_spans(self, text: str) -> list[tuple[int, int]]:
+        spans = []
+        for start, end, norm in paragraph_spans(text):
+            if len(WORD.findall(norm)) >= self.min_words and paragraph_key(norm) in self.keys:
+                spans.append((start, end))
+        return spans
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def build_filter(config: DecontaminationConfig, eval_texts: Iterable[str]) -> tuple[ParagraphFilter, dict]:
+    paragraphs = ParagraphFilter(config.min_words)
+    counts = {"eval_texts": 0, "eval_documents": 0}
+    for text in eval_texts:
+        paragraphs.add_text(text)
+        counts["eval_texts"] += 1
+    report = ReadReport()
+    for path in expand_globs(config.eval_documents) if config.eval_documents else []:
+        for _, doc in read_documents(path, report):
+            paragraphs.add_text(doc["text"])
+            counts["eval_documents"] += 1
+    counts["filter_paragraphs"] = len(paragraphs)
+    counts["eval_documents_skipped_lines"] = report.skipped
+    if not len(paragraphs):
+        raise LmforgeError(f"the evaluation texts have no paragraph of {config.min_words}+ words: nothing to filter")
+    return paragraphs, counts
+
+
+def scan_shard(path: str, paragraphs: ParagraphFilter, config: DecontaminationConfig,
+               output: Path | None) -> dict:
+    """Mark or remove contaminated documents of one shard; counts per source."""
+    per_source: dict[str, dict] = defaultdict(lambda: {"documents": 0, "contaminated": 0, "paragraphs": 0})
+    report = ReadReport()
+    attr_writer = DocumentWriter(attribute_path(path, config.name)) if config.mode == "mark" else None
+    doc_writer = DocumentWriter(output) if output is not None else None
+    try:
+        for _, doc in read_documents(path, report):
+            spans = paragraphs.contaminated_spans(doc["text"])
+            counts = per_source[str(doc.get("source") or "unknown")]
+            counts["documents"] += 1
+            counts["contaminated"] += bool(spans)
+            counts["paragraphs"] += len(spans)
+            if attr_writer is not None:
+                attr_writer.write({"id": doc["id"], "attributes": {
+                    f"{config.name}__contaminated_paragraphs": [[s, e, 1.0] for s, e in spans]}})
+            if doc_writer is not None and not spans:
+                doc_writer.write(doc)
+    except BaseException:
+        for w in (attr_writer, doc_writer):
+            if w is not None:
+                w.abort()
+        raise
+    for w in (attr_writer, doc_writer):
+        if w is not None:
+            w.close()
+    return {"sources": dict(per_source), "skipped_lines": report.skipped, "bad_lines": report.to_dict()["bad_lines"]}
+
+
+def output_path(doc_path: str, out: Path) -> Path:
+    _, rel = split_documents_path(doc_path)
+    return out / "documents" / rel
+
+
+def decontaminate(config: DecontaminationConfig, eval_texts: Iterable[str] = (), log=print) -> dict:
+    """`eval_texts` are the texts of the tasks named in `config.tasks` (`lmforge.eval.tasks.task_texts`):
+    curation comes before evaluation, so the caller loads them."""
+    if config.mode not in ("mark", "remove"):
+        raise LmforgeError(f"mode must be mark or remove, got {config.mode!r}")
+    if config.mode == "remove" and not config.out:
+        raise LmforgeError("--mode remove writes the clean documents to --out DIR; give one")
+    if not config.tasks and not config.eval_documents:
+        raise LmforgeError("build the filter from --tasks and/or --eval-documents")
+    if config.min_words < 1:
+        raise LmforgeError(f"--min-words must be positive, got {config.min_words}")
+    shards = expand_globs(config.documents)
+    paragraphs, counts = build_filter(config, eval_texts)
+    log(f"filter: {counts['filter_paragraphs']} paragraphs of {config.min_words}+ words")
+    totals: dict[str, dict] = defaultdict(lambda: {"documents": 0, "contaminated": 0, "paragraphs": 0})
+    skipped, done_before = 0, 0
+    for path in shards:
+        if config.mode == "mark" and not config.overwrite and is_done(path, config.name):
+            done_before += 1
+            continue
+        result = scan_shard(path, paragraphs, config, output_path(path, Path(config.out))
+                            if config.mode == "remove" else None)
+        if config.mode == "mark":
+            mark_done(path, config.name, result)
+        skipped += result["skipped_lines"]
+        for source, c in result["sources"].items():
+            for k, v in c.items():
+                totals[source][k] += v
+    summary = {"mode": config.mode, "shards": len(shards), "shards_already_done": done_before,
+               "skipped_lines": skipped, **counts, "per_source": dict(totals)}
+    if config.mode == "remove":
+        from lmforge.core.manifest import write_manifest
+
+        write_manifest(config.out, command="lmforge data decontaminate", config=config, inputs=shards,
+                       counts={k: v for k, v in summary.items() if k != "per_source"} | {"per_source": dict(totals)})
+    return summary
+
+
+def format_counts(summary: dict) -> Iterable[str]:
+    yield "| source | documents | contaminated | contaminated paragraphs |"
+    yield "|---|---|---|---|"
+    for source, c in sorted(summary["per_source"].items()):
+        yield f"| {source} | {c['documents']} | {c['contaminated']} | {c['paragraphs']} |"

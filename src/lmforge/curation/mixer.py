@@ -1,0 +1,355 @@
+"""`lmforge data mix CONFIG`: join documents with their attributes, filter, edit, sample, re-shard.
+
+Per stream: a document is kept iff (no `include` filter, or any include matches) and no `exclude` matches
+(Dolma's rule); then spans are replaced (`""` deletes, PII becomes ` |||EMAIL_ADDRESS||| `...), documents whose
+text ends up shorter than `min_text_length` are dropped, and `sample_rate` keeps a deterministic fraction
+(< 1) or writes extra copies (> 1, e.g. 2.5 = two copies plus a third for half the documents). Output shards
+`<stream>-<task>-<part>.jsonl.gz` roll over at `max_size_in_bytes` of uncompressed JSON. Attribute lines are
+matched to documents by position and their ids are checked. Finished tasks are skipped on a rerun with the
+same config; a manifest in the output directory records counts per stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import xxhash
+import zstandard
+
+from lmforge.core.config import load_config, to_dict
+from lmforge.curation.attributes import attribute_dir, attribute_path, read_attributes
+from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
+from lmforge.core.executor import ExecutorConfig, run_tasks
+from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath, jsonpath_span_key
+from lmforge.core.errors import LmforgeError
+from lmforge.core.manifest import MANIFEST_NAME, write_manifest
+from lmforge.core.files import atomic_write_json
+
+DONE_DIR = ".done"
+DEFAULT_COMPRESSION_RATIO = 4
+
+
+@dataclass
+class SpanReplacement:
+    span: str
+    replacement: str = ""
+    min_score: float = 0.5
+    max_score: float | None = None
+
+
+@dataclass
+class StreamFilter:
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    syntax: Literal["lmforge", "jsonpath"] = "lmforge"
+
+
+@dataclass
+class StreamConfig:
+    name: str
+    documents: list[str]
+    attributes: list[str] = field(default_factory=list)
+    filter: StreamFilter = field(default_factory=StreamFilter)
+    span_replacement: list[SpanReplacement] = field(default_factory=list)
+    sample_rate: float = 1.0
+    min_text_length: int = 1
+
+
+@dataclass
+class OutputConfig:
+    path: str
+    max_size_in_bytes: int = 1 << 30
+    compression: Literal["gz", "zst", "none", "parquet"] = "gz"  # "parquet" writes Parquet shards instead of JSONL
+    discard_fields: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MixerConfig:
+    streams: list[StreamConfig]
+    output: OutputConfig
+    seed: int = 0
+    workers: int = 1
+    executor: str = "local"
+    address: str | None = None
+
+
+@dataclass
+class MixTask:
+    stream: StreamConfig
+    index: int
+    paths: list[str]
+    output: OutputConfig
+    seed: int
+    known_keys: list[str] | None
+    config_hash: str
+    weight: int = 0
+
+
+def load_mixer_config(path: str, overrides: list[str] | None = None) -> MixerConfig:
+    config = load_config(MixerConfig, path, overrides or [])
+    names = [s.name for s in config.streams]
+    if not names:
+        raise LmforgeError(f"{path}: no streams")
+    if len(set(names)) != len(names):
+        raise LmforgeError(f"{path}: stream names must be unique, got {names}")
+    for stream in config.streams:
+        if not stream.name.replace("_", "").replace("-", "").isalnum():
+            raise LmforgeError(f"stream name {stream.name!r}: use letters, digits, '-' and '_'")
+        if stream.sample_rate < 0:
+            raise LmforgeError(f"stream {stream.name!r}: sample_rate must be >= 0")
+    if config.output.max_size_in_bytes <= 0:
+        raise LmforgeError("output.max_size_in_bytes must be positive")
+    return config
+
+
+def _compile(stream: StreamConfig, known_keys: list[str] | None):
+    compile_one = compile_jsonpath if stream.filter.syntax == "jsonpath" else compile_filter
+    include = [compile_one(f, known_keys) for f in stream.filter.include]
+    exclude = [compile_one(f, known_keys) for f in stream.filter.exclude]
+    replacements = []
+    for r in stream.span_replacement:
+        key = jsonpath_span_key(r.span) if r.span.startswith("$") else r.span
+        if known_keys is not None:
+            compile_filter(f"any({key})", known_keys)  # the same unknown-key check as filters
+        replacements.append((key, r.replacement, r.min_score, r.max_score))
+    return include, exclude, replacements
+
+
+def replace_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """Replace spans (start, end, replacement); overlapping spans merge and keep the first replacement."""
+    if not spans:
+        return text
+    spans.sort()
+    pieces, reach = [], 0
+    for start, end, replacement in spans:
+        if start < reach:
+            if end > reach:
+                reach = end
+            continue
+        pieces.append(text[reach:start])
+        pieces.append(replacement)
+        reach = end if end > start else start
+    pieces.append(text[reach:])
+    return "".join(pieces)
+
+
+def sample_copies(seed: int, stream: str, doc_id: str, rate: float) -> int:
+    if rate == 1.0:
+        return 1
+    whole = int(rate)
+    u = xxhash.xxh3_64_intdigest(f"{seed}\x00{stream}\x00{doc_id}".encode()) / 2.0 ** 64
+    return whole + (u < rate - whole)
+
+
+def _suffix(compression: str) -> str:
+    return {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl", "parquet": ".parquet"}[compression]
+
+
+class _RollingWriter:
+    def __init__(self, directory: Path, prefix: str, output: OutputConfig):
+        self.directory, self.prefix, self.output = directory, prefix, output
+        self.part = 0
+        self.writer: DocumentWriter | None = None
+        self.files: list[str] = []
+        self.documents = 0
+        self.bytes = 0
+
+    def write(self, doc: dict) -> None:
+        if self.writer is None:
+            path = self.directory / f"{self.prefix}-{self.part:03d}{_suffix(self.output.compression)}"
+            self.writer = DocumentWriter(path)
+            self.files.append(path.name)
+        self.writer.write(doc)
+        self.documents += 1
+        if self.writer.bytes >= self.output.max_size_in_bytes:
+            self.close()
+            self.part += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.bytes += self.writer.bytes
+            self.writer.close()
+            self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+def mix_task(task: MixTask, progress) -> dict:
+    stream = task.stream
+    include, exclude, replacements = _compile(stream, task.known_keys)
+    out_dir = Path(task.output.path)
+    writer = _RollingWriter(out_dir, f"{stream.name}-{task.index:04d}", task.output)
+    counts = dict.fromkeys(("read", "excluded_by_include", "excluded_by_exclude", "sampled_out", "too_short",
+                            "written", "spans_replaced", "text_chars_in", "text_chars_out"), 0)
+    report = ReadReport()
+    discard = set(task.output.discard_fields)
+    try:
+        for path in task.paths:
+            attr_iters = [(attribute_path(path, name), read_attributes(attribute_path(path, name)))
+                          for name in stream.attributes]
+            for line, doc in read_documents(path, report):
+                counts["read"] += 1
+                counts["text_chars_in"] += len(doc["text"])
+                progress(1)
+                attributes: dict = {}
+                for attr_path, it in attr_iters:
+                    row = next(it, None)
+                    if row is None:
+                        raise LmforgeError(f"{attr_path} has fewer lines than {path} (document at line {line}); "
+                                           "re-run the tagger on this shard")
+                    if row[0] != doc["id"]:
+                        raise LmforgeError(f"mismatched ids: {path}:{line} has id {doc['id']!r} but {attr_path} "
+                                           f"has {row[0]!r} at the same position")
+                    attributes.update(row[1])
+                if include or exclude:
+                    ctx = Context(attributes, doc)
+                    if include and not any(f(ctx) for f in include):
+                        counts["excluded_by_include"] += 1
+                        continue
+                    if any(f(ctx) for f in exclude):
+                        counts["excluded_by_exclude"] += 1
+                        continue
+                copies = sample_copies(task.seed, stream.name, doc["id"], stream.sample_rate)
+                if copies == 0:
+                    counts["sampled_out"] += 1
+                    continue
+                spans = [(int(s[0]), int(s[1]), replacement) for key, replacement, lo, hi in replacements
+                         for s in attributes.get(key) or [] if s[2] >= lo and (hi is None or s[2] < hi)]
+                counts["spans_replaced"] += len(spans)
+                text = replace_spans(doc["text"], spans)
+                if len(text.strip()) < stream.min_text_length:
+                    counts["too_short"] += 1
+                    continue
+                out = {k: v for k, v in doc.items() if k not in discard} if discard else doc
+                out["text"] = text
+                for _ in range(copies):
+                    writer.write(out)
+                    counts["written"] += 1
+                    counts["text_chars_out"] += len(text)
+            for attr_path, it in attr_iters:
+                if next(it, None) is not None:
+                    raise LmforgeError(f"{attr_path} has more lines than {path} has documents")
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    result = {"stream": stream.name, "task": task.index, "files": writer.files, "output_bytes": writer.bytes,
+              "counts": counts, "documents": counts["read"], "skipped_lines": report.skipped,
+              "bad_lines": [str(b) for b in report.bad_lines], "config_hash": task.config_hash}
+    atomic_write_json(out_dir / DONE_DIR / f"{stream.name}-{task.index:04d}.json", result)
+    return result
+
+
+def estimated_text_bytes(path: str) -> int:
+    """Uncompressed size of a shard: gzip's trailer, zstd's frame header, else a typical ratio."""
+    size = os.path.getsize(path)
+    try:
+        if path.endswith(".gz") and size >= 18:
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                isize = struct.unpack("<I", f.read(4))[0]
+            return max(isize, size)
+        if path.endswith(".zst"):
+            with open(path, "rb") as f:
+                content = zstandard.frame_content_size(f.read(18))
+            return content if content > 0 else size * DEFAULT_COMPRESSION_RATIO
+    except (OSError, struct.error, zstandard.ZstdError):
+        pass
+    return size
+
+
+def _known_keys(paths: list[str], names: list[str]) -> list[str] | None:
+    keys: set[str] = set()
+    for name in names:
+        for directory in {attribute_dir(p, name) for p in paths}:
+            manifest = directory / MANIFEST_NAME
+            if not manifest.is_file():
+                return None  # attributes from another tool: no declared keys to check against
+            try:
+                declared = json.loads(manifest.read_text(encoding="utf-8")).get("attribute_keys")
+            except (OSError, json.JSONDecodeError):
+                return None
+            if declared is None:
+                return None
+            keys.update(declared)
+    return sorted(keys)
+
+
+def plan_tasks(config: MixerConfig) -> list[MixTask]:
+    tasks = []
+    for stream in config.streams:
+        paths = expand_globs(stream.documents)
+        for path in paths:
+            for name in stream.attributes:
+                if not attribute_path(path, name).is_file():
+                    raise LmforgeError(f"stream {stream.name!r}: missing attributes {name!r} for {path} "
+                                       f"(expected {attribute_path(path, name)})")
+        known = _known_keys(paths, stream.attributes)
+        _compile(stream, known)  # fail on a bad filter before any work starts
+        fingerprint = json.dumps([to_dict(stream), to_dict(config.output), config.seed,
+                                  [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]], sort_keys=True)
+        config_hash = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        group: list[str] = []
+        group_bytes = 0
+        for path in paths:
+            estimate = estimated_text_bytes(path)
+            if group and group_bytes + estimate > config.output.max_size_in_bytes:
+                tasks.append(MixTask(stream, len([t for t in tasks if t.stream is stream]), group, config.output,
+                                     config.seed, known, config_hash, weight=sum(map(os.path.getsize, group))))
+                group, group_bytes = [], 0
+            group.append(path)
+            group_bytes += estimate
+        if group:
+            tasks.append(MixTask(stream, len([t for t in tasks if t.stream is stream]), group, config.output,
+                                 config.seed, known, config_hash, weight=sum(map(os.path.getsize, group))))
+    return tasks
+
+
+def _finished(task: MixTask) -> dict | None:
+    marker = Path(task.output.path) / DONE_DIR / f"{task.stream.name}-{task.index:04d}.json"
+    try:
+        result = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if result.get("config_hash") != task.config_hash:
+        for name in result.get("files", []):
+            (Path(task.output.path) / name).unlink(missing_ok=True)
+        return None
+    if not all((Path(task.output.path) / name).is_file() for name in result.get("files", [])):
+        return None
+    return result
+
+
+def run_mix(config: MixerConfig) -> dict:
+    tasks = plan_tasks(config)
+    done = {id(t): _finished(t) for t in tasks}
+    todo = [t for t in tasks if done[id(t)] is None]
+    executor = ExecutorConfig(kind=config.executor, workers=config.workers, address=config.address)
+    fresh = iter(run_tasks(mix_task, todo, executor, desc="mix"))
+    results = [done[id(t)] if done[id(t)] is not None else next(fresh) for t in tasks]
+    per_stream: dict[str, dict] = {}
+    skipped: list[str] = []
+    files: list[str] = []
+    for r in results:
+        totals = per_stream.setdefault(r["stream"], {"skipped_lines": 0, "output_bytes": 0, "files": 0})
+        for key, value in r["counts"].items():
+            totals[key] = totals.get(key, 0) + value
+        totals["skipped_lines"] += r["skipped_lines"]
+        totals["output_bytes"] += r["output_bytes"]
+        totals["files"] += len(r["files"])
+        skipped += r["bad_lines"]
+        files += r["files"]
+    inputs = [p for t in tasks for p in t.paths]
+    write_manifest(config.output.path, command="data mix", config=config, inputs=inputs,
+                   counts={"streams": per_stream}, extra={"files": sorted(files), "skipped": skipped[:100]})
+    return {"output": config.output.path, "tasks": len(tasks), "tasks_skipped_done": len(tasks) - len(todo),
+            "streams": per_stream, "bad_line_examples": skipped[:10]}

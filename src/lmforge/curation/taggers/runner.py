@@ -1,0 +1,148 @@
+"""`lmforge data tag`: run taggers over document shards, writing Dolma-layout attribute files.
+
+Each tagger writes `attributes/<tagger>/...` (or all of them `attributes/<experiment>/...`). Shards whose
+attribute files are complete are skipped, so an interrupted run resumes. A tagger that raises on one document
+leaves that document without its attributes, and the error is counted and reported with file and line.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.curation import taggers as registry
+from lmforge.curation.attributes import (AttributeWriter, attribute_dir, attribute_path, is_done, mark_done,
+                                      read_done_markers)
+from lmforge.curation.documents import ReadReport, expand_globs, read_documents
+from lmforge.core.executor import ExecutorConfig, run_tasks
+from lmforge.core.errors import LmforgeError
+from lmforge.core.manifest import write_manifest
+
+MAX_REPORTED_ERRORS = 100
+
+
+@dataclass
+class TagConfig:
+    documents: list[str]
+    taggers: list[str]
+    experiment: str | None = None
+    tagger_modules: list[str] = field(default_factory=list)
+    tagger_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    workers: int = 1
+    executor: str = "local"
+    address: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class TagTask:
+    doc_path: str
+    groups: list[tuple[str, list[str]]]  # (attribute name, taggers writing into it)
+    tagger_modules: list[str]
+    tagger_options: dict[str, dict[str, str]]
+    weight: int = 0
+
+
+_TAGGER_CACHE: dict[tuple, registry.Tagger] = {}
+
+
+def _tagger(name: str, options: dict[str, str]) -> registry.Tagger:
+    key = (name, tuple(sorted(options.items())))
+    if key not in _TAGGER_CACHE:
+        _TAGGER_CACHE[key] = registry.make_tagger(name, options)
+    return _TAGGER_CACHE[key]
+
+
+def tag_shard(task: TagTask, progress) -> dict:
+    registry.load_tagger_modules(task.tagger_modules)
+    groups = [(attr_name, [(t, _tagger(t, task.tagger_options.get(t, {}))) for t in names])
+              for attr_name, names in task.groups]
+    report = ReadReport()
+    errors: dict[str, list[str]] = {name: [] for _, taggers in groups for name, _ in taggers}
+    n_errors = dict.fromkeys(errors, 0)
+    text_chars = 0
+    writers = [AttributeWriter(attribute_path(task.doc_path, attr_name)) for attr_name, _ in groups]
+    try:
+        for line, doc in read_documents(task.doc_path, report):
+            text_chars += len(doc["text"])
+            for writer, (_, taggers) in zip(writers, groups):
+                attributes: dict[str, list] = {}
+                for name, tagger in taggers:
+                    try:
+                        for key, spans in tagger.tag(doc).items():
+                            attributes[f"{name}__{key}"] = spans
+                    except Exception as e:  # a user tagger may raise anything; the document is reported
+                        n_errors[name] += 1
+                        if len(errors[name]) < MAX_REPORTED_ERRORS:
+                            where = traceback.extract_tb(e.__traceback__)[-1]
+                            errors[name].append(f"{task.doc_path}:{line}: tagger {name!r} raised "
+                                          f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})")
+                writer.write(doc["id"], attributes)
+            progress(1)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    for writer in writers:
+        writer.close()
+    result = {"documents": report.documents, "skipped_lines": report.skipped,
+              "bad_lines": [str(b) for b in report.bad_lines], "text_chars": text_chars}
+    for attr_name, taggers in groups:
+        names = [name for name, _ in taggers]
+        mark_done(task.doc_path, attr_name, {
+            **result, "tagger_errors": sum(n_errors[n] for n in names),
+            "tagger_error_examples": [e for n in names for e in errors[n]][:MAX_REPORTED_ERRORS]})
+    return {"doc_path": task.doc_path, **result, "tagger_errors": sum(n_errors.values()),
+            "tagger_error_examples": [e for examples in errors.values() for e in examples][:MAX_REPORTED_ERRORS]}
+
+
+def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], dict[str, list[str]]]:
+    """(tasks still to run, all document paths, attribute name -> taggers)."""
+    if not config.taggers:
+        raise LmforgeError("no taggers given; available taggers: " + ", ".join(registry.available_taggers()))
+    registry.load_tagger_modules(config.tagger_modules)
+    for name in config.taggers:
+        registry.tagger_class(name)
+    for name in config.tagger_options:
+        if name not in config.taggers:
+            raise LmforgeError(f"option given for tagger {name!r}, which is not in --taggers")
+    for name in config.taggers:  # build once here so bad options fail before any work starts
+        _tagger(name, config.tagger_options.get(name, {}))
+    groups = {config.experiment: list(config.taggers)} if config.experiment else {t: [t] for t in config.taggers}
+    paths = expand_globs(config.documents)
+    tasks = []
+    for path in paths:
+        todo = [(name, taggers) for name, taggers in groups.items()
+                if config.overwrite or not is_done(path, name)]
+        if todo:
+            tasks.append(TagTask(path, todo, list(config.tagger_modules), dict(config.tagger_options),
+                                 weight=Path(path).stat().st_size))
+    return tasks, paths, groups
+
+
+def run_tag(config: TagConfig) -> dict:
+    tasks, paths, groups = plan_tasks(config)
+    executor = ExecutorConfig(kind=config.executor, workers=config.workers, address=config.address)
+    results = run_tasks(tag_shard, tasks, executor, desc="tag")
+    summary = {"shards": len(paths), "shards_run": len(tasks), "shards_skipped_done": len(paths) - len(tasks),
+               "documents": sum(r["documents"] for r in results),
+               "skipped_lines": sum(r["skipped_lines"] for r in results),
+               "tagger_errors": sum(r["tagger_errors"] for r in results),
+               "text_chars": sum(r["text_chars"] for r in results)}
+    for attr_name, taggers in groups.items():
+        directories = {attribute_dir(p, attr_name) for p in paths}
+        for directory in directories:
+            markers = read_done_markers(directory)
+            counts = {key: sum(m.get(key, 0) for m in markers)
+                      for key in ("documents", "skipped_lines", "tagger_errors", "text_chars")}
+            counts["shards"] = len(markers)
+            problems = [b for m in markers for b in m.get("bad_lines", [])]
+            problems += [e for m in markers for e in m.get("tagger_error_examples", [])]
+            keys = [f"{t}__{a}" for t in taggers for a in registry.tagger_class(t).attributes]
+            write_manifest(directory, command="data tag", config=config,
+                           inputs=[p for p in paths if attribute_dir(p, attr_name) == directory],
+                           counts=counts, extra={"attribute_keys": keys, "skipped": problems[:MAX_REPORTED_ERRORS]})
+    summary["bad_line_examples"] = [b for r in results for b in r["bad_lines"]][:10]
+    summary["tagger_error_examples"] = [e for r in results for e in r["tagger_error_examples"]][:10]
+    return summary
