@@ -101,7 +101,7 @@ def main() -> None:
             ours_out, dolma_out = work / f"ours_p{processes}", work / f"dolma_p{processes}"
             t_ours, cpu_ours = run([sys.executable, "-m", "lmforge", "data", "tokenize", "--documents", *files,
                           "--tokenizer", args.tokenizer, "--out", str(ours_out), "--workers", str(processes),
-                          "--quiet"], env)
+                          "--no-progress"], env)
             t_dolma, cpu_dolma = run([args.dolma, "tokens", "--documents", str(docs_dir / "*"), "--destination", str(dolma_out),
                            "--tokenizer.name_or_path", tokenizer.source, "--tokenizer.eos_token_id",
                            str(tokenizer.eos_id), "--tokenizer.pad_token_id", str(tokenizer.pad_id), "--dtype", dtype,

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import requires_olmo_tokenizer
+
 from lmforge.cli import main
 
 
@@ -28,7 +28,9 @@ def test_init_generate_export_import(tmp_path, capsys):
     assert (m / "manifest.json").is_file() and (m / "tokenizer.json").is_file()
     code, out, _ = run(capsys, "generate", str(m), "--prompt", "Hello", "--prompt", "A b", "--max-new-tokens", "4", "--json")
     assert code == 0 and [r["prompt"] for r in json.loads(out)] == ["Hello", "A b"]
-    assert run(capsys, "export", "hf", str(m), str(tmp_path / "hf"))[0] == 0
+    code, _, err = run(capsys, "export", "hf", str(m), str(tmp_path / "hf"))  # the spelling before --out
+    assert code == 0 and "deprecated; use --out" in err
+    assert run(capsys, "export", "hf", str(m), "--out", str(tmp_path / "hf2"))[0] == 0
     assert run(capsys, "import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))[0] == 0
 
 

@@ -91,9 +91,10 @@ def test_tag_dedup_mix_stats_end_to_end(tmp_path, capsys, monkeypatch):
     texts = [d["text"] for p in sorted((tmp_path / "mixed").glob("*.jsonl.gz")) for _, d in read_documents(p)]
     assert texts[0].endswith("Write to |||EMAIL_ADDRESS||| for details.")
 
-    code, stats, _ = _run(capsys, ["data", "stats", "--documents", pattern, "--output", "stats",
-                                   "--count", "The cat", "--no-plots"])
+    code, stats, err = _run(capsys, ["data", "stats", "--documents", pattern, "--output", "stats",
+                                     "--count", "The cat", "--no-plots"])
     assert code == 0 and stats["documents"] == 4
+    assert "--output is deprecated; use --out" in err  # the old spelling still works
     report = json.loads((tmp_path / "stats/stats.json").read_text())
     assert report["string_counts"]["The cat"] == {"occurrences": 8, "documents": 1}
     assert report["per_source"]["web"]["documents"] == 2 and report["per_source"]["unknown"]["documents"] == 1

@@ -5,11 +5,20 @@ import json
 import numpy as np
 import pytest
 
-from lmforge.curation.attributes import attribute_path, read_attributes
-from lmforge.curation.dedup import (BloomFilter, DedupConfig, MinHashConfig, MinHasher, blocked_false_positive_rate,
-                                estimated_jaccard, run_dedup, word_ngram_hashes)
-from lmforge.curation.documents import DocumentWriter
 from lmforge.core.errors import LmforgeError
+from lmforge.core.executor import ExecutorConfig
+from lmforge.curation.attributes import attribute_path, read_attributes
+from lmforge.curation.dedup import (
+    BloomFilter,
+    DedupConfig,
+    MinHashConfig,
+    MinHasher,
+    blocked_false_positive_rate,
+    estimated_jaccard,
+    run_dedup,
+    word_ngram_hashes,
+)
+from lmforge.curation.documents import DocumentWriter
 
 
 @pytest.mark.parametrize("target", [0.01, 0.001])
@@ -87,7 +96,8 @@ def _attrs(root, shard, name="dedup"):
 def test_dedup_marks_later_copies_and_keeps_first(tmp_path, workers):
     _corpus(tmp_path)
     summary = run_dedup(DedupConfig(documents=[str(tmp_path / "documents" / "*.jsonl.gz")],
-                                    modes=["doc", "url", "paragraph", "minhash"], workers=workers,
+                                    modes=["doc", "url", "paragraph", "minhash"],
+                                    executor=ExecutorConfig(workers=workers),
                                     minhash=MinHashConfig(ngram=3, threshold=0.7)))
     a, b = _attrs(tmp_path, "a.jsonl.gz"), _attrs(tmp_path, "b.jsonl.gz")
     assert a["a1"]["dedup__duplicate_doc"] == [] and a["a1"]["dedup__duplicate_paragraphs"] == []

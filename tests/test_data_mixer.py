@@ -3,11 +3,12 @@
 import pytest
 import yaml
 
+from lmforge.core.config import load_config
+from lmforge.core.errors import LmforgeError
 from lmforge.curation.attributes import attribute_path
 from lmforge.curation.documents import DocumentWriter, read_documents
 from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath
-from lmforge.curation.mixer import load_mixer_config, replace_spans, run_mix, sample_copies
-from lmforge.core.errors import LmforgeError
+from lmforge.curation.mixer import MixerConfig, replace_spans, run_mix, sample_copies
 
 ATTRS = {
     "gopher__word_count": [[0, 20, 40.0]],
@@ -108,7 +109,7 @@ def test_mixer_filters_replaces_and_reshards(tmp_path):
         "output": {"path": str(tmp_path / "out"), "max_size_in_bytes": 500},
     }
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
-    summary = run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+    summary = run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
     counts = summary["streams"]["web"]
     assert counts["excluded_by_include"] == 10 and counts["excluded_by_exclude"] == 1
     assert counts["written"] == 58  # ids 10..39 except 13, twice each
@@ -116,7 +117,7 @@ def test_mixer_filters_replaces_and_reshards(tmp_path):
     assert len(out) > 1
     texts = [d["text"] for p in out for _, d in read_documents(p)]
     assert texts[0] == "doc 10 mail |||EMAIL_ADDRESS||| end" and len(texts) == 58
-    again = run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+    again = run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
     assert again["tasks_skipped_done"] == 1
 
 
@@ -130,11 +131,11 @@ def test_mixer_rejects_mismatched_attributes(tmp_path):
               "output": {"path": str(tmp_path / "out")}}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(LmforgeError, match="mismatched ids: .*a.jsonl:2"):
-        run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+        run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
     config["streams"][0]["attributes"] = ["missing"]
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(LmforgeError, match="missing attributes 'missing'"):
-        run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))
+        run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
 
 
 def test_mixer_writes_parquet_shards(tmp_path):
@@ -144,7 +145,7 @@ def test_mixer_writes_parquet_shards(tmp_path):
                            "filter": {"include": ["t__score >= 0.5"]}}],
               "output": {"path": str(tmp_path / "out"), "max_size_in_bytes": 400, "compression": "parquet"}}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
-    assert run_mix(load_mixer_config(str(tmp_path / "mix.yaml")))["streams"]["web"]["written"] == 15
+    assert run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))["streams"]["web"]["written"] == 15
     shards = sorted((tmp_path / "out").glob("web-*.parquet"))
     assert len(shards) > 1
     assert [d for p in shards for _, d in read_documents(p)] == docs[15:]

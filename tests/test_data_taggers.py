@@ -4,11 +4,11 @@ import textwrap
 
 import pytest
 
+from lmforge.core.errors import LmforgeError
 from lmforge.curation import taggers
 from lmforge.curation.taggers import gopher
 from lmforge.curation.taggers.c4 import c4_attributes
 from lmforge.curation.taggers.pii import find_emails, find_ips, find_phones
-from lmforge.core.errors import LmforgeError
 
 GOPHER_DOC = "the cat sat\nthe cat sat\n# hello...\n- item one"
 

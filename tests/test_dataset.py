@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.cli import main
-from lmforge.tokens.tokenize import TokenizeConfig, sidecar_metadata, tokenize
 from lmforge.core.errors import LmforgeError
-from lmforge.tokens.tokenizer import train_bpe
+from lmforge.tokens.dataset import DataConfig, SourceConfig
 from lmforge.tokens.instance_filter import InstanceFilterConfig, has_repeated_ngram
 from lmforge.tokens.lineage import BatchLog, write_run_data_record
 from lmforge.tokens.loader import epoch_order
-from lmforge.tokens.dataset import DataConfig, SourceConfig
+from lmforge.tokens.tokenize import TokenizeConfig, sidecar_metadata, tokenize
+from lmforge.tokens.tokenizer import train_bpe
 
 
 def write_token_file(path, docs: list[np.ndarray], sources: list[str] | None = None, dtype: str = "uint16"):
@@ -318,7 +318,7 @@ def tokenized_run(tmp_path):
     tok_dir = tmp_path / "tok"
     train_bpe(iter([d["text"] for d in docs]), vocab_size=300).save(tok_dir)
     tokenize(TokenizeConfig(documents=[str(tmp_path / "docs.jsonl")], tokenizer=str(tok_dir),
-                            out=str(tmp_path / "tokens")), progress=False)
+                            out=str(tmp_path / "tokens")))
     dataset = DataConfig(paths=[str(tmp_path / "tokens")], sequence_length=32, seed=2).build()
     run = tmp_path / "run"
     write_run_data_record(run, dataset)

@@ -2,8 +2,14 @@
 
 import pytest
 
-from lmforge.eval.answers import (extract_last_number, gsm8k_is_correct, last_boxed, math_answer, math_is_correct,
-                                  math_is_equiv)
+from lmforge.eval.answers import (
+    extract_last_number,
+    gsm8k_is_correct,
+    last_boxed,
+    math_answer,
+    math_is_correct,
+    math_is_equiv,
+)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -79,7 +79,7 @@ def test_remove_via_cli_writes_only_clean_documents(corpus, capsys):
 
 def test_bad_input(corpus):
     root, task = corpus
-    with pytest.raises(LmforgeError, match="--out"):
+    with pytest.raises(LmforgeError, match="'out' = None: mode remove writes"):
         decontaminate(DecontaminationConfig(documents=[str(root / "train/documents/*")], tasks=[str(task)],
                                             mode="remove"), task_texts([str(task)]))
     with pytest.raises(LmforgeError, match="no files match"):

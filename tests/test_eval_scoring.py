@@ -14,7 +14,6 @@ from lmforge.eval.tasks import Formulation, RCInstance, Task
 from lmforge.model.directory import build_model
 from lmforge.model.presets import get_preset
 
-
 # Five choices built so that each normalisation picks a different one (worked out by hand):
 #   choice         LL    tokens  chars(space)  chars(no space)  bytes(no space)  LL("Answer:")
 #   A " a"        -2.0     1        2              1                1             -1.9

@@ -13,9 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from conftest import requires_olmo_tokenizer
+
 from lmforge.cli import main
+from lmforge.core.executor import ExecutorConfig
 from lmforge.tokens.tokenize import TokenizeConfig, token_dtype, tokenize
 from lmforge.tokens.tokenizer import Tokenizer, train_bpe
 
@@ -73,12 +74,29 @@ def corpus(tmp_path_factory) -> dict:
 
 def _run_tokenize(corpus, out: Path, workers: int = 1, **kw) -> dict:
     return tokenize(TokenizeConfig(documents=[corpus["glob"]], tokenizer=corpus["tokenizer"], out=str(out),
-                                   workers=workers, **kw), progress=False)
+                                   executor=ExecutorConfig(workers=workers, progress=False), **kw))
 
 
 def _output_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())
             if p.name.endswith(".npy") or p.name.endswith(".parquet")}
+
+
+def test_tokenize_runs_on_ray_with_the_same_bytes(corpus, tmp_path, monkeypatch):
+    # `data tokenize` goes through the executor every data stage shares, so it runs on Ray too.
+    pytest.importorskip("ray")
+    from lmforge.core import executor
+
+    ray_runs = []
+    real_iter_ray = executor._iter_ray
+    monkeypatch.setattr(executor, "_iter_ray", lambda *a: ray_runs.append(len(a[1])) or real_iter_ray(*a))
+    local = _run_tokenize(corpus, tmp_path / "local", workers=2)
+    on_ray = tokenize(TokenizeConfig(documents=[corpus["glob"]], tokenizer=corpus["tokenizer"],
+                                     out=str(tmp_path / "ray"),
+                                     executor=ExecutorConfig(kind="ray", workers=2, progress=False)))
+    assert on_ray["counts"] == local["counts"]
+    assert _output_bytes(tmp_path / "ray") == _output_bytes(tmp_path / "local") != {}
+    assert ray_runs and ray_runs[0] > 1  # the shards went to Ray tasks
 
 
 def test_token_ids_match_direct_encoding_and_sidecar(corpus, tmp_path):
@@ -130,7 +148,7 @@ def test_rerun_byte_identical_and_independent_of_workers(corpus, tmp_path):
     single = str(Path(corpus["glob"]).parent / "b-0000.jsonl")
     for name, workers in (("s1", 1), ("s2", 2)):
         tokenize(TokenizeConfig(documents=[single], tokenizer=corpus["tokenizer"], out=str(tmp_path / name),
-                                workers=workers), progress=False)
+                                executor=ExecutorConfig(workers=workers, progress=False)))
     assert _output_bytes(tmp_path / "s1") == _output_bytes(tmp_path / "s2")
     import shutil
 
@@ -219,8 +237,7 @@ def test_token_ids_identical_to_dolma_tokens(corpus, tmp_path):
                 start, end, doc_id = row.split(",")[:3]
                 theirs[doc_id] = tokens[int(start):int(end)].tolist()
     ours_dir = tmp_path / "ours"
-    tokenize(TokenizeConfig(documents=[str(clean / "*")], tokenizer=tokenizer_path, out=str(ours_dir)),
-             progress=False)
+    tokenize(TokenizeConfig(documents=[str(clean / "*")], tokenizer=tokenizer_path, out=str(ours_dir)))
     ours = {}
     for sidecar in ours_dir.glob("*.docs.parquet"):
         tokens = np.fromfile(str(sidecar).replace(".docs.parquet", ".npy"), dtype=np.uint16)

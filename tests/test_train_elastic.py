@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from test_dataset import write_token_file
 from train_utils import TINY_MODEL, random_tokens, read_metrics
+
+from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")]

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_utils import array_loader_factory, random_tokens, read_metrics, tiny_config
 
 from lmforge.core.errors import LmforgeError
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.model.loading import load
 from lmforge.train.trainer import Trainer
-from train_utils import array_loader_factory, random_tokens, read_metrics, tiny_config
 
 SCRIPT = Path(__file__).parent / "train_utils.py"
 RUN = {"max_steps": 24, "checkpoint.interval": 3, "checkpoint.keep_last": 2}
@@ -135,7 +135,7 @@ def test_export_and_soup(tmp_path, reference):
 
     run_dir, _ = reference
     checkpoints = list_checkpoints(run_dir / CHECKPOINTS)
-    assert main(["checkpoint", "export", str(run_dir), str(tmp_path / "exported")]) == 0
+    assert main(["checkpoint", "export", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
     exported, _ = load_model_dir(tmp_path / "exported")
     latest = load(checkpoints[-1][1]).model
     for name, tensor in latest.state_dict().items():
@@ -154,7 +154,7 @@ def test_stage2_from_an_exported_model_directory(tmp_path, reference):
     from lmforge.cli import main
 
     run_dir, _ = reference
-    assert main(["checkpoint", "export", str(run_dir), str(tmp_path / "model")]) == 0
+    assert main(["checkpoint", "export", str(run_dir), "--out", str(tmp_path / "model")]) == 0
     torch.set_num_threads(1)
     trainer = Trainer(tiny_config(tmp_path / "stage2", **{"init_from": {"path": str(tmp_path / "model")}}),
                       loader_factory=array_loader_factory(random_tokens(), 32))

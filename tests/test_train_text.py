@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_utils import read_metrics
 
 from lmforge.cli import main
-from train_utils import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "quickstart.yaml"
 
@@ -29,8 +29,7 @@ def tokens_dir(tmp_path_factory):
             text = path.read_text(encoding="utf-8", errors="replace")[:8000]
             f.write(json.dumps({"id": path.name, "text": text, "source": "stdlib"}) + "\n")
     train_tokenizer(TrainTokenizerConfig(documents=[str(docs)], vocab_size=512, out=str(root / "bpe")))
-    tokenize(TokenizeConfig(documents=[str(docs)], tokenizer=str(root / "bpe"), out=str(root / "tokens")),
-             progress=False)
+    tokenize(TokenizeConfig(documents=[str(docs)], tokenizer=str(root / "bpe"), out=str(root / "tokens")))
     return root / "tokens"
 
 
@@ -54,7 +53,7 @@ def test_loss_falls_on_real_text_and_run_is_inspectable(tmp_path, tokens_dir, ca
     listing = capsys.readouterr().out
     assert "step 7:" in listing and ".py" in listing
 
-    assert main(["checkpoint", "export", str(run_dir), str(tmp_path / "model")]) == 0
+    assert main(["checkpoint", "export", str(run_dir), "--out", str(tmp_path / "model")]) == 0
     from lmforge.model.directory import load_model_dir
 
     model, tokenizer = load_model_dir(tmp_path / "model")

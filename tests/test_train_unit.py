@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from train_utils import array_loader_factory, random_tokens, tiny_config
 
 from lmforge.core.errors import LmforgeError
 from lmforge.train.config import OptimizerConfig, ScheduleConfig, SkipStepConfig
 from lmforge.train.optim import SkipStep, clip_grad_norm, parameter_groups
 from lmforge.train.schedule import lr_multiplier
-from train_utils import array_loader_factory, random_tokens, tiny_config
 
 
 @pytest.mark.parametrize("name, kw, t, duration, expected", [
@@ -138,10 +138,10 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"global_batch_size": 5 * 32}, "not divisible by micro_batch_size x world size"),
-    ({"micro_batch_size": 40}, "multiple of sequence_length"),
+    ({"micro_batch_size": 40}, "multiple of data.sequence_length"),
     ({"data.sequence_length": 128, "micro_batch_size": 128, "global_batch_size": 512}, "longer than the model's context"),
     ({"max_steps": None}, "set max_steps or max_tokens"),
-    ({"batch_size_schedule": [[0, 256], [1000, 384]]}, "not a multiple of the first"),
+    ({"batch_size_schedule": [[0, 256], [1000, 384]]}, "must be a positive multiple of the first"),
     ({"model.overrides.d_modl": 32}, "unknown model field 'd_modl'"),
     ({"schedule.warmup": 4, "schedule.duration": 3}, "must be longer than the warmup"),
 ])
@@ -203,8 +203,9 @@ def test_fused_loss_gradient_matches_float64_autograd():
 
 
 def test_batch_size_warmup_doubles_on_token_schedule_and_lr_in_tokens(tmp_path):
-    from lmforge.train.trainer import Trainer
     from train_utils import read_metrics
+
+    from lmforge.train.trainer import Trainer
 
     torch.set_num_threads(1)
     config = tiny_config(tmp_path, **{"max_tokens": 1280, "max_steps": None, "global_batch_size": 128,
@@ -222,8 +223,9 @@ def test_batch_size_warmup_doubles_on_token_schedule_and_lr_in_tokens(tmp_path):
 
 
 def test_in_loop_evaluators_run_every_interval_in_eval_mode(tmp_path):
-    from lmforge.train.trainer import Trainer
     from train_utils import read_metrics
+
+    from lmforge.train.trainer import Trainer
 
     torch.set_num_threads(1)
     calls = []

@@ -1,18 +1,25 @@
 """The `lmforge` command: parses arguments and hands off to the stage. No logic lives here.
 
-Each area (model, data, train, eval, adapt) registers its subcommands from its own `commands.py`; a handler
-receives the parsed namespace. Errors meant for users are `LmforgeError`: one line on stderr, exit code 2
-(`--debug` shows the traceback).
+Each command group (model, data, train, eval) registers its subcommands from its own module in this package;
+a handler receives the parsed namespace. Flags are generated from the stage configs (`cli/options.py`), and
+dotted overrides (`KEY=VALUE`) are accepted anywhere on the command line. Errors meant for users are
+`LmforgeError`: one line on stderr naming the flag when a flag set the value, exit code 2 (`--debug` shows the
+traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 
 from lmforge import __version__
+from lmforge.cli.options import flag_for
+from lmforge.core.config import ConfigError
 from lmforge.core.errors import LmforgeError
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; dotted overrides (KEY=VALUE) may stand anywhere, also after flags."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    accepts_overrides = isinstance(getattr(args, "overrides", None), list)
+    stray = [item for item in extra if not (accepts_overrides and OVERRIDE.match(item))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides.extend(extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         result = args.func(args)
+    except ConfigError as e:
+        if args.debug:
+            traceback.print_exc()
+        flag = flag_for(args, e.field)
+        print(f"lmforge: error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
+        return 2
     except LmforgeError as e:
         if args.debug:
             traceback.print_exc()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmforge.cli.options import Flag, add_config_flags, config_from_args
+from lmforge.eval.evaluate import EvalConfig
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the top-level parser."""
@@ -20,24 +23,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model directory, training run (latest checkpoint) or checkpoint, or transformers directory")
     p.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
-    p.add_argument("--tasks", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], default=[],
-                   help="comma-separated task names or user task files")
-    p.add_argument("--suite", choices=["olmo1", "olmes", "core"], default=None,
-                   help="olmo1: the OLMo 1 paper's 9 zero-shot tasks; olmes: the OLMES 10; core: all built-in tasks")
-    p.add_argument("--regime", choices=["olmo1", "olmes"], default=None,
-                   help="task settings (default: the suite's, else olmes)")
-    p.add_argument("--limit", type=int, default=None, help="at most N instances per task")
-    p.add_argument("--ppl", nargs="+", default=[], metavar="DOCUMENT_GLOBS",
-                   help="Dolma-format documents for bits per byte (quote the globs)")
-    p.add_argument("--ppl-max-documents", type=int, default=None, help="score at most N documents of each --ppl file")
-    p.add_argument("--all-norms", action="store_true", help="also compute PMI accuracy where it is not the rule")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override generative tasks' token budget")
+    add_config_flags(p, EvalConfig, {
+        "tasks": Flag("task names or user task files, comma-separated or repeated", commas=True),
+        "suite": "olmo1: the OLMo 1 paper's 9 zero-shot tasks; olmes: the OLMES 10; core: all built-in tasks",
+        "regime": "task settings (default: the suite's, else olmes)",
+        "limit": Flag("at most N instances per task", metavar="N"),
+        "ppl": Flag("Dolma-format documents for bits per byte (quote the globs)", metavar="GLOB"),
+        "ppl_max_documents": Flag("score at most N documents of each --ppl file", metavar="N"),
+        "all_norms": "also compute PMI accuracy where it is not the rule",
+        "max_new_tokens": Flag("override generative tasks' token budget", metavar="N"),
+        "batch_size": Flag("contexts per forward pass", metavar="N"),
+    })
     p.add_argument("--out", default=None,
                    help="write results.json, results.md, predictions/*.jsonl and a manifest here")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar when stderr is a terminal")
     p.set_defaults(func=run_eval_command)
 
 
@@ -47,17 +49,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
     import torch
 
     from lmforge.core.errors import LmforgeError
-    from lmforge.eval.evaluate import EvalConfig, load_tasks, markdown_report, run_eval, write_outputs
+    from lmforge.eval.evaluate import load_tasks, markdown_report, run_eval, write_outputs
     from lmforge.core.files import combined_hash, file_hash
     from lmforge.model.loading import load
 
-    if not args.tasks and not args.suite and not args.ppl:
-        raise LmforgeError("nothing to evaluate: give --tasks, --suite and/or --ppl")
-    if args.batch_size < 1:
-        raise LmforgeError(f"--batch-size must be at least 1, got {args.batch_size}")
-    config = EvalConfig(tasks=args.tasks, suite=args.suite, regime=args.regime, limit=args.limit, ppl=args.ppl,
-                        ppl_max_documents=args.ppl_max_documents, batch_size=args.batch_size,
-                        all_norms=args.all_norms, max_new_tokens=args.max_new_tokens)
+    config = config_from_args(EvalConfig, args)
     tasks = load_tasks(config)  # before the model: bad task names and files fail fast
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -71,7 +67,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
                   "hash": combined_hash(loaded.weight_files), "config": model.config.__dict__,
                   "tokenizer": tokenizer.source, "tokenizer_hash": file_hash(tokenizer.source), "device": device,
                   "dtype": args.dtype}
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = args.progress
     results = run_eval(model, tokenizer, config, tasks, model_info, progress=progress)
     table = markdown_report(results)
     if args.out:

@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from lmforge.cli.options import Flag, add_config_flags, add_out_flag, config_from_args, out_of
+from lmforge.model.generation import SamplingConfig
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="model presets: sizes, FLOPs, memory; initialise a model directory")
@@ -27,16 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--tokenizer", default=None, help="tokenizer name or path to store in the directory")
     init.set_defaults(func=cmd_init)
 
-    gen = sub.add_parser("generate", help="generate text from a model directory")
+    gen = sub.add_parser("generate", help="generate text from a model (any saved form)")
     gen.add_argument("model", help="model directory, training run or checkpoint, or transformers directory")
     gen.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--seed", type=int, default=0)
+    add_config_flags(gen, SamplingConfig, {
+        "max_new_tokens": "tokens to generate at most",
+        "temperature": "0 = greedy",
+        "top_k": "sample among the k most likely tokens",
+        "top_p": "sample among the most likely tokens holding this probability mass",
+        "stop_strings": Flag("stop at any of these strings (repeatable)", flag="--stop"),
+        "seed": "sampling seed",
+    })
     gen.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     gen.add_argument("--json", action="store_true")
@@ -47,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export_sub.required = True
     export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2 or Bloom)")
     export_hf.add_argument("model", help="lmforge model directory, training checkpoint, or run directory (latest checkpoint)")
-    export_hf.add_argument("out")
+    add_out_flag(export_hf, "output transformers directory")
     export_hf.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
     export_hf.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
     export_hf.set_defaults(func=cmd_export_hf)
@@ -116,29 +121,14 @@ def _device(name: str | None) -> str:
     return device
 
 
-def _check_sampling_args(args) -> None:
-    from lmforge.core.errors import LmforgeError
-
-    if args.max_new_tokens < 0:
-        raise LmforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if not 0 <= args.temperature < float("inf"):  # NaN fails too
-        raise LmforgeError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
-
-
 def cmd_generate(args) -> None:
-    from lmforge.model.generation import SamplingConfig, generate_text
+    from lmforge.model.generation import generate_text
     from lmforge.model.loading import load
 
-    _check_sampling_args(args)
+    config = config_from_args(SamplingConfig, args)  # checked before the model is loaded
     loaded = load(args.model, args.step, device=_device(args.device), tokenizer=args.tokenizer,
                   require_tokenizer=True)
     model, tokenizer = loaded.model, loaded.tokenizer
-    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, stop_strings=args.stop, seed=args.seed)
     texts = generate_text(model, tokenizer, args.prompt, config)
     if args.json:
         print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(args.prompt, texts)], ensure_ascii=False))
@@ -152,8 +142,9 @@ def cmd_export_hf(args) -> None:
     from lmforge.model.loading import load
 
     loaded = load(args.model, args.step, tokenizer=args.tokenizer)
-    arch = export_hf(loaded.model, loaded.tokenizer, args.out)
-    print(f"wrote {args.out} ({arch})")
+    out = out_of(args)
+    arch = export_hf(loaded.model, loaded.tokenizer, out)
+    print(f"wrote {out} ({arch})")
 
 
 def cmd_import_hf(args) -> None:

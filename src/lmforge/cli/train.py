@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from lmforge.cli.options import add_out_flag, out_of
 from lmforge.core.errors import LmforgeError
 
 
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck_sub.required = True
     export = ck_sub.add_parser("export", help="write a checkpoint as a model directory (config.json + safetensors)")
     export.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    export.add_argument("out", help="output model directory")
+    add_out_flag(export, "output model directory")
     export.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
     export.add_argument("--tokenizer", default=None, help="tokenizer to store (default: the run's)")
     export.set_defaults(func=cmd_checkpoint_export)
@@ -92,7 +93,7 @@ def launch_torchrun(args: argparse.Namespace) -> int:
 def cmd_checkpoint_export(args: argparse.Namespace) -> int:
     from lmforge.model.loading import export_model_dir
 
-    out = export_model_dir(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer)
+    out = export_model_dir(args.checkpoint, out_of(args), step=args.step, tokenizer=args.tokenizer)
     print(f"wrote model directory {out}")
     return 0
 

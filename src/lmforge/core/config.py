@@ -1,9 +1,14 @@
 """Typed dataclass configs: YAML files plus dotted command-line overrides.
 
-A config is any (nested) dataclass. `load_config(Cls, path, overrides)` reads YAML, applies overrides such as
-`model.d_model=512`, `train.betas=[0.9,0.95]` or `model.tie_embeddings=false`, and builds the dataclass while
-checking every key and type; errors name the key, the value and the expected type. `save_config` writes the
-fully resolved config next to an output so any artifact can be rebuilt.
+A config is any (nested) dataclass. `load_config(Cls, path, overrides, flags)` reads YAML, lays command-line flags
+over it, applies overrides such as `model.d_model=512`, `train.betas=[0.9,0.95]` or `model.tie_embeddings=false`,
+and builds the dataclass while checking every key and type. This is the one way a stage config is built.
+
+Validation has one home: each config dataclass checks its own values in `validate()`, which its
+`__post_init__` calls, so a config is checked however it is made (YAML, overrides, flags or Python). Every
+problem is a `ConfigError` naming the field (as a dotted path from the root), the value and what is allowed;
+the command line turns it into one line naming the flag, and exit code 2. `save_config` writes the fully
+resolved config next to an output so any artifact can be rebuilt.
 """
 
 from __future__ import annotations
@@ -21,6 +26,24 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_text
 
 T = TypeVar("T")
+
+
+class ConfigError(LmforgeError):
+    """A config value that is not allowed: the field's dotted path, the value, and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"config field {field!r} = {value!r}: {allowed}")
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error for the config nested at `prefix` (e.g. "bloom.")."""
+        return ConfigError(prefix + self.field, self.value, self.allowed) if prefix else self
+
+
+def require(condition: bool, field: str, value: Any, allowed: str) -> None:
+    """Raise a ConfigError for `field` unless `condition` holds; used by configs' `validate()`."""
+    if not condition:
+        raise ConfigError(field, value, allowed)
 
 
 def packaged_config(relative: str | Path) -> Path:
@@ -119,7 +142,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value in get_args(tp):
             return value
         choices = ", ".join(repr(a) for a in get_args(tp))
-        raise LmforgeError(f"config key {key!r}: value {value!r} is not one of {choices}")
+        raise ConfigError(key, value, f"must be one of {choices}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, value, tp)
@@ -170,20 +193,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise _type_error(key, value, tp)
 
 
-def _type_error(key: str, value: Any, tp: Any) -> LmforgeError:
-    return LmforgeError(f"config key {key!r}: value {value!r} is not of type {_type_name(tp)}")
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(key, value, f"is not of type {_type_name(tp)}")
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise LmforgeError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+        raise ConfigError(prefix.rstrip(".") or "<root>", data, "expected a mapping (a config section)")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields))
-        raise LmforgeError(f"unknown config key {prefix + unknown[0]!r} (valid keys here: {valid})")
+        raise ConfigError(prefix + unknown[0], data[unknown[0]], f"unknown config key (valid keys here: {valid})")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], prefix + name)
@@ -192,9 +215,11 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise LmforgeError(f"missing required config key {prefix + missing[0]!r}")
+        raise ConfigError(prefix + missing[0], None, "missing: this config key is required")
     try:
         return cls(**kwargs)
+    except ConfigError as e:
+        raise e.under(prefix) from None
     except (ValueError, TypeError) as e:
         raise LmforgeError(f"invalid config{(' ' + prefix.rstrip('.')) if prefix else ''}: {e}") from None
 
@@ -211,11 +236,11 @@ def to_dict(config: Any) -> Any:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> T:
-    """Resolve `base` <- YAML file <- overrides into a checked `cls` instance."""
-    data = dict(base or {})
-    if path is not None:
-        data = _deep_merge(data, read_yaml(path))
+                flags: dict | None = None) -> T:
+    """The one way a config is built: YAML file <- command-line flags (nested dict) <- dotted overrides, into a
+    checked and validated `cls` instance."""
+    data = read_yaml(path) if path is not None else {}
+    data = _deep_merge(data, flags or {})
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data)
 

@@ -13,52 +13,49 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import sys
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.progress import Progress
 
 PROGRESS_EVERY_DOCS = 500
 
 
 @dataclass
 class ExecutorConfig:
-    kind: str = "local"
-    workers: int = 1
-    address: str | None = None
-    progress: bool = True
+    """The `executor:` section every data stage shares (tag, dedup, mix, stats, tokenize)."""
+
+    kind: Literal["local", "ray"] = "local"  # local processes, or Ray tasks (the same command across machines)
+    workers: int = 1  # parallel processes (local) or CPUs of a new local Ray instance; one shard per task
+    address: str | None = None  # Ray cluster address (e.g. auto or ray://host:10001); default: a new instance
+    progress: bool = True  # a progress bar when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(self.workers >= 1, "workers", self.workers, "must be at least 1")
 
 
-class Progress:
-    """A tqdm bar over input bytes (ETA) with documents/s in the postfix; silent when stderr is not a tty."""
+class ShardProgress:
+    """Input bytes done (for the ETA) with documents/s beside them."""
 
     def __init__(self, total_bytes: int, n_tasks: int, desc: str, enabled: bool):
         self.docs = 0
-        self.start = time.monotonic()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{desc} ({n_tasks} shards)",
-                            dynamic_ncols=True)
+        self.bar = Progress(total_bytes, f"{desc} ({n_tasks} shards)", unit="B", enabled=enabled, unit_scale=True)
 
     def documents(self, n: int) -> None:
         self.docs += n
-        if self.bar is not None:
-            rate = self.docs / max(time.monotonic() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{self.docs} docs, {rate:,.0f} docs/s", refresh=False)
-            self.bar.refresh()
+        self.bar.note(f"{self.docs} docs, {self.docs / max(self.bar.elapsed, 1e-9):,.0f} docs/s")
 
     def task_done(self, weight: int) -> None:
-        if self.bar is not None:
-            self.bar.update(weight)
+        self.bar.update(weight)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 _WORKER_QUEUE = None
@@ -86,7 +83,7 @@ def _run_local(fn: Callable, task: Any) -> dict:
     return result
 
 
-def _drain(docs_queue, bar: Progress, stop: threading.Event) -> None:
+def _drain(docs_queue, bar: ShardProgress, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             bar.documents(docs_queue.get(timeout=0.2))
@@ -104,7 +101,7 @@ def iter_tasks(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, desc:
     """Yield fn's results in task order while the tasks run in parallel."""
     if not tasks:
         return
-    bar = Progress(sum(getattr(t, "weight", 0) for t in tasks), len(tasks), desc, config.progress)
+    bar = ShardProgress(sum(getattr(t, "weight", 0) for t in tasks), len(tasks), desc, config.progress)
     try:
         if config.kind == "local":
             yield from _iter_local(fn, tasks, config, bar)
@@ -116,7 +113,7 @@ def iter_tasks(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, desc:
         bar.close()
 
 
-def _iter_local(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: Progress) -> Iterator[dict]:
+def _iter_local(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: ShardProgress) -> Iterator[dict]:
     workers = max(1, min(config.workers, len(tasks)))
     if workers == 1:
         for task in tasks:
@@ -141,11 +138,11 @@ def _iter_local(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar:
         drainer.join(timeout=1)
 
 
-def _iter_ray(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: Progress) -> Iterator[dict]:
+def _iter_ray(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: ShardProgress) -> Iterator[dict]:
     try:
         import ray
     except ImportError:
-        raise LmforgeError("--executor ray needs Ray: pip install 'lmforge[ray]'") from None
+        raise LmforgeError("the ray executor needs Ray: pip install 'lmforge[ray]'") from None
     started_here = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}

@@ -14,6 +14,14 @@ from typing import Any, Iterator
 
 import xxhash
 
+# Every file suffix lmforge reads or writes, defined once (formats in docs/formats.md).
+DOCUMENT_SUFFIX_BY_COMPRESSION = {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl", "parquet": ".parquet"}
+DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".parquet")
+ATTRIBUTE_SUFFIX = ".jsonl.gz"  # attributes of a Parquet shard are written as JSONL
+TOKENS_SUFFIX = ".npy"  # headerless token memmaps
+TOKENS_SIDECAR_SUFFIX = ".docs.parquet"  # lmforge's per-document sidecar of a token file
+DOLMA_SIDECAR_SUFFIX = ".csv.gz"  # Dolma's per-document sidecar of a token file
+
 
 def _default_mode() -> int:
     umask = os.umask(0)

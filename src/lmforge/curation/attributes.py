@@ -20,7 +20,7 @@ import orjson
 
 from lmforge.curation.documents import AtomicShardWriter, compression_of, iter_lines
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write_json
+from lmforge.core.files import ATTRIBUTE_SUFFIX, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
 
 DONE_DIR = ".done"
 # Attribute files are mostly small numbers and repeated keys: the fastest levels compress them well enough.
@@ -39,7 +39,8 @@ def split_documents_path(doc_path: str | Path) -> tuple[Path, Path]:
 
 
 def attribute_suffix(rel: Path) -> Path:
-    return rel.with_name(rel.name[: -len(".parquet")] + ".jsonl.gz") if rel.name.endswith(".parquet") else rel
+    parquet = DOCUMENT_SUFFIX_BY_COMPRESSION["parquet"]
+    return rel.with_name(rel.name[: -len(parquet)] + ATTRIBUTE_SUFFIX) if rel.name.endswith(parquet) else rel
 
 
 def attribute_dir(doc_path: str | Path, name: str) -> Path:

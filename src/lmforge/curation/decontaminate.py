@@ -18,12 +18,13 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 import xxhash
 
 from lmforge.curation.attributes import attribute_path, is_done, mark_done, split_documents_path
 from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -36,10 +37,21 @@ class DecontaminationConfig:
     tasks: list[str] = field(default_factory=list)  # names of the evaluation tasks whose texts are passed in
     eval_documents: list[str] = field(default_factory=list)  # held-out document globs (e.g. Paloma)
     min_words: int = 13
-    mode: str = "mark"  # mark | remove
+    mode: Literal["mark", "remove"] = "mark"
     name: str = "decontamination"  # attribute name (mark)
     out: str | None = None  # output directory (remove)
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(bool(self.documents), "documents", self.documents, "give at least one document glob")
+        require(self.mode != "remove" or bool(self.out), "out", self.out,
+                "mode remove writes the clean documents to an output directory; give one")
+        require(bool(self.tasks or self.eval_documents), "tasks", self.tasks,
+                "build the filter from tasks and/or eval_documents")
+        require(self.min_words >= 1, "min_words", self.min_words, "must be positive")
 
 
 def normalize_paragraph(paragraph: str) -> str:
@@ -135,14 +147,6 @@ def output_path(doc_path: str, out: Path) -> Path:
 def decontaminate(config: DecontaminationConfig, eval_texts: Iterable[str] = (), log=print) -> dict:
     """`eval_texts` are the texts of the tasks named in `config.tasks` (`lmforge.eval.tasks.task_texts`):
     curation comes before evaluation, so the caller loads them."""
-    if config.mode not in ("mark", "remove"):
-        raise LmforgeError(f"mode must be mark or remove, got {config.mode!r}")
-    if config.mode == "remove" and not config.out:
-        raise LmforgeError("--mode remove writes the clean documents to --out DIR; give one")
-    if not config.tasks and not config.eval_documents:
-        raise LmforgeError("build the filter from --tasks and/or --eval-documents")
-    if config.min_words < 1:
-        raise LmforgeError(f"--min-words must be positive, got {config.min_words}")
     shards = expand_globs(config.documents)
     paragraphs, counts = build_filter(config, eval_texts)
     log(f"filter: {counts['filter_paragraphs']} paragraphs of {config.min_words}+ words")

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from lmforge.core.config import apply_overrides, from_dict, read_yaml, to_dict
+from lmforge.core.config import to_dict
 from lmforge.curation.attributes import AttributeWriter, attribute_dir, attribute_path, source_fingerprint
 from lmforge.curation.documents import ReadReport, expand_globs, read_documents
 from lmforge.core.executor import ExecutorConfig, iter_tasks
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
 from lmforge.core.files import atomic_path, atomic_write_json
@@ -41,6 +42,13 @@ class BloomConfig:
     expected_elements: int = 1_000_000
     false_positive_rate: float = 1e-6
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(0 < self.false_positive_rate < 1, "false_positive_rate", self.false_positive_rate, "must be in (0, 1)")
+        require(self.expected_elements > 0, "expected_elements", self.expected_elements, "must be positive")
+
 
 @dataclass
 class MinHashConfig:
@@ -49,6 +57,14 @@ class MinHashConfig:
     rows: int = 5
     threshold: float = 0.8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("ngram", "bands", "rows"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(0 < self.threshold <= 1, "threshold", self.threshold, "must be in (0, 1]")
 
 
 @dataclass
@@ -61,28 +77,16 @@ class DedupConfig:
     url_key: str = "metadata.url"
     bloom: BloomConfig = field(default_factory=BloomConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
-    workers: int = 1
-    executor: str = "local"
-    address: str | None = None
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()
 
-def load_dedup_config(path: str | None, flags: dict, bloom: dict, overrides: list[str]) -> DedupConfig:
-    data = read_yaml(path) if path else {}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    bloom_flags = {k: v for k, v in bloom.items() if v is not None}
-    if bloom_flags:
-        data["bloom"] = {**data.get("bloom", {}), **bloom_flags}
-    config = from_dict(DedupConfig, apply_overrides(data, overrides))
-    unknown = [m for m in config.modes if m not in MODES]
-    if unknown or not config.modes:
-        raise LmforgeError(f"unknown dedup mode {unknown[0] if unknown else '(none given)'!r}; "
-                           f"modes: {', '.join(MODES)}")
-    if not 0 < config.bloom.false_positive_rate < 1 or config.bloom.expected_elements <= 0:
-        raise LmforgeError("bloom.false_positive_rate must be in (0, 1) and bloom.expected_elements positive")
-    mh = config.minhash
-    if mh.ngram < 1 or mh.bands < 1 or mh.rows < 1 or not 0 < mh.threshold <= 1:
-        raise LmforgeError("minhash: ngram, bands and rows must be >= 1 and threshold in (0, 1]")
-    return config
+    def validate(self) -> None:
+        require(bool(self.documents), "documents", self.documents, "give at least one document glob")
+        unknown = [m for m in self.modes if m not in MODES]
+        require(bool(self.modes) and not unknown, "modes", self.modes,
+                f"unknown dedup mode {unknown[0] if unknown else '(none given)'!r}; modes: {', '.join(MODES)}")
 
 
 # ---------------------------------------------------------------- Bloom filter
@@ -355,7 +359,7 @@ class DedupState:
             self.absorbed = meta["absorbed"]
             self._load()
         elif config.read_only:  # nothing to check against and nothing added: every document would pass
-            raise LmforgeError(f"--read-only needs an existing dedup state, but {meta_path} does not exist")
+            raise LmforgeError(f"read_only needs an existing dedup state, but {meta_path} does not exist")
         elif "paragraph" in config.modes:
             self.bloom = BloomFilter.sized(config.bloom.expected_elements, config.bloom.false_positive_rate)
 
@@ -517,7 +521,7 @@ def run_dedup(config: DedupConfig) -> dict:
         and attribute_path(p, config.name).is_file())]
     tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash, weight=Path(p).stat().st_size)
              for p in todo]
-    executor = ExecutorConfig(kind=config.executor, workers=config.workers, address=config.address)
+    executor = config.executor
     totals: dict = {}
     skipped: list[str] = []
     for fp in iter_tasks(fingerprint_shard, tasks, executor, desc="dedup"):

@@ -20,9 +20,8 @@ import orjson
 import zstandard
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_path
+from lmforge.core.files import DOCUMENT_SUFFIXES, atomic_path
 
-DOCUMENT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".parquet")
 MAX_REPORTED_BAD_LINES = 100
 
 

@@ -22,14 +22,15 @@ from typing import Literal
 import xxhash
 import zstandard
 
-from lmforge.core.config import load_config, to_dict
+from lmforge.core.config import to_dict
 from lmforge.curation.attributes import attribute_dir, attribute_path, read_attributes
 from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath, jsonpath_span_key
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
-from lmforge.core.files import atomic_write_json
+from lmforge.core.files import DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
 
 DONE_DIR = ".done"
 DEFAULT_COMPRESSION_RATIO = 4
@@ -60,6 +61,14 @@ class StreamConfig:
     sample_rate: float = 1.0
     min_text_length: int = 1
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), "name", self.name,
+                "use letters, digits, '-' and '_'")
+        require(self.sample_rate >= 0, "sample_rate", self.sample_rate, "must be >= 0")
+
 
 @dataclass
 class OutputConfig:
@@ -68,15 +77,27 @@ class OutputConfig:
     compression: Literal["gz", "zst", "none", "parquet"] = "gz"  # "parquet" writes Parquet shards instead of JSONL
     discard_fields: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(self.max_size_in_bytes > 0, "max_size_in_bytes", self.max_size_in_bytes, "must be positive")
+
 
 @dataclass
 class MixerConfig:
     streams: list[StreamConfig]
     output: OutputConfig
     seed: int = 0
-    workers: int = 1
-    executor: str = "local"
-    address: str | None = None
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        names = [s.name for s in self.streams]
+        require(bool(names), "streams", [], "give at least one stream")
+        require(len(set(names)) == len(names), "streams", names, "stream names must be unique")
 
 
 @dataclass
@@ -89,23 +110,6 @@ class MixTask:
     known_keys: list[str] | None
     config_hash: str
     weight: int = 0
-
-
-def load_mixer_config(path: str, overrides: list[str] | None = None) -> MixerConfig:
-    config = load_config(MixerConfig, path, overrides or [])
-    names = [s.name for s in config.streams]
-    if not names:
-        raise LmforgeError(f"{path}: no streams")
-    if len(set(names)) != len(names):
-        raise LmforgeError(f"{path}: stream names must be unique, got {names}")
-    for stream in config.streams:
-        if not stream.name.replace("_", "").replace("-", "").isalnum():
-            raise LmforgeError(f"stream name {stream.name!r}: use letters, digits, '-' and '_'")
-        if stream.sample_rate < 0:
-            raise LmforgeError(f"stream {stream.name!r}: sample_rate must be >= 0")
-    if config.output.max_size_in_bytes <= 0:
-        raise LmforgeError("output.max_size_in_bytes must be positive")
-    return config
 
 
 def _compile(stream: StreamConfig, known_keys: list[str] | None):
@@ -148,7 +152,7 @@ def sample_copies(seed: int, stream: str, doc_id: str, rate: float) -> int:
 
 
 def _suffix(compression: str) -> str:
-    return {"gz": ".jsonl.gz", "zst": ".jsonl.zst", "none": ".jsonl", "parquet": ".parquet"}[compression]
+    return DOCUMENT_SUFFIX_BY_COMPRESSION[compression]
 
 
 class _RollingWriter:
@@ -333,7 +337,7 @@ def run_mix(config: MixerConfig) -> dict:
     tasks = plan_tasks(config)
     done = {id(t): _finished(t) for t in tasks}
     todo = [t for t in tasks if done[id(t)] is None]
-    executor = ExecutorConfig(kind=config.executor, workers=config.workers, address=config.address)
+    executor = config.executor
     fresh = iter(run_tasks(mix_task, todo, executor, desc="mix"))
     results = [done[id(t)] if done[id(t)] is not None else next(fresh) for t in tasks]
     per_stream: dict[str, dict] = {}

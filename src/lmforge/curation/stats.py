@@ -20,6 +20,7 @@ import xxhash
 
 from lmforge.curation.documents import ReadReport, expand_globs, read_documents
 from lmforge.core.executor import ExecutorConfig, run_tasks
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
 from lmforge.core.files import atomic_path, atomic_write_json
@@ -32,16 +33,23 @@ TOKENIZER_BATCH = 256
 @dataclass
 class StatsConfig:
     documents: list[str]
-    output: str
+    out: str
     count_strings: list[str] = field(default_factory=list)
     top_k: int = 20
     ngram_sizes: list[int] = field(default_factory=lambda: [1, 2, 3])
     tokenizer: str | None = None
     langid: bool = True
     plots: bool = True
-    workers: int = 1
-    executor: str = "local"
-    address: str | None = None
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(bool(self.documents), "documents", self.documents, "give at least one document glob")
+        require(bool(self.ngram_sizes) and all(n >= 1 for n in self.ngram_sizes), "ngram_sizes", self.ngram_sizes,
+                "every n-gram size must be >= 1")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0")
 
 
 @dataclass
@@ -230,10 +238,6 @@ def run_stats(config: StatsConfig, tokenizer: Any = None) -> dict:
     anything with `encode_batch(texts)`. Without one, tokens are whitespace words."""
     if config.tokenizer and tokenizer is None:
         raise LmforgeError(f"stats: pass the loaded tokenizer {config.tokenizer!r} (lmforge.tokens.Tokenizer.load)")
-    if any(n < 1 for n in config.ngram_sizes):
-        raise LmforgeError("n-gram sizes must be >= 1")
-    if config.top_k < 0:
-        raise LmforgeError(f"--top-k must be >= 0, got {config.top_k}")
     paths = expand_globs(config.documents)
     tasks = [StatsTask(p, list(config.count_strings), list(config.ngram_sizes), tokenizer, config.langid,
                        weight=Path(p).stat().st_size) for p in paths]
@@ -241,9 +245,9 @@ def run_stats(config: StatsConfig, tokenizer: Any = None) -> dict:
         from lmforge.curation.taggers.language import lid176_path
 
         lid176_path()
-    executor = ExecutorConfig(kind=config.executor, workers=config.workers, address=config.address)
+    executor = config.executor
     report = _merge(run_tasks(analyse_shard, tasks, executor, desc="stats"), config)
-    output = Path(config.output)
+    output = Path(config.out)
     output.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, output) if config.plots else []
     atomic_write_json(output / "stats.json", report)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.progress import Progress
 from lmforge.eval.scoring import ChoiceStats, gold_bits_per_byte, loglikelihoods, predict
 from lmforge.eval.tasks import (NORMALIZATIONS, UNCOND_CONTEXT, RCInstance, Task, load_task,
                                 resolve_tasks)
@@ -27,8 +29,8 @@ FREE_NORMALIZATIONS = tuple(n for n in NORMALIZATIONS if n != "pmi")  # need no 
 @dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=list)
-    suite: str | None = None
-    regime: str | None = None  # default: the suite's, else olmes
+    suite: Literal["olmo1", "olmes", "core"] | None = None
+    regime: Literal["olmo1", "olmes"] | None = None  # default: the suite's, else olmes
     limit: int | None = None  # instances per task (per formulation)
     ppl: list[str] = field(default_factory=list)  # Dolma document globs
     ppl_max_documents: int | None = None
@@ -36,24 +38,16 @@ class EvalConfig:
     all_norms: bool = False  # also report PMI accuracy for tasks whose rule is not PMI (one more pass)
     max_new_tokens: int | None = None  # override the generative tasks' budget
 
+    def __post_init__(self) -> None:
+        self.validate()
 
-class Progress:
-    """A tqdm bar on stderr when it is a terminal (or forced); a no-op otherwise."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = None
-        if enabled and total:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, leave=False, dynamic_ncols=True)
-
-    def __call__(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def validate(self) -> None:
+        require(bool(self.tasks or self.suite or self.ppl), "tasks", self.tasks,
+                "nothing to evaluate: give tasks, a suite and/or ppl documents")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        for name in ("limit", "ppl_max_documents", "max_new_tokens"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be at least 1")
 
 
 class Encoder:
@@ -120,7 +114,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 16, al
             plans.append((task, form, refs))
 
     pairs = list(pair_index)
-    bar = Progress(len(pairs), "scoring", progress)
+    bar = Progress(len(pairs), "scoring", "req", progress)
     scored = loglikelihoods(model, pairs, batch_size=batch_size, progress=bar)
     bar.close()
     lls, truncated = scored.loglikelihoods, scored.truncated
@@ -130,7 +124,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 16, al
     for task, form, refs in plans:
         if form.name == "gen":
             budget = max_new_tokens if max_new_tokens is not None else form.max_new_tokens
-            bar = Progress(len(form.instances), f"generating {task.name}", progress)
+            bar = Progress(len(form.instances), f"generating {task.name}", "req", progress)
             records = generate_answers(model, tokenizer, form.instances, form.checker, form.stop, budget,
                                        batch_size=batch_size, progress=bar)
             bar.close()
@@ -229,7 +223,7 @@ def run_eval(model, tokenizer, config: EvalConfig, tasks: list[Task] | None = No
         documents = collect_documents(ppl_paths, config.ppl_max_documents, report)
         if not documents:
             raise LmforgeError(f"no documents to score in {', '.join(ppl_paths)} ({report.skipped} bad lines skipped)")
-        bar = Progress(len(documents), "perplexity", progress)
+        bar = Progress(len(documents), "perplexity", "doc", progress)
         ppl = perplexity(model, tokenizer, documents, max(1, config.batch_size // 2), bar)
         bar.close()
         ppl["read_report"] = report.to_dict()

@@ -342,7 +342,7 @@ def load_task(name: str, regime: str = "olmes", limit: int | None = None) -> Tas
     if regime not in REGIMES:
         raise LmforgeError(f"unknown regime {regime!r}; valid: {', '.join(REGIMES)}")
     if limit is not None and limit < 1:
-        raise LmforgeError(f"--limit must be at least 1, got {limit}")
+        raise LmforgeError(f"limit must be at least 1, got {limit}")
     if is_user_task(name):
         return load_user_task(name, regime, limit)
     if name not in BUILTIN:
@@ -352,14 +352,14 @@ def load_task(name: str, regime: str = "olmes", limit: int | None = None) -> Tas
 
 
 def resolve_tasks(tasks: list[str] | None, suite: str | None, regime: str | None) -> tuple[list[str], str]:
-    """Task names and regime from --tasks/--suite/--regime."""
+    """Task names and regime from the tasks, suite and regime asked for."""
     if suite is not None:
         if suite not in SUITES:
             raise LmforgeError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
         suite_regime, names = SUITES[suite]
         return list(dict.fromkeys(names + list(tasks or []))), regime or suite_regime
     if not tasks:
-        raise LmforgeError("name tasks with --tasks a,b,... or a suite with --suite "
+        raise LmforgeError("name tasks (e.g. arc_easy,hellaswag) or a suite "
                            f"({', '.join(SUITES)}); built-in tasks: {', '.join(sorted(BUILTIN))}")
     unknown = [t for t in tasks if not is_user_task(t) and t not in BUILTIN]
     if unknown:

@@ -52,7 +52,8 @@ def load(path: str | Path, step: int | None = None, *, device: str | torch.devic
         loaded = LoadedModel(model, tok, "hf", path, weight_files=sorted(path.glob("*.safetensors")))
     elif is_model_dir(path):
         if step is not None:
-            raise LmforgeError(f"{path} is a model directory, which has no steps; --step is for training runs")
+            raise LmforgeError(f"{path} is a model directory, which has no steps; a step selects a training run's "
+                               "checkpoint")
         model, tok = load_model_dir(path)
         loaded = LoadedModel(model, tok, "model", path, weight_files=[path / WEIGHTS])
     elif is_checkpoint(path) or is_run_dir(path):

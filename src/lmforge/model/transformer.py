@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.core.config import require
+from lmforge.tokens.tokenizer import pad_vocab_size
+
 
 @dataclass
 class ModelConfig:
@@ -53,16 +56,18 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        self.validate()
+
+    def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "mlp_hidden_size",
                      "max_sequence_length", "vocab_multiple"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+            require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
+        require(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+                f"must be divisible by n_heads ({self.n_heads})")
+        require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+                f"must divide n_heads ({self.n_heads})")
+        require(self.position != "rope" or self.head_dim % 2 == 0, "d_model", self.d_model,
+                f"RoPE needs an even head_dim (d_model / n_heads), got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -70,8 +75,7 @@ class ModelConfig:
 
     @property
     def embedding_size(self) -> int:
-        m = self.vocab_multiple
-        return ((self.vocab_size + m - 1) // m) * m
+        return pad_vocab_size(self.vocab_size, self.vocab_multiple)
 
 
 def make_norm(config: ModelConfig, size: int) -> nn.Module:

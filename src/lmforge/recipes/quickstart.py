@@ -123,7 +123,7 @@ def main() -> None:
     mix_config = rewrite_paths("data/quickstart_mix.yaml", out, out / "configs" / "mix.yaml")
     run("mix: filter on the attributes, mask PII, drop duplicate paragraphs", ["data", "mix", str(mix_config)], capture=True)
     mixed_glob = str(out / "mixed" / "documents" / "*.jsonl.gz")
-    run("stats: what is in the corpus", ["data", "stats", "--documents", mixed_glob, "--output", str(out / "stats")],
+    run("stats: what is in the corpus", ["data", "stats", "--documents", mixed_glob, "--out", str(out / "stats")],
         capture=True)
     if not (out / "tokenizer" / "tokenizer.json").is_file():
         run("train a byte-level BPE tokenizer", ["data", "train-tokenizer", "--documents", mixed_glob,
@@ -137,14 +137,14 @@ def main() -> None:
     lineage = run("lineage: the documents in the batch at step 1",
                   ["data", "inspect", "--run", str(run_dir), "--step", "1", "--instance", "0"], capture=True)
     model_dir = out / "model"
-    run("export the final checkpoint as a model directory", ["checkpoint", "export", str(run_dir), str(model_dir)])
+    run("export the final checkpoint as a model directory", ["checkpoint", "export", str(run_dir), "--out", str(model_dir)])
     run("evaluate: downstream tasks (OLMo 1 regime) and bits per byte on held-out documents",
         ["eval", str(model_dir), "--tasks", "arc_easy,hellaswag,piqa,sciq,copa", "--regime", "olmo1",
          "--limit", str(args.eval_limit), "--ppl", str(out / "heldout" / "*.jsonl.gz"), "--out", str(out / "eval"),
          "--no-progress"], capture=True)
     sample = run("generate", ["generate", str(model_dir), "--prompt", "def read_file(path):", "--max-new-tokens",
                               "48", "--temperature", "0.7", "--top-p", "0.9", "--seed", "0"], capture=True)
-    run("export to Hugging Face format", ["export", "hf", str(model_dir), str(out / "hf")], capture=True)
+    run("export to Hugging Face format", ["export", "hf", str(model_dir), "--out", str(out / "hf")], capture=True)
     write_report(out, time.time() - start, lineage, sample)
     print(f"\nquickstart finished in {time.time() - start:.0f} s; read {out / 'REPORT.md'}")
 

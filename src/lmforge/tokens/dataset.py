@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.tokens.instance_filter import InstanceFilterConfig, keep_instance
 from lmforge.tokens.token_files import TokenFile, open_token_file, resolve_token_paths
@@ -59,14 +60,15 @@ class DataConfig:
     prefetch_batches: int = 2
 
     def __post_init__(self) -> None:
-        if self.sequence_length < 2:
-            raise ValueError("sequence_length must be >= 2")
-        if not self.paths and not self.mixture:
-            raise ValueError("give paths (token directories, .npy files or globs) or a mixture")
-        if self.max_repetition < 1:
-            raise ValueError("max_repetition must be >= 1")
-        if self.mixture_tokens is not None and self.mixture_tokens < 1:
-            raise ValueError("mixture_tokens must be >= 1")
+        self.validate()
+
+    def validate(self) -> None:
+        require(self.sequence_length >= 2, "sequence_length", self.sequence_length, "must be >= 2")
+        require(bool(self.paths or self.mixture), "paths", self.paths,
+                "give paths (token directories, .npy files or globs) or a mixture")
+        require(self.max_repetition >= 1, "max_repetition", self.max_repetition, "must be >= 1")
+        require(self.mixture_tokens is None or self.mixture_tokens >= 1, "mixture_tokens", self.mixture_tokens,
+                "must be >= 1")
 
     def build(self) -> "Dataset":
         return Dataset(self)

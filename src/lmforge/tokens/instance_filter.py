@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmforge.core.config import require
+
 
 @dataclass
 class InstanceFilterConfig:
@@ -21,10 +23,12 @@ class InstanceFilterConfig:
     max_count: int = 32
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_period <= self.max_period:
-            raise ValueError("need 1 <= min_period <= max_period")
-        if self.max_count < 2:
-            raise ValueError("max_count must be >= 2")
+        self.validate()
+
+    def validate(self) -> None:
+        require(1 <= self.min_period <= self.max_period, "min_period", self.min_period,
+                f"need 1 <= min_period <= max_period ({self.max_period})")
+        require(self.max_count >= 2, "max_count", self.max_count, "must be >= 2")
 
 
 def longest_true_run(mask: np.ndarray) -> int:

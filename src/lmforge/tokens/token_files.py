@@ -19,9 +19,8 @@ import numpy as np
 import xxhash
 
 from lmforge.core.errors import LmforgeError
+from lmforge.core.files import DOLMA_SIDECAR_SUFFIX, TOKENS_SIDECAR_SUFFIX, TOKENS_SUFFIX
 
-LMFORGE_SIDECAR = ".docs.parquet"
-DOLMA_SIDECAR = ".csv.gz"
 DTYPES = ("uint16", "uint32")
 
 
@@ -62,7 +61,7 @@ class TokenFile:
     def doc_ends(self) -> np.ndarray:
         """End offsets of the documents, read without their ids (what document boundaries need)."""
         if self._ends is None:
-            if self._documents is None and self.sidecar.endswith(LMFORGE_SIDECAR):
+            if self._documents is None and self.sidecar.endswith(TOKENS_SIDECAR_SUFFIX):
                 self._ends = _read_parquet_columns(self.sidecar, ["end"])["end"].to_numpy().astype(np.int64)
             else:
                 self._ends = self.documents().ends
@@ -70,7 +69,7 @@ class TokenFile:
 
     def doc_sources(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(source per document, starts, ends), read without the ids."""
-        if self._documents is None and self.sidecar.endswith(LMFORGE_SIDECAR):
+        if self._documents is None and self.sidecar.endswith(TOKENS_SIDECAR_SUFFIX):
             table = _read_parquet_columns(self.sidecar, ["source", "start", "end"])
             return (table["source"].to_pylist(), table["start"].to_numpy().astype(np.int64),
                     table["end"].to_numpy().astype(np.int64))
@@ -98,7 +97,7 @@ def resolve_token_paths(patterns: list[str]) -> list[str]:
                 raise LmforgeError(f"{pattern} has no {MANIFEST_NAME}: its tokenization has not finished "
                                    f"(rerun `lmforge data tokenize` with the same arguments to complete it)")
             else:
-                files = sorted(glob.glob(os.path.join(pattern, "*.npy")))
+                files = sorted(glob.glob(os.path.join(pattern, "*" + TOKENS_SUFFIX)))
             if not files:
                 raise LmforgeError(f"no token files (*.npy) in {pattern}")
         else:
@@ -113,21 +112,21 @@ def open_token_file(path: str, dtype: str | None = None) -> TokenFile:
     """Open a token file with its sidecar; `dtype` is required for Dolma files and checked for ours."""
     if not os.path.isfile(path):
         raise LmforgeError(f"token file not found: {path}")
-    base = path[:-4] if path.endswith(".npy") else path
-    if os.path.isfile(base + LMFORGE_SIDECAR):
-        sidecar = base + LMFORGE_SIDECAR
+    base = path[: -len(TOKENS_SUFFIX)] if path.endswith(TOKENS_SUFFIX) else path
+    if os.path.isfile(base + TOKENS_SIDECAR_SUFFIX):
+        sidecar = base + TOKENS_SIDECAR_SUFFIX
         meta_dtype, expected = _parquet_summary(sidecar)
         if dtype is not None and dtype != meta_dtype:
             raise LmforgeError(f"{path}: configured dtype {dtype} but its sidecar says the file holds {meta_dtype}")
         dtype = meta_dtype
-    elif os.path.isfile(base + DOLMA_SIDECAR):
-        sidecar = base + DOLMA_SIDECAR
+    elif os.path.isfile(base + DOLMA_SIDECAR_SUFFIX):
+        sidecar = base + DOLMA_SIDECAR_SUFFIX
         if dtype is None:
             raise LmforgeError(f"{path} is a Dolma token file (no dtype recorded): set dtype to uint16 or uint32")
         expected = int(read_sidecar(sidecar).ends.max(initial=0))
     else:
-        raise LmforgeError(f"{path}: no sidecar ({Path(base).name}{LMFORGE_SIDECAR} or {Path(base).name}"
-                           f"{DOLMA_SIDECAR}) that says which documents it holds")
+        raise LmforgeError(f"{path}: no sidecar ({Path(base).name}{TOKENS_SIDECAR_SUFFIX} or {Path(base).name}"
+                           f"{DOLMA_SIDECAR_SUFFIX}) that says which documents it holds")
     if dtype not in DTYPES:
         raise LmforgeError(f"{path}: unsupported token dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
     size = os.path.getsize(path)
@@ -185,7 +184,7 @@ def _parquet_summary(sidecar: str) -> tuple[str, int]:
 
 
 def read_sidecar(sidecar: str) -> Documents:
-    if sidecar.endswith(LMFORGE_SIDECAR):
+    if sidecar.endswith(TOKENS_SIDECAR_SUFFIX):
         import pyarrow.parquet as pq
 
         try:

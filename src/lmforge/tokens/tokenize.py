@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,13 +26,14 @@ import numpy as np
 import xxhash
 
 from lmforge.curation.documents import ReadReport, expand_globs, read_documents, strip_suffix
+from lmforge.core.config import require
+from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
-from lmforge.core.files import atomic_path, atomic_write_json, file_hash
+from lmforge.core.files import TOKENS_SIDECAR_SUFFIX, TOKENS_SUFFIX, atomic_path, atomic_write_json, file_hash
 from lmforge.tokens.tokenizer import Tokenizer
 
 FORMAT = "lmforge-tokens-v1"
-SIDECAR_SUFFIX = ".docs.parquet"
 PROGRESS_DIR = ".progress"
 ENCODE_BATCH_DOCS = 256
 MAX_REPORTED_BAD_LINES = 100
@@ -45,15 +44,16 @@ class TokenizeConfig:
     documents: list[str]
     tokenizer: str
     out: str
-    workers: int = 1
     bos: bool = False
     max_tokens_per_file: int = 1 << 30
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError("workers must be >= 1")
-        if self.max_tokens_per_file < 1:
-            raise ValueError("max_tokens_per_file must be >= 1")
+        self.validate()
+
+    def validate(self) -> None:
+        require(bool(self.documents), "documents", self.documents, "give at least one document glob")
+        require(self.max_tokens_per_file >= 1, "max_tokens_per_file", self.max_tokens_per_file, "must be >= 1")
 
 
 @dataclass
@@ -68,6 +68,8 @@ class ShardTask:
     max_tokens_per_file: int
     input_hash: str
     settings_hash: str
+    parallel_encode: bool = False  # the only shard to do: encode on the tokenizer's threads instead
+    weight: int = 0  # input bytes, for the progress bar
 
 
 @dataclass
@@ -111,7 +113,8 @@ def shard_stems(paths: list[str]) -> list[str]:
 
 
 def _shard_file_pattern(stem: str) -> re.Pattern:
-    return re.compile(re.escape(stem) + r"-\d{5}(\.npy|" + re.escape(SIDECAR_SUFFIX) + ")$")
+    suffixes = "|".join(re.escape(s) for s in (TOKENS_SUFFIX, TOKENS_SIDECAR_SUFFIX))
+    return re.compile(re.escape(stem) + r"-\d{5}(" + suffixes + ")$")
 
 
 @lru_cache(maxsize=4)
@@ -173,7 +176,7 @@ class _FileWriter:
             self.flush()
         if self._atomic is None:
             self._atomic = contextlib.ExitStack()
-            tmp = self._atomic.enter_context(atomic_path(Path(self.task.out) / f"{self._name()}.npy"))
+            tmp = self._atomic.enter_context(atomic_path(Path(self.task.out) / f"{self._name()}{TOKENS_SUFFIX}"))
             self._stream = self._atomic.enter_context(open(tmp, "wb"))
         self.chunks.append(tokens)
         self.buffered += len(tokens)
@@ -215,9 +218,9 @@ class _FileWriter:
             dtype=self.task.dtype, eos_id=self.task.eos_id, bos_id=self.task.bos_id,
             vocab_size=self.vocab_size, shard=self.task.path,
         ))
-        with atomic_path(Path(self.task.out) / f"{name}{SIDECAR_SUFFIX}") as tmp:
+        with atomic_path(Path(self.task.out) / f"{name}{TOKENS_SIDECAR_SUFFIX}") as tmp:
             pq.write_table(table, tmp, compression="zstd")
-        self.result.files.append({"tokens_file": f"{name}.npy", "sidecar": f"{name}{SIDECAR_SUFFIX}",
+        self.result.files.append({"tokens_file": f"{name}{TOKENS_SUFFIX}", "sidecar": f"{name}{TOKENS_SIDECAR_SUFFIX}",
                                   "tokens": int(self.tokens), "documents": len(self.ids)})
         self.index += 1
         self._reset()
@@ -309,10 +312,13 @@ def _finished(task: ShardTask) -> ShardResult | None:
     return ShardResult(**data)
 
 
-def tokenize(config: TokenizeConfig, progress: bool = True) -> dict:
-    """Tokenize every shard matched by `config.documents` into `config.out`; returns the manifest counts."""
-    from tqdm import tqdm
+def _tokenize_task(task: ShardTask, progress) -> dict:
+    return tokenize_shard(task, parallel_encode=task.parallel_encode).__dict__
 
+
+def tokenize(config: TokenizeConfig) -> dict:
+    """Tokenize every shard matched by `config.documents` into `config.out` on the configured executor (local
+    processes or Ray); returns the manifest counts."""
     paths = expand_globs(config.documents)
     stems = shard_stems(paths)
     tokenizer = Tokenizer.load(config.tokenizer)
@@ -345,21 +351,12 @@ def tokenize(config: TokenizeConfig, progress: bool = True) -> dict:
         # Until this run finishes, the directory must not look finished to readers (they check the manifest).
         (out / MANIFEST_NAME).unlink(missing_ok=True)
     # Largest shards first so the last worker is not left alone with a big one.
-    todo.sort(key=lambda t: (-os.path.getsize(t.path), t.stem))
-    bar = tqdm(total=sum(os.path.getsize(t.path) for t in todo), unit="B", unit_scale=True,
-               desc="tokenize", disable=not progress or None, file=sys.stderr)
-    sizes = {t.stem: os.path.getsize(t.path) for t in todo}
-    if config.workers == 1 or len(todo) <= 1:
-        for task in todo:
-            results[task.stem] = tokenize_shard(task, parallel_encode=config.workers > 1)
-            bar.update(sizes[task.stem])
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(config.workers, len(todo))) as pool:
-            for result in pool.imap_unordered(tokenize_shard, todo):
-                results[result.stem] = result
-                bar.update(sizes[result.stem])
-    bar.close()
+    for task in todo:
+        task.weight = os.path.getsize(task.path)
+        task.parallel_encode = len(todo) == 1 and config.executor.workers > 1
+    todo.sort(key=lambda t: (-t.weight, t.stem))
+    for result in run_tasks(_tokenize_task, todo, config.executor, desc="tokenize"):
+        results[result["stem"]] = ShardResult(**result)
     return _write_tokenize_manifest(config, out, [results[s] for s in stems], tokenizer, dtype, bos_id,
                                     skipped_shards=len(tasks) - len(todo))
 
@@ -413,12 +410,13 @@ class TrainTokenizerConfig:
     min_frequency: int = 2
 
     def __post_init__(self) -> None:
-        if self.vocab_size <= 256 + 5:
-            raise ValueError("vocab_size must exceed 261: the 256 byte tokens plus 5 special tokens")
-        if self.sample_docs < 1:
-            raise ValueError("sample_docs must be >= 1")
-        if self.min_frequency < 0:
-            raise ValueError("min_frequency must be >= 0")
+        self.validate()
+
+    def validate(self) -> None:
+        require(self.vocab_size > 256 + 5, "vocab_size", self.vocab_size,
+                "must exceed 261: the 256 byte tokens plus 5 special tokens")
+        require(self.sample_docs >= 1, "sample_docs", self.sample_docs, "must be >= 1")
+        require(self.min_frequency >= 0, "min_frequency", self.min_frequency, "must be >= 0")
 
 
 def sample_documents(paths: list[str], sample_docs: int, seed: int, report: ReadReport) -> list[str]:

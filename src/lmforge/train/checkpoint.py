@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from lmforge.core.config import to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json
+from lmforge.tokens.tokenizer import pad_vocab_size
 from lmforge.model.transformer import ModelConfig
 from lmforge.model.checkpoints import (DCP_DIR, FORMAT, META, STATE_OPTIONS, checkpoint_model_config, dcp_io,
                                        list_checkpoints, read_meta, resolve_checkpoint, step_dir_name)
@@ -101,7 +102,7 @@ def check_same_model(path: str | Path, config: ModelConfig, source_config: Model
 
 def _embedding_size(model: dict) -> int:
     m = model["vocab_multiple"]
-    return (model["vocab_size"] + m - 1) // m * m
+    return pad_vocab_size(model["vocab_size"], m)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

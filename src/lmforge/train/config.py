@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmforge.core.config import from_dict, to_dict
+from lmforge.core.config import from_dict, require, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.eval.inloop import InLoopEvalConfig
 from lmforge.model.presets import get_preset
@@ -152,39 +152,40 @@ class TrainConfig:
             return [(0, self.global_batch_size)]
         return [(int(t), int(b)) for t, b in self.batch_size_schedule]
 
-    def check(self, world_size: int, model: ModelConfig) -> None:
-        """Refuse, before any compute, a config that cannot run on `world_size` ranks."""
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         seq = self.sequence_length
-        if seq <= 0:
-            raise LmforgeError("sequence_length must be positive")
+        require(self.micro_batch_size > 0 and self.micro_batch_size % seq == 0, "micro_batch_size",
+                self.micro_batch_size, f"must be a positive multiple of data.sequence_length ({seq})")
+        sizes = self.batch_sizes()
+        require(sizes[0][0] == 0, "batch_size_schedule", self.batch_size_schedule, "must start at 0 tokens")
+        require(all(b[0] < a[0] for b, a in zip(sizes, sizes[1:])), "batch_size_schedule", self.batch_size_schedule,
+                "token thresholds must increase")
+        sizes_field = "batch_size_schedule" if self.batch_size_schedule else "global_batch_size"
+        for _, size in sizes:
+            require(size > 0 and size % sizes[0][1] == 0, sizes_field, size,
+                    f"every batch size must be a positive multiple of the first ({sizes[0][1]})")
+        require(self.max_steps is not None or self.max_tokens is not None, "max_steps", None,
+                "set max_steps or max_tokens")
+        for name in ("max_steps", "max_tokens", "eval_interval"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be positive")
+        require(self.schedule.warmup >= 0, "schedule.warmup", self.schedule.warmup, "must be >= 0")
+        require(self.metrics.log_interval > 0, "metrics.log_interval", self.metrics.log_interval, "must be positive")
+        require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1")
+
+    def check(self, world_size: int, model: ModelConfig) -> None:
+        """Refuse, before any compute, a config that cannot run with this model on `world_size` ranks (the
+        checks that need more than the config; `validate` does the rest)."""
+        seq = self.sequence_length
         if seq > model.max_sequence_length:
             raise LmforgeError(f"data.sequence_length {seq} is longer than the model's context "
                                f"(max_sequence_length {model.max_sequence_length})")
-        if self.micro_batch_size <= 0 or self.micro_batch_size % seq:
-            raise LmforgeError(f"micro_batch_size ({self.micro_batch_size} tokens) must be a positive multiple "
-                               f"of sequence_length ({seq})")
-        sizes = self.batch_sizes()
-        if sizes[0][0] != 0:
-            raise LmforgeError("batch_size_schedule must start at 0 tokens")
-        if any(b[0] >= a[0] for b, a in zip(sizes, sizes[1:])):
-            raise LmforgeError("batch_size_schedule token thresholds must increase")
         per_step = self.micro_batch_size * world_size
-        for _, size in sizes:
-            if size <= 0 or size % per_step:
+        for _, size in self.batch_sizes():
+            if size % per_step:
                 raise LmforgeError(
                     f"global batch of {size} tokens is not divisible by micro_batch_size x world size "
                     f"({self.micro_batch_size} x {world_size} = {per_step} tokens)")
-            if size % sizes[0][1]:
-                raise LmforgeError(f"batch_size_schedule: {size} is not a multiple of the first size {sizes[0][1]}")
-        if self.max_steps is None and self.max_tokens is None:
-            raise LmforgeError("set max_steps or max_tokens")
-        if (self.max_steps is not None and self.max_steps < 1) or (self.max_tokens is not None and self.max_tokens < 1):
-            raise LmforgeError("max_steps and max_tokens must be positive")
-        if self.schedule.warmup < 0:
-            raise LmforgeError("schedule.warmup must be >= 0")
-        if self.metrics.log_interval <= 0:
-            raise LmforgeError("metrics.log_interval must be positive")
-        if self.checkpoint.keep_last < 1:
-            raise LmforgeError("checkpoint.keep_last must be >= 1")
-        if self.eval_interval is not None and self.eval_interval <= 0:
-            raise LmforgeError("eval_interval must be positive")

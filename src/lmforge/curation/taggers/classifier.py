@@ -20,7 +20,8 @@ class FastTextClassifierTagger(Tagger):
 
     def __init__(self, model: str = "", level: str = "doc", k: str | int = 2):
         if not model:
-            raise LmforgeError("the fasttext tagger needs a model: --tagger-option fasttext.model=PATH.bin")
+            raise LmforgeError("the fasttext tagger needs a model: its option model=PATH.bin "
+                               "(--tagger-option fasttext.model=PATH.bin)")
         if level not in ("doc", "paragraph"):
             raise LmforgeError(f"fasttext.level must be 'doc' or 'paragraph', got {level!r}")
         try:

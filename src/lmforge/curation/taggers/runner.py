@@ -16,6 +16,7 @@ from lmforge.curation.attributes import (AttributeWriter, attribute_dir, attribu
                                       read_done_markers)
 from lmforge.curation.documents import ReadReport, expand_globs, read_documents
 from lmforge.core.executor import ExecutorConfig, run_tasks
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
 
@@ -29,10 +30,15 @@ class TagConfig:
     experiment: str | None = None
     tagger_modules: list[str] = field(default_factory=list)
     tagger_options: dict[str, dict[str, str]] = field(default_factory=dict)
-    workers: int = 1
-    executor: str = "local"
-    address: str | None = None
     overwrite: bool = False
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(bool(self.documents), "documents", self.documents, "give at least one document glob")
+        require(bool(self.taggers), "taggers", self.taggers, "give at least one tagger")
 
 
 @dataclass
@@ -106,7 +112,7 @@ def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], dict[str, l
         registry.tagger_class(name)
     for name in config.tagger_options:
         if name not in config.taggers:
-            raise LmforgeError(f"option given for tagger {name!r}, which is not in --taggers")
+            raise LmforgeError(f"option given for tagger {name!r}, which is not one of the taggers run")
     for name in config.taggers:  # build once here so bad options fail before any work starts
         _tagger(name, config.tagger_options.get(name, {}))
     groups = {config.experiment: list(config.taggers)} if config.experiment else {t: [t] for t in config.taggers}
@@ -123,7 +129,7 @@ def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], dict[str, l
 
 def run_tag(config: TagConfig) -> dict:
     tasks, paths, groups = plan_tasks(config)
-    executor = ExecutorConfig(kind=config.executor, workers=config.workers, address=config.address)
+    executor = config.executor
     results = run_tasks(tag_shard, tasks, executor, desc="tag")
     summary = {"shards": len(paths), "shards_run": len(tasks), "shards_skipped_done": len(paths) - len(tasks),
                "documents": sum(r["documents"] for r in results),
