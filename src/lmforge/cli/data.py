@@ -56,7 +56,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
     }, overrides=True)
     tag.add_argument("--tagger-option", action="append", default=[], metavar="TAGGER.OPTION=VALUE",
                      help="an option of one tagger, e.g. fasttext.model=quality.bin (repeatable)")
-    tag.set_defaults(func=_cmd_tag)
+    tag.set_defaults(func=cmd_tag)
 
     dedup = data_sub.add_parser(
         "dedup", help="exact document/URL, Bloom-filter paragraph and MinHash near-duplicate detection",
@@ -75,7 +75,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         "bloom.false_positive_rate": "Bloom filter target false-positive rate",
         **EXECUTOR,
     }, overrides=True)
-    dedup.set_defaults(func=_cmd_dedup)
+    dedup.set_defaults(func=cmd_dedup)
 
     mix = data_sub.add_parser(
         "mix", help="filter, edit and sample documents by their attributes into new shards",
@@ -83,7 +83,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
                     "expressions, span replacement, sampling, output shards of a target size.")
     mix.add_argument("config", help="mixer YAML (see configs/data/*mix*.yaml and docs/curation.md)")
     add_config_flags(mix, MixerConfig, {"seed": "seed of the sampling", **EXECUTOR}, overrides=True)
-    mix.set_defaults(func=_cmd_mix)
+    mix.set_defaults(func=cmd_mix)
 
     stats = data_sub.add_parser(
         "stats", help="corpus analysis: counts, lengths, languages, top n-grams, duplicates, string counts",
@@ -101,7 +101,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         **EXECUTOR,
     }, overrides=True)
     stats.add_argument("--count-file", default=None, help="file with one string to count per line")
-    stats.set_defaults(func=_cmd_stats)
+    stats.set_defaults(func=cmd_stats)
 
     decon = data_sub.add_parser(
         "decontaminate", help="mark or remove training documents containing evaluation paragraphs (13+ words)",
@@ -119,10 +119,10 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         "out": "output directory for the clean documents (remove mode)",
         "overwrite": "redo shards already marked",
     }, overrides=True)
-    decon.set_defaults(func=_cmd_decontaminate)
+    decon.set_defaults(func=cmd_decontaminate)
 
 
-def _cmd_tag(args: argparse.Namespace) -> int:
+def cmd_tag(args: argparse.Namespace) -> int:
     from lmforge.curation import taggers
     from lmforge.curation.taggers.runner import TagConfig, run_tag
 
@@ -136,21 +136,21 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dedup(args: argparse.Namespace) -> int:
+def cmd_dedup(args: argparse.Namespace) -> int:
     from lmforge.curation.dedup import DedupConfig, run_dedup
 
     _print_summary(run_dedup(config_from_args(DedupConfig, args, args.config)))
     return 0
 
 
-def _cmd_mix(args: argparse.Namespace) -> int:
+def cmd_mix(args: argparse.Namespace) -> int:
     from lmforge.curation.mixer import MixerConfig, run_mix
 
     _print_summary(run_mix(config_from_args(MixerConfig, args, args.config)))
     return 0
 
 
-def _cmd_stats(args: argparse.Namespace) -> int:
+def cmd_stats(args: argparse.Namespace) -> int:
     from lmforge.curation.stats import StatsConfig, run_stats
 
     fixed = {}
@@ -172,7 +172,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_decontaminate(args: argparse.Namespace) -> int:
+def cmd_decontaminate(args: argparse.Namespace) -> int:
     from lmforge.curation.decontaminate import DecontaminationConfig, decontaminate, format_counts
     from lmforge.eval.tasks import BUILTIN, task_texts
 
@@ -204,7 +204,7 @@ def _register_tokens(data_sub: argparse._SubParsersAction) -> None:
     }, overrides=True)
     p.add_argument("--quiet", dest="config:executor.progress", action="store_false", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the spelling before --no-progress
-    p.set_defaults(func=_tokenize)
+    p.set_defaults(func=cmd_tokenize)
 
     p = data_sub.add_parser(
         "train-tokenizer", help="train a byte-level BPE tokenizer on a document sample",
@@ -218,7 +218,7 @@ def _register_tokens(data_sub: argparse._SubParsersAction) -> None:
         "seed": "seed of the document sample",
         "min_frequency": Flag("minimum pair count for a merge", metavar="N"),
     }, overrides=True)
-    p.set_defaults(func=_train_tokenizer)
+    p.set_defaults(func=cmd_train_tokenizer)
 
     p = data_sub.add_parser(
         "inspect", help="show the documents that made up a training batch",
@@ -229,10 +229,10 @@ def _register_tokens(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instance", type=int, metavar="I", help="only the I-th instance of the batch (0-based)")
     p.add_argument("--text", action="store_true", help="also print the decoded text of each document span")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    p.set_defaults(func=_inspect)
+    p.set_defaults(func=cmd_inspect)
 
 
-def _tokenize(args: argparse.Namespace) -> int:
+def cmd_tokenize(args: argparse.Namespace) -> int:
     from lmforge.tokens.tokenize import TokenizeConfig, tokenize
 
     summary = tokenize(config_from_args(TokenizeConfig, args))
@@ -245,7 +245,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_tokenizer(args: argparse.Namespace) -> int:
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from lmforge.tokens.tokenize import TrainTokenizerConfig, train_tokenizer
 
     config = config_from_args(TrainTokenizerConfig, args)
@@ -267,7 +267,7 @@ def _report_skips(empty: int, bad: int, bad_lines: list[str]) -> None:
             print(f"  {line}", file=sys.stderr)
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     from lmforge.tokens.lineage import inspect_batch
 
     print(inspect_batch(args.run, args.step, instance=args.instance, text=args.text, as_json=args.json), end="")

@@ -40,41 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="a progress bar when stderr is a terminal")
-    p.set_defaults(func=run_eval_command)
+    p.set_defaults(func=cmd_eval)
 
 
-def run_eval_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmforge.eval.evaluate import evaluate_model, markdown_report
 
-    import torch
-
-    from lmforge.core.errors import LmforgeError
-    from lmforge.eval.evaluate import load_tasks, markdown_report, run_eval, write_outputs
-    from lmforge.core.files import combined_hash, file_hash
-    from lmforge.model.loading import load
-
-    config = config_from_args(EvalConfig, args)
-    tasks = load_tasks(config)  # before the model: bad task names and files fail fast
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise LmforgeError(f"device {device!r} is not usable: {e}") from None
-    loaded = load(args.model, args.step, device=device, dtype=getattr(torch, args.dtype), tokenizer=args.tokenizer,
-                  require_tokenizer=True)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    model_info = {"path": str(args.model), "source": str(loaded.path), "kind": loaded.kind, "step": loaded.step,
-                  "hash": combined_hash(loaded.weight_files), "config": model.config.__dict__,
-                  "tokenizer": tokenizer.source, "tokenizer_hash": file_hash(tokenizer.source), "device": device,
-                  "dtype": args.dtype}
-    progress = args.progress
-    results = run_eval(model, tokenizer, config, tasks, model_info, progress=progress)
-    table = markdown_report(results)
-    if args.out:
-        task_files = [f.source for t in tasks for f in t.formulations if Path(f.source).is_file()]
-        ppl_files = results["perplexity"]["inputs"] if results.get("perplexity") else []
-        write_outputs(results, Path(args.out), config, [*map(str, loaded.weight_files), *task_files, *ppl_files])
-    print(table, end="")
+    results = evaluate_model(args.model, config_from_args(EvalConfig, args), step=args.step, tokenizer=args.tokenizer,
+                             device=args.device, dtype=args.dtype, out=args.out, progress=args.progress)
+    print(markdown_report(results), end="")
     skipped = results["perplexity"]["read_report"] if results.get("perplexity") else None
     if skipped and skipped["skipped"]:
         print(f"skipped {skipped['skipped']} unreadable lines in the --ppl documents; first: {skipped['bad_lines'][0]}",

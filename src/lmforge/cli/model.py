@@ -90,43 +90,21 @@ def cmd_info(args) -> None:
 
 
 def cmd_init(args) -> None:
-    from lmforge.core.manifest import write_manifest
-    from lmforge.model.directory import build_model, save_model_dir
+    from lmforge.model.directory import init_model_dir
     from lmforge.model.presets import resolve_model_config
-    from lmforge.tokens.tokenizer import Tokenizer
 
     config = resolve_model_config(args.preset, args.overrides)
-    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:
-        from lmforge.core.errors import LmforgeError
-
-        raise LmforgeError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
-                           f"{config.embedding_size}; set vocab_size={tokenizer.vocab_size}")
-    save_model_dir(build_model(config, args.seed), args.out, tokenizer)
-    write_manifest(args.out, command="model init", config={"preset": args.preset, "seed": args.seed,
-                                                           "overrides": args.overrides, "model": config})
+    init_model_dir(config, args.out, args.seed, args.tokenizer,
+                   provenance={"preset": args.preset, "overrides": args.overrides})
     print(f"wrote {args.out}")
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    from lmforge.core.errors import LmforgeError
-
-    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise LmforgeError(f"device {device!r} is not usable: {e}") from None
-    return device
 
 
 def cmd_generate(args) -> None:
     from lmforge.model.generation import generate_text
-    from lmforge.model.loading import load
+    from lmforge.model.loading import load, resolve_device
 
     config = config_from_args(SamplingConfig, args)  # checked before the model is loaded
-    loaded = load(args.model, args.step, device=_device(args.device), tokenizer=args.tokenizer,
+    loaded = load(args.model, args.step, device=resolve_device(args.device), tokenizer=args.tokenizer,
                   require_tokenizer=True)
     model, tokenizer = loaded.model, loaded.tokenizer
     texts = generate_text(model, tokenizer, args.prompt, config)

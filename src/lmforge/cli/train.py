@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from lmforge.cli.options import add_out_flag, out_of
 from lmforge.core.errors import LmforgeError
@@ -52,7 +51,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return launch_torchrun(args)
+        from lmforge.train.distributed import launch_torchrun
+
+        return launch_torchrun(["train", args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
+                               max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
+                               rdzv_id=args.rdzv_id)
     from lmforge.core.config import load_config
     from lmforge.train.config import TrainConfig
     from lmforge.train.distributed import shutdown_distributed
@@ -67,27 +70,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens"
               f" ({summary['skipped_steps']} updates skipped); checkpoints in {config.run_dir}/checkpoints")
     return 0
-
-
-def launch_torchrun(args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun; the workers see its environment and train data-parallel."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
-    if args.rdzv_endpoint:
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
-    else:
-        cmd += ["--standalone"]
-    cmd += ["-m", "lmforge", "train", args.config, *args.overrides]
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:  # share the node's cores between the workers instead of oversubscribing
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(args.nproc, 1)))
-    # torchrun shares one rendezvous store between restart attempts by default; restarted gloo workers then
-    # often hung forever creating their process group (tests/test_train_elastic.py), presumably on keys the
-    # killed attempt left in the store. A fresh store per attempt has none.
-    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    return subprocess.call(cmd, env=env)
 
 
 def cmd_checkpoint_export(args: argparse.Namespace) -> int:

@@ -303,3 +303,29 @@ def write_outputs(results: dict, out: Path, config: EvalConfig, inputs: list[str
         counts["ppl_documents"] = results["perplexity"]["total"]["documents"]
         counts["ppl_skipped_lines"] = results["perplexity"]["read_report"]["skipped"]
     write_manifest(out, command="lmforge eval", config=config, inputs=inputs, counts=counts)
+
+
+def evaluate_model(path: str | Path, config: EvalConfig, *, step: int | None = None, tokenizer: str | None = None,
+                   device: str | None = None, dtype: str = "float32", out: str | Path | None = None,
+                   progress: bool = False) -> dict:
+    """`lmforge eval`: load the model in any saved form (`lmforge.model.loading.load`), evaluate it, and write
+    the results, predictions and a manifest to `out` when given."""
+    import torch
+
+    from lmforge.core.files import combined_hash, file_hash
+    from lmforge.model.loading import load, resolve_device
+
+    tasks = load_tasks(config)  # before the model: bad task names and files fail fast
+    device = resolve_device(device)
+    loaded = load(path, step, device=device, dtype=getattr(torch, dtype), tokenizer=tokenizer,
+                  require_tokenizer=True)
+    model_info = {"path": str(path), "source": str(loaded.path), "kind": loaded.kind, "step": loaded.step,
+                  "hash": combined_hash(loaded.weight_files), "config": loaded.model.config.__dict__,
+                  "tokenizer": loaded.tokenizer.source, "tokenizer_hash": file_hash(loaded.tokenizer.source),
+                  "device": device, "dtype": dtype}
+    results = run_eval(loaded.model, loaded.tokenizer, config, tasks, model_info, progress=progress)
+    if out:
+        task_files = [f.source for t in tasks for f in t.formulations if Path(f.source).is_file()]
+        ppl_files = results["perplexity"]["inputs"] if results.get("perplexity") else []
+        write_outputs(results, Path(out), config, [*map(str, loaded.weight_files), *task_files, *ppl_files])
+    return results

@@ -108,6 +108,20 @@ def check_tokenizer_fits(tokenizer: Tokenizer | None, config: ModelConfig) -> No
                            f"embedding has {config.embedding_size} rows")
 
 
+def init_model_dir(config: ModelConfig, out: str | Path, seed: int = 0, tokenizer: str | None = None,
+                   provenance: dict | None = None) -> Path:
+    """A freshly initialised model directory (with the tokenizer, when given) and its manifest."""
+    from lmforge.core.manifest import write_manifest
+
+    tok = Tokenizer.load(tokenizer) if tokenizer else None
+    if tok is not None and tok.vocab_size > config.embedding_size:
+        raise LmforgeError(f"tokenizer has {tok.vocab_size} tokens but the model's embedding has "
+                           f"{config.embedding_size}; set vocab_size={tok.vocab_size}")
+    save_model_dir(build_model(config, seed), out, tok)
+    write_manifest(out, command="model init", config={**(provenance or {}), "seed": seed, "model": config})
+    return Path(out)
+
+
 def build_model(config: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:
     """A freshly initialised model; the weights depend on `seed` only."""
     from lmforge.model.transformer import init_weights

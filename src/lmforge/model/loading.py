@@ -26,6 +26,16 @@ from lmforge.model.transformer import Transformer
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
 
+def resolve_device(name: str | None = None) -> str:
+    """The device asked for, else CUDA when there is one, else the CPU; refused unless usable."""
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise LmforgeError(f"device {device!r} is not usable: {e}") from None
+    return device
+
+
 @dataclass
 class LoadedModel:
     model: Transformer

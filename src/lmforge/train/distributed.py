@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +77,24 @@ def broadcast_object(obj, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def launch_torchrun(lmforge_argv: list[str], nproc: int, nnodes: str = "1", max_restarts: int = 0,
+                    rdzv_endpoint: str | None = None, rdzv_id: str = "lmforge") -> int:
+    """Run `lmforge <lmforge_argv>` under torchrun on `nproc` processes per node; returns torchrun's exit code.
+    The workers see this environment and train data-parallel."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+           f"--max-restarts={max_restarts}"]
+    if rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "lmforge", *lmforge_argv]
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # share the node's cores between the workers instead of oversubscribing
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(nproc, 1)))
+    # torchrun shares one rendezvous store between restart attempts by default; restarted gloo workers then
+    # often hung forever creating their process group (tests/test_train_elastic.py), presumably on keys the
+    # killed attempt left in the store. A fresh store per attempt has none.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return subprocess.call(cmd, env=env)
