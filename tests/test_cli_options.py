@@ -4,6 +4,8 @@ config itself, with errors naming the field, the value, what is allowed, and the
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -17,7 +19,7 @@ from lmforge.curation.dedup import DedupConfig
 from lmforge.curation.mixer import MixerConfig
 from lmforge.curation.stats import StatsConfig
 from lmforge.curation.taggers.runner import TagConfig
-from lmforge.model.generation import SamplingConfig
+from lmforge.model.sampling import SamplingConfig
 from lmforge.tokens.tokenize import TokenizeConfig
 
 
@@ -101,3 +103,11 @@ def test_deprecated_spellings_still_work(capsys):
     args = parse_args(["data", "stats", "--documents", "d", "--output", "report"])
     assert config_from_args(StatsConfig, args).out == "report"
     assert "--output is deprecated; use --out" in capsys.readouterr().err
+
+
+def test_building_the_command_line_does_not_import_torch():
+    # Flags come from the configs, so the configs the parser reads must stay light: `lmforge data ...` and
+    # `--help` should not pay torch's import (~2 s) before doing anything.
+    code = "import sys; from lmforge.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lmforge.cli.options import Flag, add_config_flags, config_from_args
-from lmforge.eval.evaluate import EvalConfig
+from lmforge.eval.config import EvalConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 
 from lmforge.cli.options import Flag, add_config_flags, add_out_flag, config_from_args, out_of
-from lmforge.model.generation import SamplingConfig
+from lmforge.model.sampling import SamplingConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,42 +12,16 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
 
-from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.progress import Progress
+from lmforge.eval.config import EvalConfig
 from lmforge.eval.scoring import ChoiceStats, gold_bits_per_byte, loglikelihoods, predict
 from lmforge.eval.tasks import (NORMALIZATIONS, UNCOND_CONTEXT, RCInstance, Task, load_task,
                                 resolve_tasks)
 
 FREE_NORMALIZATIONS = tuple(n for n in NORMALIZATIONS if n != "pmi")  # need no extra forward pass
-
-
-@dataclass
-class EvalConfig:
-    tasks: list[str] = field(default_factory=list)
-    suite: Literal["olmo1", "olmes", "core"] | None = None
-    regime: Literal["olmo1", "olmes"] | None = None  # default: the suite's, else olmes
-    limit: int | None = None  # instances per task (per formulation)
-    ppl: list[str] = field(default_factory=list)  # Dolma document globs
-    ppl_max_documents: int | None = None
-    batch_size: int = 16
-    all_norms: bool = False  # also report PMI accuracy for tasks whose rule is not PMI (one more pass)
-    max_new_tokens: int | None = None  # override the generative tasks' budget
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        require(bool(self.tasks or self.suite or self.ppl), "tasks", self.tasks,
-                "nothing to evaluate: give tasks, a suite and/or ppl documents")
-        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
-        for name in ("limit", "ppl_max_documents", "max_new_tokens"):
-            value = getattr(self, name)
-            require(value is None or value >= 1, name, value, "must be at least 1")
 
 
 class Encoder:
