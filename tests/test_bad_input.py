@@ -85,13 +85,16 @@ def test_generate_rejects_unusable_device(tmp_path, device, capsys):
 
 
 def test_checkpoint_list_missing_run_dir(tmp_path, capsys):
-    assert_one_line_error(*run_cli(["checkpoint", "list", tmp_path / "nope"], capsys), tmp_path / "nope")
+    assert_one_line_error(*run_cli(["checkpoint", "list", tmp_path / "nope"], capsys),
+                          f"run directory not found: {tmp_path / 'nope'}")
 
 
 def test_checkpoint_list_run_without_checkpoints(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "step00000002").mkdir()  # interrupted: no meta.json
-    assert_one_line_error(*run_cli(["checkpoint", "list", tmp_path / "run"], capsys), tmp_path / "run")
+    # Not just any error naming the run: one that says no checkpoint is complete (the interrupted one is not).
+    assert_one_line_error(*run_cli(["checkpoint", "list", tmp_path / "run"], capsys),
+                          f"no complete checkpoints in {tmp_path / 'run' / 'checkpoints'}")
 
 
 def test_train_nproc_zero(tmp_path, capsys):
@@ -307,15 +310,20 @@ def test_eval_task_file_not_utf8(tmp_path, name, where, capsys):
 def test_tokenizer_larger_than_embedding(docs, tmp_path, capsys):
     import shutil
 
-    from lmforge.tokens.tokenizer import resolve_tokenizer_path
+    from lmforge.tokens.tokenizer import Tokenizer, resolve_tokenizer_path
 
     model = tmp_path / "model"
     assert main(["model", "init", "olmo2-tiny", "n_layers=1", "d_model=32", "n_heads=2", "n_kv_heads=2",
                  "mlp_hidden_size=64", "vocab_size=256", "eos_token_id=0", "pad_token_id=1", "--out", str(model)]) == 0
     capsys.readouterr()
-    assert_one_line_error(*run_cli(["generate", model, "--prompt", "hi", "--tokenizer", "olmo"], capsys), "olmo")
-    shutil.copy(resolve_tokenizer_path("olmo"), model / "tokenizer.json")
-    assert_one_line_error(*run_cli(["eval", model, "--ppl", docs], capsys), model / "tokenizer.json")
+    olmo = resolve_tokenizer_path("olmo")
+    # The message names the tokenizer and both sizes (the tokenizer's path alone contains "olmo", so any error
+    # about loading it would have matched a bare "olmo").
+    too_big = (f"has {Tokenizer.load(olmo).vocab_size} tokens", "embedding has 256 rows")
+    assert_one_line_error(*run_cli(["generate", model, "--prompt", "hi", "--tokenizer", "olmo"], capsys),
+                          olmo, *too_big)
+    shutil.copy(olmo, model / "tokenizer.json")
+    assert_one_line_error(*run_cli(["eval", model, "--ppl", docs], capsys), model / "tokenizer.json", *too_big)
 
 
 @requires_olmo_tokenizer

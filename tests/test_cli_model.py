@@ -27,11 +27,40 @@ def test_init_generate_export_import(tmp_path, capsys):
     assert run(capsys, "model", "init", "olmo2-tiny", "n_layers=2", "--out", str(m), "--tokenizer", "olmo")[0] == 0
     assert (m / "manifest.json").is_file() and (m / "tokenizer.json").is_file()
     code, out, _ = run(capsys, "generate", str(m), "--prompt", "Hello", "--prompt", "A b", "--max-new-tokens", "4", "--json")
-    assert code == 0 and [r["prompt"] for r in json.loads(out)] == ["Hello", "A b"]
+    generated = json.loads(out)
+    assert code == 0 and [r["prompt"] for r in generated] == ["Hello", "A b"]
     code, _, err = run(capsys, "export", "hf", str(m), str(tmp_path / "hf"))  # the spelling before --out
     assert code == 0 and "deprecated; use --out" in err
     assert run(capsys, "export", "hf", str(m), "--out", str(tmp_path / "hf2"))[0] == 0
     assert run(capsys, "import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))[0] == 0
+
+    # What each command wrote, not only its exit code.
+    import torch
+
+    from lmforge.model.directory import load_model_dir
+    from lmforge.tokens.tokenizer import Tokenizer, resolve_tokenizer_path
+
+    model, tokenizer = load_model_dir(m)
+    olmo = Tokenizer.load(resolve_tokenizer_path("olmo"))
+    assert model.config.n_layers == 2 and tokenizer.hf.to_str() == olmo.hf.to_str()
+    # Both spellings of the export write the same files; the import gives back the very same model.
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
+    back, back_tokenizer = load_model_dir(tmp_path / "back")
+    assert back.config == model.config and back_tokenizer is not None
+    assert back_tokenizer.hf.to_str() == tokenizer.hf.to_str()
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # `generate` is greedy by default: its completions equal transformers' greedy decoding of the export.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    for row in generated:
+        ids = torch.tensor([tokenizer.encode(row["prompt"])])
+        with torch.no_grad():
+            new = hf.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=tokenizer.eos_id,
+                              pad_token_id=tokenizer.pad_id)[0, ids.shape[1]:].tolist()
+        new = new[:-1] if new and new[-1] == tokenizer.eos_id else new
+        assert len(new) >= 1 and row["completion"] == tokenizer.decode(new), row
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -101,32 +101,58 @@ def test_tag_dedup_mix_stats_end_to_end(tmp_path, capsys, monkeypatch):
     assert report["top_ngrams"]["1"][0][0] == "word"
 
 
+def _one_line_error(code, err, *mentions):
+    """Exit code 2 and exactly one `lmforge: error:` line on stderr naming what is wrong, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err and err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("lmforge: error: "), err
+    for text in mentions:
+        assert text in err, err
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pattern = _corpus(tmp_path)
     code, _, err = _run(capsys, ["data", "tag", "--documents", pattern, "--taggers", "gopher,nope"])
-    assert code == 2 and "unknown tagger 'nope'; available taggers:" in err and "Traceback" not in err
+    _one_line_error(code, err, "unknown tagger 'nope'; available taggers: ", "c4, ", "gopher")
     code, _, err = _run(capsys, ["data", "tag", "--documents", "missing/*.gz", "--taggers", "gopher"])
-    assert code == 2 and "no files match" in err
+    _one_line_error(code, err, "no files match", "missing/*.gz")
     code, _, err = _run(capsys, ["data", "dedup", "--documents", pattern, "--modes", "doc,fuzzy"])
-    assert code == 2 and "unknown dedup mode 'fuzzy'" in err
+    _one_line_error(code, err, "unknown dedup mode 'fuzzy'")
     (tmp_path / "bad.yaml").write_text("streams:\n  - name: s\n    documents: ['x']\n    filter: {include: ['a >']}\n"
                                        "output: {path: o}\n")
     code, _, err = _run(capsys, ["data", "mix", "bad.yaml"])
-    assert code == 2 and "no files match" in err
+    _one_line_error(code, err, "no files match", "'x'")
+    # With documents that exist, the malformed filter itself is the one error.
+    (tmp_path / "bad.yaml").write_text(f"streams:\n  - name: s\n    documents: ['{pattern}']\n"
+                                       "    filter: {include: ['doc.source ==']}\noutput: {path: o}\n")
+    code, _, err = _run(capsys, ["data", "mix", "bad.yaml"])
+    _one_line_error(code, err, "doc.source ==", "expected a value but the filter ended")
 
 
 def test_ray_executor_matches_local(tmp_path, capsys, monkeypatch):
     pytest.importorskip("ray")
+    from lmforge.core import executor
+
+    # Record which dispatcher each run goes through: without this, a `--executor ray` that silently ran on
+    # local processes would compare the local path with itself and pass.
+    ray_runs, local_runs = [], []
+    real_iter_ray, real_iter_local = executor._iter_ray, executor._iter_local
+    monkeypatch.setattr(executor, "_iter_ray", lambda *a: ray_runs.append(len(a[1])) or real_iter_ray(*a))
+    monkeypatch.setattr(executor, "_iter_local", lambda *a: local_runs.append(len(a[1])) or real_iter_local(*a))
     monkeypatch.chdir(tmp_path)
     pattern = _corpus(tmp_path)
     code, summary, _ = _run(capsys, ["data", "tag", "--documents", pattern, "--taggers", "pii",
                                      "--experiment", "viaray", "--executor", "ray", "--workers", "2"])
     assert code == 0 and summary["documents"] == 4
+    assert ray_runs == [2] and local_runs == []  # both shards went to Ray tasks
     code, _, _ = _run(capsys, ["data", "tag", "--documents", pattern, "--taggers", "pii", "--experiment", "local"])
     assert code == 0
+    assert ray_runs == [2] and local_runs == [2]
     ray_rows = list(read_attributes(tmp_path / "attributes/viaray/a.jsonl.gz"))
     local_rows = list(read_attributes(tmp_path / "attributes/local/a.jsonl.gz"))
+    assert [r[0] for r in ray_rows] == ["d1", "d2", "d3", "huge"]
+    assert ray_rows[0][1]["pii__email_address"]  # d1's address was found: not an empty-attribute comparison
     assert ray_rows == local_rows
 
 

@@ -37,7 +37,12 @@ DOCS = [
     "Limited offer for the first customers, and the price will go up with the demand.",
     "He told me the story of the war, of the long winter and of the friends he lost on the way home. " * 3,
     "Results: the model reached 91.2 percent accuracy, and the baseline reached 85.0 percent with the same data.",
+    # C4's bad-word list: a single word, a multi-word entry, and a listed word inside a longer one (not a match)
+    "What the fuck happened to the committee, said the mayor, and nobody answered him that day.",
+    "He watched 2 girls 1 cup, sadly, and then left the room without a word to anyone.",
+    "Scunthorpe is a town in Lincolnshire, and its football club plays in the national league.",
 ]
+C4_FLAGS = ("has_curly_brace", "has_lorem_ipsum", "has_naughty_word")
 
 DOLMA_SCRIPT = r"""
 import json, sys, warnings
@@ -90,9 +95,17 @@ def test_c4_agrees_with_dolma(dolma_results, index):
     theirs = dolma_results[index]
     assert ours["lines_with_no_ending_punctuation"] == theirs.get("c4_v1__lines_with_no_ending_punctuation", [])
     assert ours["line_count"][0][2] == theirs["c4_v1__line_count"][0][2]
-    for flag in ("has_curly_brace", "has_lorem_ipsum", "has_naughty_word"):
+    for flag in C4_FLAGS:
         assert bool(ours[flag]) == (f"c4_v1__{flag}" in theirs), flag
     assert bool(ours["lines_with_javascript"]) == ("c4_v1__has_javascript" in theirs)
+
+
+def test_documents_set_and_clear_every_compared_c4_flag(dolma_results):
+    """A flag that no document sets (or that every document sets) is compared vacuously: the documents must
+    give each flag both values, so a broken rule on our side shows up as a disagreement."""
+    for flag in (*C4_FLAGS, "has_javascript"):
+        set_by = [i for i, theirs in enumerate(dolma_results) if f"c4_v1__{flag}" in theirs]
+        assert 0 < len(set_by) < len(DOCS), flag
 
 
 @pytest.mark.parametrize("index", range(len(DOCS)))

@@ -1,5 +1,10 @@
 """The filter language (incl. malformed expressions and Dolma JSONPath) and the mixer."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -82,7 +87,16 @@ def test_replace_spans_and_sampling():
     assert 2800 < kept < 3200
     copies = [sample_copies(0, "s", str(i), 2.5) for i in range(10_000)]
     assert set(copies) == {2, 3} and 24_000 < sum(copies) < 26_000
-    assert sample_copies(0, "s", "7", 0.3) == sample_copies(0, "s", "7", 0.3)  # deterministic
+    # Deterministic across processes, not only within one (Python's str hash is salted per process), and the
+    # seed and the stream name both change the choice.
+    here = [sample_copies(0, "s", str(i), 0.3) for i in range(200)]
+    script = ("from lmforge.curation.mixer import sample_copies as f\n"
+              "print([f(0, 's', str(i), 0.3) for i in range(200)])")
+    other_process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                   env={**os.environ, "PYTHONHASHSEED": "random"}).stdout
+    assert json.loads(other_process) == here
+    assert [sample_copies(1, "s", str(i), 0.3) for i in range(200)] != here
+    assert [sample_copies(0, "t", str(i), 0.3) for i in range(200)] != here
 
 
 def _shard(root, name, docs, attrs):

@@ -187,9 +187,15 @@ def test_mixture_down_and_up_sampling(tmp_path):
     skewed = DataConfig(mixture={"a": SourceConfig(paths=[str(a)], share=0.2),
                                  "b": SourceConfig(paths=[str(b)], share=0.8)}, sequence_length=10).build()
     assert skewed.summary()["sources"]["a"]["instances"] * 4 == skewed.summary()["sources"]["b"]["instances"]
-    # Another seed picks another subset of b.
+    # Another seed picks another subset of b (the fingerprint holds the seed whatever the subset is, so
+    # compare the instances themselves); the same seed picks the same subset again.
+    def b_subset(ds):
+        return sorted(int(ds.instance_tokens(i)[0]) for i in range(len(ds)) if ds.instance_tokens(i)[0] >= 20_000)
+
     other = DataConfig(mixture=mixture, sequence_length=10, seed=4).build()
     assert other.fingerprint != down.fingerprint
+    assert len(b_subset(other)) == 100 and b_subset(other) != b_subset(down)
+    assert b_subset(DataConfig(mixture=mixture, sequence_length=10, seed=3).build()) == b_subset(down)
     with pytest.raises(LmforgeError, match="repeated 8.00 times"):
         DataConfig(mixture=mixture, mixture_tokens=16_000, sequence_length=10).build()
 

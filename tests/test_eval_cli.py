@@ -134,20 +134,39 @@ def test_regimes_follow_the_olmo1_paper_and_olmes():
 
 
 def test_inloop_evaluators_reuse_the_offline_code_on_a_fixed_subset(model_dir, user_tasks):
+    import torch
+
     from lmforge.eval.evaluate import evaluate_tasks
     from lmforge.eval.inloop import InLoopEvalConfig, build_inloop_evaluators
+    from lmforge.eval.perplexity import perplexity
     from lmforge.model.directory import load_model_dir
 
     model, tokenizer = load_model_dir(model_dir)
-    config = InLoopEvalConfig(tasks=[str(user_tasks / "mc.yaml")], limit=3,
+    # Instances that differ from one another (the fixture's `sky` task repeats one instance, on which any
+    # subset, or all of it, scores the same), so the metrics depend on which instances are scored.
+    colours = ["blue", "green", "a fox", "red", "the lazy dog", "four"]
+    write_jsonl(user_tasks / "varied.jsonl", [
+        {"context": f"{TEXT[i % 4]} Question: item {i}?\nAnswer:", "choices": colours[i % 3:i % 3 + 3], "gold": i % 3}
+        for i in range(8)])
+    config = InLoopEvalConfig(tasks=[str(user_tasks / "varied.jsonl")], limit=3,
                               ppl_documents=[str(user_tasks / "*.jsonl.gz")], max_ppl_documents=4)
     evaluators = build_inloop_evaluators(config, tokenizer)
     first = {k: v for e in evaluators for k, v in e(model).items()}
     assert first == {k: v for e in evaluators for k, v in e(model).items()}
-    import torch
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer calls them
         assert first == {k: v for e in evaluators for k, v in e(model).items()}
-    offline, _ = evaluate_tasks(model, tokenizer, [load_task(str(user_tasks / "mc.yaml"), "olmes", 3)])
-    assert first["sky/acc"] == offline["sky"]["acc"] and first["sky/bpb"] == offline["sky"]["bpb"]
-    assert {"ppl/web/bpb", "ppl/books/bpb", "ppl/bpb"} <= set(first)
+    # The offline code on the first `limit` instances gives the same numbers; on all 8 it would not.
+    offline, _ = evaluate_tasks(model, tokenizer, [load_task(str(user_tasks / "varied.jsonl"), "olmes", 3)])
+    assert first["varied/acc"] == offline["varied"]["acc"] and first["varied/bpb"] == offline["varied"]["bpb"]
+    everything, _ = evaluate_tasks(model, tokenizer, [load_task(str(user_tasks / "varied.jsonl"), "olmes")])
+    assert everything["varied"]["n"] == 8 and everything["varied"]["bpb"] != first["varied/bpb"]
+    # Bits per byte of the first `max_ppl_documents` documents of the held-out file (the fixture wrote TEXT[:6]).
+    labelled = [("web" if i % 2 else "books", f"d{i % 3}", TEXT[i]) for i in range(6)]
+    reference = perplexity(model, tokenizer, labelled[:4])
+    assert first["ppl/bpb"] == pytest.approx(reference["total"]["bits_per_byte"], rel=1e-6)
+    for source in ("web", "books"):
+        assert first[f"ppl/{source}/bpb"] == pytest.approx(reference["sources"][source]["bits_per_byte_macro"],
+                                                           rel=1e-6)
+    assert perplexity(model, tokenizer, labelled)["total"]["bits_per_byte"] != pytest.approx(first["ppl/bpb"],
+                                                                                             rel=1e-6)
