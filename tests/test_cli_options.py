@@ -66,8 +66,18 @@ def test_overrides_anywhere_and_precedence_yaml_flags_overrides(tmp_path):
     assert config.executor == ExecutorConfig(workers=2)
 
 
+def test_list_flags_take_several_values_and_leave_overrides_alone():
+    args = parse_args(["data", "dedup", "--documents", "a", "year=2024/*.gz", "minhash.bands=4", "name=n",
+                       "--documents", "c", "--modes", "doc,url", "minhash"])
+    config = config_from_args(DedupConfig, args)
+    # `year` is no field of the config, so `year=2024/*.gz` is a path (as Hive-style partitions are named).
+    assert config.documents == ["a", "year=2024/*.gz", "c"]
+    assert config.minhash.bands == 4 and config.name == "n"
+    assert config.modes == ["doc", "url", "minhash"]
+
+
 def test_unknown_words_are_still_refused(capsys):
-    assert main(["data", "dedup", "--documents", "x", "stray"]) == 2  # where overrides go: not one
+    assert main(["data", "dedup", "--documents", "x", "--workers", "1", "stray"]) == 2  # where overrides go
     assert capsys.readouterr().err == "lmforge: error: bad override 'stray': expected KEY=VALUE, e.g. model.d_model=512\n"
     with pytest.raises(SystemExit):  # where no overrides go, argparse refuses it
         parse_args(["data", "inspect", "--run", "r", "--step", "1", "stray", "a=b"])

@@ -10,16 +10,13 @@ traceback).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import traceback
 
 from lmforge import __version__
-from lmforge.cli.options import flag_for
+from lmforge.cli.options import OVERRIDE, OVERRIDES_AFTER_LISTS, flag_for
 from lmforge.core.config import ConfigError
 from lmforge.core.errors import LmforgeError
-
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     stray = [item for item in extra if not (accepts_overrides and OVERRIDE.match(item))]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides.extend(extra)
+    moved = vars(args).pop(OVERRIDES_AFTER_LISTS, [])  # overrides that followed a list flag's values
+    if extra or moved:
+        args.overrides.extend([*moved, *extra])
     return args
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from lmforge.cli.options import Flag, add_config_flags, config_from_args, flag_values
 from lmforge.core.errors import LmforgeError
 
-DOCUMENTS = Flag("a Dolma document glob (quote it; repeat the flag for more)", metavar="GLOB")
+DOCUMENTS = Flag("Dolma document globs (quote them)", metavar="GLOB")
 EXECUTOR = {
     "executor.workers": Flag("parallel processes, one shard per task", metavar="N"),
     "executor.kind": Flag("local processes, or Ray tasks (the same command across machines)", flag="--executor"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -80,6 +81,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, fields: dict[st
                      overrides: bool = False) -> None:
     """Add a flag for each dotted field path of `cls` in `fields`; with `overrides`, also KEY=VALUE overrides."""
     spellings = {}
+    override_roots = {f.name for f in dataclasses.fields(cls)} if overrides else set()
     for path, spec in fields.items():
         spec = Flag(spec) if isinstance(spec, str) else spec
         tp, default = _field_type(cls, path)
@@ -96,8 +98,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, fields: dict[st
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(tp) in (list, tuple):
             item = _scalar((get_args(tp) or (str,))[0])
-            # One value per flag (repeat the flag for more), so a KEY=VALUE after it stays an override.
-            kwargs.update(action=_ExtendFlat, type=_comma_split(item) if spec.commas else (lambda t, f=item: [f(t)]))
+            kwargs.update(action=_ExtendFlat, nargs="+", convert=_comma_split(item) if spec.commas else
+                          (lambda text, f=item: [f(text)]), override_roots=override_roots)
         elif get_origin(tp) is typing.Literal:
             kwargs["choices"] = list(get_args(tp))
         else:
@@ -116,12 +118,32 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, fields: dict[st
     parser.set_defaults(config_flags={**known, **spellings})
 
 
+OVERRIDE = re.compile(r"^([A-Za-z_]\w*)(\.\w+)*=")
+OVERRIDES_AFTER_LISTS = "overrides_after_lists"
+
+
 class _ExtendFlat(argparse.Action):
-    """A repeatable list flag: `--taggers a,b --taggers c` gives [a, b, c]."""
+    """A list flag, repeatable and taking several values: `--documents a b --documents c` gives [a, b, c]
+    (and `--taggers a,b` [a, b] for comma lists). Argparse would swallow a dotted override that follows it, so
+    a value that is an override of this config (KEY=VALUE whose KEY starts with one of its fields) is set
+    aside as one; a path such as `year=2024/*.gz` is not, as `year` is no field."""
+
+    def __init__(self, *args, convert, override_roots: set[str], **kwargs):
+        self.convert, self.override_roots = convert, override_roots
+        super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        current = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, (list(current) if isinstance(current, list) else []) + list(values))
+        items = list(getattr(namespace, self.dest, None) or [])
+        for value in values:
+            match = OVERRIDE.match(value)
+            if match and match.group(1) in self.override_roots:
+                setattr(namespace, OVERRIDES_AFTER_LISTS, [*getattr(namespace, OVERRIDES_AFTER_LISTS, []), value])
+            else:
+                try:
+                    items.extend(self.convert(value))
+                except ValueError:
+                    raise argparse.ArgumentError(self, f"invalid value: {value!r}") from None
+        setattr(namespace, self.dest, items)
 
 
 def flag_values(args: argparse.Namespace) -> dict:
