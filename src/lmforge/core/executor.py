@@ -49,7 +49,8 @@ class ShardProgress:
 
     def documents(self, n: int) -> None:
         self.docs += n
-        self.bar.note(f"{self.docs} docs, {self.docs / max(self.bar.elapsed, 1e-9):,.0f} docs/s")
+        if self.bar.shown:  # called per document: format only for a bar someone sees
+            self.bar.note(f"{self.docs} docs, {self.docs / max(self.bar.elapsed, 1e-9):,.0f} docs/s")
 
     def task_done(self, weight: int) -> None:
         self.bar.update(weight)

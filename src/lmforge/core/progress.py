@@ -20,6 +20,10 @@ class Progress:
                             leave=False, dynamic_ncols=True)
 
     @property
+    def shown(self) -> bool:
+        return self.bar is not None
+
+    @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
