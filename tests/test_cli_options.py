@@ -86,6 +86,7 @@ def test_unknown_words_are_still_refused(capsys):
 
 @pytest.mark.parametrize("command, cls", [
     ("tag", TagConfig), ("dedup", DedupConfig), ("stats", StatsConfig), ("tokenize", TokenizeConfig),
+    ("decontaminate", DecontaminationConfig),
 ])
 def test_every_data_stage_shares_one_executor_section(command, cls):
     assert typing.get_type_hints(cls)["executor"] is ExecutorConfig

@@ -8,6 +8,7 @@ import pytest
 
 from lmforge.cli import data as data_cli
 from lmforge.core.errors import LmforgeError
+from lmforge.core.executor import ExecutorConfig
 from lmforge.curation.decontaminate import DecontaminationConfig, ParagraphFilter, decontaminate
 from lmforge.eval.tasks import task_texts
 
@@ -87,3 +88,29 @@ def test_bad_input(corpus):
                       task_texts([str(task)]))
     with pytest.raises(LmforgeError, match="unknown task"):
         list(task_texts(["nope"]))
+
+
+def test_shards_run_on_the_shared_executor_with_the_same_results(corpus, tmp_path):
+    # Decontamination is a data stage like the others: its `executor` section spreads the shards over processes
+    # (or Ray), and the attributes and counts do not depend on it.
+    root, task = corpus
+    docs = root / "train" / "documents"
+    for i in range(1, 4):
+        write_docs(docs / f"shard{i}.jsonl.gz", [{"id": f"{i}-{j}", "source": f"s{j % 2}",
+                                                  "text": f"line {j}\n{QUESTION}" if j % 3 else f"clean {j}"}
+                                                 for j in range(6)])
+    runs = {}
+    for workers in (1, 2):
+        name = f"decon{workers}"
+        config = DecontaminationConfig(documents=[str(docs / "*.jsonl.gz")], tasks=[str(task)], name=name,
+                                       executor=ExecutorConfig(workers=workers, progress=False))
+        summary = decontaminate(config, task_texts(config.tasks), log=lambda m: None)
+        attrs = {}
+        for path in sorted((root / "train" / "attributes" / name).glob("*.jsonl.gz")):
+            with gzip.open(path, "rt") as f:
+                attrs[path.name] = [(r["id"], r["attributes"][f"{name}__contaminated_paragraphs"])
+                                    for r in map(json.loads, f)]
+        runs[workers] = (summary["per_source"], attrs)
+    assert runs[1] == runs[2]
+    per_source, attrs = runs[2]
+    assert len(attrs) == 4 and per_source["s1"]["contaminated"] == 6  # j = 1 and 5 of each of the 3 new shards

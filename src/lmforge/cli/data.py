@@ -118,6 +118,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         "name": "attribute name (mark mode)",
         "out": "output directory for the clean documents (remove mode)",
         "overwrite": "redo shards already marked",
+        **EXECUTOR,
     }, overrides=True)
     decon.set_defaults(func=cmd_decontaminate)
 

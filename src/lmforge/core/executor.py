@@ -26,7 +26,7 @@ PROGRESS_EVERY_DOCS = 500
 
 @dataclass
 class ExecutorConfig:
-    """The `executor:` section every data stage shares (tag, dedup, mix, stats, tokenize)."""
+    """The `executor:` section every data stage shares (tag, dedup, mix, stats, decontaminate, tokenize)."""
 
     kind: Literal["local", "ray"] = "local"  # local processes, or Ray tasks (the same command across machines)
     workers: int = 1  # parallel processes (local) or CPUs of a new local Ray instance; one shard per task

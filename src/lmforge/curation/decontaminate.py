@@ -26,6 +26,7 @@ from lmforge.curation.attributes import attribute_path, is_done, mark_done, spli
 from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.executor import ExecutorConfig, run_tasks
 
 WORD = re.compile(r"\w+", re.UNICODE)
 PROMPT_LABEL = re.compile(r"^(?:[A-Z][A-Za-z]{0,15}(?: [A-Za-z]{1,15})?:|[A-J][.)])\s+")
@@ -41,6 +42,7 @@ class DecontaminationConfig:
     name: str = "decontamination"  # attribute name (mark)
     out: str | None = None  # output directory (remove)
     overwrite: bool = False
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -109,8 +111,24 @@ def build_filter(config: DecontaminationConfig, eval_texts: Iterable[str]) -> tu
     return paragraphs, counts
 
 
+@dataclass
+class ScanTask:
+    path: str
+    paragraphs: ParagraphFilter
+    config: DecontaminationConfig
+    output: Path | None
+    weight: int = 0  # input bytes, for the progress bar
+
+
+def scan_task(task: ScanTask, progress) -> dict:
+    result = scan_shard(task.path, task.paragraphs, task.config, task.output, progress)
+    if task.config.mode == "mark":  # written by the worker, so a killed run keeps every shard it finished
+        mark_done(task.path, task.config.name, result)
+    return result
+
+
 def scan_shard(path: str, paragraphs: ParagraphFilter, config: DecontaminationConfig,
-               output: Path | None) -> dict:
+               output: Path | None, progress=lambda n: None) -> dict:
     """Mark or remove contaminated documents of one shard; counts per source."""
     per_source: dict[str, dict] = defaultdict(lambda: {"documents": 0, "contaminated": 0, "paragraphs": 0})
     report = ReadReport()
@@ -128,6 +146,7 @@ def scan_shard(path: str, paragraphs: ParagraphFilter, config: DecontaminationCo
                     f"{config.name}__contaminated_paragraphs": [[s, e, 1.0] for s, e in spans]}})
             if doc_writer is not None and not spans:
                 doc_writer.write(doc)
+            progress(1)
     except BaseException:
         for w in (attr_writer, doc_writer):
             if w is not None:
@@ -151,15 +170,13 @@ def decontaminate(config: DecontaminationConfig, eval_texts: Iterable[str] = (),
     paragraphs, counts = build_filter(config, eval_texts)
     log(f"filter: {counts['filter_paragraphs']} paragraphs of {config.min_words}+ words")
     totals: dict[str, dict] = defaultdict(lambda: {"documents": 0, "contaminated": 0, "paragraphs": 0})
-    skipped, done_before = 0, 0
-    for path in shards:
-        if config.mode == "mark" and not config.overwrite and is_done(path, config.name):
-            done_before += 1
-            continue
-        result = scan_shard(path, paragraphs, config, output_path(path, Path(config.out))
-                            if config.mode == "remove" else None)
-        if config.mode == "mark":
-            mark_done(path, config.name, result)
+    todo = [path for path in shards
+            if config.mode == "remove" or config.overwrite or not is_done(path, config.name)]
+    done_before = len(shards) - len(todo)
+    tasks = [ScanTask(path, paragraphs, config, output_path(path, Path(config.out)) if config.mode == "remove"
+                      else None, weight=Path(path).stat().st_size) for path in todo]
+    skipped = 0
+    for result in run_tasks(scan_task, tasks, config.executor, desc="decontaminate"):
         skipped += result["skipped_lines"]
         for source, c in result["sources"].items():
             for k, v in c.items():
