@@ -105,10 +105,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, fields: dict[st
         else:
             kwargs["type"] = _scalar(tp)
         parser.add_argument(flag, **kwargs)
-        for old in spec.deprecated:
-            old_kwargs = {k: v for k, v in kwargs.items() if k != "action"}
-            if tp is bool:
-                old_kwargs.update(nargs=0, const=True)
+        for old in spec.deprecated:  # value flags only (a deprecated switch is spelled out where it is needed)
+            old_kwargs = {k: v for k, v in kwargs.items() if k not in ("action", "convert", "override_roots")}
             parser.add_argument(old, action=_Deprecated, new=flag, **{**old_kwargs, "help": argparse.SUPPRESS})
         spellings[path] = flag
     if overrides:
