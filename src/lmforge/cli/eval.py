@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.cli.options import Flag, add_config_flags, config_from_args
+from lmforge.cli.options import Flag, add_config_flags, add_model_source_flags, config_from_args
 from lmforge.eval.config import EvalConfig
 
 
@@ -21,8 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL",
                    help="model directory, training run (latest checkpoint) or checkpoint, or transformers directory")
-    p.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
+    add_model_source_flags(p)
     add_config_flags(p, EvalConfig, {
         "tasks": Flag("task names or user task files, comma-separated or repeated", commas=True),
         "suite": "olmo1: the OLMo 1 paper's 9 zero-shot tasks; olmes: the OLMES 10; core: all built-in tasks",

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lmforge.cli.options import Flag, add_config_flags, add_out_flag, config_from_args, out_of
+from lmforge.cli.options import Flag, add_config_flags, add_model_source_flags, add_out_flag, config_from_args, out_of
 from lmforge.model.sampling import SamplingConfig
 
 
@@ -32,7 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     gen = sub.add_parser("generate", help="generate text from a model (any saved form)")
     gen.add_argument("model", help="model directory, training run or checkpoint, or transformers directory")
-    gen.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     add_config_flags(gen, SamplingConfig, {
         "max_new_tokens": "tokens to generate at most",
@@ -42,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stop_strings": Flag("stop at any of these strings (repeatable)", flag="--stop"),
         "seed": "sampling seed",
     })
-    gen.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
+    add_model_source_flags(gen)
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
@@ -53,8 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2 or Bloom)")
     export_hf.add_argument("model", help="lmforge model directory, training checkpoint, or run directory (latest checkpoint)")
     add_out_flag(export_hf, "output transformers directory")
-    export_hf.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
-    export_hf.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")
+    add_model_source_flags(export_hf)
     export_hf.set_defaults(func=cmd_export_hf)
 
     imp = sub.add_parser("import", help="import a model from another format")

@@ -187,3 +187,9 @@ def out_of(args: argparse.Namespace) -> str:
     if args.out is None:
         raise LmforgeError("give the output directory with --out DIR")
     return args.out
+
+
+def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
+    """`--step` and `--tokenizer` of every command that reads a saved model (`lmforge.model.loading.load`)."""
+    parser.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the run's)")

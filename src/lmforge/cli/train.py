@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmforge.cli.options import add_out_flag, out_of
+from lmforge.cli.options import add_model_source_flags, add_out_flag, out_of
 from lmforge.core.errors import LmforgeError
 
 
@@ -32,8 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = ck_sub.add_parser("export", help="write a checkpoint as a model directory (config.json + safetensors)")
     export.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     add_out_flag(export, "output model directory")
-    export.add_argument("--step", type=int, default=None, help="with a run directory: the checkpoint of this step")
-    export.add_argument("--tokenizer", default=None, help="tokenizer to store (default: the run's)")
+    add_model_source_flags(export)
     export.set_defaults(func=cmd_checkpoint_export)
     listing = ck_sub.add_parser("list", help="complete checkpoints of a run")
     listing.add_argument("run_dir")

@@ -101,11 +101,11 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu",
     return model.eval(), tokenizer
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer | None, config: ModelConfig) -> None:
-    """Token ids past the embedding would crash inside it: refuse such a pair up front."""
+def check_tokenizer_fits(tokenizer: Tokenizer | None, config: ModelConfig, fix: str = "") -> None:
+    """Token ids past the embedding would crash inside it: refuse such a pair up front (`fix` says how)."""
     if tokenizer is not None and tokenizer.vocab_size > config.embedding_size:
         raise LmforgeError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
-                           f"embedding has {config.embedding_size} rows")
+                           f"embedding has {config.embedding_size} rows" + (f"; {fix}" if fix else ""))
 
 
 def init_model_dir(config: ModelConfig, out: str | Path, seed: int = 0, tokenizer: str | None = None,
@@ -114,9 +114,8 @@ def init_model_dir(config: ModelConfig, out: str | Path, seed: int = 0, tokenize
     from lmforge.core.manifest import write_manifest
 
     tok = Tokenizer.load(tokenizer) if tokenizer else None
-    if tok is not None and tok.vocab_size > config.embedding_size:
-        raise LmforgeError(f"tokenizer has {tok.vocab_size} tokens but the model's embedding has "
-                           f"{config.embedding_size}; set vocab_size={tok.vocab_size}")
+    if tok is not None:
+        check_tokenizer_fits(tok, config, fix=f"set vocab_size={tok.vocab_size}")
     save_model_dir(build_model(config, seed), out, tok)
     write_manifest(out, command="model init", config={**(provenance or {}), "seed": seed, "model": config})
     return Path(out)

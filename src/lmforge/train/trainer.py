@@ -35,6 +35,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
 from lmforge.model.info import flops_per_token
 from lmforge.model.transformer import ModelConfig, Transformer, cross_entropy_loss, init_weights
+from lmforge.model.directory import check_tokenizer_fits
 from lmforge.model.checkpoints import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, step_dir_name
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer, tokens_tokenizer
 from lmforge.train import checkpoint as ckpt
@@ -86,12 +87,9 @@ class Trainer:
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
         config.check(self.dist.world_size, self.model_config)
-        if self.tokenizer and not config.model.vocab_from_tokenizer:  # token ids past the embedding would crash
-            vocab = load_tokenizer(self.tokenizer).vocab_size
-            if vocab > self.model_config.embedding_size:
-                raise LmforgeError(f"the run's tokenizer {self.tokenizer} has {vocab} tokens but the model's "
-                                   f"embedding has {self.model_config.embedding_size} rows; set "
-                                   "model.vocab_from_tokenizer=true or a larger model vocab_size")
+        if self.tokenizer and not config.model.vocab_from_tokenizer:
+            check_tokenizer_fits(load_tokenizer(self.tokenizer), self.model_config,
+                                 fix="set model.vocab_from_tokenizer=true or a larger model vocab_size")
         self.run_dir = Path(config.run_dir)
         self.ckpt_root = self.run_dir / CHECKPOINTS
         self.sizes = config.batch_sizes()
