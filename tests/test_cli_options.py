@@ -4,6 +4,7 @@ config itself, with errors naming the field, the value, what is allowed, and the
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import typing
@@ -64,6 +65,19 @@ def test_overrides_anywhere_and_precedence_yaml_flags_overrides(tmp_path):
     assert config.modes == ["doc", "minhash"] and config.documents == ["a"]  # flag over YAML; YAML kept
     assert config.name == "from_override"  # override over flag
     assert config.executor == ExecutorConfig(workers=2)
+
+
+def test_mix_override_after_flags_reaches_the_run(tmp_path, monkeypatch):
+    # Reported: `data mix CONFIG --workers 2 key=value` failed; the override must reach the mixer.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.jsonl").write_text(
+        "".join(json.dumps({"id": str(i), "text": "word " * (i + 1)}) + "\n" for i in range(12)))
+    (tmp_path / "mix.yaml").write_text("streams:\n  - name: web\n    documents: [docs/*.jsonl]\n"
+                                       "output:\n  path: out\n")
+    assert main(["data", "mix", "mix.yaml", "--workers", "2", "output.max_size_in_bytes=100"]) == 0
+    shards = sorted((tmp_path / "out").glob("web-*.jsonl*"))
+    assert len(shards) > 1  # one shard per ~100 bytes, not the default single shard
 
 
 def test_list_flags_take_several_values_and_leave_overrides_alone():
