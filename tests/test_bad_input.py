@@ -103,6 +103,22 @@ def test_train_nproc_zero(tmp_path, capsys):
     assert_one_line_error(*run_cli(["train", config, "--nproc", "0"], capsys), "--nproc")
 
 
+@pytest.mark.parametrize("setting, mention", [
+    ("data:\n  paths: []\n", "data.paths"),
+    ("data:\n  paths: [t]\n  sequence_length: 64\n", "2048 x 8 = 16384 tokens"),  # needs the world size
+    ("data:\n  paths: [missing_tokens]\n  sequence_length: 64\nglobal_batch_size: 16384\n", "missing_tokens"),
+])
+def test_train_nproc_refuses_before_launching_workers(tmp_path, setting, mention, capsys, monkeypatch):
+    # One line from the launcher, not one per worker plus torchrun's traceback.
+    monkeypatch.chdir(tmp_path)
+    launched = []
+    monkeypatch.setattr("lmforge.train.distributed.launch_torchrun", lambda *a, **k: launched.append(a) or 0)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nmax_steps: 1\n{setting}")
+    assert_one_line_error(*run_cli(["train", config, "--nproc", "8"], capsys), mention)
+    assert not launched
+
+
 def write_train_config(docs, tmp_path):
     """Token files from `docs` and a one-step training config for a very small model on them."""
     assert main(["data", "tokenize", "--documents", str(docs), "--tokenizer", "olmo", "--out", str(tmp_path / "tok"),

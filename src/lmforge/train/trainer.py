@@ -79,7 +79,7 @@ class StepResult:
 class Trainer:
     def __init__(self, config: TrainConfig, loader_factory: LoaderFactory | None = None,
                  evaluators: list[Evaluator] | None = None, dist_info: DistInfo | None = None,
-                 command: str = "lmforge train"):
+                 command: str = "lmforge train", checks_only: bool = False):
         self.config = config
         self.command = command
         self.dist = dist_info or init_distributed(config.device)
@@ -101,6 +101,8 @@ class Trainer:
         # Data before model: missing or unusable data is refused before any compute.
         factory = loader_factory or default_loader_factory(config, self.run_dir)
         self.loader = factory(self.base_batch, self.dist)
+        if checks_only:
+            return
         self.loader_batch = self.base_batch // self.seq_len
         self.batch_log = None
         self.evaluators = evaluators if evaluators is not None else self._build_evaluators()
@@ -453,6 +455,12 @@ def load_tokenizer(name: str, model: ModelConfig | None = None) -> Tokenizer:
 def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
     """(B, D) zero-padded document lengths -> (B, L) document index per position."""
     return torch.stack([torch.repeat_interleave(torch.arange(len(row)), row) for row in doc_lens.long()])
+
+
+def preflight(config: TrainConfig, world_size: int) -> None:
+    """Make every refusal the trainer makes before compute, in this process: a launcher runs it once before
+    starting workers, so a bad config or unusable data is one line, not one per worker plus torchrun's trace."""
+    Trainer(config, dist_info=DistInfo(0, world_size, 0, world_size, torch.device("cpu")), checks_only=True)
 
 
 def train(config: TrainConfig, **kwargs: Any) -> dict:
