@@ -118,7 +118,7 @@ def main() -> None:
         write_raw_corpus(out, args.raw_bytes)
     run("tag: Gopher and C4 quality rules, PII spans, language id",
         ["data", "tag", "--documents", docs_glob, "--taggers", "gopher,c4,pii,langid"], capture=True)
-    run("dedup: exact documents and URLs, paragraphs (Bloom filter), near-duplicates (MinHash)",
+    run("dedup: exact documents and URLs, paragraphs (Bloom filter)",
         ["data", "dedup", "--documents", docs_glob], capture=True)
     mix_config = rewrite_paths("data/quickstart_mix.yaml", out, out / "configs" / "mix.yaml")
     run("mix: filter on the attributes, mask PII, drop duplicate paragraphs", ["data", "mix", str(mix_config)], capture=True)
@@ -171,7 +171,10 @@ def check_hf_export(out: Path) -> str:
 def write_report(out: Path, elapsed: float, lineage: str, sample: str) -> None:
     mix = read_json(out / "mixed" / "documents" / "manifest.json").get("counts", {}).get("streams", {})
     mix = next(iter(mix.values()), {})
-    dedup = read_json(out / "raw" / "attributes" / "dedup" / "manifest.json").get("counts", {})
+    dedup_manifest = read_json(out / "raw" / "attributes" / "dedup" / "manifest.json")
+    dedup = dedup_manifest.get("counts", {})
+    near_duplicates = (f"{dedup.get('near_duplicates', 0)} near-duplicates (MinHash), "
+                       if "minhash" in dedup_manifest.get("config", {}).get("modes", []) else "")
     tokens = read_json(out / "tokens" / "manifest.json").get("counts", {})
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     eval_md = out / "eval" / "results.md"
@@ -186,7 +189,7 @@ def write_report(out: Path, elapsed: float, lineage: str, sample: str) -> None:
         f"- raw documents: `{out}/raw/documents/` (Python standard library docstrings and code); every "
         f"{HELD_OUT_EVERY}th document is held out in `{out}/heldout/` for perplexity",
         f"- tagged and deduplicated: attributes in `{out}/raw/attributes/`; {dedup.get('duplicate_docs', 0)} exact "
-        f"duplicate documents, {dedup.get('near_duplicates', 0)} near-duplicates, "
+        f"duplicate documents, {near_duplicates}"
         f"{dedup.get('duplicate_paragraph_char_fraction', 0):.1%} of characters in duplicate paragraphs",
         f"- mixed (`{out}/mixed/documents/`, config `{out}/configs/mix.yaml`): {mix.get('read', '?')} documents read, "
         f"{mix.get('excluded_by_exclude', 0) + mix.get('excluded_by_include', 0)} dropped by the quality/PII/dedup "
