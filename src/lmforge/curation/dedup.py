@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from lmforge.core.executor import ExecutorConfig, iter_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
-from lmforge.core.files import atomic_path, atomic_write_json
+from lmforge.core.files import atomic_path, atomic_write_json, atomic_write_text
 
 MODES = ("doc", "url", "paragraph", "minhash")
 BLOOM_MAGIC = "lmforge-bloom"
@@ -194,6 +197,8 @@ class BloomFilter:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(self.words.astype("<u8", copy=False).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
 
     @classmethod
     def load(cls, path: str | Path) -> "BloomFilter":
@@ -333,8 +338,20 @@ def _paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, doc_l
 
 # ---------------------------------------------------------------- state and the ordered pass
 
+STATE_POINTER = "CURRENT"
+STATE_FILES = ("state.json", "documents.npy", "urls.npy", "paragraphs.bloom", "minhash.npy")
+GENERATION = re.compile(r"gen-(\d{8})")
+
+
 class DedupState:
-    """Everything seen so far, persisted under one directory."""
+    """Everything seen so far, persisted under one directory as generations committed whole.
+
+    `save` writes a new `gen-NNNNNNNN/` beside the current one and then swaps the one-line pointer file
+    `CURRENT` (an atomic rename) to name it; only then are older generations removed. A kill or a full disk
+    at any moment leaves `CURRENT` naming a complete generation, and a half-written one is ignored and removed
+    by the next run that writes. A directory without `CURRENT` but with `state.json` is the layout before
+    generations (files renamed one by one); it is read as it is and replaced by a generation on save.
+    """
 
     def __init__(self, directory: Path, config: DedupConfig):
         self.directory = directory
@@ -346,7 +363,11 @@ class DedupState:
         self.bloom: BloomFilter | None = None
         self.signatures: list[np.ndarray] = []
         self.lsh: dict[tuple[int, int], int] = {}
-        meta_path = directory / "state.json"
+        self.generation = self._current_generation()
+        if not config.read_only:
+            self._remove_other_generations()
+        files = directory / self.generation if self.generation else directory
+        meta_path = files / "state.json"
         if meta_path.is_file():
             try:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -357,14 +378,39 @@ class DedupState:
                 raise LmforgeError(f"dedup state {directory} was built with {meta['params']}, not {self.params}; "
                                    "use another --state (or --name) for different settings")
             self.absorbed = meta["absorbed"]
-            self._load()
+            self._load(files)
+        elif self.generation:
+            raise LmforgeError(f"corrupt dedup state {directory}: {STATE_POINTER} names {self.generation}, "
+                               "which has no state.json")
         elif config.read_only:  # nothing to check against and nothing added: every document would pass
             raise LmforgeError(f"read_only needs an existing dedup state, but {meta_path} does not exist")
         elif "paragraph" in config.modes:
             self.bloom = BloomFilter.sized(config.bloom.expected_elements, config.bloom.false_positive_rate)
 
-    def _load(self) -> None:
-        d = self.directory
+    def _current_generation(self) -> str | None:
+        pointer = self.directory / STATE_POINTER
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"corrupt dedup state pointer {pointer}: {e}") from None
+        if not GENERATION.fullmatch(name) or not (self.directory / name).is_dir():
+            raise LmforgeError(f"corrupt dedup state pointer {pointer}: {name[:40]!r} is not a generation here")
+        return name
+
+    def _remove_other_generations(self) -> None:
+        """Generations other than the current one: half-written by a killed save, or superseded."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.name != self.generation and GENERATION.fullmatch(path.name) and path.is_dir():
+                shutil.rmtree(path)
+        if self.generation:  # the files of the layout before generations, once a generation replaced them
+            for name in STATE_FILES:
+                (self.directory / name).unlink(missing_ok=True)
+
+    def _load(self, d: Path) -> None:
         if (d / "documents.npy").is_file():
             self.docs = _ints_from_array(_load_array(d / "documents.npy"))
         if (d / "urls.npy").is_file():
@@ -380,8 +426,12 @@ class DedupState:
                     self.lsh.setdefault((band, key), index)
 
     def save(self) -> None:
-        d = self.directory
-        d.mkdir(parents=True, exist_ok=True)
+        """Write the next generation, then point `CURRENT` at it, then remove the others."""
+        number = int(GENERATION.fullmatch(self.generation).group(1)) + 1 if self.generation else 1
+        d = self.directory / f"gen-{number:08d}"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
         for name, values in (("documents.npy", self.docs), ("urls.npy", self.urls)):
             if values:
                 _save_npy(d / name, _array_from_ints(values))
@@ -397,6 +447,9 @@ class DedupState:
         atomic_write_json(d / "state.json", {"params": self.params, "absorbed": self.absorbed, "bloom": bloom,
                                              "documents": len(self.docs), "urls": len(self.urls),
                                              "minhash_documents": len(self.signatures)})
+        atomic_write_text(self.directory / STATE_POINTER, d.name + "\n")
+        self.generation = d.name
+        self._remove_other_generations()
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -418,6 +471,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _paragraph_duplicates(fp: dict, state: DedupState, read_only: bool) -> np.ndarray:
