@@ -121,7 +121,7 @@ def test_dedup_state_persists_across_crawls_and_reruns_skip(tmp_path):
     _write(tmp_path / "crawl2/documents/c.jsonl.gz", [{"id": "c1", "text": "unique one\nbrand new\n"}])
     run_dedup(DedupConfig(documents=[str(tmp_path / "crawl2/documents/*.gz")], **cfg))
     assert _attrs(tmp_path / "crawl2", "c.jsonl.gz")["c1"]["dedup__duplicate_paragraphs"] == [[0, 11, 1.0]]
-    meta = json.loads((state / "state.json").read_text())
+    meta = json.loads((state / (state / "CURRENT").read_text().strip() / "state.json").read_text())
     assert len(meta["absorbed"]) == 3
     with pytest.raises(LmforgeError, match="was built with"):
         run_dedup(DedupConfig(documents=[str(tmp_path / "crawl2/documents/*.gz")], modes=["doc"], state=str(state)))
@@ -207,6 +207,27 @@ def test_dedup_rerun_after_interruption_at_any_write_matches_uninterrupted_run(t
             assert _outcome(root) == expected, (interrupted, k, done)
             leftovers = sorted(p.name for p in (root / "state").iterdir())
             assert len(leftovers) == 2 and "CURRENT" in leftovers, leftovers  # the pointer and one generation
+
+
+def test_dedup_reads_a_state_of_the_layout_before_generations(tmp_path):
+    import shutil
+
+    _crawls(tmp_path)
+    _dedup_crawl(tmp_path, "crawl1")
+    state = tmp_path / "state"
+    generation = state / (state / "CURRENT").read_text().strip()
+    for path in generation.iterdir():  # the files as the layout before generations kept them
+        if path.name != "state.json":
+            path.rename(state / path.name)
+    meta = json.loads((generation / "state.json").read_text())
+    for record in meta["absorbed"].values():
+        del record["record"]
+    (state / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(generation)
+    (state / "CURRENT").unlink()
+    assert _dedup_crawl(tmp_path, "crawl1")["shards_skipped_done"] == 2
+    assert _dedup_crawl(tmp_path, "crawl2")["duplicate_docs"] == 1  # c2 repeats crawl1's a2
+    assert sorted(p.name for p in state.iterdir()) == ["CURRENT", "gen-00000002"]
 
 
 def test_dedup_rerun_with_nothing_to_do_keeps_manifest_counts(tmp_path):

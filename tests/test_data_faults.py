@@ -148,7 +148,8 @@ def _attributes_shard(root: Path, docs: list[dict], kind: str) -> Path:
     (root / "attributes/t").mkdir(parents=True)
     path = root / "documents" / f"a.jsonl.{kind}"
     path.write_bytes(_compress(_jsonl(docs), kind))
-    rows = [{"id": d["id"], "attributes": {"t__x": [[0, 1, 1.0]]}} for d in docs]
+    # several zstd blocks (128 KiB) of attributes, as for the documents
+    rows = [{"id": d["id"], "attributes": {"t__x": [[i, i + 1, 1.0] for i in range(8)]}} for d in docs]
     (root / "attributes/t" / f"a.jsonl.{kind}").write_bytes(_compress(_jsonl(rows), kind))
     return path
 

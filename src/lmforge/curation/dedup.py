@@ -28,7 +28,7 @@ import xxhash
 
 from lmforge.core.config import to_dict
 from lmforge.curation.attributes import AttributeWriter, attribute_dir, attribute_path, source_fingerprint
-from lmforge.curation.documents import ReadReport, expand_globs, read_documents
+from lmforge.curation.documents import InputConfig, ReadReport, input_shards, read_documents
 from lmforge.core.executor import ExecutorConfig, iter_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
@@ -80,6 +80,7 @@ class DedupConfig:
     url_key: str = "metadata.url"
     bloom: BloomConfig = field(default_factory=BloomConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -268,6 +269,7 @@ class FingerprintTask:
     modes: list[str]
     url_key: str
     minhash: MinHashConfig
+    strict: bool = False
     weight: int = 0
 
 
@@ -286,7 +288,7 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
     line_lengths, line_hashes, line_blank, lines_per_doc = [], [], [], []
     hasher = MinHasher(task.minhash.bands * task.minhash.rows, task.minhash.seed) if "minhash" in task.modes else None
     want_paragraphs = "paragraph" in task.modes
-    for _, doc in read_documents(task.doc_path, report):
+    for _, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
         ids.append(doc["id"])
         lengths.append(len(text))
@@ -311,8 +313,8 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
         "doc_path": task.doc_path, "ids": ids, "lengths": lengths, "sources": sources,
         "doc_hashes": doc_hashes, "url_hashes": url_hashes,
         "signatures": np.stack(signatures) if signatures else None,
-        "documents": report.documents, "skipped_lines": report.skipped,
-        "bad_lines": [str(b) for b in report.bad_lines],
+        "read": report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
+        "truncated": [str(t) for t in report.truncated],
     }
     if want_paragraphs:
         result.update(_paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, lengths))
@@ -567,43 +569,59 @@ def _merge_stats(total: dict, part: dict) -> None:
             total[k] = total.get(k, 0) + v
 
 
-def run_dedup(config: DedupConfig) -> dict:
-    paths = expand_globs(config.documents)
-    state_dir = Path(config.state) if config.state else attribute_dir(paths[0], config.name) / ".state"
-    state = DedupState(state_dir, config)
-    todo = [p for p in paths if config.read_only or not (
-        state.absorbed.get(p) == {k: v for k, v in source_fingerprint(p).items() if k != "path"}
-        and attribute_path(p, config.name).is_file())]
-    tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash, weight=Path(p).stat().st_size)
-             for p in todo]
-    executor = config.executor
-    totals: dict = {}
-    skipped: list[str] = []
-    for fp in iter_tasks(fingerprint_shard, tasks, executor, desc="dedup"):
-        with AttributeWriter(attribute_path(fp["doc_path"], config.name)) as writer:
-            stats = _absorb(fp, state, config, writer)
-        stats["skipped_lines"] = fp["skipped_lines"]
-        skipped += fp["bad_lines"]
-        _merge_stats(totals, stats)
-        if not config.read_only:
-            state.absorbed[fp["doc_path"]] = {k: v for k, v in source_fingerprint(fp["doc_path"]).items()
-                                             if k != "path"}
-    if not config.read_only:
-        state.save()
+def _finish_totals(totals: dict) -> dict:
     for source in totals.get("per_source", {}).values():
         source["duplicate_rate"] = source["duplicate_documents"] / max(source["documents"], 1)
     if totals.get("text_chars"):
         totals["duplicate_paragraph_char_fraction"] = totals.get("duplicate_paragraph_chars", 0) / totals["text_chars"]
+    return totals
+
+
+def _unchanged(record: dict | None, path: str) -> bool:
+    current = source_fingerprint(path)
+    return record is not None and all(record.get(k) == current[k] for k in ("bytes", "mtime_ns"))
+
+
+def run_dedup(config: DedupConfig) -> dict:
+    paths, incomplete = input_shards(config.documents, config.input)
+    state_dir = Path(config.state) if config.state else attribute_dir(paths[0], config.name) / ".state"
+    state = DedupState(state_dir, config)
+    # What each shard counted, from this run or, for a shard absorbed before, from the state's record of it.
+    records = {p: state.absorbed[p].get("record", {}) for p in paths
+               if not config.read_only and _unchanged(state.absorbed.get(p), p)
+               and attribute_path(p, config.name).is_file()}
+    tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash, config.input.strict,
+                             weight=Path(p).stat().st_size) for p in paths if p not in records]
+    executor = config.executor
+    totals: dict = {}
+    truncated: list[str] = []
+    for fp in iter_tasks(fingerprint_shard, tasks, executor, desc="dedup"):
+        with AttributeWriter(attribute_path(fp["doc_path"], config.name)) as writer:
+            stats = _absorb(fp, state, config, writer)
+        stats.update(fp["read"], shards=1)
+        records[fp["doc_path"]] = {"counts": stats, "skipped": fp["bad_lines"]}
+        truncated += fp["truncated"]
+        _merge_stats(totals, stats)
+        if not config.read_only:
+            state.absorbed[fp["doc_path"]] = {k: v for k, v in source_fingerprint(fp["doc_path"]).items()
+                                             if k != "path"} | {"record": records[fp["doc_path"]]}
+    if not config.read_only and (tasks or not state.generation):  # (a state of the old layout is rewritten)
+        state.save()
     keys = [f"{config.name}__{k}" for m, k in (("doc", "duplicate_doc"), ("url", "duplicate_url"),
                                               ("paragraph", "duplicate_paragraphs"), ("minhash", "near_duplicate"))
             if m in config.modes]
     for directory in sorted({attribute_dir(p, config.name) for p in paths}):
-        write_manifest(directory, command="data dedup", config=config,
-                       inputs=[p for p in paths if attribute_dir(p, config.name) == directory],
-                       counts=totals, extra={"attribute_keys": keys, "state": str(state_dir),
-                                             "skipped": skipped[:100]})
+        inputs = [p for p in paths if attribute_dir(p, config.name) == directory]
+        counts: dict = {"incomplete_shards": sum(attribute_dir(p, config.name) == directory for p in incomplete)}
+        for p in inputs:
+            _merge_stats(counts, records[p].get("counts", {}))
+        write_manifest(directory, command="data dedup", config=config, inputs=inputs, counts=_finish_totals(counts),
+                       extra={"attribute_keys": keys, "state": str(state_dir),
+                              "skipped": [b for p in inputs for b in records[p].get("skipped", [])][:100]})
     summary = {"shards": len(paths), "shards_run": len(tasks), "shards_skipped_done": len(paths) - len(tasks),
-               "state": str(state_dir), **totals, "bad_line_examples": skipped[:10]}
+               "state": str(state_dir), **_finish_totals(totals),
+               "bad_line_examples": [b for t in tasks for b in records[t.doc_path]["skipped"]][:10],
+               "truncated": truncated, "incomplete_shards": incomplete}
     if state.bloom is not None:
         b = state.bloom
         summary["bloom_estimated_false_positive_rate"] = b.estimated_false_positive_rate()
