@@ -215,9 +215,10 @@ def dedup_state(docs, tmp_path):
 
 
 @pytest.mark.parametrize("name, damage", [("state.json", b"{x"), ("documents.npy", b"junk"),
-                                          ("paragraphs.bloom", None), ("../CURRENT", b"gen-x\n")])
+                                          ("paragraphs.bloom", None), ("CURRENT", b"gen-x\n")])
 def test_dedup_corrupt_state(docs, dedup_state, name, damage, capsys):
-    path = dedup_state / (dedup_state / "CURRENT").read_text().strip() / name
+    generation = dedup_state if name == "CURRENT" else dedup_state / (dedup_state / "CURRENT").read_text().strip()
+    path = generation / name
     path.write_bytes(damage if damage is not None else path.read_bytes()[:1001])  # None: truncated mid-word
     capsys.readouterr()
     code, err = run_cli(["data", "dedup", "--documents", docs, "--state", dedup_state, "--name", "again"], capsys)
