@@ -188,11 +188,12 @@ def _blocks(path: str | Path) -> Iterator[bytes]:
             return
         offset = 0  # compressed bytes before the current block
         decompressor = None  # None between members/frames
+        ended = False  # a member/frame ended
         while block := f.read(READ_BLOCK):
             data = block
             while data:
                 if decompressor is None:
-                    if compression == "gz" and not data.strip(b"\0"):
+                    if ended and compression == "gz" and not data.strip(b"\0"):
                         break  # zero padding after the last member, which gzip allows
                     decompressor = _decompressor(compression)
                 try:
@@ -205,7 +206,7 @@ def _blocks(path: str | Path) -> Iterator[bytes]:
                 if out:
                     yield out
                 if decompressor.eof:
-                    data, decompressor = decompressor.unused_data, None
+                    data, decompressor, ended = decompressor.unused_data, None, True
                 else:
                     data = decompressor.unconsumed_tail if compression == "gz" else b""
             offset += len(block)
