@@ -223,16 +223,18 @@ def test_import_hf_corrupt_shard_index(tmp_path, capsys):
 
 @pytest.fixture
 def dedup_state(docs, tmp_path):
-    """A dedup state directory built from `docs` (state.json, documents.npy, paragraphs.bloom)."""
+    """A dedup state directory built from `docs` (CURRENT naming a generation that holds state.json,
+    documents.npy, paragraphs.bloom)."""
     state = tmp_path / "state"
     assert main(["data", "dedup", "--documents", str(docs), "--state", str(state), "--name", "first"]) == 0
     return state
 
 
 @pytest.mark.parametrize("name, damage", [("state.json", b"{x"), ("documents.npy", b"junk"),
-                                          ("paragraphs.bloom", None)])
+                                          ("paragraphs.bloom", None), ("CURRENT", b"gen-x\n")])
 def test_dedup_corrupt_state(docs, dedup_state, name, damage, capsys):
-    path = dedup_state / name
+    generation = dedup_state if name == "CURRENT" else dedup_state / (dedup_state / "CURRENT").read_text().strip()
+    path = generation / name
     path.write_bytes(damage if damage is not None else path.read_bytes()[:1001])  # None: truncated mid-word
     capsys.readouterr()
     code, err = run_cli(["data", "dedup", "--documents", docs, "--state", dedup_state, "--name", "again"], capsys)

@@ -121,7 +121,121 @@ def test_dedup_state_persists_across_crawls_and_reruns_skip(tmp_path):
     _write(tmp_path / "crawl2/documents/c.jsonl.gz", [{"id": "c1", "text": "unique one\nbrand new\n"}])
     run_dedup(DedupConfig(documents=[str(tmp_path / "crawl2/documents/*.gz")], **cfg))
     assert _attrs(tmp_path / "crawl2", "c.jsonl.gz")["c1"]["dedup__duplicate_paragraphs"] == [[0, 11, 1.0]]
-    meta = json.loads((state / "state.json").read_text())
+    meta = json.loads((state / (state / "CURRENT").read_text().strip() / "state.json").read_text())
     assert len(meta["absorbed"]) == 3
     with pytest.raises(LmforgeError, match="was built with"):
         run_dedup(DedupConfig(documents=[str(tmp_path / "crawl2/documents/*.gz")], modes=["doc"], state=str(state)))
+
+
+class Interrupted(BaseException):
+    """A kill: nothing after it runs (not even `except Exception` handlers)."""
+
+
+def _crawls(root):
+    _corpus(root / "crawl1")
+    _write(root / "crawl2/documents/c.jsonl.gz", [
+        {"id": "c1", "text": "shared line\nbrand new\n", "source": "web", "metadata": {"url": "http://x/2"}},
+        {"id": "c2", "text": LONG, "source": "web"},
+        {"id": "c3", "text": "only in crawl two\nand crawl three\n", "source": "web"},
+    ])
+    _write(root / "crawl2/documents/d.jsonl.gz", [
+        {"id": "d1", "text": "fresh words\nonly here\n", "source": "books", "metadata": {"url": "http://x/9"}},
+        {"id": "d2", "text": LONG.replace("word3 ", "other3 "), "source": "books"},
+    ])
+    _write(root / "crawl3/documents/e.jsonl.gz", [
+        {"id": "e1", "text": "only in crawl two\nand crawl three\n", "source": "web"},
+        {"id": "e2", "text": "fresh words\nnever seen\n", "source": "web", "metadata": {"url": "http://x/9"}},
+        {"id": "e3", "text": "a new document entirely\n", "source": "web"},
+    ])
+
+
+def _dedup_crawl(root, crawl):
+    return run_dedup(DedupConfig(documents=[str(root / crawl / "documents/*.gz")], state=str(root / "state"),
+                                 modes=["doc", "url", "paragraph", "minhash"],
+                                 minhash=MinHashConfig(ngram=3, threshold=0.7)))
+
+
+def _outcome(root):
+    """Every attribute row and every attribute directory's manifest counts, by crawl."""
+    out = {}
+    for crawl in ("crawl1", "crawl2", "crawl3"):
+        for path in sorted((root / crawl / "documents").glob("*.gz")):
+            out[f"{crawl}/{path.name}"] = list(read_attributes(attribute_path(path, "dedup")))
+        out[f"{crawl}/counts"] = json.loads((root / crawl / "attributes/dedup/manifest.json").read_text())["counts"]
+    return out
+
+
+def test_dedup_rerun_after_interruption_at_any_write_matches_uninterrupted_run(tmp_path, monkeypatch):
+    import os
+
+    reference = tmp_path / "reference"
+    _crawls(reference)
+    real_replace = os.replace
+    renames = {}
+    for crawl in ("crawl1", "crawl2", "crawl3"):
+        renames[crawl] = []
+        monkeypatch.setattr(os, "replace", lambda a, b, seen=renames[crawl]: seen.append(b) or real_replace(a, b))
+        _dedup_crawl(reference, crawl)
+    monkeypatch.setattr(os, "replace", real_replace)
+    expected = _outcome(reference)
+    assert expected["crawl3/e.jsonl.gz"][0][1]["dedup__duplicate_doc"] != []  # crawl2 was absorbed
+
+    # every file lmforge writes goes through a rename: a kill before the (k+1)-th one of a run, for every k
+    for interrupted in ("crawl1", "crawl2"):
+        assert len(renames[interrupted]) >= 6, renames
+        for k in range(len(renames[interrupted]) + 1):
+            root = tmp_path / f"{interrupted}-{k}"
+            _crawls(root)
+            if interrupted == "crawl2":
+                _dedup_crawl(root, "crawl1")
+            done = []
+
+            def replace(a, b, done=done, k=k):
+                if len(done) == k:
+                    raise Interrupted
+                done.append(b)
+                return real_replace(a, b)
+
+            monkeypatch.setattr(os, "replace", replace)
+            try:
+                _dedup_crawl(root, interrupted)
+            except Interrupted:
+                pass
+            monkeypatch.setattr(os, "replace", real_replace)
+            for crawl in ("crawl1", "crawl2", "crawl3"):
+                _dedup_crawl(root, crawl)
+            assert _outcome(root) == expected, (interrupted, k, done)
+            leftovers = sorted(p.name for p in (root / "state").iterdir())
+            assert len(leftovers) == 2 and "CURRENT" in leftovers, leftovers  # the pointer and one generation
+
+
+def test_dedup_reads_a_state_of_the_layout_before_generations(tmp_path):
+    import shutil
+
+    _crawls(tmp_path)
+    _dedup_crawl(tmp_path, "crawl1")
+    state = tmp_path / "state"
+    generation = state / (state / "CURRENT").read_text().strip()
+    for path in generation.iterdir():  # the files as the layout before generations kept them
+        if path.name != "state.json":
+            path.rename(state / path.name)
+    meta = json.loads((generation / "state.json").read_text())
+    for record in meta["absorbed"].values():
+        del record["record"]
+    (state / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(generation)
+    (state / "CURRENT").unlink()
+    assert _dedup_crawl(tmp_path, "crawl1")["shards_skipped_done"] == 2
+    assert _dedup_crawl(tmp_path, "crawl2")["duplicate_docs"] == 1  # c2 repeats crawl1's a2
+    assert sorted(p.name for p in state.iterdir()) == ["CURRENT", "gen-00000002"]
+
+
+def test_dedup_rerun_with_nothing_to_do_keeps_manifest_counts(tmp_path):
+    _corpus(tmp_path)
+    config = DedupConfig(documents=[str(tmp_path / "documents" / "*.jsonl.gz")], modes=["doc", "paragraph"])
+    first = run_dedup(config)
+    manifest = tmp_path / "attributes/dedup/manifest.json"
+    counts = json.loads(manifest.read_text())["counts"]
+    assert counts["documents"] == 5 and counts["duplicate_docs"] == first["duplicate_docs"] == 1
+    assert run_dedup(config)["shards_skipped_done"] == 2
+    assert json.loads(manifest.read_text())["counts"] == counts

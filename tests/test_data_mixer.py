@@ -163,3 +163,19 @@ def test_mixer_writes_parquet_shards(tmp_path):
     shards = sorted((tmp_path / "out").glob("web-*.parquet"))
     assert len(shards) > 1
     assert [d for p in shards for _, d in read_documents(p)] == docs[15:]
+
+
+def test_failed_mix_task_leaves_no_part_under_a_final_name(tmp_path):
+    docs = [{"id": str(i), "text": f"document number {i} " * 5, "source": "web"} for i in range(40)]
+    attrs = [{"t__x": []} for _ in docs]
+    path = _shard(tmp_path, "a.jsonl.gz", docs, attrs)
+    with DocumentWriter(attribute_path(path, "t")) as w:  # the attributes of document 31 are another's
+        for i, d in enumerate(docs):
+            w.write({"id": "other" if i == 30 else d["id"], "attributes": {}})
+    config = {"streams": [{"name": "web", "documents": [str(path)], "attributes": ["t"]}],
+              "output": {"path": str(tmp_path / "out"), "max_size_in_bytes": 400}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(LmforgeError, match="mismatched ids"):  # after several parts were full
+        run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".done"]
+    assert list((tmp_path / "out/.done").iterdir()) == []

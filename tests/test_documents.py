@@ -40,3 +40,23 @@ def test_failed_write_leaves_previous_file(tmp_path):
             raise RuntimeError("crash mid-write")
     assert [d["id"] for _, d in read_documents(path)] == ["old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl.gz"]
+
+
+def test_concatenated_streams_padding_and_a_zero_filled_file(tmp_path):
+    import gzip
+
+    import zstandard
+
+    one, two = b'{"id":"1","text":"a"}\n', b'{"id":"2","text":"b"}\n'
+    (tmp_path / "members.jsonl.gz").write_bytes(gzip.compress(one) + gzip.compress(two) + b"\0" * 64)
+    (tmp_path / "frames.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(one)
+                                                + zstandard.ZstdCompressor().compress(two))
+    for name in ("members.jsonl.gz", "frames.jsonl.zst"):
+        report = ReadReport()
+        assert [d["id"] for _, d in read_documents(tmp_path / name, report)] == ["1", "2"]
+        assert report.counts() == {"skipped_lines": 0, "empty_shards": 0, "truncated_files": 0}
+    (tmp_path / "zeros.jsonl.gz").write_bytes(b"\0" * 64)  # what a crash can leave of a file never flushed
+    report = ReadReport()
+    assert list(read_documents(tmp_path / "zeros.jsonl.gz", report)) == []
+    assert report.counts()["truncated_files"] == 1 and not report.empty_shards
+    assert str(report.truncated[0]).startswith(f"{tmp_path / 'zeros.jsonl.gz'}: truncated after line 0")

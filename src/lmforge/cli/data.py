@@ -19,6 +19,10 @@ EXECUTOR = {
     "executor.address": Flag("Ray cluster address (e.g. auto or ray://host:10001)"),
     "executor.progress": "a progress bar when stderr is a terminal",
 }
+INPUT = {
+    "input.strict": "a truncated compressed input, or a shard of an lmforge output directory without its "
+                    "completion mark, is an error (exit 2) instead of a warning",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _print_summary(summary: dict) -> None:
     json.dump(summary, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
+    _warn_about_inputs(summary)
+
+
+def _warn_about_inputs(summary: dict) -> None:
+    """One line per truncated input and one for the shards left out for want of a completion mark."""
+    from lmforge.curation.documents import incomplete_shards_message
+
+    for truncation in summary.get("truncated", []):
+        print(f"lmforge: warning: {truncation}; every complete line before it was kept (--strict makes this an "
+              "error)", file=sys.stderr)
+    if summary.get("incomplete_shards"):
+        print(f"lmforge: warning: {incomplete_shards_message(summary['incomplete_shards'])}", file=sys.stderr)
 
 
 def _register_curation(data_sub: argparse._SubParsersAction) -> None:
@@ -52,6 +68,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         "tagger_modules": Flag("Python file or module defining @register_tagger classes (repeatable)",
                                flag="--tagger-module"),
         "overwrite": "re-tag shards that are already done",
+        **INPUT,
         **EXECUTOR,
     }, overrides=True)
     tag.add_argument("--tagger-option", action="append", default=[], metavar="TAGGER.OPTION=VALUE",
@@ -73,6 +90,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         "read_only": "check against the state without adding to it",
         "bloom.expected_elements": Flag("Bloom filter capacity", flag="--expected-paragraphs"),
         "bloom.false_positive_rate": "Bloom filter target false-positive rate",
+        **INPUT,
         **EXECUTOR,
     }, overrides=True)
     dedup.set_defaults(func=cmd_dedup)
@@ -82,7 +100,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         description="Run a mixer config: streams of documents joined with their attributes, include/exclude "
                     "expressions, span replacement, sampling, output shards of a target size.")
     mix.add_argument("config", help="mixer YAML (see configs/data/*mix*.yaml and docs/curation.md)")
-    add_config_flags(mix, MixerConfig, {"seed": "seed of the sampling", **EXECUTOR}, overrides=True)
+    add_config_flags(mix, MixerConfig, {"seed": "seed of the sampling", **INPUT, **EXECUTOR}, overrides=True)
     mix.set_defaults(func=cmd_mix)
 
     stats = data_sub.add_parser(
@@ -98,6 +116,7 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         "tokenizer": "tokenizer for token counts (default: whitespace words)",
         "langid": "the fastText language distribution",
         "plots": "PNG plots beside the JSON",
+        **INPUT,
         **EXECUTOR,
     }, overrides=True)
     stats.add_argument("--count-file", default=None, help="file with one string to count per line")
@@ -201,6 +220,7 @@ def _register_tokens(data_sub: argparse._SubParsersAction) -> None:
         "bos": "prepend BOS to each document (EOS when the tokenizer has none)",
         "max_tokens_per_file": Flag("start a new token file when the next document would exceed N tokens",
                                     metavar="N"),
+        **INPUT,
         **EXECUTOR,
     }, overrides=True)
     p.add_argument("--quiet", dest="config:executor.progress", action="store_false", default=argparse.SUPPRESS,
@@ -243,6 +263,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     for name, stats in sorted(summary["sources"].items()):
         print(f"  {name}: {stats['documents']} documents, {stats['tokens']} tokens")
     _report_skips(counts.get("skipped_empty_documents", 0), counts["skipped_bad_lines"], summary["bad_lines"])
+    _warn_about_inputs(summary)
     return 0
 
 
@@ -255,6 +276,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     print(f"trained a {counts['vocab_size']}-token BPE tokenizer on {counts['sampled_documents']} documents "
           f"-> {config.out}/tokenizer.json")
     _report_skips(0, counts["skipped_bad_lines"], summary["bad_lines"])
+    _warn_about_inputs(summary)
     return 0
 
 

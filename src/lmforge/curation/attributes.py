@@ -10,7 +10,6 @@ the mixer checks ids line by line.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from pathlib import Path
@@ -18,14 +17,13 @@ from typing import Iterator
 
 import orjson
 
-from lmforge.curation.documents import AtomicShardWriter, compression_of, iter_lines
+from lmforge.curation.documents import (DONE_DIR, AtomicShardWriter, ReadReport, TruncatedInput, compression_of,
+                                        iter_lines, open_compressed_writer)
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import ATTRIBUTE_SUFFIX, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
 
-DONE_DIR = ".done"
-# Attribute files are mostly small numbers and repeated keys: the fastest levels compress them well enough.
-GZIP_LEVEL = 1
-ZSTD_LEVEL = 1
+# Attribute files are mostly small numbers and repeated keys: the fastest level compresses them well enough.
+COMPRESSION_LEVEL = 1
 
 
 def split_documents_path(doc_path: str | Path) -> tuple[Path, Path]:
@@ -93,17 +91,25 @@ def read_done_markers(directory: Path) -> list[dict]:
     return out
 
 
-def read_attributes(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Stream (id, attributes) from one attribute file; a corrupt line is an error naming file and line."""
+def read_attributes(path: str | Path, report: ReadReport | None = None,
+                    strict: bool = False) -> Iterator[tuple[str, dict]]:
+    """Stream (id, attributes) from one attribute file; a corrupt line is an error naming file and line. A
+    truncated compressed file yields its complete lines and is recorded in `report` (raised under `strict`, or
+    without a report)."""
     path = str(path)
     if not os.path.exists(path):
         raise LmforgeError(f"attribute file not found: {path} (run `lmforge data tag` or `dedup` first)")
-    for number, raw in iter_lines(path):
-        try:
-            row = orjson.loads(raw)
-            yield str(row["id"]), row.get("attributes") or {}
-        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-            raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
+    try:
+        for number, raw in iter_lines(path):
+            try:
+                row = orjson.loads(raw)
+                yield str(row["id"]), row.get("attributes") or {}
+            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+                raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
+    except TruncatedInput as e:
+        if report is None:
+            raise
+        report.truncate(e, strict, partial_line_skipped=False)  # the reader counts documents left without a line
 
 
 def _dumps(value) -> bytes:
@@ -118,16 +124,7 @@ class AttributeWriter(AtomicShardWriter):
 
     def __init__(self, path: str | Path):
         super().__init__(path)
-        tmp = self._tmp
-        compression = compression_of(self.path)
-        if compression == "gz":
-            self._stream = gzip.open(tmp, "wb", compresslevel=GZIP_LEVEL)
-        elif compression == "zst":
-            import zstandard
-
-            self._stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(open(tmp, "wb"), closefd=True)
-        else:
-            self._stream = open(tmp, "wb")
+        self._stream = open_compressed_writer(self._tmp, compression_of(self.path), COMPRESSION_LEVEL)
         self._no_spans: dict[tuple, bytes] = {}
         self.count = 0
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +28,12 @@ import xxhash
 
 from lmforge.core.config import to_dict
 from lmforge.curation.attributes import AttributeWriter, attribute_dir, attribute_path, source_fingerprint
-from lmforge.curation.documents import ReadReport, expand_globs, read_documents
+from lmforge.curation.documents import InputConfig, ReadReport, input_shards, read_documents
 from lmforge.core.executor import ExecutorConfig, iter_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
-from lmforge.core.files import atomic_path, atomic_write_json
+from lmforge.core.files import atomic_path, atomic_write_json, atomic_write_text
 
 MODES = ("doc", "url", "paragraph", "minhash")
 BLOOM_MAGIC = "lmforge-bloom"
@@ -77,6 +80,7 @@ class DedupConfig:
     url_key: str = "metadata.url"
     bloom: BloomConfig = field(default_factory=BloomConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -194,6 +198,8 @@ class BloomFilter:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(self.words.astype("<u8", copy=False).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
 
     @classmethod
     def load(cls, path: str | Path) -> "BloomFilter":
@@ -263,6 +269,7 @@ class FingerprintTask:
     modes: list[str]
     url_key: str
     minhash: MinHashConfig
+    strict: bool = False
     weight: int = 0
 
 
@@ -281,7 +288,7 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
     line_lengths, line_hashes, line_blank, lines_per_doc = [], [], [], []
     hasher = MinHasher(task.minhash.bands * task.minhash.rows, task.minhash.seed) if "minhash" in task.modes else None
     want_paragraphs = "paragraph" in task.modes
-    for _, doc in read_documents(task.doc_path, report):
+    for _, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
         ids.append(doc["id"])
         lengths.append(len(text))
@@ -306,8 +313,8 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
         "doc_path": task.doc_path, "ids": ids, "lengths": lengths, "sources": sources,
         "doc_hashes": doc_hashes, "url_hashes": url_hashes,
         "signatures": np.stack(signatures) if signatures else None,
-        "documents": report.documents, "skipped_lines": report.skipped,
-        "bad_lines": [str(b) for b in report.bad_lines],
+        "read": report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
+        "truncated": [str(t) for t in report.truncated],
     }
     if want_paragraphs:
         result.update(_paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, lengths))
@@ -333,8 +340,20 @@ def _paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, doc_l
 
 # ---------------------------------------------------------------- state and the ordered pass
 
+STATE_POINTER = "CURRENT"
+STATE_FILES = ("state.json", "documents.npy", "urls.npy", "paragraphs.bloom", "minhash.npy")
+GENERATION = re.compile(r"gen-(\d{8})")
+
+
 class DedupState:
-    """Everything seen so far, persisted under one directory."""
+    """Everything seen so far, persisted under one directory as generations committed whole.
+
+    `save` writes a new `gen-NNNNNNNN/` beside the current one and then swaps the one-line pointer file
+    `CURRENT` (an atomic rename) to name it; only then are older generations removed. A kill or a full disk
+    at any moment leaves `CURRENT` naming a complete generation, and a half-written one is ignored and removed
+    by the next run that writes. A directory without `CURRENT` but with `state.json` is the layout before
+    generations (files renamed one by one); it is read as it is and replaced by a generation on save.
+    """
 
     def __init__(self, directory: Path, config: DedupConfig):
         self.directory = directory
@@ -346,7 +365,11 @@ class DedupState:
         self.bloom: BloomFilter | None = None
         self.signatures: list[np.ndarray] = []
         self.lsh: dict[tuple[int, int], int] = {}
-        meta_path = directory / "state.json"
+        self.generation = self._current_generation()
+        if not config.read_only:
+            self._remove_other_generations()
+        files = directory / self.generation if self.generation else directory
+        meta_path = files / "state.json"
         if meta_path.is_file():
             try:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -357,14 +380,39 @@ class DedupState:
                 raise LmforgeError(f"dedup state {directory} was built with {meta['params']}, not {self.params}; "
                                    "use another --state (or --name) for different settings")
             self.absorbed = meta["absorbed"]
-            self._load()
+            self._load(files)
+        elif self.generation:
+            raise LmforgeError(f"corrupt dedup state {directory}: {STATE_POINTER} names {self.generation}, "
+                               "which has no state.json")
         elif config.read_only:  # nothing to check against and nothing added: every document would pass
             raise LmforgeError(f"read_only needs an existing dedup state, but {meta_path} does not exist")
         elif "paragraph" in config.modes:
             self.bloom = BloomFilter.sized(config.bloom.expected_elements, config.bloom.false_positive_rate)
 
-    def _load(self) -> None:
-        d = self.directory
+    def _current_generation(self) -> str | None:
+        pointer = self.directory / STATE_POINTER
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"corrupt dedup state pointer {pointer}: {e}") from None
+        if not GENERATION.fullmatch(name) or not (self.directory / name).is_dir():
+            raise LmforgeError(f"corrupt dedup state pointer {pointer}: {name[:40]!r} is not a generation here")
+        return name
+
+    def _remove_other_generations(self) -> None:
+        """Generations other than the current one: half-written by a killed save, or superseded."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.name != self.generation and GENERATION.fullmatch(path.name) and path.is_dir():
+                shutil.rmtree(path)
+        if self.generation:  # the files of the layout before generations, once a generation replaced them
+            for name in STATE_FILES:
+                (self.directory / name).unlink(missing_ok=True)
+
+    def _load(self, d: Path) -> None:
         if (d / "documents.npy").is_file():
             self.docs = _ints_from_array(_load_array(d / "documents.npy"))
         if (d / "urls.npy").is_file():
@@ -380,8 +428,12 @@ class DedupState:
                     self.lsh.setdefault((band, key), index)
 
     def save(self) -> None:
-        d = self.directory
-        d.mkdir(parents=True, exist_ok=True)
+        """Write the next generation, then point `CURRENT` at it, then remove the others."""
+        number = int(GENERATION.fullmatch(self.generation).group(1)) + 1 if self.generation else 1
+        d = self.directory / f"gen-{number:08d}"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
         for name, values in (("documents.npy", self.docs), ("urls.npy", self.urls)):
             if values:
                 _save_npy(d / name, _array_from_ints(values))
@@ -397,6 +449,9 @@ class DedupState:
         atomic_write_json(d / "state.json", {"params": self.params, "absorbed": self.absorbed, "bloom": bloom,
                                              "documents": len(self.docs), "urls": len(self.urls),
                                              "minhash_documents": len(self.signatures)})
+        atomic_write_text(self.directory / STATE_POINTER, d.name + "\n")
+        self.generation = d.name
+        self._remove_other_generations()
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -418,6 +473,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _paragraph_duplicates(fp: dict, state: DedupState, read_only: bool) -> np.ndarray:
@@ -512,43 +569,59 @@ def _merge_stats(total: dict, part: dict) -> None:
             total[k] = total.get(k, 0) + v
 
 
-def run_dedup(config: DedupConfig) -> dict:
-    paths = expand_globs(config.documents)
-    state_dir = Path(config.state) if config.state else attribute_dir(paths[0], config.name) / ".state"
-    state = DedupState(state_dir, config)
-    todo = [p for p in paths if config.read_only or not (
-        state.absorbed.get(p) == {k: v for k, v in source_fingerprint(p).items() if k != "path"}
-        and attribute_path(p, config.name).is_file())]
-    tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash, weight=Path(p).stat().st_size)
-             for p in todo]
-    executor = config.executor
-    totals: dict = {}
-    skipped: list[str] = []
-    for fp in iter_tasks(fingerprint_shard, tasks, executor, desc="dedup"):
-        with AttributeWriter(attribute_path(fp["doc_path"], config.name)) as writer:
-            stats = _absorb(fp, state, config, writer)
-        stats["skipped_lines"] = fp["skipped_lines"]
-        skipped += fp["bad_lines"]
-        _merge_stats(totals, stats)
-        if not config.read_only:
-            state.absorbed[fp["doc_path"]] = {k: v for k, v in source_fingerprint(fp["doc_path"]).items()
-                                             if k != "path"}
-    if not config.read_only:
-        state.save()
+def _finish_totals(totals: dict) -> dict:
     for source in totals.get("per_source", {}).values():
         source["duplicate_rate"] = source["duplicate_documents"] / max(source["documents"], 1)
     if totals.get("text_chars"):
         totals["duplicate_paragraph_char_fraction"] = totals.get("duplicate_paragraph_chars", 0) / totals["text_chars"]
+    return totals
+
+
+def _unchanged(record: dict | None, path: str) -> bool:
+    current = source_fingerprint(path)
+    return record is not None and all(record.get(k) == current[k] for k in ("bytes", "mtime_ns"))
+
+
+def run_dedup(config: DedupConfig) -> dict:
+    paths, incomplete = input_shards(config.documents, config.input)
+    state_dir = Path(config.state) if config.state else attribute_dir(paths[0], config.name) / ".state"
+    state = DedupState(state_dir, config)
+    # What each shard counted, from this run or, for a shard absorbed before, from the state's record of it.
+    records = {p: state.absorbed[p].get("record", {}) for p in paths
+               if not config.read_only and _unchanged(state.absorbed.get(p), p)
+               and attribute_path(p, config.name).is_file()}
+    tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash, config.input.strict,
+                             weight=Path(p).stat().st_size) for p in paths if p not in records]
+    executor = config.executor
+    totals: dict = {}
+    truncated: list[str] = []
+    for fp in iter_tasks(fingerprint_shard, tasks, executor, desc="dedup"):
+        with AttributeWriter(attribute_path(fp["doc_path"], config.name)) as writer:
+            stats = _absorb(fp, state, config, writer)
+        stats.update(fp["read"], shards=1)
+        records[fp["doc_path"]] = {"counts": stats, "skipped": fp["bad_lines"]}
+        truncated += fp["truncated"]
+        _merge_stats(totals, stats)
+        if not config.read_only:
+            state.absorbed[fp["doc_path"]] = {k: v for k, v in source_fingerprint(fp["doc_path"]).items()
+                                             if k != "path"} | {"record": records[fp["doc_path"]]}
+    if not config.read_only and (tasks or not state.generation):  # (a state of the old layout is rewritten)
+        state.save()
     keys = [f"{config.name}__{k}" for m, k in (("doc", "duplicate_doc"), ("url", "duplicate_url"),
                                               ("paragraph", "duplicate_paragraphs"), ("minhash", "near_duplicate"))
             if m in config.modes]
     for directory in sorted({attribute_dir(p, config.name) for p in paths}):
-        write_manifest(directory, command="data dedup", config=config,
-                       inputs=[p for p in paths if attribute_dir(p, config.name) == directory],
-                       counts=totals, extra={"attribute_keys": keys, "state": str(state_dir),
-                                             "skipped": skipped[:100]})
+        inputs = [p for p in paths if attribute_dir(p, config.name) == directory]
+        counts: dict = {"incomplete_shards": sum(attribute_dir(p, config.name) == directory for p in incomplete)}
+        for p in inputs:
+            _merge_stats(counts, records[p].get("counts", {}))
+        write_manifest(directory, command="data dedup", config=config, inputs=inputs, counts=_finish_totals(counts),
+                       extra={"attribute_keys": keys, "state": str(state_dir),
+                              "skipped": [b for p in inputs for b in records[p].get("skipped", [])][:100]})
     summary = {"shards": len(paths), "shards_run": len(tasks), "shards_skipped_done": len(paths) - len(tasks),
-               "state": str(state_dir), **totals, "bad_line_examples": skipped[:10]}
+               "state": str(state_dir), **_finish_totals(totals),
+               "bad_line_examples": [b for t in tasks for b in records[t.doc_path]["skipped"]][:10],
+               "truncated": truncated, "incomplete_shards": incomplete}
     if state.bloom is not None:
         b = state.bloom
         summary["bloom_estimated_false_positive_rate"] = b.estimated_false_positive_rate()

@@ -3,15 +3,21 @@
 A document is one JSON object per line with `id`, `text`, `source`, `added`, `created`, `metadata`.
 Reading never stops on a bad line: malformed JSON, a missing `id`/`text`, invalid UTF-8 or a non-string
 text is recorded as a `BadLine(path, line, reason)` in a `ReadReport` and skipped, so a run can finish and
-say exactly what it left out.
+say exactly what it left out. A compressed shard whose stream breaks (cut short by a full disk or a killed
+copy, or corrupt) is decompressed incrementally, so every complete line before the break is kept; the report
+records the file, its last good line and the compressed byte where the stream broke (`input.strict` makes
+that an error), and a partial last line is a skipped line. A shard with no line at all is counted as empty.
+Gzip is written with a fixed header (mtime 0, no file name), so the same documents give the same bytes.
+
+Every stage that reads documents takes its shards through `input_shards`, which leaves out (and counts) the
+shards of an lmforge output directory that have no completion mark (`completed_outputs`).
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
@@ -19,10 +25,30 @@ from typing import IO, Iterator
 import orjson
 import zstandard
 
+from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import DOCUMENT_SUFFIXES, atomic_path
 
 MAX_REPORTED_BAD_LINES = 100
+READ_BLOCK = 1 << 16  # bytes read from a file at a time (64 KiB measured fastest for gzip and zstd)
+MAX_INFLATED = 1 << 22  # most bytes one gzip decompression step may produce
+DOCUMENT_COMPRESSION_LEVEL = 3  # gzip 3: about twice as fast as the default 6 for ~10% larger shards
+DONE_DIR = ".done"  # completion marks of an lmforge output directory
+
+
+@dataclass
+class InputConfig:
+    """The `input:` section of every stage that reads documents (tag, dedup, mix, stats, tokenize)."""
+
+    # A truncated compressed shard, or a shard of an lmforge output directory without its completion mark, is
+    # an error (exit 2) instead of a warning with the readable part kept and the count in the manifest.
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(isinstance(self.strict, bool), "strict", self.strict, "must be true or false")
 
 
 @dataclass
@@ -36,12 +62,38 @@ class BadLine:
 
 
 @dataclass
+class Truncation:
+    """A compressed file whose stream breaks before its end: cut short, or corrupt from `offset` on."""
+
+    path: str
+    line: int  # the last complete line before the break
+    offset: int  # compressed bytes read when the stream broke
+    kind: str  # gzip or zstd
+    reason: str
+
+    def __str__(self) -> str:
+        return (f"{self.path}: truncated after line {self.line}: the {self.kind} stream breaks at compressed "
+                f"byte {self.offset} ({self.reason})")
+
+
+class TruncatedInput(LmforgeError):
+    """Raised by `iter_lines` after it yielded every complete line before the break."""
+
+    def __init__(self, truncation: Truncation, partial_line: bool):
+        super().__init__(str(truncation))
+        self.truncation, self.partial_line = truncation, partial_line
+
+
+@dataclass
 class ReadReport:
-    """What reading a shard saw: documents yielded and lines skipped (the first 100 kept verbatim)."""
+    """What reading shards saw: documents yielded, lines skipped (the first 100 kept verbatim), empty shards
+    and truncated files."""
 
     documents: int = 0
     skipped: int = 0
     bad_lines: list[BadLine] = field(default_factory=list)
+    empty_shards: list[str] = field(default_factory=list)
+    truncated: list[Truncation] = field(default_factory=list)
 
     def skip(self, path: str, line: int, reason: str) -> None:
         self.skipped += 1
@@ -53,6 +105,21 @@ class ReadReport:
         self.skipped += other.skipped
         room = MAX_REPORTED_BAD_LINES - len(self.bad_lines)
         self.bad_lines.extend(other.bad_lines[:max(room, 0)])
+        self.empty_shards.extend(other.empty_shards)
+        self.truncated.extend(other.truncated)
+
+    def truncate(self, error: TruncatedInput, strict: bool, partial_line_skipped: bool = True) -> None:
+        """Record a broken stream (its partial last line is a skipped line), or raise it under `strict`."""
+        if strict:
+            raise LmforgeError(f"{error} (--strict: a truncated input is an error)")
+        if error.partial_line and partial_line_skipped:
+            self.skip(error.truncation.path, error.truncation.line + 1, "partial last line: the file is truncated")
+        self.truncated.append(error.truncation)
+
+    def counts(self) -> dict:
+        """The counts every stage puts in its manifest."""
+        return {"skipped_lines": self.skipped, "empty_shards": len(self.empty_shards),
+                "truncated_files": len(self.truncated)}
 
     def to_dict(self) -> dict:
         return {"documents": self.documents, "skipped": self.skipped,
@@ -73,29 +140,102 @@ def compression_of(path: str | Path) -> str | None:
     return "gz" if name.endswith(".gz") else "zst" if name.endswith(".zst") else None
 
 
-def open_binary(path: str | Path, mode: str = "rb", compression: str | None = None) -> IO[bytes]:
-    """Open a (possibly compressed) file as a binary stream; compression defaults to the path's suffix."""
-    compression = compression or compression_of(path)
-    if mode == "rb":
-        if compression == "gz":
-            return gzip.open(path, "rb")
-        if compression == "zst":
-            return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return open(path, "rb")
+class _GzipWriter:
+    """Gzip with a fixed header (mtime 0, no file name: zlib's own), so equal input gives equal bytes; the
+    `gzip` module would record the temporary file's name and the time."""
+
+    def __init__(self, path: str | Path, level: int):
+        self._file = open(path, "wb")
+        self._deflate = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def write(self, data: bytes) -> int:
+        self._file.write(self._deflate.compress(data))
+        return len(data)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.write(self._deflate.flush())
+            self._file.close()
+
+
+def open_compressed_writer(path: str | Path, compression: str | None, level: int) -> IO[bytes]:
+    """A binary stream writing `path` gzip- or zstd-compressed at `level`, or plain."""
     if compression == "gz":
-        # Level 3: about twice as fast as the default 6 for ~10% larger shards; writing is the mixer's bottleneck.
-        return gzip.open(path, "wb", compresslevel=3)
+        return _GzipWriter(path, level)
     if compression == "zst":
-        return zstandard.ZstdCompressor(level=3).stream_writer(open(path, "wb"), closefd=True)
+        return zstandard.ZstdCompressor(level=level).stream_writer(open(path, "wb"), closefd=True)
     return open(path, "wb")
 
 
+class _BrokenStream(Exception):
+    def __init__(self, offset: int, reason: str):
+        self.offset, self.reason = offset, reason
+
+
+def _decompressor(compression: str):
+    return zlib.decompressobj(31) if compression == "gz" else zstandard.ZstdDecompressor().decompressobj()
+
+
+def _blocks(path: str | Path) -> Iterator[bytes]:
+    """The file's (decompressed) bytes in blocks. A compressed stream is decompressed incrementally, member
+    after member (gzip) or frame after frame (zstd), so a break yields everything before it and then raises
+    `_BrokenStream`; a buffered reader over `gzip`/`zstandard` streams would lose its last block."""
+    compression = compression_of(path)
+    with open(path, "rb") as f:
+        if compression is None:
+            while block := f.read(READ_BLOCK):
+                yield block
+            return
+        offset = 0  # compressed bytes before the current block
+        decompressor = None  # None between members/frames
+        ended = False  # a member/frame ended
+        while block := f.read(READ_BLOCK):
+            data = block
+            while data:
+                if decompressor is None:
+                    if ended and compression == "gz" and not data.strip(b"\0"):
+                        break  # zero padding after the last member, which gzip allows
+                    decompressor = _decompressor(compression)
+                try:
+                    if compression == "gz":
+                        out = decompressor.decompress(data, MAX_INFLATED)
+                    else:
+                        out = decompressor.decompress(data)
+                except (zlib.error, zstandard.ZstdError) as e:
+                    raise _BrokenStream(offset + len(block) - len(data), f"corrupt data: {e}") from None
+                if out:
+                    yield out
+                if decompressor.eof:
+                    data, decompressor, ended = decompressor.unused_data, None, True
+                else:
+                    data = decompressor.unconsumed_tail if compression == "gz" else b""
+            offset += len(block)
+        if decompressor is not None:
+            raise _BrokenStream(offset, "the file ends inside the stream")
+
+
 def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, raw line without newline), streaming."""
-    with open_binary(path) as raw:
-        buffered = io.BufferedReader(raw, buffer_size=1 << 20) if not isinstance(raw, io.BufferedReader) else raw
-        for number, line in enumerate(buffered, start=1):
-            yield number, line.rstrip(b"\r\n")
+    """Yield (1-based line number, raw line without newline), streaming. When a compressed stream breaks,
+    raise `TruncatedInput` after every complete line before the break."""
+    number = 0
+    pending: list[bytes] = []  # the start of a line that continues in the next block
+    try:
+        for block in _blocks(path):
+            *complete, rest = block.split(b"\n")
+            if complete:
+                if pending:
+                    complete[0] = b"".join(pending) + complete[0]
+                    pending = []
+                for line in complete:
+                    number += 1
+                    yield number, line.rstrip(b"\r")
+            if rest:
+                pending.append(rest)
+    except _BrokenStream as e:
+        kind = "gzip" if compression_of(path) == "gz" else "zstd"
+        raise TruncatedInput(Truncation(str(path), number, e.offset, kind, e.reason), bool(pending)) from None
+    if pending:
+        yield number + 1, b"".join(pending).rstrip(b"\r")
 
 
 def parse_document(raw: bytes, path: str, line: int, report: ReadReport) -> dict | None:
@@ -150,26 +290,36 @@ def _has_lone_surrogate(text: str) -> bool:
     return False
 
 
-def read_documents(path: str | Path, report: ReadReport | None = None) -> Iterator[tuple[int, dict]]:
-    """Stream (line number, document) from one shard; bad lines go to `report` and are skipped."""
+def read_documents(path: str | Path, report: ReadReport | None = None,
+                   strict: bool = False) -> Iterator[tuple[int, dict]]:
+    """Stream (line number, document) from one shard; bad lines go to `report` and are skipped. A truncated
+    compressed shard yields its complete documents and is recorded in `report` (raised under `strict`)."""
     report = report if report is not None else ReadReport()
     path_str = str(path)
     if not os.path.exists(path_str):
         raise LmforgeError(f"document file not found: {path_str}")
     if path_str.endswith(".parquet"):
-        yield from _read_parquet(path_str, report)
-        return
-    try:
-        for number, raw in iter_lines(path_str):
-            doc = parse_document(raw, path_str, number, report)
-            if doc is not None:
-                report.documents += 1
-                yield number, doc
-    except (OSError, EOFError, zstandard.ZstdError) as e:
-        report.skip(path_str, -1, f"unreadable or truncated file: {e}")
+        lines = yield from _read_parquet(path_str, report)
+    else:
+        lines = 0
+        try:
+            for lines, raw in iter_lines(path_str):
+                doc = parse_document(raw, path_str, lines, report)
+                if doc is not None:
+                    report.documents += 1
+                    yield lines, doc
+        except TruncatedInput as e:
+            report.truncate(e, strict)
+            return
+        except OSError as e:
+            report.skip(path_str, lines + 1, f"unreadable file: {e.strerror or e}")
+            return
+    if lines == 0:
+        report.empty_shards.append(path_str)
 
 
-def _read_parquet(path: str, report: ReadReport) -> Iterator[tuple[int, dict]]:
+def _read_parquet(path: str, report: ReadReport):
+    """Yield (row, document); return the number of rows."""
     import pyarrow.parquet as pq
 
     try:
@@ -191,6 +341,7 @@ def _read_parquet(path: str, report: ReadReport) -> Iterator[tuple[int, dict]]:
                 row["metadata"] = json.loads(row["metadata"])
             report.documents += 1
             yield number, row
+    return number
 
 
 def _to_parquet_row(doc: dict) -> dict:
@@ -212,26 +363,39 @@ def dumps_document(doc: dict) -> bytes:
 
 class AtomicShardWriter:
     """A shard that appears under its name only when closed cleanly: `abort()`, or an exception inside a
-    `with` block, drops the partial file and leaves whatever the target held before."""
+    `with` block, drops the partial file and leaves whatever the target held before. `close` is `finish`
+    (the bytes are complete under a temporary name) then `commit` (the rename), which a caller may defer."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         self._stream: IO[bytes] | None = None
+        self._finished = False
 
     def _finish(self) -> None:
-        """Write anything held back (subclasses); called by `close` before the rename."""
+        """Write anything held back (subclasses); called by `finish` before the stream closes."""
 
-    def close(self) -> None:
-        self._finish()
+    def finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._finish()
+            self._close_stream()
+
+    def _close_stream(self) -> None:
         if self._stream is not None:
-            self._stream.close()
+            stream, self._stream = self._stream, None
+            stream.close()
+
+    def commit(self) -> None:
         self._atomic.__exit__(None, None, None)
 
+    def close(self) -> None:
+        self.finish()
+        self.commit()
+
     def abort(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
+        self._close_stream()
         try:
             self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
         except RuntimeError:
@@ -256,7 +420,7 @@ class DocumentWriter(AtomicShardWriter):
         self.bytes = 0
         self._parquet_rows: list[dict] | None = [] if self.path.name.endswith(".parquet") else None
         if self._parquet_rows is None:
-            self._stream = open_binary(self._tmp, "wb", compression=compression_of(self.path))
+            self._stream = open_compressed_writer(self._tmp, compression_of(self.path), DOCUMENT_COMPRESSION_LEVEL)
 
     def write(self, doc: dict) -> None:
         self.count += 1
@@ -288,3 +452,39 @@ def expand_globs(patterns: list[str] | str) -> list[str]:
             raise LmforgeError(f"no files match {pattern!r}")
         found.extend(matches)
     return sorted(dict.fromkeys(found))
+
+
+def completed_outputs(directory: str | Path) -> set[str] | None:
+    """Names of the complete shards of an lmforge output directory: the files its completion marks
+    (`.done/*.json`, each with a `files` list) name. None when `directory` has no `.done/`: not an lmforge
+    output directory, every shard in it is complete."""
+    done = Path(directory) / DONE_DIR
+    if not done.is_dir():
+        return None
+    names: set[str] = set()
+    for mark in done.glob("*.json"):
+        try:
+            files = json.loads(mark.read_text(encoding="utf-8")).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            continue  # an unreadable mark marks nothing complete
+        names.update(f for f in files if isinstance(f, str))
+    return names
+
+
+def incomplete_shards_message(incomplete: list[str]) -> str:
+    return (f"left out {len(incomplete)} shard(s) of an lmforge output directory without a completion mark "
+            f"(written by a task that failed or has not finished): {', '.join(incomplete)}")
+
+
+def input_shards(patterns: list[str] | str, config: InputConfig) -> tuple[list[str], list[str]]:
+    """(shards to read, shards left out): the files matching `patterns`, less the shards of an lmforge output
+    directory that lack their completion mark, which are an error under `config.strict`."""
+    paths = expand_globs(patterns)
+    complete = {directory: completed_outputs(directory) for directory in {os.path.dirname(p) for p in paths}}
+    incomplete = [p for p in paths if complete[os.path.dirname(p)] is not None
+                  and os.path.basename(p) not in complete[os.path.dirname(p)]]
+    if incomplete and (config.strict or len(incomplete) == len(paths)):
+        why = " (--strict)" if config.strict else "; nothing left to read"
+        raise LmforgeError(incomplete_shards_message(incomplete) + why)
+    left_out = set(incomplete)
+    return [p for p in paths if p not in left_out], incomplete

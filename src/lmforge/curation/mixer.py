@@ -7,6 +7,11 @@ text ends up shorter than `min_text_length` are dropped, and `sample_rate` keeps
 `<stream>-<task>-<part>.jsonl.gz` roll over at `max_size_in_bytes` of uncompressed JSON. Attribute lines are
 matched to documents by position and their ids are checked. Finished tasks are skipped on a rerun with the
 same config; a manifest in the output directory records counts per stream.
+
+A task's parts are written under temporary names and renamed only when the whole task succeeded, and its
+completion mark `.done/<stream>-<task>.json` (listing its parts) is written after the renames: readers of the
+output directory (`documents.input_shards`) read only the parts a mark lists, so a task that failed or was
+killed is never half read.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import zstandard
 
 from lmforge.core.config import to_dict
 from lmforge.curation.attributes import attribute_dir, attribute_path, read_attributes
-from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
+from lmforge.curation.documents import (DONE_DIR, DocumentWriter, InputConfig, ReadReport, input_shards,
+                                        read_documents)
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath, jsonpath_span_key
 from lmforge.core.config import require
@@ -32,7 +38,6 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
 from lmforge.core.files import DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
 
-DONE_DIR = ".done"
 DEFAULT_COMPRESSION_RATIO = 4
 
 
@@ -89,6 +94,7 @@ class MixerConfig:
     streams: list[StreamConfig]
     output: OutputConfig
     seed: int = 0
+    input: InputConfig = field(default_factory=InputConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -109,6 +115,7 @@ class MixTask:
     seed: int
     known_keys: list[str] | None
     config_hash: str
+    strict: bool = False
     weight: int = 0
 
 
@@ -156,35 +163,41 @@ def _suffix(compression: str) -> str:
 
 
 class _RollingWriter:
+    """A task's parts: each finished under a temporary name when it is full, all renamed by `commit`."""
+
     def __init__(self, directory: Path, prefix: str, output: OutputConfig):
         self.directory, self.prefix, self.output = directory, prefix, output
-        self.part = 0
+        self.parts: list[DocumentWriter] = []
         self.writer: DocumentWriter | None = None
-        self.files: list[str] = []
-        self.documents = 0
         self.bytes = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [part.path.name for part in self.parts]
 
     def write(self, doc: dict) -> None:
         if self.writer is None:
-            path = self.directory / f"{self.prefix}-{self.part:03d}{_suffix(self.output.compression)}"
+            path = self.directory / f"{self.prefix}-{len(self.parts):03d}{_suffix(self.output.compression)}"
             self.writer = DocumentWriter(path)
-            self.files.append(path.name)
+            self.parts.append(self.writer)
         self.writer.write(doc)
-        self.documents += 1
         if self.writer.bytes >= self.output.max_size_in_bytes:
-            self.close()
-            self.part += 1
+            self._finish_part()
 
-    def close(self) -> None:
+    def _finish_part(self) -> None:
         if self.writer is not None:
             self.bytes += self.writer.bytes
-            self.writer.close()
+            self.writer.finish()
             self.writer = None
 
+    def commit(self) -> None:
+        self._finish_part()
+        for part in self.parts:
+            part.commit()
+
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
+        for part in self.parts:
+            part.abort()
 
 
 def mix_task(task: MixTask, progress) -> dict:
@@ -198,22 +211,30 @@ def mix_task(task: MixTask, progress) -> dict:
     discard = set(task.output.discard_fields)
     try:
         for path in task.paths:
-            attr_iters = [(attribute_path(path, name), read_attributes(attribute_path(path, name)))
+            attr_iters = [(attribute_path(path, name), read_attributes(attribute_path(path, name), report,
+                                                                        task.strict))
                           for name in stream.attributes]
-            for line, doc in read_documents(path, report):
+            for line, doc in read_documents(path, report, task.strict):
                 counts["read"] += 1
                 counts["text_chars_in"] += len(doc["text"])
                 progress(1)
                 attributes: dict = {}
+                cut_off = None
                 for attr_path, it in attr_iters:
                     row = next(it, None)
                     if row is None:
+                        if _was_truncated(report, attr_path):
+                            cut_off = attr_path
+                            continue
                         raise LmforgeError(f"{attr_path} has fewer lines than {path} (document at line {line}); "
                                            "re-run the tagger on this shard")
                     if row[0] != doc["id"]:
                         raise LmforgeError(f"mismatched ids: {path}:{line} has id {doc['id']!r} but {attr_path} "
                                            f"has {row[0]!r} at the same position")
                     attributes.update(row[1])
+                if cut_off is not None:
+                    report.skip(path, line, f"no attributes: {cut_off} is truncated before this document")
+                    continue
                 if include or exclude:
                     ctx = Context(attributes, doc)
                     if include and not any(f(ctx) for f in include):
@@ -240,17 +261,28 @@ def mix_task(task: MixTask, progress) -> dict:
                     counts["written"] += 1
                     counts["text_chars_out"] += len(text)
             for attr_path, it in attr_iters:
-                if next(it, None) is not None:
+                if next(it, None) is not None and not _was_truncated(report, path):
                     raise LmforgeError(f"{attr_path} has more lines than {path} has documents")
     except BaseException:
         writer.abort()
         raise
-    writer.close()
+    writer.commit()
+    read = report.counts()
+    counts.update(empty_shards=read["empty_shards"], truncated_files=read["truncated_files"])
     result = {"stream": stream.name, "task": task.index, "files": writer.files, "output_bytes": writer.bytes,
               "counts": counts, "documents": counts["read"], "skipped_lines": report.skipped,
-              "bad_lines": [str(b) for b in report.bad_lines], "config_hash": task.config_hash}
-    atomic_write_json(out_dir / DONE_DIR / f"{stream.name}-{task.index:04d}.json", result)
+              "bad_lines": [str(b) for b in report.bad_lines], "truncated": [str(t) for t in report.truncated],
+              "config_hash": task.config_hash}
+    atomic_write_json(_done_mark(task), result)
     return result
+
+
+def _was_truncated(report: ReadReport, path: str | Path) -> bool:
+    return any(t.path == str(path) for t in report.truncated)
+
+
+def _done_mark(task: MixTask) -> Path:
+    return Path(task.output.path) / DONE_DIR / f"{task.stream.name}-{task.index:04d}.json"
 
 
 def estimated_text_bytes(path: str) -> int:
@@ -288,10 +320,12 @@ def _known_keys(paths: list[str], names: list[str]) -> list[str] | None:
     return sorted(keys)
 
 
-def plan_tasks(config: MixerConfig) -> list[MixTask]:
+def plan_tasks(config: MixerConfig) -> tuple[list[MixTask], dict[str, list[str]]]:
+    """(the tasks, each stream's shards left out for want of a completion mark)."""
     tasks = []
+    incomplete = {}
     for stream in config.streams:
-        paths = expand_globs(stream.documents)
+        paths, incomplete[stream.name] = input_shards(stream.documents, config.input)
         for path in paths:
             for name in stream.attributes:
                 if not attribute_path(path, name).is_file():
@@ -308,23 +342,26 @@ def plan_tasks(config: MixerConfig) -> list[MixTask]:
             estimate = estimated_text_bytes(path)
             if group and group_bytes + estimate > config.output.max_size_in_bytes:
                 tasks.append(MixTask(stream, len([t for t in tasks if t.stream is stream]), group, config.output,
-                                     config.seed, known, config_hash, weight=sum(map(os.path.getsize, group))))
+                                     config.seed, known, config_hash, config.input.strict,
+                                     weight=sum(map(os.path.getsize, group))))
                 group, group_bytes = [], 0
             group.append(path)
             group_bytes += estimate
         if group:
             tasks.append(MixTask(stream, len([t for t in tasks if t.stream is stream]), group, config.output,
-                                 config.seed, known, config_hash, weight=sum(map(os.path.getsize, group))))
-    return tasks
+                                 config.seed, known, config_hash, config.input.strict,
+                                 weight=sum(map(os.path.getsize, group))))
+    return tasks, incomplete
 
 
 def _finished(task: MixTask) -> dict | None:
-    marker = Path(task.output.path) / DONE_DIR / f"{task.stream.name}-{task.index:04d}.json"
+    mark = _done_mark(task)
     try:
-        result = json.loads(marker.read_text(encoding="utf-8"))
+        result = json.loads(mark.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     if result.get("config_hash") != task.config_hash:
+        mark.unlink()  # first, so no reader takes the files below for complete ones
         for name in result.get("files", []):
             (Path(task.output.path) / name).unlink(missing_ok=True)
         return None
@@ -334,17 +371,23 @@ def _finished(task: MixTask) -> dict | None:
 
 
 def run_mix(config: MixerConfig) -> dict:
-    tasks = plan_tasks(config)
+    tasks, incomplete = plan_tasks(config)
+    output = Path(config.output.path)
+    (output / DONE_DIR).mkdir(parents=True, exist_ok=True)  # from now on readers go by the completion marks
     done = {id(t): _finished(t) for t in tasks}
     todo = [t for t in tasks if done[id(t)] is None]
+    if todo:
+        # Until this run finishes, the directory must not look finished to readers (they check the manifest).
+        (output / MANIFEST_NAME).unlink(missing_ok=True)
     executor = config.executor
     fresh = iter(run_tasks(mix_task, todo, executor, desc="mix"))
     results = [done[id(t)] if done[id(t)] is not None else next(fresh) for t in tasks]
-    per_stream: dict[str, dict] = {}
+    per_stream = {stream: {"skipped_lines": 0, "output_bytes": 0, "files": 0, "incomplete_shards": len(shards)}
+                  for stream, shards in incomplete.items()}
     skipped: list[str] = []
     files: list[str] = []
     for r in results:
-        totals = per_stream.setdefault(r["stream"], {"skipped_lines": 0, "output_bytes": 0, "files": 0})
+        totals = per_stream[r["stream"]]
         for key, value in r["counts"].items():
             totals[key] = totals.get(key, 0) + value
         totals["skipped_lines"] += r["skipped_lines"]
@@ -356,4 +399,6 @@ def run_mix(config: MixerConfig) -> dict:
     write_manifest(config.output.path, command="data mix", config=config, inputs=inputs,
                    counts={"streams": per_stream}, extra={"files": sorted(files), "skipped": skipped[:100]})
     return {"output": config.output.path, "tasks": len(tasks), "tasks_skipped_done": len(tasks) - len(todo),
-            "streams": per_stream, "bad_line_examples": skipped[:10]}
+            "streams": per_stream, "bad_line_examples": skipped[:10],
+            "truncated": [t for task, r in zip(tasks, results) if done[id(task)] is None for t in r["truncated"]],
+            "incomplete_shards": [p for shards in incomplete.values() for p in shards]}

@@ -18,7 +18,7 @@ from typing import Any
 
 import xxhash
 
-from lmforge.curation.documents import ReadReport, expand_globs, read_documents
+from lmforge.curation.documents import InputConfig, ReadReport, input_shards, read_documents
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
@@ -40,6 +40,7 @@ class StatsConfig:
     tokenizer: str | None = None
     langid: bool = True
     plots: bool = True
+    input: InputConfig = field(default_factory=InputConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,7 @@ class StatsTask:
     ngram_sizes: list[int]
     tokenizer: Any  # anything with encode_batch(texts) -> ids per text, e.g. lmforge.tokens.Tokenizer; or None
     langid: bool
+    strict: bool = False
     weight: int = 0
 
 
@@ -86,7 +88,7 @@ def analyse_shard(task: StatsTask, progress) -> dict:
             sources[source]["tokens"] += len(ids)
         pending_tokens.clear()
 
-    for _, doc in read_documents(task.doc_path, report):
+    for _, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
         source = str(doc.get("source") or "unknown")
         s = sources.setdefault(source, {"documents": 0, "bytes": 0, "characters": 0, "tokens": 0, "words": 0,
@@ -118,8 +120,9 @@ def analyse_shard(task: StatsTask, progress) -> dict:
     if pending_tokens:
         flush_tokens()
     return {
-        "doc_path": task.doc_path, "documents": report.documents, "skipped_lines": report.skipped,
-        "bad_lines": [str(b) for b in report.bad_lines], "sources": sources, "doc_hashes": doc_hashes,
+        "doc_path": task.doc_path, "documents": report.documents, **report.counts(),
+        "bad_lines": [str(b) for b in report.bad_lines], "truncated": [str(t) for t in report.truncated],
+        "sources": sources, "doc_hashes": doc_hashes,
         "ngrams": {n: [(" ".join(g) if isinstance(g, tuple) else g, c)
                        for g, c in counter.most_common(SHARD_TOP_NGRAMS)] for n, counter in ngrams.items()},
         "strings": strings, "languages": languages,
@@ -180,8 +183,9 @@ def _merge(results: list[dict], config: StatsConfig) -> dict:
         "languages_per_source": {s: dict(c.most_common()) for s, c in sorted(languages.items())},
         "top_ngrams": {str(n): c.most_common(config.top_k) for n, c in ngrams.items()},
         "string_counts": {s: {"occurrences": o, "documents": d} for s, (o, d) in strings.items()},
-        "skipped_lines": sum(r["skipped_lines"] for r in results),
+        **{key: sum(r[key] for r in results) for key in ("skipped_lines", "empty_shards", "truncated_files")},
         "skipped": skipped[:100],
+        "truncated": [t for r in results for t in r["truncated"]],
     }
 
 
@@ -238,22 +242,24 @@ def run_stats(config: StatsConfig, tokenizer: Any = None) -> dict:
     anything with `encode_batch(texts)`. Without one, tokens are whitespace words."""
     if config.tokenizer and tokenizer is None:
         raise LmforgeError(f"stats: pass the loaded tokenizer {config.tokenizer!r} (lmforge.tokens.Tokenizer.load)")
-    paths = expand_globs(config.documents)
+    paths, incomplete = input_shards(config.documents, config.input)
     tasks = [StatsTask(p, list(config.count_strings), list(config.ngram_sizes), tokenizer, config.langid,
-                       weight=Path(p).stat().st_size) for p in paths]
+                       config.input.strict, weight=Path(p).stat().st_size) for p in paths]
     if config.langid:
         from lmforge.curation.taggers.language import lid176_path
 
         lid176_path()
     executor = config.executor
     report = _merge(run_tasks(analyse_shard, tasks, executor, desc="stats"), config)
+    report["incomplete_shards"] = incomplete
     output = Path(config.out)
     output.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, output) if config.plots else []
     atomic_write_json(output / "stats.json", report)
+    read = {key: report[key] for key in ("skipped_lines", "empty_shards", "truncated_files")}
     write_manifest(output, command="data stats", config=config, inputs=paths,
-                   counts={**report["totals"], "skipped_lines": report["skipped_lines"]},
+                   counts={**report["totals"], **read, "incomplete_shards": len(incomplete)},
                    extra={"plots": plots, "plots_skipped": config.plots and not plots})
     return {"output": str(output), **report["totals"], "languages": dict(list(report["languages"].items())[:10]),
-            "plots": plots, "skipped_lines": report["skipped_lines"]}
+            "plots": plots, **read, "truncated": report["truncated"], "incomplete_shards": incomplete}
 

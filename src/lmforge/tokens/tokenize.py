@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from lmforge.curation.documents import ReadReport, expand_globs, read_documents, strip_suffix
+from lmforge.curation.documents import InputConfig, ReadReport, input_shards, read_documents, strip_suffix
 from lmforge.core.config import require
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.errors import LmforgeError
@@ -46,6 +46,7 @@ class TokenizeConfig:
     out: str
     bos: bool = False
     max_tokens_per_file: int = 1 << 30
+    input: InputConfig = field(default_factory=InputConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class ShardTask:
     max_tokens_per_file: int
     input_hash: str
     settings_hash: str
+    strict: bool = False
     parallel_encode: bool = False  # the only shard to do: encode on the tokenizer's threads instead
     weight: int = 0  # input bytes, for the progress bar
 
@@ -84,6 +86,8 @@ class ShardResult:
     skipped_empty: int = 0
     skipped_bad_lines: int = 0
     bad_lines: list[str] = field(default_factory=list)
+    empty: bool = False  # the shard has no line at all
+    truncated: list[str] = field(default_factory=list)  # its compressed stream breaks (documents before kept)
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     files: list[dict] = field(default_factory=list)
 
@@ -277,7 +281,7 @@ def _tokenize_shard(task: ShardTask) -> ShardResult:
         batch.clear()
 
     try:
-        for line, doc in read_documents(task.path, report):
+        for line, doc in read_documents(task.path, report, task.strict):
             # Dolma strips surrounding whitespace before encoding; doing the same keeps token ids identical.
             text = doc["text"].strip()
             if not text:
@@ -294,6 +298,8 @@ def _tokenize_shard(task: ShardTask) -> ShardResult:
         raise
     result.skipped_bad_lines = report.skipped
     result.bad_lines = [str(b) for b in report.bad_lines]
+    result.empty = bool(report.empty_shards)
+    result.truncated = [str(t) for t in report.truncated]
     atomic_write_json(out / PROGRESS_DIR / f"{task.stem}.json", result.__dict__)
     return result
 
@@ -319,7 +325,7 @@ def _tokenize_task(task: ShardTask, progress) -> dict:
 def tokenize(config: TokenizeConfig) -> dict:
     """Tokenize every shard matched by `config.documents` into `config.out` on the configured executor (local
     processes or Ray); returns the manifest counts."""
-    paths = expand_globs(config.documents)
+    paths, incomplete = input_shards(config.documents, config.input)
     stems = shard_stems(paths)
     tokenizer = Tokenizer.load(config.tokenizer)
     bos_id = None
@@ -336,7 +342,7 @@ def tokenize(config: TokenizeConfig) -> dict:
     tasks = [
         ShardTask(path=p, stem=s, out=str(out), tokenizer_path=tokenizer.source, eos_id=tokenizer.eos_id,
                   bos_id=bos_id, dtype=dtype, max_tokens_per_file=config.max_tokens_per_file,
-                  input_hash=file_hash(p), settings_hash=settings_hash)
+                  input_hash=file_hash(p), settings_hash=settings_hash, strict=config.input.strict)
         for p, s in zip(paths, stems)
     ]
     results: dict[str, ShardResult] = {}
@@ -357,12 +363,13 @@ def tokenize(config: TokenizeConfig) -> dict:
     todo.sort(key=lambda t: (-t.weight, t.stem))
     for result in run_tasks(_tokenize_task, todo, config.executor, desc="tokenize"):
         results[result["stem"]] = ShardResult(**result)
-    return _write_tokenize_manifest(config, out, [results[s] for s in stems], tokenizer, dtype, bos_id,
-                                    skipped_shards=len(tasks) - len(todo))
+    summary = _write_tokenize_manifest(config, out, [results[s] for s in stems], tokenizer, dtype, bos_id,
+                                       skipped_shards=len(tasks) - len(todo), incomplete=incomplete)
+    return summary | {"truncated": [t for task in todo for t in results[task.stem].truncated]}
 
 
 def _write_tokenize_manifest(config: TokenizeConfig, out: Path, results: list[ShardResult], tokenizer: Tokenizer,
-                             dtype: str, bos_id: int | None, skipped_shards: int) -> dict:
+                             dtype: str, bos_id: int | None, skipped_shards: int, incomplete: list[str]) -> dict:
     sources: dict[str, dict[str, int]] = {}
     bad_lines: list[str] = []
     for r in results:
@@ -379,6 +386,9 @@ def _write_tokenize_manifest(config: TokenizeConfig, out: Path, results: list[Sh
         "text_bytes": sum(r.text_bytes for r in results),
         "skipped_empty_documents": sum(r.skipped_empty for r in results),
         "skipped_bad_lines": sum(r.skipped_bad_lines for r in results),
+        "empty_shards": sum(r.empty for r in results),
+        "truncated_files": sum(len(r.truncated) for r in results),
+        "incomplete_shards": len(incomplete),
         "token_files": sum(len(r.files) for r in results),
     }
     files = [dict(f, shard=r.path) for r in results for f in r.files]
@@ -392,12 +402,14 @@ def _write_tokenize_manifest(config: TokenizeConfig, out: Path, results: list[Sh
             "sources": dict(sorted(sources.items())),
             "files": files,
             "shards": [{"path": r.path, "documents": r.documents, "tokens": r.tokens,
-                        "skipped_empty_documents": r.skipped_empty, "skipped_bad_lines": r.skipped_bad_lines}
+                        "skipped_empty_documents": r.skipped_empty, "skipped_bad_lines": r.skipped_bad_lines,
+                        "empty": r.empty, "truncated": r.truncated}
                        for r in results],
             "bad_lines": bad_lines,
+            "incomplete_shards": incomplete,
         },
     )
-    return {"counts": counts, "sources": sources, "bad_lines": bad_lines}
+    return {"counts": counts, "sources": sources, "bad_lines": bad_lines, "incomplete_shards": incomplete}
 
 
 @dataclass
@@ -442,7 +454,7 @@ def train_tokenizer(config: TrainTokenizerConfig) -> dict:
     """Train a byte-level BPE tokenizer on a document sample; writes tokenizer.json and a manifest."""
     from lmforge.tokens.tokenizer import train_bpe
 
-    paths = expand_globs(config.documents)
+    paths, incomplete = input_shards(config.documents, InputConfig())
     report = ReadReport()
     texts = sample_documents(paths, config.sample_docs, config.seed, report)
     if not texts:
@@ -455,9 +467,13 @@ def train_tokenizer(config: TrainTokenizerConfig) -> dict:
         "sampled_text_bytes": sum(len(t.encode("utf-8")) for t in texts),
         "documents_read": report.documents,
         "skipped_bad_lines": report.skipped,
+        "empty_shards": len(report.empty_shards),
+        "truncated_files": len(report.truncated),
+        "incomplete_shards": len(incomplete),
         "vocab_size": tokenizer.vocab_size,
     }
     write_manifest(out, command="data train-tokenizer", config=config, inputs=paths, counts=counts,
                    extra={"eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                           "bad_lines": [str(b) for b in report.bad_lines]})
-    return {"counts": counts, "bad_lines": [str(b) for b in report.bad_lines]}
+    return {"counts": counts, "bad_lines": [str(b) for b in report.bad_lines],
+            "truncated": [str(t) for t in report.truncated], "incomplete_shards": incomplete}

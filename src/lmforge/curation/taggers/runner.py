@@ -14,13 +14,14 @@ from pathlib import Path
 from lmforge.curation import taggers as registry
 from lmforge.curation.attributes import (AttributeWriter, attribute_dir, attribute_path, is_done, mark_done,
                                       read_done_markers)
-from lmforge.curation.documents import ReadReport, expand_globs, read_documents
+from lmforge.curation.documents import InputConfig, ReadReport, input_shards, read_documents
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
 
 MAX_REPORTED_ERRORS = 100
+COUNTED = ("documents", "skipped_lines", "empty_shards", "truncated_files", "tagger_errors", "text_chars")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TagConfig:
     tagger_modules: list[str] = field(default_factory=list)
     tagger_options: dict[str, dict[str, str]] = field(default_factory=dict)
     overwrite: bool = False
+    input: InputConfig = field(default_factory=InputConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -47,6 +49,7 @@ class TagTask:
     groups: list[tuple[str, list[str]]]  # (attribute name, taggers writing into it)
     tagger_modules: list[str]
     tagger_options: dict[str, dict[str, str]]
+    strict: bool = False
     weight: int = 0
 
 
@@ -70,7 +73,7 @@ def tag_shard(task: TagTask, progress) -> dict:
     text_chars = 0
     writers = [AttributeWriter(attribute_path(task.doc_path, attr_name)) for attr_name, _ in groups]
     try:
-        for line, doc in read_documents(task.doc_path, report):
+        for line, doc in read_documents(task.doc_path, report, task.strict):
             text_chars += len(doc["text"])
             for writer, (_, taggers) in zip(writers, groups):
                 attributes: dict[str, list] = {}
@@ -92,8 +95,8 @@ def tag_shard(task: TagTask, progress) -> dict:
         raise
     for writer in writers:
         writer.close()
-    result = {"documents": report.documents, "skipped_lines": report.skipped,
-              "bad_lines": [str(b) for b in report.bad_lines], "text_chars": text_chars}
+    result = {"documents": report.documents, **report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
+              "truncated": [str(t) for t in report.truncated], "text_chars": text_chars}
     for attr_name, taggers in groups:
         names = [name for name, _ in taggers]
         mark_done(task.doc_path, attr_name, {
@@ -103,8 +106,8 @@ def tag_shard(task: TagTask, progress) -> dict:
             "tagger_error_examples": [e for examples in errors.values() for e in examples][:MAX_REPORTED_ERRORS]}
 
 
-def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], dict[str, list[str]]]:
-    """(tasks still to run, all document paths, attribute name -> taggers)."""
+def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], list[str], dict[str, list[str]]]:
+    """(tasks still to run, all document paths, shards left out as incomplete, attribute name -> taggers)."""
     if not config.taggers:
         raise LmforgeError("no taggers given; available taggers: " + ", ".join(registry.available_taggers()))
     registry.load_tagger_modules(config.tagger_modules)
@@ -116,33 +119,30 @@ def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], dict[str, l
     for name in config.taggers:  # build once here so bad options fail before any work starts
         _tagger(name, config.tagger_options.get(name, {}))
     groups = {config.experiment: list(config.taggers)} if config.experiment else {t: [t] for t in config.taggers}
-    paths = expand_globs(config.documents)
+    paths, incomplete = input_shards(config.documents, config.input)
     tasks = []
     for path in paths:
         todo = [(name, taggers) for name, taggers in groups.items()
                 if config.overwrite or not is_done(path, name)]
         if todo:
             tasks.append(TagTask(path, todo, list(config.tagger_modules), dict(config.tagger_options),
-                                 weight=Path(path).stat().st_size))
-    return tasks, paths, groups
+                                 config.input.strict, weight=Path(path).stat().st_size))
+    return tasks, paths, incomplete, groups
 
 
 def run_tag(config: TagConfig) -> dict:
-    tasks, paths, groups = plan_tasks(config)
+    tasks, paths, incomplete, groups = plan_tasks(config)
     executor = config.executor
     results = run_tasks(tag_shard, tasks, executor, desc="tag")
     summary = {"shards": len(paths), "shards_run": len(tasks), "shards_skipped_done": len(paths) - len(tasks),
-               "documents": sum(r["documents"] for r in results),
-               "skipped_lines": sum(r["skipped_lines"] for r in results),
-               "tagger_errors": sum(r["tagger_errors"] for r in results),
-               "text_chars": sum(r["text_chars"] for r in results)}
+               **{key: sum(r[key] for r in results) for key in COUNTED}}
     for attr_name, taggers in groups.items():
         directories = {attribute_dir(p, attr_name) for p in paths}
         for directory in directories:
             markers = read_done_markers(directory)
-            counts = {key: sum(m.get(key, 0) for m in markers)
-                      for key in ("documents", "skipped_lines", "tagger_errors", "text_chars")}
+            counts = {key: sum(m.get(key, 0) for m in markers) for key in COUNTED}
             counts["shards"] = len(markers)
+            counts["incomplete_shards"] = sum(attribute_dir(p, attr_name) == directory for p in incomplete)
             problems = [b for m in markers for b in m.get("bad_lines", [])]
             problems += [e for m in markers for e in m.get("tagger_error_examples", [])]
             keys = [f"{t}__{a}" for t in taggers for a in registry.tagger_class(t).attributes]
@@ -151,4 +151,6 @@ def run_tag(config: TagConfig) -> dict:
                            counts=counts, extra={"attribute_keys": keys, "skipped": problems[:MAX_REPORTED_ERRORS]})
     summary["bad_line_examples"] = [b for r in results for b in r["bad_lines"]][:10]
     summary["tagger_error_examples"] = [e for r in results for e in r["tagger_error_examples"]][:10]
+    summary["truncated"] = [t for r in results for t in r["truncated"]]
+    summary["incomplete_shards"] = incomplete
     return summary
