@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -65,6 +67,10 @@ _WORKER_QUEUE = None
 def _init_worker(docs_queue) -> None:
     global _WORKER_QUEUE
     _WORKER_QUEUE = docs_queue
+    # Ctrl-C reaches the whole process group: the parent alone handles it, and its pool then stops the workers
+    # with SIGTERM, which exits quietly through `finally` blocks so a worker's temporary files are removed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _run_local(fn: Callable, task: Any) -> dict:

@@ -29,6 +29,7 @@ from lmforge.curation.documents import ReadReport, expand_globs, read_documents
 from lmforge.core.executor import ExecutorConfig, iter_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.core.files import atomic_path, atomic_write_json
 
@@ -515,6 +516,12 @@ def _merge_stats(total: dict, part: dict) -> None:
 def run_dedup(config: DedupConfig) -> dict:
     paths = expand_globs(config.documents)
     state_dir = Path(config.state) if config.state else attribute_dir(paths[0], config.name) / ".state"
+    state_written = [] if config.read_only else [state_dir]
+    with output_lock(*state_written, *{attribute_dir(p, config.name) for p in paths}):
+        return _run_dedup(config, paths, state_dir)
+
+
+def _run_dedup(config: DedupConfig, paths: list[str], state_dir: Path) -> dict:
     state = DedupState(state_dir, config)
     todo = [p for p in paths if config.read_only or not (
         state.absorbed.get(p) == {k: v for k, v in source_fingerprint(p).items() if k != "path"}

@@ -8,6 +8,7 @@ say exactly what it left out.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -19,7 +20,7 @@ from typing import IO, Iterator
 import orjson
 import zstandard
 
-from lmforge.core.errors import LmforgeError
+from lmforge.core.errors import LmforgeError, OutputWriteError
 from lmforge.core.files import DOCUMENT_SUFFIXES, atomic_path
 
 MAX_REPORTED_BAD_LINES = 100
@@ -224,18 +225,29 @@ class AtomicShardWriter:
         """Write anything held back (subclasses); called by `close` before the rename."""
 
     def close(self) -> None:
-        self._finish()
-        if self._stream is not None:
-            self._stream.close()
+        try:
+            self._finish()
+            if self._stream is not None:
+                self._stream.close()  # flushes: a full disk may show only here
+        except BaseException as e:
+            self.abort(e)
+            raise
         self._atomic.__exit__(None, None, None)
 
-    def abort(self) -> None:
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop the partial file; `error` (what stopped the writing) becomes an `OutputWriteError` naming this
+        shard when it is the filesystem refusing the write."""
         if self._stream is not None:
-            self._stream.close()
+            with contextlib.suppress(OSError):
+                self._stream.close()
+        error = error or RuntimeError("aborted")
         try:
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        except RuntimeError:
-            pass
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+        except OutputWriteError:
+            raise
+        except BaseException as e:
+            if e is not error:
+                raise
 
     def __enter__(self):
         return self
@@ -244,7 +256,7 @@ class AtomicShardWriter:
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self.abort(exc)
 
 
 class DocumentWriter(AtomicShardWriter):

@@ -30,6 +30,7 @@ from lmforge.core.config import require
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
+from lmforge.core.locks import output_lock
 from lmforge.core.files import TOKENS_SIDECAR_SUFFIX, TOKENS_SUFFIX, atomic_path, atomic_write_json, file_hash
 from lmforge.tokens.tokenizer import Tokenizer
 
@@ -225,11 +226,12 @@ class _FileWriter:
         self.index += 1
         self._reset()
 
-    def abort(self) -> None:
-        """Drop the file being written (its temporary file is removed, the target is untouched)."""
+    def abort(self, error: BaseException) -> None:
+        """Drop the file being written (its temporary file is removed, the target is untouched); `error` becomes
+        an `OutputWriteError` naming the file when it is the filesystem refusing the write."""
         if self._atomic is not None:
             atomic, self._atomic = self._atomic, None
-            atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            atomic.__exit__(type(error), error, error.__traceback__)
 
 
 def sidecar_metadata(*, dtype: str, eos_id: int, bos_id: int | None, vocab_size: int, shard: str) -> dict:
@@ -289,8 +291,8 @@ def _tokenize_shard(task: ShardTask) -> ShardResult:
                 encode_pending()
         encode_pending()
         writer.flush()
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        writer.abort(e)
         raise
     result.skipped_bad_lines = report.skipped
     result.bad_lines = [str(b) for b in report.bad_lines]
@@ -319,6 +321,11 @@ def _tokenize_task(task: ShardTask, progress) -> dict:
 def tokenize(config: TokenizeConfig) -> dict:
     """Tokenize every shard matched by `config.documents` into `config.out` on the configured executor (local
     processes or Ray); returns the manifest counts."""
+    with output_lock(config.out):
+        return _tokenize(config)
+
+
+def _tokenize(config: TokenizeConfig) -> dict:
     paths = expand_globs(config.documents)
     stems = shard_stems(paths)
     tokenizer = Tokenizer.load(config.tokenizer)
@@ -439,6 +446,11 @@ def sample_documents(paths: list[str], sample_docs: int, seed: int, report: Read
 
 
 def train_tokenizer(config: TrainTokenizerConfig) -> dict:
+    with output_lock(config.out):
+        return _train_tokenizer(config)
+
+
+def _train_tokenizer(config: TrainTokenizerConfig) -> dict:
     """Train a byte-level BPE tokenizer on a document sample; writes tokenizer.json and a manifest."""
     from lmforge.tokens.tokenizer import train_bpe
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -32,6 +33,7 @@ import torch
 
 from lmforge.core.config import save_config, to_dict
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.model.info import flops_per_token
 from lmforge.model.transformer import ModelConfig, Transformer, cross_entropy_loss, init_weights
@@ -456,4 +458,9 @@ def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
 
 
 def train(config: TrainConfig, **kwargs: Any) -> dict:
-    return Trainer(config, **kwargs).fit()
+    """Train under the run directory's lock: taken by rank 0 only (or by `lmforge train --nproc` before it
+    launched the workers), so the ranks of one run never lock each other out."""
+    dist_info = kwargs.get("dist_info")
+    is_main = dist_info.is_main if dist_info is not None else os.environ.get("RANK", "0") == "0"
+    with output_lock(config.run_dir) if is_main else contextlib.nullcontext():
+        return Trainer(config, **kwargs).fit()
