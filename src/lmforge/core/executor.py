@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -67,10 +66,11 @@ _WORKER_QUEUE = None
 def _init_worker(docs_queue) -> None:
     global _WORKER_QUEUE
     _WORKER_QUEUE = docs_queue
-    # Ctrl-C reaches the whole process group: the parent alone handles it, and its pool then stops the workers
-    # with SIGTERM, which exits quietly through `finally` blocks so a worker's temporary files are removed.
+    # Ctrl-C reaches the whole process group: the parent alone handles it, and its pool then ends the workers
+    # with SIGTERM at once (not the parent's handler, which a forked worker inherits). The temporary files a
+    # worker leaves are removed by the parent, which holds the output directory's lock (core/locks.py).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_local(fn: Callable, task: Any) -> dict:
