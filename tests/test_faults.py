@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import lmforge
 from lmforge.cli import main
 from lmforge.core import files
 
@@ -47,7 +48,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    here = str(Path(lmforge.__file__).resolve().parents[1])  # the lmforge this test imported, for the children
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
