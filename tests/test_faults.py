@@ -354,3 +354,31 @@ def test_eval_out_is_replaced_as_a_whole(models, tmp_path, capsys):
     assert "predictions/sea.jsonl" not in new and "predictions/sky.jsonl" in new
     assert set(json.loads(new["results.json"])["tasks"]) == {"sky"}
     assert temps(tmp_path) == [] and not (out / files.LOCK_NAME).exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_full_disk_in_the_middle_of_a_streamed_shard_names_the_shard(tmp_path):
+    """Compressed writers report ENOSPC from `write` or from the flush in `close`, without a file name."""
+    import errno
+
+    from lmforge.core.errors import OutputWriteError
+    from lmforge.curation.attributes import AttributeWriter
+
+    target = tmp_path / "attributes" / "x" / "a.jsonl.gz"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"previous")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FullAtWrite:
+        write, flush, close = full, (lambda self: None), (lambda self: None)
+
+    class FullAtClose:
+        write, flush, close = (lambda self, data: len(data)), full, full
+
+    for stream in (FullAtWrite, FullAtClose):
+        with pytest.raises(OutputWriteError, match=f"cannot write {target}: No space left on device"):
+            with AttributeWriter(target) as writer:
+                writer._stream._stream = stream()  # the compressor over the temporary file
+                writer.write("d1", {"k": []})
+        assert target.read_bytes() == b"previous" and temps(tmp_path) == []

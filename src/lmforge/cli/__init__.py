@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import traceback
 
 from lmforge import __version__
@@ -65,6 +66,8 @@ def _raise_terminated(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return _run(args)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _run(args)

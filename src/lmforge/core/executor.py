@@ -166,7 +166,12 @@ def _iter_ray(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: S
         remote = ray.remote(_run_ray_task)
         refs = [remote.remote(fn, task) for task in tasks]
         for task, ref in zip(tasks, refs):
-            result = ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, LmforgeError):  # a refused write, bad input: its one line, not Ray's report
+                    raise e.cause from None
+                raise
             bar.documents(int(result.get("documents", 0)))
             bar.task_done(getattr(task, "weight", 0))
             yield result

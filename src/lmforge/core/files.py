@@ -127,6 +127,32 @@ def writing(path: str | Path, *own_paths: str | Path) -> Iterator[None]:
         raise refused from None
 
 
+class GuardedStream:
+    """A binary stream whose refused writes (also the flush in `close`) raise `OutputWriteError` naming `path`
+    at once, whatever the code around it does with the exception; for streaming writers into a temporary."""
+
+    def __init__(self, stream, path: str | Path, *own_paths: str | Path):
+        self._stream, self._path, self._own = stream, Path(path), own_paths
+
+    def _guarded(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            refused = _refused_write(e, self._path, self._own)
+            if refused is None or refused is e:
+                raise
+            raise refused from None
+
+    def write(self, data) -> int:
+        return self._guarded(self._stream.write, data)
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    def close(self) -> None:
+        self._guarded(self._stream.close)
+
+
 def _default_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -20,7 +20,7 @@ import orjson
 
 from lmforge.curation.documents import AtomicShardWriter, compression_of, iter_lines
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import ATTRIBUTE_SUFFIX, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
+from lmforge.core.files import ATTRIBUTE_SUFFIX, GuardedStream, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
 
 DONE_DIR = ".done"
 # Attribute files are mostly small numbers and repeated keys: the fastest levels compress them well enough.
@@ -128,6 +128,7 @@ class AttributeWriter(AtomicShardWriter):
             self._stream = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(open(tmp, "wb"), closefd=True)
         else:
             self._stream = open(tmp, "wb")
+        self._stream = GuardedStream(self._stream, self.path, tmp)
         self._no_spans: dict[tuple, bytes] = {}
         self.count = 0
 

@@ -21,7 +21,7 @@ import orjson
 import zstandard
 
 from lmforge.core.errors import LmforgeError, OutputWriteError
-from lmforge.core.files import DOCUMENT_SUFFIXES, atomic_path
+from lmforge.core.files import DOCUMENT_SUFFIXES, GuardedStream, atomic_path
 
 MAX_REPORTED_BAD_LINES = 100
 
@@ -238,7 +238,7 @@ class AtomicShardWriter:
         """Drop the partial file; `error` (what stopped the writing) becomes an `OutputWriteError` naming this
         shard when it is the filesystem refusing the write."""
         if self._stream is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # the partial file is dropped: its flush may fail as the write did
                 self._stream.close()
         error = error or RuntimeError("aborted")
         try:
@@ -268,7 +268,8 @@ class DocumentWriter(AtomicShardWriter):
         self.bytes = 0
         self._parquet_rows: list[dict] | None = [] if self.path.name.endswith(".parquet") else None
         if self._parquet_rows is None:
-            self._stream = open_binary(self._tmp, "wb", compression=compression_of(self.path))
+            self._stream = GuardedStream(open_binary(self._tmp, "wb", compression=compression_of(self.path)),
+                                         self.path, self._tmp)
 
     def write(self, doc: dict) -> None:
         self.count += 1

@@ -31,7 +31,7 @@ from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
 from lmforge.core.locks import output_lock
-from lmforge.core.files import TOKENS_SIDECAR_SUFFIX, TOKENS_SUFFIX, atomic_path, atomic_write_json, file_hash
+from lmforge.core.files import GuardedStream, TOKENS_SIDECAR_SUFFIX, TOKENS_SUFFIX, atomic_path, atomic_write_json, file_hash
 from lmforge.tokens.tokenizer import Tokenizer
 
 FORMAT = "lmforge-tokens-v1"
@@ -177,8 +177,9 @@ class _FileWriter:
             self.flush()
         if self._atomic is None:
             self._atomic = contextlib.ExitStack()
-            tmp = self._atomic.enter_context(atomic_path(Path(self.task.out) / f"{self._name()}{TOKENS_SUFFIX}"))
-            self._stream = self._atomic.enter_context(open(tmp, "wb"))
+            target = Path(self.task.out) / f"{self._name()}{TOKENS_SUFFIX}"
+            tmp = self._atomic.enter_context(atomic_path(target))
+            self._stream = GuardedStream(self._atomic.enter_context(open(tmp, "wb")), target, tmp)
         self.chunks.append(tokens)
         self.buffered += len(tokens)
         self.tokens += len(tokens)
