@@ -76,11 +76,11 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, referenc
     assert process.returncode == -signal.SIGKILL
     root = run_dir / CHECKPOINTS
     assert [s for s, _ in list_checkpoints(root)] == [3]
-    assert (root / ".tmp-step00000006").is_dir()  # the half-finished save
+    assert (root / ".step00000006.tmp").is_dir()  # the half-finished save
     model = load(root / "step00000003").model
     assert model.config.d_model == 64
     subprocess.run(command(run_dir), check=True, stderr=subprocess.DEVNULL)
-    assert not (root / ".tmp-step00000006").exists()
+    assert not (root / ".step00000006.tmp").exists()
     assert [r["loss"] for r in read_metrics(run_dir)] == expected
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from lmforge.core.config import from_dict
+from lmforge.core.files import is_temp_name
 from lmforge.train.config import TrainConfig
 
 TINY_MODEL = {"preset": "olmo2-tiny", "overrides": {"n_layers": 2, "d_model": 64, "n_heads": 4,
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> None:
         original = checkpoint._fsync_dir
 
         def dying_fsync(path):
-            if path.name.startswith(".tmp-"):
+            if is_temp_name(path.name):
                 saves.append(path)
                 if len(saves) == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)

@@ -4,13 +4,16 @@ Each command group (model, data, train, eval) registers its subcommands from its
 a handler receives the parsed namespace. Flags are generated from the stage configs (`cli/options.py`), and
 dotted overrides (`KEY=VALUE`) are accepted anywhere on the command line. Errors meant for users are
 `LmforgeError`: one line on stderr naming the flag when a flag set the value, exit code 2 (`--debug` shows the
-traceback).
+traceback). Ctrl-C exits 130 and SIGTERM 143, after the `finally` blocks removed the run's temporary files
+(exit codes: docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 
 from lmforge import __version__
@@ -52,9 +55,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is so cleanup runs as it does for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         result = args.func(args)
     except ConfigError as e:
@@ -79,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lmforge: terminated", file=sys.stderr)
+        return 143
     return int(result or 0)
 
 

@@ -49,23 +49,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
+    from lmforge.core.config import load_config
+    from lmforge.train.config import TrainConfig
+
+    config = load_config(TrainConfig, args.config, args.overrides)
     if args.nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:
-        from lmforge.core.config import load_config
-        from lmforge.train.config import TrainConfig
         from lmforge.train.distributed import launch_torchrun
         from lmforge.train.trainer import preflight
 
         min_nodes = int(str(args.nnodes).split(":")[0])
-        preflight(load_config(TrainConfig, args.config, args.overrides), world_size=args.nproc * min_nodes)
-        return launch_torchrun(["train", args.config, *args.overrides], nproc=args.nproc, nnodes=args.nnodes,
-                               max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
+        preflight(config, world_size=args.nproc * min_nodes)
+        return launch_torchrun(["train", args.config, *args.overrides], nproc=args.nproc, run_dir=config.run_dir,
+                               nnodes=args.nnodes, max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
                                rdzv_id=args.rdzv_id)
-    from lmforge.core.config import load_config
-    from lmforge.train.config import TrainConfig
     from lmforge.train.distributed import shutdown_distributed
     from lmforge.train.trainer import train
 
-    config = load_config(TrainConfig, args.config, args.overrides)
     try:
         summary = train(config, command=" ".join(["lmforge", "train", args.config, *args.overrides]))
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -65,6 +66,11 @@ _WORKER_QUEUE = None
 def _init_worker(docs_queue) -> None:
     global _WORKER_QUEUE
     _WORKER_QUEUE = docs_queue
+    # Ctrl-C reaches the whole process group: the parent alone handles it, and its pool then ends the workers
+    # with SIGTERM at once (not the parent's handler, which a forked worker inherits). The temporary files a
+    # worker leaves are removed by the parent, which holds the output directory's lock (core/locks.py).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_local(fn: Callable, task: Any) -> dict:
@@ -160,7 +166,12 @@ def _iter_ray(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar: S
         remote = ray.remote(_run_ray_task)
         refs = [remote.remote(fn, task) for task in tasks]
         for task, ref in zip(tasks, refs):
-            result = ray.get(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, LmforgeError):  # a refused write, bad input: its one line, not Ray's report
+                    raise e.cause from None
+                raise
             bar.documents(int(result.get("documents", 0)))
             bar.task_done(getattr(task, "weight", 0))
             yield result

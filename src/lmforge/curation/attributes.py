@@ -20,7 +20,7 @@ import orjson
 from lmforge.curation.documents import (DONE_DIR, AtomicShardWriter, ReadReport, TruncatedInput, compression_of,
                                         iter_lines, open_compressed_writer)
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import ATTRIBUTE_SUFFIX, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
+from lmforge.core.files import ATTRIBUTE_SUFFIX, GuardedStream, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
 
 # Attribute files are mostly small numbers and repeated keys: the fastest level compresses them well enough.
 COMPRESSION_LEVEL = 1
@@ -124,7 +124,8 @@ class AttributeWriter(AtomicShardWriter):
 
     def __init__(self, path: str | Path):
         super().__init__(path)
-        self._stream = open_compressed_writer(self._tmp, compression_of(self.path), COMPRESSION_LEVEL)
+        self._stream = GuardedStream(open_compressed_writer(self._tmp, compression_of(self.path), COMPRESSION_LEVEL),
+                                     self.path, self._tmp)
         self._no_spans: dict[tuple, bytes] = {}
         self.count = 0
 

@@ -22,11 +22,12 @@ from typing import Iterable, Iterator, Literal
 
 import xxhash
 
-from lmforge.curation.attributes import attribute_path, is_done, mark_done, split_documents_path
+from lmforge.curation.attributes import attribute_dir, attribute_path, is_done, mark_done, split_documents_path
 from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.executor import ExecutorConfig, run_tasks
+from lmforge.core.locks import output_lock
 
 WORD = re.compile(r"\w+", re.UNICODE)
 PROMPT_LABEL = re.compile(r"^(?:[A-Z][A-Za-z]{0,15}(?: [A-Za-z]{1,15})?:|[A-J][.)])\s+")
@@ -167,6 +168,12 @@ def decontaminate(config: DecontaminationConfig, eval_texts: Iterable[str] = (),
     """`eval_texts` are the texts of the tasks named in `config.tasks` (`lmforge.eval.tasks.task_texts`):
     curation comes before evaluation, so the caller loads them."""
     shards = expand_globs(config.documents)
+    written = [config.out] if config.mode == "remove" else {attribute_dir(p, config.name) for p in shards}
+    with output_lock(*written):
+        return _decontaminate(config, eval_texts, log, shards)
+
+
+def _decontaminate(config: DecontaminationConfig, eval_texts: Iterable[str], log, shards: list[str]) -> dict:
     paragraphs, counts = build_filter(config, eval_texts)
     log(f"filter: {counts['filter_paragraphs']} paragraphs of {config.min_words}+ words")
     totals: dict[str, dict] = defaultdict(lambda: {"documents": 0, "contaminated": 0, "paragraphs": 0})

@@ -32,6 +32,7 @@ from lmforge.curation.documents import InputConfig, ReadReport, input_shards, re
 from lmforge.core.executor import ExecutorConfig, iter_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.core.files import atomic_path, atomic_write_json, atomic_write_text
 
@@ -585,6 +586,12 @@ def _unchanged(record: dict | None, path: str) -> bool:
 def run_dedup(config: DedupConfig) -> dict:
     paths, incomplete = input_shards(config.documents, config.input)
     state_dir = Path(config.state) if config.state else attribute_dir(paths[0], config.name) / ".state"
+    state_written = [] if config.read_only else [state_dir]
+    with output_lock(*state_written, *{attribute_dir(p, config.name) for p in paths}):
+        return _run_dedup(config, paths, incomplete, state_dir)
+
+
+def _run_dedup(config: DedupConfig, paths: list[str], incomplete: list[str], state_dir: Path) -> dict:
     state = DedupState(state_dir, config)
     # What each shard counted, from this run or, for a shard absorbed before, from the state's record of it.
     records = {p: state.absorbed[p].get("record", {}) for p in paths

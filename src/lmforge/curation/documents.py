@@ -15,6 +15,7 @@ shards of an lmforge output directory that have no completion mark (`completed_o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -26,8 +27,8 @@ import orjson
 import zstandard
 
 from lmforge.core.config import require
-from lmforge.core.errors import LmforgeError
-from lmforge.core.files import DOCUMENT_SUFFIXES, atomic_path
+from lmforge.core.errors import LmforgeError, OutputWriteError
+from lmforge.core.files import DOCUMENT_SUFFIXES, GuardedStream, atomic_path
 
 MAX_REPORTED_BAD_LINES = 100
 READ_BLOCK = 1 << 16  # bytes read from a file at a time (64 KiB measured fastest for gzip and zstd)
@@ -379,8 +380,12 @@ class AtomicShardWriter:
     def finish(self) -> None:
         if not self._finished:
             self._finished = True
-            self._finish()
-            self._close_stream()
+            try:
+                self._finish()
+                self._close_stream()  # flushes: a full disk may show only here
+            except BaseException as e:
+                self.abort(e)
+                raise
 
     def _close_stream(self) -> None:
         if self._stream is not None:
@@ -394,12 +399,19 @@ class AtomicShardWriter:
         self.finish()
         self.commit()
 
-    def abort(self) -> None:
-        self._close_stream()
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop the partial file; `error` (what stopped the writing) becomes an `OutputWriteError` naming this
+        shard when it is the filesystem refusing the write."""
+        with contextlib.suppress(Exception):  # the partial file is dropped: its flush may fail as the write did
+            self._close_stream()
+        error = error or RuntimeError("aborted")
         try:
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        except RuntimeError:
-            pass
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+        except OutputWriteError:
+            raise
+        except BaseException as e:
+            if e is not error:
+                raise
 
     def __enter__(self):
         return self
@@ -408,7 +420,7 @@ class AtomicShardWriter:
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self.abort(exc)
 
 
 class DocumentWriter(AtomicShardWriter):
@@ -420,7 +432,9 @@ class DocumentWriter(AtomicShardWriter):
         self.bytes = 0
         self._parquet_rows: list[dict] | None = [] if self.path.name.endswith(".parquet") else None
         if self._parquet_rows is None:
-            self._stream = open_compressed_writer(self._tmp, compression_of(self.path), DOCUMENT_COMPRESSION_LEVEL)
+            self._stream = GuardedStream(
+                open_compressed_writer(self._tmp, compression_of(self.path), DOCUMENT_COMPRESSION_LEVEL),
+                self.path, self._tmp)
 
     def write(self, doc: dict) -> None:
         self.count += 1

@@ -35,6 +35,7 @@ from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath, jsonpath_span_key
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
 from lmforge.core.files import DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
 
@@ -371,6 +372,11 @@ def _finished(task: MixTask) -> dict | None:
 
 
 def run_mix(config: MixerConfig) -> dict:
+    with output_lock(config.output.path):
+        return _run_mix(config)
+
+
+def _run_mix(config: MixerConfig) -> dict:
     tasks, incomplete = plan_tasks(config)
     output = Path(config.output.path)
     (output / DONE_DIR).mkdir(parents=True, exist_ok=True)  # from now on readers go by the completion marks

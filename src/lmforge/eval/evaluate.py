@@ -259,31 +259,45 @@ def markdown_report(results: dict) -> str:
 
 
 def write_outputs(results: dict, out: Path, config: EvalConfig, inputs: list[str]) -> None:
+    """Replace `out` as a whole (the caller holds its lock): a reader sees the previous run's results and
+    predictions or this run's, never predictions of tasks this run did not evaluate."""
+    from lmforge.core.files import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_siblings
     from lmforge.core.manifest import write_manifest
-    from lmforge.core.files import atomic_write_json, atomic_write_text
     from lmforge.curation.documents import DocumentWriter
 
-    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out)
     predictions = results.pop("_predictions", {})
-    for task, rows in predictions.items():
-        with DocumentWriter(out / "predictions" / f"{Path(task).name}.jsonl") as w:
-            for row in rows:
-                w.write(row)
-    atomic_write_json(out / "results.json", json.loads(json.dumps(results, default=str)))
-    atomic_write_text(out / "results.md", markdown_report(results))
-    counts = {"tasks": len(results["tasks"]), "instances": results["timing"]["instances"],
-              "truncated": sum(r["truncated"] for r in results["tasks"].values())}
-    if results.get("perplexity"):
-        counts["ppl_documents"] = results["perplexity"]["total"]["documents"]
-        counts["ppl_skipped_lines"] = results["perplexity"]["read_report"]["skipped"]
-    write_manifest(out, command="lmforge eval", config=config, inputs=inputs, counts=counts)
+    with atomic_directory(out) as staging:
+        for task, rows in predictions.items():
+            with DocumentWriter(staging / "predictions" / f"{Path(task).name}.jsonl") as w:
+                for row in rows:
+                    w.write(row)
+        atomic_write_json(staging / "results.json", json.loads(json.dumps(results, default=str)))
+        atomic_write_text(staging / "results.md", markdown_report(results))
+        counts = {"tasks": len(results["tasks"]), "instances": results["timing"]["instances"],
+                  "truncated": sum(r["truncated"] for r in results["tasks"].values())}
+        if results.get("perplexity"):
+            counts["ppl_documents"] = results["perplexity"]["total"]["documents"]
+            counts["ppl_skipped_lines"] = results["perplexity"]["read_report"]["skipped"]
+        write_manifest(staging, command="lmforge eval", config=config, inputs=inputs, counts=counts)
 
 
 def evaluate_model(path: str | Path, config: EvalConfig, *, step: int | None = None, tokenizer: str | None = None,
                    device: str | None = None, dtype: str = "float32", out: str | Path | None = None,
                    progress: bool = False) -> dict:
     """`lmforge eval`: load the model in any saved form (`lmforge.model.loading.load`), evaluate it, and write
-    the results, predictions and a manifest to `out` when given."""
+    the results, predictions and a manifest to `out` when given (holding its lock from the start)."""
+    import contextlib
+
+    from lmforge.core.locks import output_lock
+
+    with output_lock(out) if out else contextlib.nullcontext():
+        return _evaluate_model(path, config, step=step, tokenizer=tokenizer, device=device, dtype=dtype, out=out,
+                               progress=progress)
+
+
+def _evaluate_model(path: str | Path, config: EvalConfig, *, step: int | None, tokenizer: str | None,
+                    device: str | None, dtype: str, out: str | Path | None, progress: bool) -> dict:
     import torch
 
     from lmforge.core.files import combined_hash, file_hash

@@ -39,7 +39,10 @@ def dcp_io(fn, state: dict, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
         if fn is not dcp.load:
-            fn(state, checkpoint_id=str(path))
+            try:
+                fn(state, checkpoint_id=str(path))
+            except CheckpointException as e:  # a BaseException wrapping each rank's (error, stack)
+                raise next(iter(e.failures.values()))[0] from None  # for the caller's `writing` guard
             return
         if not (path / ".metadata").is_file():  # checked here: DCP would log its own tracebacks first
             raise LmforgeError(f"incomplete checkpoint: {path / '.metadata'} is missing")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.core.config import from_dict, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_path, atomic_write_json
+from lmforge.core.locks import output_lock
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
@@ -25,16 +26,17 @@ WEIGHTS = "model.safetensors"
 
 
 def save_model_dir(model: Transformer, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write the model directory under its lock (callers that add a manifest hold it across both)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    atomic_write_json(directory / "config.json", {"format": FORMAT, "version": 1, "model": to_dict(model.config)})
-    if tokenizer is not None:
-        tokenizer.save(directory)
+    with output_lock(directory):
+        with atomic_path(directory / WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_json(directory / "config.json", {"format": FORMAT, "version": 1, "model": to_dict(model.config)})
+        if tokenizer is not None:
+            tokenizer.save(directory)
     return directory
 
 
@@ -116,8 +118,9 @@ def init_model_dir(config: ModelConfig, out: str | Path, seed: int = 0, tokenize
     tok = Tokenizer.load(tokenizer) if tokenizer else None
     if tok is not None:
         check_tokenizer_fits(tok, config, fix=f"set vocab_size={tok.vocab_size}")
-    save_model_dir(build_model(config, seed), out, tok)
-    write_manifest(out, command="model init", config={**(provenance or {}), "seed": seed, "model": config})
+    with output_lock(out):
+        save_model_dir(build_model(config, seed), out, tok)
+        write_manifest(out, command="model init", config={**(provenance or {}), "seed": seed, "model": config})
     return Path(out)
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from lmforge.core.config import from_dict, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_path, atomic_write_json
+from lmforge.core.locks import output_lock
 from lmforge.model.directory import load_state, save_model_dir
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
@@ -146,15 +147,15 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) 
     `lmforge.model.load`); returns the architecture."""
     family, state = to_hf_state(model)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    atomic_write_json(out / "config.json", _hf_config(model.config, family))
-    atomic_write_json(out / "generation_config.json", {
-        "eos_token_id": model.config.eos_token_id, "pad_token_id": model.config.pad_token_id,
-        "bos_token_id": model.config.bos_token_id})
-    if tokenizer is not None:
-        tokenizer.save(out)
+    with output_lock(out):
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_json(out / "config.json", _hf_config(model.config, family))
+        atomic_write_json(out / "generation_config.json", {
+            "eos_token_id": model.config.eos_token_id, "pad_token_id": model.config.pad_token_id,
+            "bos_token_id": model.config.bos_token_id})
+        if tokenizer is not None:
+            tokenizer.save(out)
     return ARCHITECTURES[family]
 
 

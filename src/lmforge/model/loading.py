@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.model.checkpoints import (DCP_DIR, META, is_checkpoint, is_run_dir, load_checkpoint_model, read_meta,
                                        resolve_checkpoint)
@@ -92,8 +93,9 @@ def export_model_dir(path: str | Path, out: str | Path, step: int | None = None,
     """Write any saved form of a model (see `load`) as a plain model directory, with a manifest."""
     loaded = load(path, step, tokenizer=tokenizer)
     out = Path(out)
-    save_model_dir(loaded.model, out, loaded.tokenizer)
     counts = {"step": loaded.step, "tokens": loaded.meta.get("tokens", 0)} if loaded.kind == "checkpoint" else {}
-    write_manifest(out, command=command, inputs=[p for p in loaded.weight_files if p.is_file()], counts=counts,
-                   extra={"source": str(loaded.path), "source_kind": loaded.kind})
+    with output_lock(out):
+        save_model_dir(loaded.model, out, loaded.tokenizer)
+        write_manifest(out, command=command, inputs=[p for p in loaded.weight_files if p.is_file()], counts=counts,
+                       extra={"source": str(loaded.path), "source_kind": loaded.kind})
     return out

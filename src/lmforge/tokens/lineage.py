@@ -22,7 +22,7 @@ from lmforge.core.config import from_dict, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer, tokens_tokenizer
 from lmforge.core.manifest import read_json
-from lmforge.core.files import atomic_write_json
+from lmforge.core.files import atomic_write_json, writing
 
 if TYPE_CHECKING:
     from lmforge.tokens.dataset import Dataset
@@ -68,8 +68,9 @@ class BatchLog:
     def append(self, step: int, batch: dict) -> None:
         record = {"step": int(step), "epoch": int(batch["epoch"]), "start": int(batch["batch_start"]),
                   "size": int(batch["global_batch_instances"]), "world_size": int(batch["world_size"])}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with writing(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()

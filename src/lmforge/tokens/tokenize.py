@@ -30,7 +30,8 @@ from lmforge.core.config import require
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
-from lmforge.core.files import TOKENS_SIDECAR_SUFFIX, TOKENS_SUFFIX, atomic_path, atomic_write_json, file_hash
+from lmforge.core.locks import output_lock
+from lmforge.core.files import GuardedStream, TOKENS_SIDECAR_SUFFIX, TOKENS_SUFFIX, atomic_path, atomic_write_json, file_hash
 from lmforge.tokens.tokenizer import Tokenizer
 
 FORMAT = "lmforge-tokens-v1"
@@ -180,8 +181,9 @@ class _FileWriter:
             self.flush()
         if self._atomic is None:
             self._atomic = contextlib.ExitStack()
-            tmp = self._atomic.enter_context(atomic_path(Path(self.task.out) / f"{self._name()}{TOKENS_SUFFIX}"))
-            self._stream = self._atomic.enter_context(open(tmp, "wb"))
+            target = Path(self.task.out) / f"{self._name()}{TOKENS_SUFFIX}"
+            tmp = self._atomic.enter_context(atomic_path(target))
+            self._stream = GuardedStream(self._atomic.enter_context(open(tmp, "wb")), target, tmp)
         self.chunks.append(tokens)
         self.buffered += len(tokens)
         self.tokens += len(tokens)
@@ -229,11 +231,12 @@ class _FileWriter:
         self.index += 1
         self._reset()
 
-    def abort(self) -> None:
-        """Drop the file being written (its temporary file is removed, the target is untouched)."""
+    def abort(self, error: BaseException) -> None:
+        """Drop the file being written (its temporary file is removed, the target is untouched); `error` becomes
+        an `OutputWriteError` naming the file when it is the filesystem refusing the write."""
         if self._atomic is not None:
             atomic, self._atomic = self._atomic, None
-            atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            atomic.__exit__(type(error), error, error.__traceback__)
 
 
 def sidecar_metadata(*, dtype: str, eos_id: int, bos_id: int | None, vocab_size: int, shard: str) -> dict:
@@ -293,8 +296,8 @@ def _tokenize_shard(task: ShardTask) -> ShardResult:
                 encode_pending()
         encode_pending()
         writer.flush()
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        writer.abort(e)
         raise
     result.skipped_bad_lines = report.skipped
     result.bad_lines = [str(b) for b in report.bad_lines]
@@ -325,6 +328,11 @@ def _tokenize_task(task: ShardTask, progress) -> dict:
 def tokenize(config: TokenizeConfig) -> dict:
     """Tokenize every shard matched by `config.documents` into `config.out` on the configured executor (local
     processes or Ray); returns the manifest counts."""
+    with output_lock(config.out):
+        return _tokenize(config)
+
+
+def _tokenize(config: TokenizeConfig) -> dict:
     paths, incomplete = input_shards(config.documents, config.input)
     stems = shard_stems(paths)
     tokenizer = Tokenizer.load(config.tokenizer)
@@ -451,6 +459,11 @@ def sample_documents(paths: list[str], sample_docs: int, seed: int, report: Read
 
 
 def train_tokenizer(config: TrainTokenizerConfig) -> dict:
+    with output_lock(config.out):
+        return _train_tokenizer(config)
+
+
+def _train_tokenizer(config: TrainTokenizerConfig) -> dict:
     """Train a byte-level BPE tokenizer on a document sample; writes tokenizer.json and a manifest."""
     from lmforge.tokens.tokenizer import train_bpe
 

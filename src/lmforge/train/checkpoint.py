@@ -2,9 +2,10 @@
 
 The layout, and reading a checkpoint's model, are in `lmforge.model.checkpoints`.
 
-Every rank writes into `.tmp-step00000100/`; after a barrier rank 0 renames it to `step00000100/`, the one
+Every rank writes into `.step00000100.tmp/`; after a barrier rank 0 renames it to `step00000100/`, the one
 atomic act. A kill at any moment leaves either the old set of checkpoints or the old set plus a complete new
-one; leftover `.tmp-*` directories are removed at the next start. DCP saves parameters by their model names
+one; leftover temporary directories are removed at the next start (and by the run directory's lock). A full
+disk ends the save with one `OutputWriteError` naming the checkpoint. DCP saves parameters by their model names
 (no FSDP/DDP/compile prefixes) and reshards on load, so a run resumes on a different number of ranks.
 """
 
@@ -26,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.core.config import to_dict
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write_json
+from lmforge.core.files import atomic_write_json, remove_temps, temp_name, writing
 from lmforge.tokens.tokenizer import pad_vocab_size
 from lmforge.model.transformer import ModelConfig
 from lmforge.model.checkpoints import (DCP_DIR, FORMAT, META, STATE_OPTIONS, checkpoint_model_config, dcp_io,
@@ -36,27 +37,25 @@ from lmforge.train.distributed import DistInfo, barrier
 
 
 def remove_partial_saves(root: str | Path) -> None:
-    root = Path(root)
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(".tmp-"):
-                shutil.rmtree(child, ignore_errors=True)
+    if Path(root).is_dir():
+        remove_temps(root)
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict, rank_state: dict, dist_info: DistInfo) -> Path:
     root = Path(root)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / temp_name(final.name)
     if dist_info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     state = {"model": get_model_state_dict(model, options=STATE_OPTIONS),
              "optim": get_optimizer_state_dict(model, optimizer, options=STATE_OPTIONS)}
-    dcp_io(dcp.save, state, tmp / DCP_DIR)
-    (tmp / "train").mkdir(exist_ok=True)
-    torch.save(rank_state, tmp / "train" / f"rank{dist_info.rank}.pt")
+    with writing(final, tmp):
+        dcp_io(dcp.save, state, tmp / DCP_DIR)
+        (tmp / "train").mkdir(exist_ok=True)
+        torch.save(rank_state, tmp / "train" / f"rank{dist_info.rank}.pt")
     barrier()
     if dist_info.is_main:
         atomic_write_json(tmp / META, {"format": FORMAT, "version": 1, "step": step,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 
 
 @dataclass
@@ -79,10 +81,18 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
-def launch_torchrun(lmforge_argv: list[str], nproc: int, nnodes: str = "1", max_restarts: int = 0,
+def launch_torchrun(lmforge_argv: list[str], nproc: int, run_dir: str, nnodes: str = "1", max_restarts: int = 0,
                     rdzv_endpoint: str | None = None, rdzv_id: str = "lmforge") -> int:
     """Run `lmforge <lmforge_argv>` under torchrun on `nproc` processes per node; returns torchrun's exit code.
-    The workers see this environment and train data-parallel."""
+    The workers see this environment and train data-parallel. On one node this process holds the run
+    directory's lock for them (the workers inherit it) through every restart; across nodes only the launcher
+    knows nothing of ranks, so rank 0 takes it (`lmforge.train.trainer.train`)."""
+    with output_lock(run_dir) if nnodes == "1" else contextlib.nullcontext():
+        return _launch_torchrun(lmforge_argv, nproc, nnodes, max_restarts, rdzv_endpoint, rdzv_id)
+
+
+def _launch_torchrun(lmforge_argv: list[str], nproc: int, nnodes: str, max_restarts: int,
+                     rdzv_endpoint: str | None, rdzv_id: str) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
            f"--max-restarts={max_restarts}"]
     if rdzv_endpoint:

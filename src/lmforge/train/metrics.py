@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.core.files import atomic_write_text, writing
 from lmforge.train.config import MetricsConfig
 
 PEAK_BF16_FLOPS = {  # dense, per device
@@ -69,8 +70,6 @@ class MetricsLogger:
         """On resume, drop rows a killed run logged after its last checkpoint, so the file reads as one run."""
         if not self.enabled or not self.path.is_file():
             return
-        from lmforge.core.files import atomic_write_text
-
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
@@ -84,7 +83,7 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         step = row["step"]
         if self.tb is not None:

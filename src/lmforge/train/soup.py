@@ -9,6 +9,7 @@ import torch
 
 from lmforge.core.config import to_dict
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.model.directory import save_model_dir
 from lmforge.model.loading import load
@@ -41,7 +42,8 @@ def soup(paths: list[str], out: str | Path, weights: list[float] | None = None, 
             acc.add_(tensor.double(), alpha=weight)
     first.load_state_dict({k: v.to(torch.float32) for k, v in averaged.items()})
     out = Path(out)
-    save_model_dir(first, out, first_tokenizer)
-    write_manifest(out, command="soup", config={"checkpoints": [str(p) for p in paths], "weights": weights},
-                   counts={"checkpoints": len(paths)})
+    with output_lock(out):
+        save_model_dir(first, out, first_tokenizer)
+        write_manifest(out, command="soup", config={"checkpoints": [str(p) for p in paths], "weights": weights},
+                       counts={"checkpoints": len(paths)})
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -32,6 +33,7 @@ import torch
 
 from lmforge.core.config import save_config, to_dict
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.model.info import flops_per_token
 from lmforge.model.transformer import ModelConfig, Transformer, cross_entropy_loss, init_weights
@@ -422,14 +424,14 @@ class _Interval:
         self.skipped += result.skipped is not None
 
 
-def default_loader_factory(config: TrainConfig, run_dir: Path) -> LoaderFactory:
+def default_loader_factory(config: TrainConfig, run_dir: Path, record: bool = True) -> LoaderFactory:
     """The token-file dataset of `config.data`; rank 0 records it in the run directory for `data inspect`."""
 
     def factory(global_batch_tokens: int, dist_info: DistInfo) -> BatchLoader:
         from lmforge.tokens.lineage import write_run_data_record
 
         dataset = config.data.build()
-        if dist_info.is_main:
+        if dist_info.is_main and record:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_data_record(run_dir, dataset)
         return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.rank,
@@ -460,8 +462,14 @@ def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
 def preflight(config: TrainConfig, world_size: int) -> None:
     """Make every refusal the trainer makes before compute, in this process: a launcher runs it once before
     starting workers, so a bad config or unusable data is one line, not one per worker plus torchrun's trace."""
-    Trainer(config, dist_info=DistInfo(0, world_size, 0, world_size, torch.device("cpu")), checks_only=True)
+    Trainer(config, dist_info=DistInfo(0, world_size, 0, world_size, torch.device("cpu")), checks_only=True,
+            loader_factory=default_loader_factory(config, Path(config.run_dir), record=False))
 
 
 def train(config: TrainConfig, **kwargs: Any) -> dict:
-    return Trainer(config, **kwargs).fit()
+    """Train under the run directory's lock: taken by rank 0 only (or by `lmforge train --nproc` before it
+    launched the workers), so the ranks of one run never lock each other out."""
+    dist_info = kwargs.get("dist_info")
+    is_main = dist_info.is_main if dist_info is not None else os.environ.get("RANK", "0") == "0"
+    with output_lock(config.run_dir) if is_main else contextlib.nullcontext():
+        return Trainer(config, **kwargs).fit()

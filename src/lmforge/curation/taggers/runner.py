@@ -18,6 +18,7 @@ from lmforge.curation.documents import InputConfig, ReadReport, input_shards, re
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 
 MAX_REPORTED_ERRORS = 100
@@ -132,6 +133,12 @@ def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], list[str], 
 
 def run_tag(config: TagConfig) -> dict:
     tasks, paths, incomplete, groups = plan_tasks(config)
+    with output_lock(*{attribute_dir(p, name) for p in paths for name in groups}):
+        return _run_tag(config, tasks, paths, incomplete, groups)
+
+
+def _run_tag(config: TagConfig, tasks: list[TagTask], paths: list[str], incomplete: list[str],
+             groups: dict[str, list[str]]) -> dict:
     executor = config.executor
     results = run_tasks(tag_shard, tasks, executor, desc="tag")
     summary = {"shards": len(paths), "shards_run": len(tasks), "shards_skipped_done": len(paths) - len(tasks),
