@@ -290,6 +290,8 @@ def test_injected_full_disk_ends_each_stage_in_one_line_with_the_previous_output
     assert temps(tmp_path) == [] and not list(tmp_path.rglob(files.LOCK_NAME))
     if stage == "tokenize":
         before = {k: v for k, v in before.items() if k.startswith("a-") or k == "tokenizer/tokenizer.json"}
+    if stage == "mix":  # with its marks gone the output was unfinished; a run with work removes its manifest first
+        before.pop("manifest.json")
     if stage in ("tag", "dedup", "train"):  # new shard's attributes / the run's new rows may be added, not changed
         before = {k: v for k, v in before.items() if stage != "dedup" or ".state" in k}
     assert {k: after.get(k) for k in before} == before
