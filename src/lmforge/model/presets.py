@@ -92,8 +92,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "olmo-tiny": lambda: olmo1(128, 4, 4, 384, tie=True, max_sequence_length=512, **TINY_TOKENS),
     "olmo2-tiny": lambda: olmo2(128, 4, 4, 384, max_sequence_length=512, **TINY_TOKENS),
     "olmo2-tiny-gqa": lambda: olmo2(128, 4, 4, 384, n_kv_heads=2, max_sequence_length=512, **TINY_TOKENS),
-    "olmo3-tiny": lambda: olmo3(128, 4, 4, 384, max_sequence_length=512, sliding_window=64,
-                                yarn_original_context=128, **TINY_TOKENS),
+    "olmo3-tiny": lambda: olmo3(128, 4, 4, 384, max_sequence_length=512, sliding_window=16,
+                                yarn_original_context=64, **TINY_TOKENS),
     "olmoe-tiny": lambda: olmoe(128, 2, 4, 8, 64, 2, max_sequence_length=512, **TINY_TOKENS),
     "bloom-tiny": lambda: bloom(128, 4, 4, max_sequence_length=512, **TINY_TOKENS),
 }
