@@ -64,7 +64,7 @@ class BigramStub(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.table = torch.randn(vocab, vocab, generator=g, dtype=torch.float64)
         self.config = SimpleNamespace(max_sequence_length=max_len, pad_token_id=0, n_layers=1, n_kv_heads=1,
-                                      head_dim=1, bos_token_id=None)
+                                      head_dim=1, bos_token_id=None, layer_window=lambda layer: None)
         self.lm_head = nn.Linear(vocab, vocab, bias=False).double()
         with torch.no_grad():
             self.lm_head.weight.copy_(self.table.T)
