@@ -79,6 +79,8 @@ def cmd_info(args) -> None:
     print(f"{args.preset} ({info['family']})")
     print(f"  parameters            {info['parameters']:>16,}")
     print(f"  non-embedding         {info['non_embedding_parameters']:>16,}")
+    if info["active_parameters"] != info["parameters"]:
+        print(f"  active per token      {info['active_parameters']:>16,}  (top-k experts; FLOPs count these)")
     print(f"  vocab / embedding     {info['vocab_size']:>8,} / {info['embedding_size']:,}")
     print(f"  FLOPs per token       {info['flops_per_token']:>16,}  (training, seq {info['seq_len']}, 6N + causal attention)")
     print("  memory for weights + grads + AdamW state:")

@@ -449,7 +449,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         flat = x.reshape(-1, x.shape[-1])
         logits = self.router(flat)
-        probs = logits.float().softmax(-1)
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         weights, expert_ids = probs.topk(self.top_k, dim=-1)
         if self.norm_top_k:
             weights = weights / weights.sum(-1, keepdim=True)
