@@ -1,6 +1,7 @@
-"""Hugging Face interop: lmforge model directory <-> transformers `Olmo`, `Olmo2` or `Bloom` directory.
+"""Hugging Face interop: lmforge model directory <-> transformers `Olmo`, `Olmo2`, `Olmo3`, `Olmoe` or `Bloom`
+directory.
 
-The family is decided by the model's options, not its label: a model whose options none of the three
+The family is decided by the model's options, not its label: a model whose options none of these
 transformers classes expresses exactly (say OLMo 2 norms with ALiBi) is refused, never exported wrongly.
 Writing the HF `config.json` needs no transformers install; loading it back is what the tests check.
 """
@@ -345,13 +346,13 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Convert a transformers OLMo / OLMo 2 / BLOOM directory into an lmforge model directory."""
+    """Convert a transformers OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory into an lmforge model directory."""
     model, tokenizer = read_hf(hf_dir)
     return save_model_dir(model, out, tokenizer)
 
 
 def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
-    """A transformers OLMo / OLMo 2 / BLOOM directory as an lmforge model (CPU) and its tokenizer."""
+    """A transformers OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory as an lmforge model (CPU) and its tokenizer."""
     hf_dir = Path(hf_dir)
     try:
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
