@@ -72,7 +72,7 @@ class ModelConfig:
     pad_token_id: int = 1
     bos_token_id: int | None = None
     vocab_multiple: int = 128
-    family: str = field(default="olmo2", metadata={"help": "label only: olmo, olmo2, bloom or custom"})
+    family: str = field(default="olmo2", metadata={"help": "label only: olmo, olmo2, olmo3, olmoe, bloom or custom"})
 
     def __post_init__(self):
         if self.n_kv_heads is None:
