@@ -257,3 +257,35 @@ def test_router_receives_the_gradient_of_the_auxiliary_losses():
     _, router = model(_ids(length=16), return_router_losses=True)
     router.total.backward()
     assert all(block.mlp.router.weight.grad.abs().sum() > 0 for block in model.blocks)
+
+
+def test_training_gradient_includes_the_router_losses_token_weighted_over_micro_batches(tmp_path):
+    """The trainer's first-step gradient norm equals a hand-built loss: per micro-batch, summed CE plus the
+    router losses' weighted sum times the micro-batch's real tokens, over the global batch's real tokens."""
+    import copy
+
+    from lmforge.train.trainer import Trainer
+
+    model = {"preset": "olmoe-tiny", "overrides": {"n_layers": 2, "d_model": 64, "n_heads": 4, "mlp_hidden_size": 32,
+                                                   "n_experts": 4, "moe_top_k": 2, "vocab_size": 256,
+                                                   "eos_token_id": 0, "pad_token_id": 1, "max_sequence_length": 64,
+                                                   "moe_lb_loss_coef": 3.0, "moe_z_loss_coef": 0.5}}
+    config = tiny_config(tmp_path, model=model, z_loss_multiplier=0.0, **{"optimizer.max_grad_norm": None})
+    factory = array_loader_factory(random_tokens(), 32)
+    trainer = Trainer(config, loader_factory=factory)
+    reference = copy.deepcopy(trainer.model)
+    batch = next(iter(factory(8 * 32, trainer.dist)))
+    result = trainer.train_step(batch, 8 * 32)
+
+    ids = batch["input_ids"]
+    labels = torch.cat([ids[:, 1:], torch.full((len(ids), 1), -100)], dim=1)
+    total = torch.zeros(())
+    for rows in torch.arange(len(ids)).split(2):  # micro-batches of 2 sequences
+        logits, router = reference(ids[rows], return_router_losses=True)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[rows].reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+        total = total + ce + router.total * (labels[rows] != -100).sum()
+    (total / (labels != -100).sum()).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+    assert abs(result.grad_norm - norm.item()) < 1e-4 * norm.item()
+    assert result.router is not None and result.router["moe_lb_loss"] >= 2 - 1e-4
