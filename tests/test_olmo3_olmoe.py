@@ -298,3 +298,22 @@ def test_training_gradient_includes_the_router_losses_token_weighted_over_micro_
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
     assert abs(result.grad_norm - norm.item()) < 1e-4 * norm.item()
     assert result.router is not None and result.router["moe_lb_loss"] >= 2 - 1e-4
+
+
+def test_moe_under_fsdp_per_block_with_activation_checkpointing_trains_as_ddp(tmp_path):
+    """Two gloo processes: FSDP2 (per block, blocks checkpointed) and DDP see the same micro-batches, so their
+    losses, grad norms and router losses agree. (One process differs: the load-balancing loss is a product of
+    per-micro-batch means, and the micro-batches differ.)"""
+    from train_utils import read_metrics, run_multiprocess
+
+    model = {"preset": "olmoe-tiny", "overrides": {"n_layers": 2, "d_model": 64, "n_heads": 4, "mlp_hidden_size": 32,
+                                                   "n_experts": 4, "moe_top_k": 2, "vocab_size": 256,
+                                                   "eos_token_id": 0, "pad_token_id": 1, "max_sequence_length": 64}}
+    common = {"model": model, "max_steps": 4, "checkpoint.interval": None, "checkpoint.save_final": False}
+    run_multiprocess(2, [
+        (tmp_path / "fsdp", {**common, "parallel.data_parallel": "fsdp", "parallel.activation_checkpointing": "full"}),
+        (tmp_path / "ddp", {**common, "parallel.data_parallel": "ddp"}),
+    ])
+    fsdp, ddp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "ddp")
+    for key in ("loss", "grad_norm", "moe_lb_loss", "moe_z_loss", "expert_load/layer1_max"):
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in ddp], rel=1e-5), key
