@@ -317,3 +317,14 @@ def test_moe_under_fsdp_per_block_with_activation_checkpointing_trains_as_ddp(tm
     fsdp, ddp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "ddp")
     for key in ("loss", "grad_norm", "moe_lb_loss", "moe_z_loss", "expert_load/layer1_max"):
         assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in ddp], rel=1e-5), key
+
+
+def test_flops_per_token_count_only_the_pairs_inside_each_window():
+    from lmforge.model.info import flops_per_token
+
+    config = _olmo3(window=3)  # layers: window 3, 3, 3, then full
+    counts = count_parameters(config)
+    dense = 6 * (counts["non_embedding"] + config.embedding_size * config.d_model)
+    # 5 tokens, window 3: queries see 1, 2, 3, 3, 3 keys = 12 pairs; the full layer 1+2+3+4+5 = 15.
+    attention = 12 * config.n_heads * config.head_dim * (3 * 12 + 15) / 5
+    assert flops_per_token(config, 5) == int(dense + attention)

@@ -22,14 +22,21 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token, OLMo-core 3.0's formula: 6·(block + LM-head parameters) plus, per layer,
-    12·n_heads·head_dim·(causal query-key pairs)/seq_len, i.e. causal attention counted once, not twice.
-    For a mixture of experts the block parameters are the active ones (top-k experts per token). Sliding
-    windows are not discounted (as OLMo-core counts them)."""
+    12·n_heads·head_dim·(query-key pairs it attends)/seq_len, i.e. causal attention counted once, not twice,
+    and a sliding-window layer counting only the pairs inside its window. For a mixture of experts the block
+    parameters are the active ones (top-k experts per token)."""
     counts = count_parameters(config)
     matmul_params = counts["active_non_embedding"] + config.embedding_size * config.d_model
-    causal_pairs = seq_len * (seq_len + 1) / 2
-    attention = 12 * config.n_layers * config.n_heads * config.head_dim * causal_pairs / seq_len
+    pairs = sum(attended_pairs(seq_len, config.layer_window(i)) for i in range(config.n_layers))
+    attention = 12 * config.n_heads * config.head_dim * pairs / seq_len
     return int(6 * matmul_params + attention)
+
+
+def attended_pairs(seq_len: int, window: int | None) -> int:
+    """(query, key) pairs of causal attention over seq_len tokens, each query seeing at most `window` keys."""
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return window * (window + 1) // 2 + (seq_len - window) * window
 
 
 # Bytes per parameter for weights + gradients + AdamW's two moments.
