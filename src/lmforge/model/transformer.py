@@ -213,6 +213,7 @@ class KVCache:
     all that a later query can see, so its memory stays bounded by the window however long generation runs."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        self.config = config
         self.windows = [config.layer_window(i) for i in range(config.n_layers)]
         self.keys, self.values = [], []
         for window in self.windows:
@@ -243,15 +244,12 @@ class KVCache:
 
     def select(self, rows: torch.Tensor, max_len: int) -> "KVCache":
         """A cache of these batch rows with room for max_len tokens in all, holding what this one holds."""
-        out = KVCache.__new__(KVCache)
-        out.windows, out.length, out.keys, out.values = self.windows, self.length, [], []
-        for window, keys, values in zip(self.windows, self.keys, self.values):
-            capacity = max_len if window is None else min(window - 1, max_len)
+        out = KVCache(self.config, len(rows), max_len, self.keys[0].device, self.keys[0].dtype)
+        for layer, window in enumerate(self.windows):
             held = self.held(window)
-            for source, target in ((keys, out.keys), (values, out.values)):
-                buffer = source.new_zeros((len(rows), source.shape[1], capacity, source.shape[3]))
-                buffer[:, :, :held] = source[:, :, :held].index_select(0, rows)
-                target.append(buffer)
+            out.keys[layer][:, :, :held] = self.keys[layer][:, :, :held].index_select(0, rows)
+            out.values[layer][:, :, :held] = self.values[layer][:, :, :held].index_select(0, rows)
+        out.length = self.length
         return out
 
 
