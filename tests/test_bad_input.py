@@ -371,3 +371,23 @@ def test_generate_nan_temperature(tmp_path, capsys):
 def test_curation_workers_must_be_positive(tmp_path, capsys, command):
     argv = ["data", command, "--documents", tmp_path / "*.jsonl", "--workers", "0"]
     assert_one_line_error(*run_cli(argv, capsys), "--workers", "'executor.workers' = 0: must be at least 1")
+
+
+@pytest.mark.parametrize("preset, override, field", [
+    ("olmo3-tiny", "sliding_window=1000", "sliding_window"),  # window larger than the 512-token context
+    ("olmoe-tiny", "moe_top_k=9", "moe_top_k"),  # top-k above the 8 experts
+    ("olmo3-tiny", "n_kv_heads=3", "n_kv_heads"),  # 4 heads are not divisible by 3 KV heads
+    ("olmo3-tiny", "yarn_factor=0.5", "yarn_factor"),  # YaRN cannot shrink the context
+])
+def test_model_options_out_of_range(preset, override, field, capsys):
+    value = override.split("=")[1]
+    assert_one_line_error(*run_cli(["model", "info", preset, override], capsys), f"model.{field}", value)
+
+
+def test_import_hf_olmo3_with_an_inexpressible_layer_pattern(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    config = {"model_type": "olmo3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 96, "vocab_size": 384, "layer_types": ["full_attention", "sliding_attention"]}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    argv = ["import", "hf", tmp_path / "hf", "--out", tmp_path / "out"]
+    assert_one_line_error(*run_cli(argv, capsys), tmp_path / "hf" / "config.json", "layer_types")

@@ -10,13 +10,18 @@ from lmforge.model.presets import get_preset
 from lmforge.model.transformer import ModelConfig, Transformer, alibi_slopes, cross_entropy_loss
 
 # Parameter counts of the released Hugging Face checkpoints (from their config.json shapes; e.g.
-# allenai/OLMo-1B-hf, OLMo-7B-hf, OLMo-2-0425-1B, OLMo-2-1124-7B, OLMo-2-1124-13B, bigscience/bloom-560m).
+# allenai/OLMo-1B-hf, OLMo-7B-hf, OLMo-2-0425-1B, OLMo-2-1124-7B, OLMo-2-1124-13B, bigscience/bloom-560m, and
+# Olmo 3 7B/32B and OLMoE-1B-7B with the embedding padded as the released checkpoints pad it).
 RELEASED_PARAMETERS = {
     "olmo-1b": 1_176_764_416,
     "olmo-7b": 6_888_095_744,
     "olmo2-1b": 1_484_916_736,
     "olmo2-7b": 7_298_617_344,
     "olmo2-13b": 13_716_198_400,
+    # transformers' Olmo3Config / OlmoeConfig(intermediate_size=1024) at these shapes, counted on the meta device
+    "olmo3-7b": 7_298_617_344,
+    "olmo3-32b": 32_234_279_936,
+    "olmoe-1b-7b": 6_919_161_856,
     "bloom-560m": 559_214_592,
 }
 

@@ -117,13 +117,13 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
     snapshots = {}
 
     def injected(model, input_ids, labels, doc_ids):
-        ce, z = original(model, input_ids, labels, doc_ids)
+        ce, z, router = original(model, input_ids, labels, doc_ids)
         if trainer.step == 3:
             ce = ce * float("nan")
         if trainer.step == 5:
             ce = ce * 1000  # loss and gradient spike far beyond 6 sigma
         snapshots.setdefault(trainer.step, [p.detach().clone() for p in trainer.params])
-        return ce, z
+        return ce, z, router
 
     monkeypatch.setattr(trainer, "forward_loss", injected)
     trainer.fit()

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export a model directory to another format")
     export_sub = export.add_subparsers(dest="export_format", metavar="FORMAT")
     export_sub.required = True
-    export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2 or Bloom)")
+    export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2, Olmo3, Olmoe or Bloom)")
     export_hf.add_argument("model", help="lmforge model directory, training checkpoint, or run directory (latest checkpoint)")
     add_out_flag(export_hf, "output transformers directory")
     add_model_source_flags(export_hf)
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser("import", help="import a model from another format")
     imp_sub = imp.add_subparsers(dest="import_format", metavar="FORMAT")
     imp_sub.required = True
-    import_hf = imp_sub.add_parser("hf", help="Hugging Face OLMo / OLMo 2 / BLOOM directory")
+    import_hf = imp_sub.add_parser("hf", help="Hugging Face OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory")
     import_hf.add_argument("hf_dir")
     import_hf.add_argument("--out", required=True)
     import_hf.set_defaults(func=cmd_import_hf)
@@ -79,6 +79,8 @@ def cmd_info(args) -> None:
     print(f"{args.preset} ({info['family']})")
     print(f"  parameters            {info['parameters']:>16,}")
     print(f"  non-embedding         {info['non_embedding_parameters']:>16,}")
+    if info["active_parameters"] != info["parameters"]:
+        print(f"  active per token      {info['active_parameters']:>16,}  (top-k experts; FLOPs count these)")
     print(f"  vocab / embedding     {info['vocab_size']:>8,} / {info['embedding_size']:,}")
     print(f"  FLOPs per token       {info['flops_per_token']:>16,}  (training, seq {info['seq_len']}, 6N + causal attention)")
     print("  memory for weights + grads + AdamW state:")

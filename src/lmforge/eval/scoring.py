@@ -127,15 +127,11 @@ def _score_batch(model, contexts: list[tuple[int, ...]], continuations: list[lis
 
 def _score_tails(model, ctx_cache: KVCache, ctx_mask: torch.Tensor, rows, results: list[float]) -> None:
     """Second pass: continuation[:-1] on top of each context's cache, scoring continuation[1:]."""
-    device, dtype = ctx_mask.device, ctx_cache.keys[0].dtype
+    device = ctx_mask.device
     R, Lc = len(rows), ctx_mask.shape[1]
     Lt = max(len(cont) - 1 for _, cont, _ in rows)
     source = torch.tensor([b for b, _, _ in rows], device=device)
-    cache = KVCache(model.config, R, Lc + Lt, device, dtype)
-    for layer in range(model.config.n_layers):
-        cache.keys[layer][:, :, :Lc] = ctx_cache.keys[layer].index_select(0, source)
-        cache.values[layer][:, :, :Lc] = ctx_cache.values[layer].index_select(0, source)
-    cache.length = Lc
+    cache = ctx_cache.select(source, Lc + Lt)
     ids = torch.full((R, Lt), model.config.pad_token_id, dtype=torch.long)
     targets = torch.zeros((R, Lt), dtype=torch.long)
     for r, (_, cont, _) in enumerate(rows):

@@ -1,13 +1,17 @@
-"""Hugging Face interop: lmforge model directory <-> transformers `Olmo`, `Olmo2` or `Bloom` directory.
+"""Hugging Face interop: lmforge model directory <-> transformers `Olmo`, `Olmo2`, `Olmo3`, `Olmoe` or `Bloom`
+directory.
 
-The family is decided by the model's options, not its label: a model whose options none of the three
+The family is decided by the model's options, not its label: a model whose options none of these
 transformers classes expresses exactly (say OLMo 2 norms with ALiBi) is refused, never exported wrongly.
 Writing the HF `config.json` needs no transformers install; loading it back is what the tests check.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -18,19 +22,28 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_path, atomic_write_json
 from lmforge.core.locks import output_lock
 from lmforge.model.directory import load_state, save_model_dir
-from lmforge.model.transformer import ModelConfig, Transformer
+from lmforge.model.transformer import ModelConfig, Transformer, rope_frequencies
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
-# The options each transformers class hard-codes; a model must match one set exactly.
+# The options each transformers class hard-codes; a model must match one set exactly (first match wins, so a
+# model without sliding windows or YaRN exports as OLMo 2, with them as Olmo 3).
+DENSE_FULL_ATTENTION = dict(n_experts=0, sliding_window=None, yarn_factor=None)
+OLMO2_OPTIONS = dict(mlp="swiglu", norm="rmsnorm", norm_affine=True, block="reordered", qk_norm=True,
+                     position="rope", bias=False, embedding_norm=False, clip_qkv=None)
 FAMILY_OPTIONS = {
     "olmo": dict(mlp="swiglu", norm="layernorm", norm_affine=False, norm_eps=1e-5, block="prenorm", qk_norm=False,
-                 position="rope", bias=False, embedding_norm=False),
-    "olmo2": dict(mlp="swiglu", norm="rmsnorm", norm_affine=True, block="reordered", qk_norm=True,
-                  position="rope", bias=False, embedding_norm=False, clip_qkv=None),
+                 position="rope", bias=False, embedding_norm=False, **DENSE_FULL_ATTENTION),
+    "olmo2": OLMO2_OPTIONS | DENSE_FULL_ATTENTION,
+    "olmo3": OLMO2_OPTIONS | dict(n_experts=0),
+    "olmoe": dict(mlp="swiglu", norm="rmsnorm", norm_affine=True, block="prenorm", qk_norm=True, position="rope",
+                  bias=False, embedding_norm=False, clip_qkv=None, sliding_window=None, yarn_factor=None),
     "bloom": dict(mlp="gelu", norm="layernorm", norm_affine=True, block="prenorm", qk_norm=False,
-                  position="alibi", bias=True, embedding_norm=True, clip_qkv=None, tie_embeddings=True),
+                  position="alibi", bias=True, embedding_norm=True, clip_qkv=None, tie_embeddings=True,
+                  **DENSE_FULL_ATTENTION),
 }
-ARCHITECTURES = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "bloom": "BloomForCausalLM"}
+ARCHITECTURES = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                 "olmoe": "OlmoeForCausalLM", "bloom": "BloomForCausalLM"}
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer types
 
 
 def hf_family(config: ModelConfig) -> str:
@@ -39,6 +52,8 @@ def hf_family(config: ModelConfig) -> str:
         diff = {k: getattr(config, k) for k, v in options.items() if getattr(config, k) != v}
         if family == "bloom" and config.n_kv_heads != config.n_heads:
             diff["n_kv_heads"] = config.n_kv_heads
+        if family == "olmoe" and not config.n_experts:
+            diff["n_experts"] = config.n_experts
         if not diff:
             return family
         mismatches[family] = diff
@@ -47,6 +62,16 @@ def hf_family(config: ModelConfig) -> str:
         "transformers has no class for this model's options, refusing to export it: closest is "
         f"{ARCHITECTURES[closest]}, which cannot express {mismatches[closest]}"
     )
+
+
+def _olmo3_rope(config: ModelConfig) -> dict:
+    full = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.yarn_factor is not None:
+        full |= {"rope_type": "yarn", "factor": config.yarn_factor,
+                 "original_max_position_embeddings": config.yarn_original_context,
+                 "beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow,
+                 "attention_factor": rope_frequencies(config, yarn=True)[1]}
+    return {FULL: full, SLIDING: {"rope_type": "default", "rope_theta": config.rope_theta}}
 
 
 def _hf_config(config: ModelConfig, family: str) -> dict:
@@ -71,11 +96,22 @@ def _hf_config(config: ModelConfig, family: str) -> dict:
         out["clip_qkv"] = config.clip_qkv
     else:
         out["rms_norm_eps"] = config.norm_eps
+    if family == "olmo3":
+        out |= dict(rope_parameters=_olmo3_rope(config), sliding_window=config.sliding_window,
+                    layer_types=[FULL if config.layer_window(i) is None else SLIDING for i in range(config.n_layers)])
+        del out["rope_theta"]  # per layer type, in rope_parameters
+    if family == "olmoe":
+        out |= dict(num_experts=config.n_experts, num_experts_per_tok=config.moe_top_k,
+                    norm_topk_prob=config.moe_norm_top_k, router_aux_loss_coef=config.moe_lb_loss_coef,
+                    output_router_logits=False, clip_qkv=None)
     return out
 
 
-def _llama_like_names(layer: int) -> dict[str, str]:
+def _llama_like_names(layer: int, prenorm: bool) -> dict[str, str]:
     p = f"model.layers.{layer}."
+    # OLMo 2/3 norm each sub-layer's output; OLMoE (pre-norm) its input. OLMo 1's norms have no weights.
+    norms = ("input_layernorm", "post_attention_layernorm") if prenorm else ("post_attention_layernorm",
+                                                                             "post_feedforward_layernorm")
     return {
         "attn.q_proj.weight": p + "self_attn.q_proj.weight",
         "attn.k_proj.weight": p + "self_attn.k_proj.weight",
@@ -86,9 +122,18 @@ def _llama_like_names(layer: int) -> dict[str, str]:
         "mlp.gate_proj.weight": p + "mlp.gate_proj.weight",
         "mlp.up_proj.weight": p + "mlp.up_proj.weight",
         "mlp.down_proj.weight": p + "mlp.down_proj.weight",
-        "attn_norm.weight": p + "post_attention_layernorm.weight",
-        "mlp_norm.weight": p + "post_feedforward_layernorm.weight",
+        "mlp.router.weight": p + "mlp.gate.weight",
+        "attn_norm.weight": p + norms[0] + ".weight",
+        "mlp_norm.weight": p + norms[1] + ".weight",
     }
+
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _expert_name(layer: int, expert: int, projection: str) -> str:
+    # The per-expert layout of the released checkpoints and of transformers' save_pretrained.
+    return f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
 
 
 def _bloom_names(layer: int) -> dict[str, str]:
@@ -100,7 +145,8 @@ def _bloom_names(layer: int) -> dict[str, str]:
 
 
 def _name_map(config: ModelConfig, family: str) -> dict[str, str]:
-    """lmforge parameter name -> HF name, for every parameter except BLOOM's fused query_key_value."""
+    """lmforge parameter name -> HF name, for every parameter except BLOOM's fused query_key_value and the
+    stacked experts (one tensor per expert in HF)."""
     if family == "bloom":
         mapping = {"embed.weight": "transformer.word_embeddings.weight",
                    "embed_norm.weight": "transformer.word_embeddings_layernorm.weight",
@@ -110,7 +156,7 @@ def _name_map(config: ModelConfig, family: str) -> dict[str, str]:
     else:
         mapping = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
                    "lm_head.weight": "lm_head.weight"}
-        per_layer = _llama_like_names
+        per_layer = functools.partial(_llama_like_names, prenorm=config.block == "prenorm")
     for i in range(config.n_layers):
         mapping.update({f"blocks.{i}.{k}": v for k, v in per_layer(i).items()})
     return mapping
@@ -133,6 +179,10 @@ def to_hf_state(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
     hf = {}
     for name, tensor in ours.items():
         if family == "bloom" and ".attn." in name and name.split(".")[3] in ("q_proj", "k_proj", "v_proj"):
+            continue
+        if ".mlp.experts." in name:
+            layer, projection = int(name.split(".")[1]), name.split(".")[-1]
+            hf.update({_expert_name(layer, e, projection): w.contiguous() for e, w in enumerate(tensor)})
             continue
         hf[mapping[name]] = tensor.contiguous()
     if family == "bloom":
@@ -159,8 +209,46 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) 
     return ARCHITECTURES[family]
 
 
+def _olmo3_options(hf: dict, path: Path) -> dict:
+    """Sliding windows and RoPE of an Olmo 3 config.json, as ModelConfig fields. Reads transformers 5's
+    per-layer-type `rope_parameters` and the older `rope_theta` + `rope_scaling` (applied to full attention)."""
+    n = hf["num_hidden_layers"]
+    default_types = [SLIDING if (i + 1) % 4 else FULL for i in range(n)]  # transformers' default
+    layer_types = hf.get("layer_types") or default_types
+    options: dict = {"sliding_window": None, "yarn_factor": None}
+    if SLIDING in layer_types:
+        def pattern(every: int) -> list[str]:
+            return [FULL if i == n - 1 or (i + 1) % every == 0 else SLIDING for i in range(n)]
+
+        every = next((k for k in range(2, n + 1) if pattern(k) == list(layer_types)), None)
+        if every is None:
+            raise LmforgeError(f"{path / 'config.json'}: layer_types {layer_types} is not full attention in every "
+                               "n-th layer and the last, the pattern lmforge expresses")
+        options.update(sliding_window=hf.get("sliding_window") or 4096, full_attention_every=every)
+    rope = hf.get("rope_parameters") or {}
+    full = dict(rope.get(FULL) or (rope if FULL not in rope and SLIDING not in rope else {}))
+    full |= hf.get("rope_scaling") or {}
+    sliding = rope.get(SLIDING) or {}
+    theta = full.get("rope_theta") or hf.get("rope_theta") or 500_000.0
+    if sliding.get("rope_theta", theta) != theta or sliding.get("rope_type", "default") != "default":
+        raise LmforgeError(f"{path / 'config.json'}: sliding layers with RoPE {sliding} differing from the full "
+                           f"layers' theta {theta}; lmforge has one rope_theta and plain RoPE on sliding layers")
+    rope_type = full.get("rope_type") or full.get("type") or "default"
+    if rope_type == "yarn":
+        options.update(yarn_factor=float(full["factor"]),
+                       yarn_original_context=int(full["original_max_position_embeddings"]),
+                       yarn_beta_fast=float(full.get("beta_fast") or 32), yarn_beta_slow=float(full.get("beta_slow") or 1))
+        derived = 0.1 * math.log(options["yarn_factor"]) + 1.0 if options["yarn_factor"] > 1 else 1.0
+        given = full.get("attention_factor")
+        options["yarn_attention_factor"] = None if given is None or abs(given - derived) < 1e-12 else float(given)
+    elif rope_type != "default":
+        raise LmforgeError(f"{path / 'config.json'}: RoPE type {rope_type!r} (lmforge has default and yarn)")
+    options["rope_theta"] = float(theta)
+    return options
+
+
 def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
-    from lmforge.model.presets import bloom, olmo1, olmo2
+    from lmforge.model.presets import bloom, olmo1, olmo2, olmo3, olmoe
 
     model_type = hf.get("model_type")
     try:
@@ -170,7 +258,20 @@ def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
                            bos_token_id=hf.get("bos_token_id"))
             config.norm_eps = hf.get("layer_norm_epsilon", 1e-5)
             return "bloom", config
-        if model_type in ("olmo", "olmo2"):
+        if model_type == "olmoe":
+            if hf.get("clip_qkv") is not None:  # OLMoE clips after QK-norm, lmforge before
+                raise LmforgeError(f"{path / 'config.json'}: OLMoE with clip_qkv is not supported")
+            theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
+            return "olmoe", olmoe(
+                hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["num_experts"],
+                hf["intermediate_size"], hf["num_experts_per_tok"], vocab_size=hf["vocab_size"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+                bos_token_id=hf.get("bos_token_id"), max_sequence_length=hf.get("max_position_embeddings", 4096),
+                norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", False),
+                moe_norm_top_k=bool(hf.get("norm_topk_prob", False)), rope_theta=float(theta),
+                moe_lb_loss_coef=hf.get("router_aux_loss_coef", 0.01))
+        if model_type in ("olmo", "olmo2", "olmo3"):
             theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
             shape = (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"])
             tokens = dict(vocab_size=hf["vocab_size"], eos_token_id=hf.get("eos_token_id"),
@@ -179,6 +280,10 @@ def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
                           max_sequence_length=hf.get("max_position_embeddings", 2048))
             if model_type == "olmo":
                 config = olmo1(*shape, tie=hf.get("tie_word_embeddings", False), clip_qkv=hf.get("clip_qkv"), **tokens)
+            elif model_type == "olmo3":
+                return model_type, olmo3(*shape, norm_eps=hf.get("rms_norm_eps", 1e-5),
+                                         tie_embeddings=hf.get("tie_word_embeddings", False), **tokens,
+                                         **_olmo3_options(hf, path))
             else:
                 config = olmo2(*shape, **tokens)
                 config.norm_eps = hf.get("rms_norm_eps", 1e-6)
@@ -190,7 +295,7 @@ def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
         raise LmforgeError(f"{path}: config.json lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. "hidden_size": "abc"
         raise LmforgeError(f"{path / 'config.json'}: bad value: {e}") from None
-    raise LmforgeError(f"{path}: cannot import model_type {model_type!r} (supported: olmo, olmo2, bloom)")
+    raise LmforgeError(f"{path}: cannot import model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -210,6 +315,28 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise LmforgeError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
+EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def _stack_experts(hf_state: dict[str, torch.Tensor], config: ModelConfig, hf_dir: Path) -> dict[str, torch.Tensor]:
+    """lmforge's stacked [n_experts, out, in] expert tensors from a checkpoint's per-expert weights, or from
+    transformers' in-memory layout (`experts.gate_up_proj` [E, 2·hidden, d], `experts.down_proj`)."""
+    ours = {}
+    for i in range(config.n_layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        if prefix + "gate_up_proj" in hf_state and prefix + "down_proj" in hf_state:
+            gate, up = hf_state[prefix + "gate_up_proj"].chunk(2, dim=1)
+            stacked = {"gate_proj": gate, "up_proj": up, "down_proj": hf_state[prefix + "down_proj"]}
+        else:
+            names = {p: [_expert_name(i, e, p) for e in range(config.n_experts)] for p in EXPERT_PROJECTIONS}
+            missing = [n for group in names.values() for n in group if n not in hf_state]
+            if missing:
+                raise LmforgeError(f"{hf_dir}: weights missing for {missing[:3]}")
+            stacked = {p: torch.stack([hf_state[n] for n in group]) for p, group in names.items()}
+        ours.update({f"blocks.{i}.mlp.experts.{p}": t.contiguous() for p, t in stacked.items()})
+    return ours
+
+
 def is_hf_dir(path: str | Path) -> bool:
     """A transformers model directory: its config.json names a model_type or architectures."""
     try:
@@ -220,13 +347,13 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Convert a transformers OLMo / OLMo 2 / BLOOM directory into an lmforge model directory."""
+    """Convert a transformers OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory into an lmforge model directory."""
     model, tokenizer = read_hf(hf_dir)
     return save_model_dir(model, out, tokenizer)
 
 
 def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
-    """A transformers OLMo / OLMo 2 / BLOOM directory as an lmforge model (CPU) and its tokenizer."""
+    """A transformers OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory as an lmforge model (CPU) and its tokenizer."""
     hf_dir = Path(hf_dir)
     try:
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
@@ -244,7 +371,7 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
                            f"{config.vocab_multiple}; lmforge pads vocabularies to multiples of {config.vocab_multiple}")
     hf_state = _read_hf_weights(hf_dir)
     reverse = {v: k for k, v in _name_map(config, family).items()}
-    ours: dict[str, torch.Tensor] = {}
+    ours: dict[str, torch.Tensor] = _stack_experts(hf_state, config, hf_dir) if config.n_experts else {}
     for name, tensor in hf_state.items():
         if name in reverse:
             ours[reverse[name]] = tensor

@@ -1,19 +1,24 @@
-"""One decoder-only transformer, configured (not subclassed) into OLMo 1, OLMo 2 or BLOOM style.
+"""One decoder-only transformer, configured (not subclassed) into OLMo 1, OLMo 2, Olmo 3, OLMoE or BLOOM style.
 
     OLMo 1   pre-norm blocks, non-parametric LayerNorm, SwiGLU, RoPE θ=1e4, no biases, "mitchell" init
     OLMo 2   norm on each sub-layer's *output* before the residual add, RMSNorm, QK-norm, RoPE θ=5e5
+    Olmo 3   OLMo 2 plus sliding-window attention in three of every four layers, YaRN on the full ones
+    OLMoE    pre-norm, RMSNorm, QK-norm, RoPE θ=1e4, a mixture of SwiGLU experts (softmax router, top-k)
     BLOOM    pre-norm, LayerNorm with affine, ALiBi, GELU MLP, biases, LayerNorm after the embedding
 
-Attention goes through `F.scaled_dot_product_attention` (flash kernels on GPU). Optional intra-document
-masking takes `doc_ids` (one document index per position) so tokens attend only inside their document.
-A `KVCache` makes generation incremental; positions come from the caller so left-padded batches work.
+Attention goes through `attention()`: SDPA (flash kernels on GPU for plain causal layers), and for sliding
+windows on GPU whichever fast path is installed (flash-attn's window, else flex attention). Optional
+intra-document masking takes `doc_ids` (one document index per position) so tokens attend only inside their
+document. A `KVCache` makes generation incremental; positions come from the caller so left-padded batches work.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -44,6 +49,22 @@ class ModelConfig:
     tie_embeddings: bool = False
     clip_qkv: float | None = None
     max_sequence_length: int = 4096
+    # Sliding-window attention (Olmo 3): a query sees itself and the `sliding_window - 1` keys before it, except
+    # in every `full_attention_every`-th layer and the last layer, which attend to the whole context.
+    sliding_window: int | None = None
+    full_attention_every: int = 4
+    # YaRN RoPE scaling (Olmo 3 long context) of the full-attention layers; sliding layers keep plain RoPE.
+    yarn_factor: float | None = None  # None: plain RoPE everywhere
+    yarn_original_context: int = 8192
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_attention_factor: float | None = None  # None: 0.1·ln(factor) + 1, the YaRN paper's
+    # Mixture of experts (OLMoE): n_experts SwiGLU experts of mlp_hidden_size each, top-k routing, dropless.
+    n_experts: int = 0  # 0: a dense MLP
+    moe_top_k: int = 8
+    moe_norm_top_k: bool = False  # renormalise the top-k router weights to sum to 1
+    moe_lb_loss_coef: float = 0.01  # load-balancing loss weight (transformers' router_aux_loss_coef)
+    moe_z_loss_coef: float = 0.001  # router z-loss weight
     init: Literal["normal", "mitchell"] = "normal"
     init_std: float = 0.02
     init_truncate: bool = True
@@ -51,7 +72,7 @@ class ModelConfig:
     pad_token_id: int = 1
     bos_token_id: int | None = None
     vocab_multiple: int = 128
-    family: str = field(default="olmo2", metadata={"help": "label only: olmo, olmo2, bloom or custom"})
+    family: str = field(default="olmo2", metadata={"help": "label only: olmo, olmo2, olmo3, olmoe, bloom or custom"})
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -68,6 +89,30 @@ class ModelConfig:
                 f"must divide n_heads ({self.n_heads})")
         require(self.position != "rope" or self.head_dim % 2 == 0, "d_model", self.d_model,
                 f"RoPE needs an even head_dim (d_model / n_heads), got {self.head_dim}")
+        if self.sliding_window is not None:
+            require(1 <= self.sliding_window <= self.max_sequence_length, "sliding_window", self.sliding_window,
+                    f"must be between 1 and max_sequence_length ({self.max_sequence_length})")
+        require(self.full_attention_every >= 1, "full_attention_every", self.full_attention_every, "must be positive")
+        if self.yarn_factor is not None:
+            require(self.yarn_factor >= 1, "yarn_factor", self.yarn_factor, "must be at least 1 (or null for no YaRN)")
+            require(self.position == "rope", "yarn_factor", self.yarn_factor, "needs position: rope")
+            require(self.yarn_original_context > 0, "yarn_original_context", self.yarn_original_context,
+                    "must be positive")
+            require(self.yarn_beta_fast > self.yarn_beta_slow > 0, "yarn_beta_slow", self.yarn_beta_slow,
+                    f"must be positive and below yarn_beta_fast ({self.yarn_beta_fast})")
+        require(self.n_experts >= 0, "n_experts", self.n_experts, "must be 0 (dense) or positive")
+        if self.n_experts:
+            require(1 <= self.moe_top_k <= self.n_experts, "moe_top_k", self.moe_top_k,
+                    f"must be between 1 and n_experts ({self.n_experts})")
+            require(self.mlp == "swiglu" and not self.bias, "mlp", self.mlp, "experts are SwiGLU without biases")
+            for name in ("moe_lb_loss_coef", "moe_z_loss_coef"):
+                require(getattr(self, name) >= 0, name, getattr(self, name), "must be non-negative")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The layer's attention window, None for full attention."""
+        if self.sliding_window is None or layer == self.n_layers - 1 or (layer + 1) % self.full_attention_every == 0:
+            return None
+        return self.sliding_window
 
     @property
     def head_dim(self) -> int:
@@ -115,12 +160,34 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), (self.size,), w, b, self.eps).to(x.dtype)
 
 
-def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (B, 1, L, head_dim) for integer positions (B, L), in full precision."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_frequencies(config: ModelConfig, yarn: bool, device=None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies (head_dim / 2) and the factor on cos/sin: 1, or YaRN's (Peng et al. 2023, as
+    transformers computes it: a ramp between interpolated and original frequencies over the dimensions whose
+    wavelength lies between original_context / beta_fast and original_context / beta_slow rotations)."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    if not yarn or config.yarn_factor is None:
+        return inv_freq, 1.0
+    factor, context = config.yarn_factor, config.yarn_original_context
+
+    def dimension(rotations: float) -> float:  # the dimension whose wavelength makes `rotations` turns in context
+        return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dimension(config.yarn_beta_fast)), 0)
+    high = min(math.ceil(dimension(config.yarn_beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = config.yarn_attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, attention_factor
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B, 1, L, head_dim) for integer positions (B, L), in full precision, times `scale`."""
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,19 +208,126 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Per-layer key/value buffers of shape (B, n_kv_heads, max_len, head_dim), filled left to right."""
+    """Per-layer key/value buffers of shape (B, n_kv_heads, capacity, head_dim), in token order. A full-attention
+    layer keeps every token (capacity max_len); a sliding-window layer keeps only the last window - 1 tokens,
+    all that a later query can see, so its memory stays bounded by the window however long generation runs."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.config = config
+        self.windows = [config.layer_window(i) for i in range(config.n_layers)]
+        self.keys, self.values = [], []
+        for window in self.windows:
+            capacity = max_len if window is None else min(window - 1, max_len)
+            shape = (batch_size, config.n_kv_heads, capacity, config.head_dim)
+            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.length = 0
 
+    def held(self, window: int | None) -> int:
+        """Tokens a layer with this window holds now: the most recent ones."""
+        return self.length if window is None else min(self.length, window - 1)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Append the new keys/values; returns those the new queries attend over (held + new)."""
+        if self.windows[layer] is None:
+            end = self.length + k.shape[2]
+            self.keys[layer][:, :, self.length:end] = k
+            self.values[layer][:, :, self.length:end] = v
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        held = self.held(self.windows[layer])
+        keys = torch.cat([self.keys[layer][:, :, :held], k], dim=2)
+        values = torch.cat([self.values[layer][:, :, :held], v], dim=2)
+        keep = min(keys.shape[2], self.keys[layer].shape[2])
+        self.keys[layer][:, :, :keep] = keys[:, :, keys.shape[2] - keep:]
+        self.values[layer][:, :, :keep] = values[:, :, values.shape[2] - keep:]
+        return keys, values
+
+    def select(self, rows: torch.Tensor, max_len: int) -> "KVCache":
+        """A cache of these batch rows with room for max_len tokens in all, holding what this one holds."""
+        out = KVCache(self.config, len(rows), max_len, self.keys[0].device, self.keys[0].dtype)
+        for layer, window in enumerate(self.windows):
+            held = self.held(window)
+            out.keys[layer][:, :, :held] = self.keys[layer][:, :, :held].index_select(0, rows)
+            out.values[layer][:, :, :held] = self.values[layer][:, :, :held].index_select(0, rows)
+        out.length = self.length
+        return out
+
+
+class LayerMask(NamedTuple):
+    """What a layer's queries may attend to. `dense`: a boolean mask, or ALiBi's additive bias, over the keys the
+    layer sees (B or 1, 1 or heads, L, keys); None means plain causal attention within `window` (None = all),
+    which the fast paths compute without a mask."""
+
+    window: int | None
+    dense: torch.Tensor | None
+
+
+def _causal_window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
+    allowed = key <= query
+    return allowed & (key > query - window) if window is not None else allowed
+
+
+def _sdpa_attention(q, k, v, mask: LayerMask) -> torch.Tensor:
+    if mask.dense is None and mask.window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    dense = mask.dense if mask.dense is not None else _causal_window_mask(q.shape[2], mask.window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense.to(q.dtype) if dense.is_floating_point() else dense)
+
+
+def _flex_attention(q, k, v, mask: LayerMask) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    window, length = mask.window, q.shape[2]
+
+    def causal_window(b, h, query, key):
+        return (key <= query) & (query - key < window)
+
+    block_mask = create_block_mask(causal_window, None, None, length, length, device=q.device)
+    return _compiled(flex_attention)(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def _flash_attention(q, k, v, mask: LayerMask) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    # flash-attn's (left, right) window counts keys besides the query's own position.
+    y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                        window_size=(mask.window - 1, 0))
+    return y.transpose(1, 2)
+
+
+ATTENTION_BACKENDS: dict[str, Callable] = {"sdpa": _sdpa_attention, "flex": _flex_attention, "flash": _flash_attention}
+
+
+def available_attention_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The attention paths usable for a sliding-window layer on this device and dtype, fastest first. The fast
+    paths need CUDA; flash-attn also needs half precision."""
+    found = []
+    if device.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None:
+            found.append("flash")
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+            found.append("flex")
+    return found + ["sdpa"]
+
+
+def attention_backend(q: torch.Tensor, mask: LayerMask) -> str:
+    """SDPA for full attention and for any explicit mask (padding, documents, ALiBi); for a plain sliding window,
+    the fastest path installed."""
+    if mask.window is None or mask.dense is not None:
+        return "sdpa"
+    return available_attention_backends(q.device, q.dtype)[0]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask) -> torch.Tensor:
+    """Softmax attention of q (B, H, L, D) over k, v (B, H, keys, D), with the automatically chosen backend."""
+    return ATTENTION_BACKENDS[attention_backend(q, mask)](q, k, v, mask)
 
 
 class Attention(nn.Module):
@@ -168,7 +342,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(config, config.d_model) if config.qk_norm else None
         self.k_norm = make_norm(config, kv_size) if config.qk_norm else None
 
-    def forward(self, x, rope, attn_bias, cache: KVCache | None):
+    def forward(self, x, rope, mask: LayerMask, cache: KVCache | None):
         c = self.config
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -186,10 +360,7 @@ class Attention(nn.Module):
         if c.n_kv_heads != c.n_heads:
             repeat = c.n_heads // c.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if attn_bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype) if attn_bias.is_floating_point() else attn_bias)
+        y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, c.d_model))
 
 
@@ -208,21 +379,127 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
+class Experts(nn.Module):
+    """The experts' SwiGLU weights stacked as [n_experts, out, in] tensors (nn.Linear's layout per expert), so
+    an expert-parallel wrapper can shard them along dim 0 from outside."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: tokens grouped by expert (expert 0's first), counts: tokens per expert."""
+        if _grouped_mm_usable(x):
+            offsets = counts.cumsum(0, dtype=torch.int32)
+
+            def grouped(inputs, weight):
+                return torch._grouped_mm(inputs, weight.transpose(-2, -1).to(inputs.dtype), offs=offsets)
+
+            return grouped(F.silu(grouped(x, self.gate_proj)) * grouped(x, self.up_proj), self.down_proj)
+        outputs = []
+        for e, chunk in enumerate(x.split(counts.tolist())):
+            if len(chunk):
+                hidden = F.silu(F.linear(chunk, self.gate_proj[e])) * F.linear(chunk, self.up_proj[e])
+                outputs.append(F.linear(hidden, self.down_proj[e]))
+        return torch.cat(outputs) if outputs else x.new_zeros((0, self.down_proj.shape[1]))
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    # torch._grouped_mm runs on CUDA (Hopper and later) in bf16; elsewhere a loop over experts.
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def dropless_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Send every token (T, d) to each of its top-k experts (T, k), with no capacity limit (nothing dropped),
+    and sum the experts' outputs weighted by the router. An expert-parallel wrapper replaces this function
+    (`MoE.dispatch`) with one that exchanges the grouped tokens between ranks."""
+    flat = expert_ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=experts.gate_proj.shape[0])
+    token = order // expert_ids.shape[1]
+    y = experts(x[token], counts) * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+class RouterStats(NamedTuple):
+    """One MoE layer's routing over T tokens: how many picks each expert got (no gradient), the sum of each
+    expert's router probability, and the sum over tokens of logsumexp(router logits)^2."""
+
+    counts: torch.Tensor
+    prob_sum: torch.Tensor
+    z_sum: torch.Tensor
+    tokens: int
+
+
+class MoE(nn.Module):
+    """OLMoE's feed-forward: a linear router, softmax, top-k experts (weights optionally renormalised), dropless."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_top_k = config.moe_top_k, config.moe_norm_top_k
+        self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
+        self.experts = Experts(config.n_experts, config.d_model, config.mlp_hidden_size)
+        self.dispatch: Callable = dropless_dispatch
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat)
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_top_k:
+            weights = weights / weights.sum(-1, keepdim=True)
+        y = self.dispatch(flat, expert_ids, weights.to(x.dtype), self.experts)
+        with torch.no_grad():
+            counts = torch.zeros(probs.shape[-1], device=x.device).index_add_(
+                0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), device=x.device))
+        z_sum = torch.logsumexp(logits.float(), dim=-1).pow(2).sum()
+        return y.view_as(x), RouterStats(counts, probs.sum(0), z_sum, flat.shape[0])
+
+
+class RouterLosses(NamedTuple):
+    """The auxiliary losses of a forward through MoE layers and the expert load per layer."""
+
+    load_balancing: torch.Tensor  # transformers' load_balancing_loss_func (before its coefficient)
+    z_loss: torch.Tensor  # mean over tokens and layers of logsumexp(router logits)^2
+    total: torch.Tensor  # lb_coef · load_balancing + z_coef · z_loss, to add to the training loss
+    expert_counts: torch.Tensor  # (MoE layers, experts) picks per expert
+
+
+def router_losses(stats: list[RouterStats], config: ModelConfig) -> RouterLosses:
+    """Switch-Transformer load balancing as transformers' OLMoE computes it: the fraction of picks and the mean
+    router probability per expert, each pooled over tokens and layers, then n_experts · Σ_e picks_e · prob_e
+    (k for perfectly uniform routing); and ST-MoE's router z-loss."""
+    rows = sum(s.tokens for s in stats)
+    picks = torch.stack([s.counts for s in stats])
+    load_balancing = config.n_experts * (picks.sum(0) / rows * (sum(s.prob_sum for s in stats) / rows)).sum()
+    z_loss = sum(s.z_sum for s in stats) / rows
+    total = config.moe_lb_loss_coef * load_balancing + config.moe_z_loss_coef * z_loss
+    return RouterLosses(load_balancing, z_loss, total, picks)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.reordered = config.block == "reordered"
         self.attn = Attention(config, layer)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_experts else MLP(config)
         self.attn_norm = make_norm(config, config.d_model)
         self.mlp_norm = make_norm(config, config.d_model)
 
-    def forward(self, x, rope, attn_bias, cache):
+    def _feed_forward(self, x) -> tuple[torch.Tensor, RouterStats | None]:
+        return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
+
+    def forward(self, x, rope, mask: LayerMask, cache) -> tuple[torch.Tensor, RouterStats | None]:
         if self.reordered:
-            h = x + self.attn_norm(self.attn(x, rope, attn_bias, cache))
-            return h + self.mlp_norm(self.mlp(h))
-        h = x + self.attn(self.attn_norm(x), rope, attn_bias, cache)
-        return h + self.mlp(self.mlp_norm(h))
+            h = x + self.attn_norm(self.attn(x, rope, mask, cache))
+            y, stats = self._feed_forward(h)
+            return h + self.mlp_norm(y), stats
+        h = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        y, stats = self._feed_forward(self.mlp_norm(h))
+        return h + y, stats
 
 
 class Transformer(nn.Module):
@@ -246,13 +523,15 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, L, embedding_size).
+        return_router_losses: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, RouterLosses | None]:
+        """Logits (B, L, embedding_size); with `return_router_losses`, (logits, RouterLosses or None if dense).
 
         positions: (B, L) token positions, default 0..L-1 (offset by the cache length).
         attention_mask: (B, total_len) 1 for real tokens, 0 for padding, covering cached + new tokens.
         doc_ids: (B, L) document index per position; attention stays inside a document.
         """
+        c = self.config
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:
@@ -260,34 +539,53 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        rope = rope_tables(self.config.head_dim, self.config.rope_theta, positions) if self.config.position == "rope" else None
-        attn_bias = self._attention_bias(B, L, past, positions, attention_mask, doc_ids, input_ids.device)
-        for block in self.blocks:
-            x = block(x, rope, attn_bias, cache)
+        windows = [c.layer_window(i) for i in range(c.n_layers)]
+        ropes, masks = {}, {}
+        for window in set(windows):
+            if c.position == "rope":  # YaRN, when configured, scales the full-attention layers only
+                inv_freq, scale = rope_frequencies(c, yarn=window is None, device=input_ids.device)
+                ropes[window] = rope_tables(inv_freq, positions, scale)
+            else:
+                ropes[window] = None
+            held = cache.held(window) if cache is not None else 0
+            masks[window] = self._layer_mask(window, B, L, past, held, positions, attention_mask, doc_ids,
+                                             input_ids.device)
+        stats = []
+        for block, window in zip(self.blocks, windows):
+            x, layer_stats = block(x, ropes[window], masks[window], cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
         if cache is not None:
             cache.length += L
-        return self.lm_head(self.final_norm(x))
+        logits = self.lm_head(self.final_norm(x))
+        if not return_router_losses:
+            return logits
+        return logits, router_losses(stats, c) if stats else None
 
-    def _attention_bias(self, B, L, past, positions, attention_mask, doc_ids, device):
-        """None for plain causal attention (lets SDPA pick its fastest kernel), else a mask or additive bias."""
+    def _layer_mask(self, window, B, L, past, held, positions, attention_mask, doc_ids, device) -> LayerMask:
+        """A layer's mask over the keys it sees (the `held` cached ones, then the new ones): None for plain causal
+        attention (lets SDPA or a windowed kernel pick its fastest path), else a boolean mask or ALiBi bias."""
         plain_causal = past == 0 and attention_mask is None and doc_ids is None
         if plain_causal and self.config.position == "rope":
-            return None
+            return LayerMask(window, None)
         total = past + L
         query_pos = torch.arange(past, total, device=device)
-        allowed = (torch.arange(total, device=device)[None, :] <= query_pos[:, None])[None, None]
+        key_pos = torch.arange(past - held, total, device=device)
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]
+        if window is not None:
+            allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)
         if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, :total].bool()
+            allowed = allowed & attention_mask[:, None, None, past - held:total].bool()
             # A padding query would see no key at all (NaN from softmax); let it see itself.
-            allowed = allowed | (torch.arange(total, device=device)[None, :] == query_pos[:, None])
+            allowed = allowed | (key_pos[None, :] == query_pos[:, None])
         if doc_ids is not None:
             allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         if self.config.position != "alibi":
-            return allowed
+            return LayerMask(window, allowed)
         # ALiBi bias depends on the key's position only; softmax is invariant to the per-query shift.
-        key_pos = positions if past == 0 else self._key_positions(attention_mask, B, total, device)
-        bias = self.alibi_slopes[None, :, None, None] * key_pos.float()[:, None, None, :]
-        return bias.masked_fill(~allowed, float("-inf"))
+        alibi_pos = positions if past == 0 else self._key_positions(attention_mask, B, total, device)[:, past - held:]
+        bias = self.alibi_slopes[None, :, None, None] * alibi_pos.float()[:, None, None, :]
+        return LayerMask(window, bias.masked_fill(~allowed, float("-inf")))
 
     @staticmethod
     def _key_positions(attention_mask, B, total, device):
@@ -316,11 +614,15 @@ def init_weights(model: Transformer, seed: int) -> None:
     input_std = 1 / math.sqrt(c.d_model) if mitchell else c.init_std
     fill(model.embed.weight, input_std)
     for i, block in enumerate(model.blocks):
-        for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.up_proj, block.mlp.gate_proj):
-            if proj is not None:
-                fill(proj.weight, input_std)
+        mlp = block.mlp
+        if isinstance(mlp, MoE):
+            inputs, down = (mlp.router.weight, mlp.experts.gate_proj, mlp.experts.up_proj), mlp.experts.down_proj
+        else:
+            inputs, down = tuple(p.weight for p in (mlp.up_proj, mlp.gate_proj) if p is not None), mlp.down_proj.weight
+        for weight in (block.attn.q_proj.weight, block.attn.k_proj.weight, block.attn.v_proj.weight, *inputs):
+            fill(weight, input_std)
         fill(block.attn.o_proj.weight, 1 / math.sqrt(2 * c.d_model * (i + 1)) if mitchell else c.init_std)
-        fill(block.mlp.down_proj.weight, 1 / math.sqrt(2 * c.mlp_hidden_size * (i + 1)) if mitchell else c.init_std)
+        fill(down, 1 / math.sqrt(2 * c.mlp_hidden_size * (i + 1)) if mitchell else c.init_std)
     if not c.tie_embeddings:
         fill(model.lm_head.weight, input_std)
     with torch.no_grad():

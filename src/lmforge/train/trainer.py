@@ -6,10 +6,12 @@ One optimizer step:
   2. count the global batch's real (unmasked) label tokens across ranks,
   3. forward/backward each micro-batch with loss = (sum of CE + z-loss) · world / global real tokens, so the
      gradient is that of the global batch's mean loss, whatever the split into micro-batches and ranks
-     (DDP/FSDP average gradients over ranks, hence the factor world),
+     (DDP/FSDP average gradients over ranks, hence the factor world); a mixture of experts adds its router
+     losses (load balancing, router z-loss: means over the micro-batch) weighted by the micro-batch's real
+     tokens, i.e. their token-weighted mean over the global batch,
   4. global-norm clip, skip-step check, set the LR from the schedule, AdamW step.
-Loss, grad norm and z-loss come to the host once per step (the skip-step rule needs them); everything
-else stays on the device.
+Loss, grad norm, z-loss and router losses come to the host once per step (the skip-step rule needs them);
+everything else stays on the device (the experts' load is summed there and read at each metrics line).
 
 Exactness: the model is initialised from the seed alone, the data order is the loader's, the LR is a pure
 function of progress and everything else (optimizer moments, skip-step window, RNG, loader position) is in
@@ -36,7 +38,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.model.info import flops_per_token
-from lmforge.model.transformer import ModelConfig, Transformer, cross_entropy_loss, init_weights
+from lmforge.model.transformer import ModelConfig, RouterLosses, Transformer, cross_entropy_loss, init_weights
 from lmforge.model.directory import check_tokenizer_fits
 from lmforge.model.checkpoints import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, step_dir_name
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer, tokens_tokenizer
@@ -76,6 +78,7 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: str | None
+    router: dict[str, float] | None = None  # a mixture of experts' auxiliary losses (before their weights)
 
 
 class Trainer:
@@ -119,6 +122,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len)
         self.peak_flops = peak_flops(self.device, config.metrics.peak_flops)
         self.metrics = MetricsLogger(self.run_dir, config.metrics, self.dist.is_main, to_dict(config))
+        self.expert_counts: torch.Tensor | None = None  # (MoE layers, experts) picks since the last metrics line
 
     # ---- setup ----------------------------------------------------------------------------------------------
 
@@ -243,11 +247,13 @@ class Trainer:
         return labels
 
     def forward_loss(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                     doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(sum of CE, sum of z-loss) over the micro-batch's real label tokens."""
+                     doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, RouterLosses | None]:
+        """(sum of CE, sum of z-loss) over the micro-batch's real label tokens, and the router losses of a
+        mixture of experts (None for a dense model)."""
         with self._autocast():
-            logits = model(input_ids, doc_ids=doc_ids)
-        return cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
+            logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True)
+        ce, z = cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
+        return ce, z, router
 
     def _sync_context(self, last: bool):
         # FSDP reduce-scatters every micro-batch, as OLMo-core does: sharded fp32 gradients accumulate, and no
@@ -272,29 +278,39 @@ class Trainer:
         n_micro = input_ids.shape[0] // micro
         ce_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
+        router_total = torch.zeros(2, device=self.device)  # token-weighted load-balancing and router z-loss
         for i in range(n_micro):
             rows = slice(i * micro, (i + 1) * micro)
             with self._sync_context(last=i == n_micro - 1):
-                ce, z = self.forward_loss(self.model, input_ids[rows], labels[rows],
-                                          doc_ids[rows] if doc_ids is not None else None)
+                ce, z, router = self.forward_loss(self.model, input_ids[rows], labels[rows],
+                                                  doc_ids[rows] if doc_ids is not None else None)
                 loss = ce + z if z is not None else ce
+                if router is not None:
+                    micro_tokens = (labels[rows] != IGNORE_INDEX).sum()
+                    loss = loss + router.total * micro_tokens
                 (loss * scale).backward()
             ce_total += ce.detach()
             if z is not None:
                 z_total += z.detach()
+            if router is not None:
+                router_total += torch.stack([router.load_balancing, router.z_loss]).detach() * micro_tokens
+                counts = router.expert_counts.detach()
+                self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
         warmup_done = self._progress() > c.schedule.warmup
         clip = not c.optimizer.clip_after_warmup_only or warmup_done
         grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
-        reported = all_reduce_sum(torch.stack([ce_total, z_total])) / real_tokens.clamp(min=1)
-        loss_value, z_value, norm_value = torch.cat([reported, grad_norm.reshape(1).float()]).tolist()
+        reported = all_reduce_sum(torch.cat([torch.stack([ce_total, z_total]), router_total])) / real_tokens.clamp(min=1)
+        loss_value, z_value, lb_value, router_z_value, norm_value = torch.cat(
+            [reported, grad_norm.reshape(1).float()]).tolist()
         lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
         skipped = self.skip_step.check(loss_value, norm_value)
         if skipped is None:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        router_values = {"moe_lb_loss": lb_value, "moe_z_loss": router_z_value} if self.model_config.n_experts else None
         return StepResult(self.step, self.tokens, loss_value, z_value if c.z_loss_multiplier else None,
-                          norm_value, lr, skipped)
+                          norm_value, lr, skipped, router_values)
 
     def _progress(self) -> int:
         return self.step if self.config.schedule.units == "steps" else self.tokens
@@ -397,6 +413,11 @@ class Trainer:
             "data_wait_pct": 100 * interval.data_wait / max(interval.elapsed, 1e-9),
             "memory_gib": memory_gib(self.device), "skipped": interval.skipped,
         }
+        if result.router is not None:
+            row.update(result.router)
+        if self.expert_counts is not None:
+            row.update(expert_load(all_reduce_sum(self.expert_counts)))
+            self.expert_counts = None
         self.metrics.log(row)
         self._log(console_line(row, self.max_steps))
 
@@ -452,6 +473,17 @@ def load_tokenizer(name: str, model: ModelConfig | None = None) -> Tokenizer:
     if model is None:
         return find_tokenizer(name)
     return find_tokenizer(name, eos_id=model.eos_token_id, pad_id=model.pad_token_id, bos_id=model.bos_token_id)
+
+
+def expert_load(counts: torch.Tensor) -> dict[str, float]:
+    """Per MoE layer, the smallest and largest share of the router's picks that one expert got (1/n_experts
+    each when balanced), from (layers, experts) pick counts."""
+    share = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    low, high = share.min(-1).values.tolist(), share.max(-1).values.tolist()
+    row = {}
+    for layer, (a, b) in enumerate(zip(low, high)):
+        row[f"expert_load/layer{layer}_min"], row[f"expert_load/layer{layer}_max"] = a, b
+    return row
 
 
 def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
