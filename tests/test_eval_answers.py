@@ -62,3 +62,12 @@ def test_math_different_answers(a, b):
 def test_math_correct_on_a_minerva_style_generation():
     generation = r"The difference between 36 and 26 is $\boxed{10}$."
     assert math_is_correct(generation, "10") and not math_is_correct(generation, "11")
+
+
+def test_gsm8k_numbers_beyond_float_range():
+    """Numbers past float's ~1e308 are compared exactly (a reward must never raise)."""
+    big = "1" + "0" * 400
+    assert extract_last_number(f"So the answer is {big[:1]},{big[1:4]}{big[4:]}.") == big
+    assert gsm8k_is_correct(f"So the answer is {big}.", big)
+    assert not gsm8k_is_correct(f"So the answer is {big[:-1]}1.", big)
+    assert gsm8k_is_correct(f"So the answer is {big}.50", f"#### {big}.5")

@@ -8,6 +8,7 @@ phrase "final answer is X", else the last `$...$`; both sides are normalised (Mi
 
 from __future__ import annotations
 
+import decimal
 import re
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -22,14 +23,17 @@ def extract_last_number(text: str) -> str | None:
 
 
 def canonical_number(text: str) -> str | None:
+    """Exact decimal spelling without trailing zeros ("18.0" -> "18"); decimals, not floats, so a
+    400-digit number neither overflows nor collides with its neighbours."""
     text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    exact = decimal.Context(prec=len(text) + 2, traps=[decimal.InvalidOperation])
     try:
-        value = float(text)
-    except ValueError:
+        value = exact.create_decimal(text)
+    except decimal.InvalidOperation:
         return None
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+    if not value.is_finite():
+        return None
+    return "0" if value.is_zero() else format(exact.normalize(value), "f")
 
 
 def gsm8k_answer(generation: str) -> str | None:
