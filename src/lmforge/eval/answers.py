@@ -95,6 +95,7 @@ REMOVED_EXPRESSIONS = [
     "\\text{}^3", "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"',
     "\\dots",
 ]
+THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+")
 
 
 def normalize_final_answer(answer: str) -> str:
@@ -112,7 +113,7 @@ def normalize_final_answer(answer: str) -> str:
     answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
     answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
     answer = answer.replace("$", "")
-    if answer.replace(",", "").isdigit():
+    if THOUSANDS.fullmatch(answer):  # 100,000 -> 100000, but the tuple 0,1 stays a tuple
         answer = answer.replace(",", "")
     return answer.strip()
 

@@ -28,6 +28,7 @@ import xxhash
 import yaml
 
 from lmforge.core.errors import LmforgeError
+from lmforge.eval.answers import last_boxed
 
 NORMALIZATIONS = ("none", "per_token", "per_char", "per_char_nospace", "per_byte", "pmi")
 REGIMES = ("olmo1", "olmes")
@@ -312,6 +313,8 @@ def load_minerva_math(regime: str, limit: int | None) -> Task:
     per_subject = None if limit is None else max(1, -(-limit // len(MATH_SUBJECTS)))
     for subject in MATH_SUBJECTS:
         found, request, path = gen_instances(f"minerva_math_{subject}", f"minerva_math/{subject}", subject)
+        for inst in found:  # the dumps' labels glue tuples ("4,6,14,15" -> "461415"); the solution's box does not
+            inst.answer = last_boxed(inst.reference) or inst.answer
         instances += found[:per_subject]
         paths.append(str(path))
     form = Formulation("gen", "exact_match", instances, checker="math", stop=request["stop_sequences"],
