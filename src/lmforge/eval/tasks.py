@@ -354,6 +354,18 @@ def load_task(name: str, regime: str = "olmes", limit: int | None = None) -> Tas
     return BUILTIN[name](regime, limit)
 
 
+def load_tasks(names: list[str], regime: str, limit: int | None) -> list[Task]:
+    """The tasks, refusing two of one name (user files with the same stem): their results would share a row."""
+    tasks = [load_task(name, regime, limit) for name in names]
+    first: dict[str, Task] = {}
+    for task in tasks:
+        if task.name in first:
+            sources = " and ".join(t.formulations[0].source for t in (first[task.name], task))
+            raise LmforgeError(f"two tasks are named {task.name!r} ({sources}): give one a `name:` in a YAML file")
+        first[task.name] = task
+    return tasks
+
+
 def resolve_tasks(tasks: list[str] | None, suite: str | None, regime: str | None) -> tuple[list[str], str]:
     """Task names and regime from the tasks, suite and regime asked for."""
     if suite is not None:
@@ -378,6 +390,7 @@ USER_DEFAULTS = {"kind": "multiple_choice", "normalization": "none", "target_del
 USER_KEYS = {"name", "data", "description", *USER_DEFAULTS}
 KIND_FIELDS = {"multiple_choice": ("context", "choices", "gold"), "partial": ("contexts", "continuation", "gold"),
                "generate": ("context", "answer")}
+INSTANCE_OPTIONAL = {"id", "group"}
 CHECKERS = ("exact", "gsm8k", "math")
 
 
@@ -415,10 +428,13 @@ def load_user_task(path_str: str, regime: str, limit: int | None) -> Task:
         raise LmforgeError(f"{path}: normalization must be one of {', '.join(NORMALIZATIONS)}, got {norm!r}")
     if kind == "generate" and spec["checker"] not in CHECKERS:
         raise LmforgeError(f"{path}: checker must be one of {', '.join(CHECKERS)}, got {spec['checker']!r}")
+    budget = spec["max_new_tokens"]
+    if kind == "generate" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise LmforgeError(f"{path}: max_new_tokens must be a whole number of at least 1, got {budget!r}")
     instances = read_user_instances(data, name, kind, spec["target_delimiter"], limit)
     if kind == "generate":
         form = Formulation("gen", "exact_match", instances, checker=spec["checker"], stop=list(spec["stop"]),
-                           max_new_tokens=int(spec["max_new_tokens"]), source=str(data),
+                           max_new_tokens=budget, source=str(data),
                            source_hash=instances_hash(instances))
     else:
         form = Formulation(str(spec["formulation"]), norm, instances, source=str(data),
@@ -449,6 +465,10 @@ def read_user_instances(data: Path, name: str, kind: str, delimiter: str, limit:
                 raise LmforgeError(f"{where}: invalid JSON: {e}") from None
             if not isinstance(row, dict):
                 raise LmforgeError(f"{where}: expected a JSON object")
+            unknown = sorted(set(row) - set(required) - INSTANCE_OPTIONAL)
+            if unknown:
+                raise LmforgeError(f"{where}: unknown field(s) {', '.join(unknown)} (a {kind} instance has "
+                                   f"{', '.join(required)}, optionally {', '.join(sorted(INSTANCE_OPTIONAL))})")
             missing = [k for k in required if k not in row]
             if missing:
                 raise LmforgeError(f"{where}: missing field(s) {', '.join(missing)} (a {kind} instance needs "
