@@ -284,9 +284,11 @@ class Transformer(nn.Module):
             allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         if self.config.position != "alibi":
             return allowed
-        # ALiBi bias depends on the key's position only; softmax is invariant to the per-query shift.
+        # -slope·(query - key), not slope·key: the two differ by a per-query shift softmax ignores, but
+        # absolute positions (~1000 at 2k tokens) keep only 8 bits in bf16, distances near the query stay exact.
         key_pos = positions if past == 0 else self._key_positions(attention_mask, B, total, device)
-        bias = self.alibi_slopes[None, :, None, None] * key_pos.float()[:, None, None, :]
+        distance = (key_pos[:, None, :] - key_pos[:, past:, None]).float()
+        bias = self.alibi_slopes[None, :, None, None] * distance[:, None]
         return bias.masked_fill(~allowed, float("-inf"))
 
     @staticmethod
