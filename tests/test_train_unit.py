@@ -97,9 +97,13 @@ def test_skip_step_on_nan_and_on_spike():
 
 def test_skip_step_inactive_until_min_values_and_stops_after_too_many():
     rule = SkipStep(SkipStepConfig(min_values=10, max_consecutive=2))
-    for _ in range(9):
+    checked = SkipStep(SkipStepConfig(min_values=10))
+    for _ in range(8):
         rule.check(1.0, 1.0)
-    assert rule.check(100.0, 1.0) is None  # only 9 values so far: no statistics yet
+    for _ in range(9):
+        checked.check(1.0, 1.0)
+    assert rule.check(100.0, 1.0) is None  # 9 values with this one: no statistics yet
+    assert checked.check(100.0, 1.0) is not None  # the 10th value is checked (OLMo-core counts the current one)
     rule.check(1.0, 1.0)
     assert rule.check(float("nan"), 1.0) is not None
     with pytest.raises(LmforgeError, match="2 optimizer steps in a row were skipped"):

@@ -69,7 +69,8 @@ class ScheduleConfig:
 @dataclass
 class SkipStepConfig:
     """OLMo-core's skip-step rule: skip the update when loss or grad norm is non-finite or above
-    mean + sigma_factor·std of the last `window` accepted steps (active once `min_values` are recorded)."""
+    mean + sigma_factor·std of the previous `window` finite values (active once `min_values` are recorded,
+    counting the current step's, as OLMo-core's max(2, window // 2))."""
 
     enabled: bool = True
     sigma_factor: float = 6.0
