@@ -38,11 +38,25 @@ def test_vocab_is_padded_to_multiple_of_128():
     assert ModelConfig(vocab_size=1024).embedding_size == 1024
 
 
+def test_non_embedding_parameters_by_hand():
+    """Non-embedding = everything but the input embedding: an untied LM head counts (Kaplan et al., OLMo-core's
+    num_non_embedding_params), a tied one is the embedding. OLMo 2 1B: per layer q, k, v, o (4·d²), SwiGLU
+    (3·d·h) and four norms (attention, MLP, q, k: 4·d), a final norm (d), an untied head (V·d)."""
+    d, layers, hidden, vocab = 2048, 16, 8192, 100_352
+    blocks = layers * (4 * d * d + 3 * d * hidden + 4 * d) + d
+    olmo2 = count_parameters(get_preset("olmo2-1b"))
+    assert olmo2["non_embedding"] == blocks + vocab * d == 1_279_395_840
+    assert olmo2["total"] == olmo2["non_embedding"] + vocab * d
+    olmo1 = count_parameters(get_preset("olmo-1b"))  # tied; non-parametric layer norms
+    assert olmo1["non_embedding"] == layers * (4 * d * d + 3 * d * hidden) == 1_073_741_824
+    assert olmo1["total"] == olmo1["non_embedding"] + 50_304 * d
+
+
 def test_flops_per_token_formula_by_hand():
     c = get_preset("olmo2-tiny")
     seq = 64
-    counts = count_parameters(c)
-    dense = 6 * (counts["non_embedding"] + c.embedding_size * c.d_model)
+    d, blocks = c.d_model, c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size + 4 * c.d_model) + c.d_model
+    dense = 6 * (blocks + c.embedding_size * d)
     attention = 12 * c.n_layers * c.n_heads * c.head_dim * (seq + 1) / 2
     assert flops_per_token(c, seq) == int(dense + attention)
 

@@ -8,19 +8,21 @@ from lmforge.model.transformer import ModelConfig, Transformer
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Non-embedding = total minus the input embedding (Kaplan et al.; OLMo-core's num_non_embedding_params):
+    an untied LM head is counted in it, a tied one is the embedding. `lm_head` is the untied head's share."""
     with torch.device("meta"):
         model = Transformer(config)
     total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors are counted once
     embedding = model.embed.weight.numel()
     head = 0 if config.tie_embeddings else model.lm_head.weight.numel()
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding - head, "lm_head": head}
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "lm_head": head}
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token, OLMo-core 3.0's formula: 6·(block + LM-head parameters) plus, per layer,
     12·n_heads·head_dim·(causal query-key pairs)/seq_len, i.e. causal attention counted once, not twice."""
     counts = count_parameters(config)
-    matmul_params = counts["non_embedding"] + config.embedding_size * config.d_model
+    matmul_params = counts["non_embedding"] - counts["lm_head"] + config.embedding_size * config.d_model
     causal_pairs = seq_len * (seq_len + 1) / 2
     attention = 12 * config.n_layers * config.n_heads * config.head_dim * causal_pairs / seq_len
     return int(6 * matmul_params + attention)
