@@ -188,3 +188,23 @@ def test_alibi_bf16_agrees_with_fp32_at_long_context():
         reference = model(ids).double()
         low = model.to(torch.bfloat16)(ids).double()
     assert (reference - low).abs().max().item() < 1.0
+
+
+def test_z_loss_with_minus_infinity_logits_against_float64():
+    """Masked vocabulary entries (-inf logits, even the first column) give finite CE, z-loss and gradients equal
+    to a float64 logsumexp reference."""
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0)) * 3
+    logits[0, 0] = logits[1, [0, 2, 5]] = logits[2, 6] = float("-inf")
+    labels = torch.tensor([3, 1, 0])
+    multiplier = 1e-2
+    ours = logits.clone().requires_grad_(True)
+    ce, z = cross_entropy_loss(ours, labels, z_loss_multiplier=multiplier)
+    (ce + z).backward()
+    reference = logits.double().requires_grad_(True)
+    lse = torch.logsumexp(reference, dim=-1)
+    ce_ref = (lse - reference.gather(1, labels[:, None]).squeeze(1)).mean()
+    z_ref = multiplier * (lse ** 2).mean()
+    (ce_ref + z_ref).backward()
+    assert torch.isfinite(ce) and torch.isfinite(z) and torch.isfinite(ours.grad).all()
+    assert abs(ce.item() - ce_ref.item()) < 1e-5 and abs(z.item() - z_ref.item()) < 1e-6
+    assert torch.allclose(ours.grad.double(), reference.grad, atol=1e-6)

@@ -360,7 +360,10 @@ class _CrossEntropyZLoss(torch.autograd.Function):
         valid = labels != ignore_index
         targets = labels.masked_fill(~valid, 0)
         log_probs = torch.log_softmax(logits, dim=-1)
-        lse = logits[:, 0] - log_probs[:, 0]  # log_softmax = logits - lse, and one fused kernel is faster
+        # log_softmax = logits - lse, read at each row's largest logit: finite there even when other entries are
+        # -inf (reading column 0 gives -inf - -inf = NaN when it is masked); cheaper than a second logsumexp.
+        top, top_index = logits.max(dim=-1, keepdim=True)
+        lse = (top - log_probs.gather(1, top_index)).squeeze(1)
         ce = torch.where(valid, -log_probs.gather(1, targets[:, None]).squeeze(1), 0.0).sum()
         z = multiplier * torch.where(valid, lse * lse, 0.0).sum()
         ctx.save_for_backward(log_probs, lse, targets, valid)
