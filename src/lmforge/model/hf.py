@@ -247,6 +247,13 @@ def _olmo3_options(hf: dict, path: Path) -> dict:
     return options
 
 
+def _pad_token_id(hf: dict, default: int | None = None) -> int | None:
+    """HF writes `"pad_token_id": null` for models trained without padding; lmforge pads with EOS then (padding
+    is masked, so the id only has to be a valid token)."""
+    pad = hf.get("pad_token_id", default)
+    return hf.get("eos_token_id", default) if pad is None else pad
+
+
 def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
     from lmforge.model.presets import bloom, olmo1, olmo2, olmo3, olmoe
 
@@ -254,7 +261,7 @@ def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
     try:
         if model_type == "bloom":
             config = bloom(hf["hidden_size"], hf["n_layer"], hf["n_head"], vocab_size=hf["vocab_size"],
-                           eos_token_id=hf.get("eos_token_id", 2), pad_token_id=hf.get("pad_token_id", 3),
+                           eos_token_id=hf.get("eos_token_id", 2), pad_token_id=_pad_token_id(hf, 3),
                            bos_token_id=hf.get("bos_token_id"))
             config.norm_eps = hf.get("layer_norm_epsilon", 1e-5)
             return "bloom", config
@@ -275,7 +282,7 @@ def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
             theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
             shape = (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"])
             tokens = dict(vocab_size=hf["vocab_size"], eos_token_id=hf.get("eos_token_id"),
-                          pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"),
+                          pad_token_id=_pad_token_id(hf), bos_token_id=hf.get("bos_token_id"),
                           n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                           max_sequence_length=hf.get("max_position_embeddings", 2048))
             if model_type == "olmo":

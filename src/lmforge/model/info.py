@@ -8,6 +8,8 @@ from lmforge.model.transformer import ModelConfig, Transformer
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Non-embedding = total minus the input embedding (Kaplan et al.; OLMo-core's num_non_embedding_params):
+    an untied LM head is counted in it, a tied one is the embedding. `lm_head` is the untied head's share."""
     with torch.device("meta"):
         model = Transformer(config)
     total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors are counted once
@@ -16,8 +18,8 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     # A token passes through top-k of the n experts of each MoE layer: the others' weights are inactive for it.
     experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
     inactive = experts * (config.n_experts - config.moe_top_k) // config.n_experts if config.n_experts else 0
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding - head, "lm_head": head,
-            "active": total - inactive, "active_non_embedding": total - embedding - head - inactive}
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "lm_head": head,
+            "active": total - inactive, "active_non_embedding": total - embedding - inactive}
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> int:
@@ -26,7 +28,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     and a sliding-window layer counting only the pairs inside its window. For a mixture of experts the block
     parameters are the active ones (top-k experts per token)."""
     counts = count_parameters(config)
-    matmul_params = counts["active_non_embedding"] + config.embedding_size * config.d_model
+    matmul_params = counts["active_non_embedding"] - counts["lm_head"] + config.embedding_size * config.d_model
     pairs = sum(attended_pairs(seq_len, config.layer_window(i)) for i in range(config.n_layers))
     attention = 12 * config.n_heads * config.head_dim * pairs / seq_len
     return int(6 * matmul_params + attention)

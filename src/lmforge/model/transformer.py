@@ -582,9 +582,11 @@ class Transformer(nn.Module):
             allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         if self.config.position != "alibi":
             return LayerMask(window, allowed)
-        # ALiBi bias depends on the key's position only; softmax is invariant to the per-query shift.
-        alibi_pos = positions if past == 0 else self._key_positions(attention_mask, B, total, device)[:, past - held:]
-        bias = self.alibi_slopes[None, :, None, None] * alibi_pos.float()[:, None, None, :]
+        # -slope·(query - key), not slope·key: the two differ by a per-query shift softmax ignores, but
+        # absolute positions (~1000 at 2k tokens) keep only 8 bits in bf16, distances near the query stay exact.
+        key_pos = positions if past == 0 else self._key_positions(attention_mask, B, total, device)[:, past - held:]
+        distance = (key_pos[:, None, :] - key_pos[:, -L:, None]).float()
+        bias = self.alibi_slopes[None, :, None, None] * distance[:, None]
         return LayerMask(window, bias.masked_fill(~allowed, float("-inf")))
 
     @staticmethod
@@ -660,7 +662,10 @@ class _CrossEntropyZLoss(torch.autograd.Function):
         valid = labels != ignore_index
         targets = labels.masked_fill(~valid, 0)
         log_probs = torch.log_softmax(logits, dim=-1)
-        lse = logits[:, 0] - log_probs[:, 0]  # log_softmax = logits - lse, and one fused kernel is faster
+        # log_softmax = logits - lse, read at each row's largest logit: finite there even when other entries are
+        # -inf (reading column 0 gives -inf - -inf = NaN when it is masked); cheaper than a second logsumexp.
+        top, top_index = logits.max(dim=-1, keepdim=True)
+        lse = (top - log_probs.gather(1, top_index)).squeeze(1)
         ce = torch.where(valid, -log_probs.gather(1, targets[:, None]).squeeze(1), 0.0).sum()
         z = multiplier * torch.where(valid, lse * lse, 0.0).sum()
         ctx.save_for_backward(log_probs, lse, targets, valid)

@@ -61,15 +61,32 @@ class ScheduleConfig:
     name: Literal["constant", "linear", "cosine", "inv_sqrt", "wsd"] = "cosine"
     units: Literal["steps", "tokens"] = "steps"
     warmup: int = 0
-    alpha_f: float = 0.1  # final LR as a fraction of the peak (linear, cosine, wsd)
+    # The LR the schedule ends at, as a fraction of the peak (OLMo-core's alpha_f, or WSD's decay_min_lr / lr).
+    # Unset: OLMo-core's default for the schedule, 0.1 for linear, cosine and inv_sqrt, 0.0 for wsd.
+    final_lr_fraction: float | None = None
     decay: int | None = None  # wsd: length of the final decay; default 10% of the duration
-    duration: int | None = None  # where linear/cosine reach alpha_f; default: the run's length
+    duration: int | None = None  # where linear/cosine reach the final LR; default: the run's length
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(self.final_lr_fraction is None or 0.0 <= self.final_lr_fraction <= 1.0, "schedule.final_lr_fraction",
+                self.final_lr_fraction, "must be between 0 and 1")
+
+    def final_fraction(self) -> float:
+        if self.name == "constant":
+            return 1.0
+        if self.final_lr_fraction is not None:
+            return self.final_lr_fraction
+        return 0.0 if self.name == "wsd" else 0.1
 
 
 @dataclass
 class SkipStepConfig:
     """OLMo-core's skip-step rule: skip the update when loss or grad norm is non-finite or above
-    mean + sigma_factor·std of the last `window` accepted steps (active once `min_values` are recorded)."""
+    mean + sigma_factor·std of the previous `window` finite values (active once `min_values` are recorded,
+    counting the current step's, as OLMo-core's max(2, window // 2))."""
 
     enabled: bool = True
     sigma_factor: float = 6.0

@@ -54,10 +54,15 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None,
 
 
 class SkipStep:
-    """OLMo-core's SkipStepAdamW rule on the host: skip the update when the loss or the gradient norm is not
-    finite, or exceeds mean + sigma_factor·std (unbiased) of the previous `window` values, once `min_values`
-    are recorded. Finite values enter the window whether or not the step was skipped, so a lasting level
-    shift is accepted after a while; non-finite ones never do."""
+    """OLMo-core's `SkipStepOptimizer.get_step_factor` on the host: skip the update unless loss - mean <=
+    sigma_factor·std and grad norm - mean <= sigma_factor·std, mean and std (unbiased) over the previous
+    `window` values, once `min_values` are recorded counting this step's (OLMo-core: max(2, window // 2)).
+    Finite values enter the window whether or not the step was skipped, so a lasting level shift is accepted
+    after a while.
+
+    Non-finite values differ from OLMo-core on purpose: they are always skipped and never recorded. OLMo-core
+    takes a NaN step during its first window // 2 steps (the check is not active yet), and afterwards records
+    the NaN, which makes mean and std NaN and skips every step until it leaves the window (128 steps)."""
 
     def __init__(self, config: SkipStepConfig):
         self.config = config
@@ -74,11 +79,11 @@ class SkipStep:
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             reason = f"non-finite loss {loss} or grad norm {grad_norm}"
         else:
-            if len(self.losses) >= self.config.min_values:
+            if len(self.losses) + 1 >= max(2, self.config.min_values):
                 for name, value, window in (("loss", loss, self.losses), ("grad norm", grad_norm, self.grad_norms)):
                     mean, std = _mean_std(window)
-                    limit = mean + self.config.sigma_factor * std
-                    if value > limit:
+                    if not value - mean <= self.config.sigma_factor * std:
+                        limit = mean + self.config.sigma_factor * std
                         reason = f"{name} {value:.4g} > mean + {self.config.sigma_factor:g} sigma = {limit:.4g}"
                         break
             self.losses.append(loss)

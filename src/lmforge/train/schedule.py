@@ -2,12 +2,14 @@
 
 `t` is the progress *after* the step being taken (step 1 is the first step; in token units, the tokens
 consumed including this step's batch), so the first step of a warmup of W uses lr·1/W, as OLMo-core does.
+f = `final_lr_fraction` (unset: 0.1, wsd 0.0, as OLMo-core's defaults). Each formula is OLMo-core 3.0's
+(olmo_core/optim/scheduler.py), tested against it; past `duration` every schedule holds f·lr.
 
-    constant   lr (after an optional linear warmup)
-    linear     warmup, then linear from lr to alpha_f·lr at `duration` (OLMo 1: alpha_f 0.1; annealing: 0)
-    cosine     warmup, then half a cosine from lr to alpha_f·lr at `duration` (OLMo 2)
-    inv_sqrt   warmup, then lr·sqrt(warmup / t)
-    wsd        warmup, constant, then linear to alpha_f·lr over the last `decay` units of `duration`
+    constant   lr (after an optional linear warmup)                              ConstantWithWarmup
+    linear     warmup, then linear from lr to f·lr at `duration`                 LinearWithWarmup
+    cosine     warmup, then half a cosine from lr to f·lr at `duration`          CosWithWarmup
+    inv_sqrt   warmup, then f·lr + (1 - f)·lr·sqrt(warmup / t)                    InvSqrtWithWarmup
+    wsd        warmup, constant, then linear to f·lr over the last `decay` units  WSD (decay_min_lr = f·lr)
 """
 
 from __future__ import annotations
@@ -39,20 +41,21 @@ def lr_multiplier(config: ScheduleConfig, t: float, duration: float) -> float:
     name = config.name
     if name == "constant":
         return 1.0
-    if name == "inv_sqrt":
-        return math.sqrt(max(warmup, 1) / max(t, 1))
+    final = config.final_fraction()
+    if name == "inv_sqrt":  # max(warmup, 1): without a warmup OLMo-core's sqrt(0 / t) would sit at f from step 1
+        return final + (1.0 - final) * math.sqrt(max(warmup, 1) / max(t, 1))
     end = config.duration if config.duration is not None else duration
     if name == "wsd":
         decay = config.decay if config.decay is not None else round(0.1 * end)
         start = end - decay
         if t <= start:
             return 1.0
-        return 1.0 - (1.0 - config.alpha_f) * min(1.0, (t - start) / max(decay, 1))
+        return 1.0 - (1.0 - final) * min(1.0, (t - start) / max(decay, 1))
     if end <= warmup:
         raise LmforgeError(f"schedule: duration {end} {config.units} must be longer than the warmup {warmup}")
     frac = min(1.0, (t - warmup) / (end - warmup))
     if name == "linear":
-        return 1.0 - (1.0 - config.alpha_f) * frac
+        return 1.0 - (1.0 - final) * frac
     if name == "cosine":
-        return config.alpha_f + (1.0 - config.alpha_f) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * frac))
     raise LmforgeError(f"unknown schedule {name!r}")
