@@ -324,7 +324,7 @@ def test_flops_per_token_count_only_the_pairs_inside_each_window():
 
     config = _olmo3(window=3)  # layers: window 3, 3, 3, then full
     counts = count_parameters(config)
-    dense = 6 * (counts["non_embedding"] + config.embedding_size * config.d_model)
+    dense = 6 * (counts["non_embedding"] - counts["lm_head"] + config.embedding_size * config.d_model)  # blocks + head
     # 5 tokens, window 3: queries see 1, 2, 3, 3, 3 keys = 12 pairs; the full layer 1+2+3+4+5 = 15.
     attention = 12 * config.n_heads * config.head_dim * (3 * 12 + 15) / 5
     assert flops_per_token(config, 5) == int(dense + attention)
