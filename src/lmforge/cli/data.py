@@ -52,6 +52,8 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
         "tagger_modules": Flag("Python file or module defining @register_tagger classes (repeatable)",
                                flag="--tagger-module"),
         "overwrite": "re-tag shards that are already done",
+        "max_document_bytes": Flag("do not tag documents over N bytes of text: they get only "
+                                   "<tagger>__document_too_large and are counted (0: no limit)", metavar="N"),
         **EXECUTOR,
     }, overrides=True)
     tag.add_argument("--tagger-option", action="append", default=[], metavar="TAGGER.OPTION=VALUE",

@@ -21,6 +21,8 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
 
 MAX_REPORTED_ERRORS = 100
+DEFAULT_MAX_DOCUMENT_BYTES = 10 * 2**20
+TOO_LARGE = "document_too_large"  # the one attribute a tagger writes for a document it did not run on
 
 
 @dataclass
@@ -31,6 +33,9 @@ class TagConfig:
     tagger_modules: list[str] = field(default_factory=list)
     tagger_options: dict[str, dict[str, str]] = field(default_factory=dict)
     overwrite: bool = False
+    # Documents whose text is larger (UTF-8 bytes) are not tagged: each tagger writes only
+    # `<tagger>__document_too_large` for them, and they are counted. 0: no limit.
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -39,6 +44,8 @@ class TagConfig:
     def validate(self) -> None:
         require(bool(self.documents), "documents", self.documents, "give at least one document glob")
         require(bool(self.taggers), "taggers", self.taggers, "give at least one tagger")
+        require(self.max_document_bytes >= 0, "max_document_bytes", self.max_document_bytes,
+                "must be >= 0 (0: no limit)")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class TagTask:
     groups: list[tuple[str, list[str]]]  # (attribute name, taggers writing into it)
     tagger_modules: list[str]
     tagger_options: dict[str, dict[str, str]]
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     weight: int = 0
 
 
@@ -60,6 +68,16 @@ def _tagger(name: str, options: dict[str, str]) -> registry.Tagger:
     return _TAGGER_CACHE[key]
 
 
+def too_large(text: str, limit: int) -> bool:
+    """The UTF-8 size of `text` is over `limit` (0: no limit). The text is encoded only when its length
+    (1 to 4 bytes a character) cannot tell."""
+    if not limit or 4 * len(text) <= limit:
+        return False
+    if len(text) > limit:
+        return True
+    return not text.isascii() and len(text.encode("utf-8")) > limit
+
+
 def tag_shard(task: TagTask, progress) -> dict:
     registry.load_tagger_modules(task.tagger_modules)
     groups = [(attr_name, [(t, _tagger(t, task.tagger_options.get(t, {}))) for t in names])
@@ -68,12 +86,25 @@ def tag_shard(task: TagTask, progress) -> dict:
     errors: dict[str, list[str]] = {name: [] for _, taggers in groups for name, _ in taggers}
     n_errors = dict.fromkeys(errors, 0)
     text_chars = 0
+    too_large_examples: list[str] = []
+    n_too_large = 0
     writers = [AttributeWriter(attribute_path(task.doc_path, attr_name)) for attr_name, _ in groups]
     try:
         for line, doc in read_documents(task.doc_path, report):
             text_chars += len(doc["text"])
+            skip = too_large(doc["text"], task.max_document_bytes)
+            if skip:
+                n_too_large += 1
+                if len(too_large_examples) < MAX_REPORTED_ERRORS:
+                    too_large_examples.append(f"{task.doc_path}:{line}: {len(doc['text'])} characters, over "
+                                              f"max_document_bytes={task.max_document_bytes}: not tagged")
             for writer, (_, taggers) in zip(writers, groups):
                 attributes: dict[str, list] = {}
+                if skip:
+                    for name, _ in taggers:
+                        attributes[f"{name}__{TOO_LARGE}"] = [[0, len(doc["text"]), 1.0]]
+                    writer.write(doc["id"], attributes)
+                    continue
                 for name, tagger in taggers:
                     try:
                         for key, spans in tagger.tag(doc).items():
@@ -93,7 +124,8 @@ def tag_shard(task: TagTask, progress) -> dict:
     for writer in writers:
         writer.close()
     result = {"documents": report.documents, "skipped_lines": report.skipped,
-              "bad_lines": [str(b) for b in report.bad_lines], "text_chars": text_chars}
+              "bad_lines": [str(b) for b in report.bad_lines], "text_chars": text_chars,
+              "documents_too_large": n_too_large, "too_large_examples": too_large_examples}
     for attr_name, taggers in groups:
         names = [name for name, _ in taggers]
         mark_done(task.doc_path, attr_name, {
@@ -123,7 +155,7 @@ def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], dict[str, l
                 if config.overwrite or not is_done(path, name)]
         if todo:
             tasks.append(TagTask(path, todo, list(config.tagger_modules), dict(config.tagger_options),
-                                 weight=Path(path).stat().st_size))
+                                 config.max_document_bytes, weight=Path(path).stat().st_size))
     return tasks, paths, groups
 
 
@@ -135,20 +167,23 @@ def run_tag(config: TagConfig) -> dict:
                "documents": sum(r["documents"] for r in results),
                "skipped_lines": sum(r["skipped_lines"] for r in results),
                "tagger_errors": sum(r["tagger_errors"] for r in results),
+               "documents_too_large": sum(r["documents_too_large"] for r in results),
                "text_chars": sum(r["text_chars"] for r in results)}
     for attr_name, taggers in groups.items():
         directories = {attribute_dir(p, attr_name) for p in paths}
         for directory in directories:
             markers = read_done_markers(directory)
             counts = {key: sum(m.get(key, 0) for m in markers)
-                      for key in ("documents", "skipped_lines", "tagger_errors", "text_chars")}
+                      for key in ("documents", "skipped_lines", "tagger_errors", "documents_too_large", "text_chars")}
             counts["shards"] = len(markers)
             problems = [b for m in markers for b in m.get("bad_lines", [])]
             problems += [e for m in markers for e in m.get("tagger_error_examples", [])]
-            keys = [f"{t}__{a}" for t in taggers for a in registry.tagger_class(t).attributes]
+            problems += [e for m in markers for e in m.get("too_large_examples", [])]
+            keys = [f"{t}__{a}" for t in taggers for a in (*registry.tagger_class(t).attributes, TOO_LARGE)]
             write_manifest(directory, command="data tag", config=config,
                            inputs=[p for p in paths if attribute_dir(p, attr_name) == directory],
                            counts=counts, extra={"attribute_keys": keys, "skipped": problems[:MAX_REPORTED_ERRORS]})
     summary["bad_line_examples"] = [b for r in results for b in r["bad_lines"]][:10]
     summary["tagger_error_examples"] = [e for r in results for e in r["tagger_error_examples"]][:10]
+    summary["too_large_examples"] = [e for r in results for e in r["too_large_examples"]][:10]
     return summary
