@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--generated", action="store_true", help="generated text even when the corpus exists")
     parser.add_argument("--max-document-bytes", type=int, default=None,
                         help="pass max_document_bytes=N to `data tag` (0: no limit); default: the code's own")
+    parser.add_argument("--ppl-stride", type=int, default=None,
+                        help="pass --ppl-stride N to `eval` (the original code takes no stride: disjoint windows)")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
 
@@ -169,7 +171,7 @@ def main() -> None:
             else:
                 model = prepare_model(work, python, env, full_text)
                 cmd = [*python, "eval", str(model), "--ppl", str(doc), "--device", "cpu", "--no-progress",
-                       "--batch-size", "16"]
+                       "--batch-size", "16"] + (["--ppl-stride", str(args.ppl_stride)] if args.ppl_stride else [])
             wall, rss, code = run(cmd, env, args.timeout)
             status = "ok" if code == 0 else ("timeout" if code == -9 else f"exit {code}")
             rows.append((f"{mb:g}", stage, wall, rss, status))
