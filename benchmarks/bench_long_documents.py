@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_long_documents.py [--sizes 1 10 50] [--stages tag:gopher tokenize ppl]
         [--src OTHER_CHECKOUT/src] [--max-document-bytes N] [--work DIR]
 
-The document is ../shared/corpus text (its documents taken round-robin across shards, joined by blank lines)
+The document is ../shared/corpus text (`--corpus`) (its documents taken round-robin across shards, joined by blank lines)
 when that corpus exists, else words drawn from a seeded Zipf vocabulary with punctuation and newlines
 (`--generated` forces this). Each stage runs as its own subprocess (`python -m lmforge ...`, with `--src` first
 on PYTHONPATH, so another checkout can be measured with the same script); peak RSS is the subprocess's
@@ -29,16 +29,15 @@ import numpy as np
 import zstandard
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus"
 TAGGERS = ("gopher", "c4", "pii", "langid", "langid_paragraph", "repetition", "code", "fasttext")
 STAGES = (*(f"tag:{t}" for t in TAGGERS), "tokenize", "ppl")
 PUNCTUATION = (".", ",", ";", ":", "?", "!", "")
 
 
-def corpus_text(target_bytes: int) -> str:
+def corpus_text(corpus: Path, target_bytes: int) -> str:
     """Corpus documents, one from each shard in turn, joined by blank lines, cut at target_bytes."""
     shards = []
-    for path in sorted(CORPUS.glob("*.jsonl.zst")):
+    for path in sorted(corpus.glob("*.jsonl.zst")):
         with open(path, "rb") as f:
             shards.append([json.loads(line)["text"]
                            for line in zstandard.ZstdDecompressor().stream_reader(f).read().splitlines()])
@@ -114,7 +113,8 @@ def prepare_model(work: Path, python: list[str], env: dict, text: str) -> Path:
                     "--out", str(work / "ppl-tokenizer")], env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([*python, "model", "init", "olmo2-tiny", "--out", str(model), "--tokenizer",
                     str(work / "ppl-tokenizer"), "--seed", "0", "d_model=32", "n_heads=2", "n_kv_heads=2",
-                    "n_layers=2", "mlp_hidden_size=64", "max_sequence_length=256"],
+                    "n_layers=2", "mlp_hidden_size=64", "max_sequence_length=256", "vocab_size=512",
+                    "eos_token_id=0", "pad_token_id=1"],
                    env=env, check=True, stdout=subprocess.DEVNULL)
     return model
 
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--src", default=str(REPO / "src"), help="the lmforge sources to measure")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--work", default="/tmp/bench_long_documents")
+    parser.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
     parser.add_argument("--generated", action="store_true", help="generated text even when the corpus exists")
     parser.add_argument("--max-document-bytes", type=int, default=None,
                         help="pass max_document_bytes=N to `data tag` (0: no limit); default: the code's own")
@@ -140,11 +141,13 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.work)
-    env = dict(os.environ, PYTHONPATH=args.src, TOKENIZERS_PARALLELISM="false")
+    # One thread each: on a shared 2-core machine torch's second thread turned a 37 ms forward into 550 ms.
+    env = dict(os.environ, PYTHONPATH=args.src, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     python = [args.python, "-m", "lmforge"]
-    source = "generated" if args.generated or not CORPUS.is_dir() else "corpus"
+    corpus = Path(args.corpus)
+    source = "generated" if args.generated or not corpus.is_dir() else str(corpus)
     largest = int(max(args.sizes) * 1e6)
-    full_text = generated_text(largest) if source == "generated" else corpus_text(largest)
+    full_text = generated_text(largest) if source == "generated" else corpus_text(corpus, largest)
     tokenizer = "olmo" if olmo_tokenizer_installed(python, env) else None
     rows = []
     for mb in args.sizes:
