@@ -6,8 +6,8 @@
 The document is ../shared/corpus text (`--corpus`) (its documents taken round-robin across shards, joined by blank lines)
 when that corpus exists, else words drawn from a seeded Zipf vocabulary with punctuation and newlines
 (`--generated` forces this). Each stage runs as its own subprocess (`python -m lmforge ...`, with `--src` first
-on PYTHONPATH, so another checkout can be measured with the same script); peak RSS is the subprocess's
-`ru_maxrss` from `os.wait4` (its descendants included). Stages: `tag:<tagger>` for gopher, c4, pii, langid,
+on PYTHONPATH, so another checkout can be measured with the same script); peak RSS is the stage's
+`ru_maxrss` (RUSAGE_CHILDREN of a small launcher process, descendants included). Stages: `tag:<tagger>` for gopher, c4, pii, langid,
 langid_paragraph, repetition, code and fasttext (lid.176 as the classifier); `tokenize` (OLMo tokenizer when
 installed); `ppl` (`eval --ppl` of a 2-layer d=32 model with a 512-token byte-level BPE and a 256-token context).
 `--timeout` (seconds per stage) stops a stage and reports it as timed out.
@@ -75,27 +75,28 @@ def write_document(path: Path, text: str) -> None:
         f.write(line + "\n")
 
 
+# Measures its command from a small process: a child's ru_maxrss counts the memory it inherited at fork, so
+# forking the stage from this script (which holds the document) would report at least this script's size.
+MEASURE = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
 def run(cmd: list[str], env: dict, timeout: float) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB of the process and its descendants, exit code; -9 on timeout)."""
+    """(wall seconds, peak RSS MiB of the stage and its descendants, exit code; -9 on timeout)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = started + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.05)
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", MEASURE, *cmd], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return time.perf_counter() - started, float("nan"), -9
     wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace").strip()
-    if code not in (0, -9) and err:
-        print(f"    stderr: {err.splitlines()[-1]}", file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, code
+    lines = err.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 and len(lines) > 1:
+        print(f"    stderr: {lines[-2]}", file=sys.stderr)
+    return wall, int(lines[-1]) / 1024, proc.returncode
 
 
 def prepare_model(work: Path, python: list[str], env: dict, text: str) -> Path:
