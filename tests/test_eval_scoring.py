@@ -96,6 +96,7 @@ class CharTokenizer:
     """Bytes as tokens; id 256 is EOS."""
 
     eos_id, pad_id, bos_id, vocab_size, source = 256, 256, None, 257, "bytes"
+    splits_at_spaces = True  # a byte is a token: any cut gives the same ids
 
     def encode(self, text):
         return list(text.encode("utf-8"))

@@ -69,6 +69,8 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
                                flag="--tagger-module"),
         "overwrite": "re-tag shards that are already done",
         **INPUT,
+        "max_document_bytes": Flag("do not tag documents over N bytes of text: they get only "
+                                   "<tagger>__document_too_large and are counted (0: no limit)", metavar="N"),
         **EXECUTOR,
     }, overrides=True)
     tag.add_argument("--tagger-option", action="append", default=[], metavar="TAGGER.OPTION=VALUE",

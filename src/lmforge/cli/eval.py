@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "limit": Flag("at most N instances per task", metavar="N"),
         "ppl": Flag("Dolma-format documents for bits per byte (quote the globs)", metavar="GLOB"),
         "ppl_max_documents": Flag("score at most N documents of each --ppl file", metavar="N"),
+        "ppl_stride": Flag("tokens between perplexity windows: each window predicts N new tokens with the "
+                           "rest of the context as history (default: half the context; the context: "
+                           "lm-eval's disjoint windows)", metavar="N"),
         "all_norms": "also compute PMI accuracy where it is not the rule",
         "max_new_tokens": Flag("override generative tasks' token budget", metavar="N"),
         "batch_size": Flag("contexts per forward pass", metavar="N"),

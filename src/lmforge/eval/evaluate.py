@@ -198,7 +198,7 @@ def run_eval(model, tokenizer, config: EvalConfig, tasks: list[Task] | None = No
         if not documents:
             raise LmforgeError(f"no documents to score in {', '.join(ppl_paths)} ({report.skipped} bad lines skipped)")
         bar = Progress(len(documents), "perplexity", "doc", progress)
-        ppl = perplexity(model, tokenizer, documents, max(1, config.batch_size // 2), bar)
+        ppl = perplexity(model, tokenizer, documents, max(1, config.batch_size // 2), bar, config.ppl_stride)
         bar.close()
         ppl["read_report"] = report.to_dict()
         ppl["inputs"] = ppl_paths

@@ -1,10 +1,14 @@
 """Paloma-style perplexity: bits per byte per domain, macro-averaged over the domains of each source.
 
-Each document is scored on its own (never concatenated with another) in disjoint windows of the model's
-context, as lm-eval's `loglikelihood_rolling` and catwalk's Paloma runner do: the first window predicts the
-first `max_len` tokens conditioned on EOS (BOS when the model has one), each later window predicts the next
-`max_len` tokens conditioned on the one token before them, and the last, shorter window keeps a full context
-of earlier tokens. Every token is predicted exactly once.
+Each document is scored on its own (never concatenated with another) with a sliding window of the model's
+context L and a stride S (default L // 2; `--ppl-stride`), as in the Hugging Face perplexity guide: the first
+window predicts the first L tokens conditioned on EOS (BOS when the model has one); each later window predicts
+the next S tokens (fewer at the end), its input being the L tokens that end at its last prediction. Every
+token is predicted exactly once, and a token predicted by a later window sees at least L - S + 1 earlier
+tokens. S = L gives lm-eval's `loglikelihood_rolling` (disjoint windows, the last one with a full context), the
+convention of catwalk's Paloma runner; a document shorter than the context is one window whatever S is.
+Compute grows as L / S, and memory is a few bytes per token: documents are encoded in pieces
+(`tokens.tokenizer.encode_stream`) into numpy arrays, and windows are positions into them.
 
     domain bits per byte = Σ_docs -LL (nats) / (ln 2 · Σ_docs UTF-8 bytes)
     source bits per byte = mean over the source's domains (macro), plus the micro total over its documents
@@ -20,65 +24,78 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
+from lmforge.core.errors import LmforgeError
 from lmforge.curation.documents import ReadReport, read_documents, strip_suffix
 from lmforge.eval.scoring import at_least_fp32, logits_at
+from lmforge.tokens.tokenizer import encode_stream
 
 
 @dataclass
 class Window:
     doc: int
-    tokens: list[int]  # model input = tokens[:-1]
-    n_predicted: int  # the last n_predicted of tokens[1:] are scored
+    start: int  # the window is sequence[start:end] of its document's [prefix] + tokens; input = all but the last
+    end: int
+    n_predicted: int  # the last n_predicted tokens of the window are scored
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
 
-def rolling_windows(doc_index: int, tokens: list[int], prefix: int, max_len: int) -> list[Window]:
-    """Disjoint prediction windows (lm-eval `get_rolling_token_windows` with context_len=1, made disjoint)."""
-    if not tokens:
+def window_stride(stride: int | None, max_len: int) -> int:
+    """The stride in tokens: `stride`, or half the context when None; at most the context."""
+    if stride is None:
+        return max(1, max_len // 2)
+    if stride < 1:
+        raise LmforgeError(f"the perplexity stride must be at least 1 token, got {stride}")
+    return min(stride, max_len)
+
+
+def rolling_windows(doc_index: int, n_tokens: int, max_len: int, stride: int) -> list[Window]:
+    """Windows over the sequence [prefix] + n_tokens tokens predicting each token once (see the module)."""
+    if not n_tokens:
         return []
-    first = min(max_len, len(tokens))
-    windows = [Window(doc_index, [prefix] + tokens[:first], first)]
+    first = min(max_len, n_tokens)
+    windows = [Window(doc_index, 0, first + 1, first)]
     predicted = first
-    while predicted < len(tokens):
-        n = min(len(tokens) - predicted, max_len)
-        end = predicted + n
-        # end > max_len here, so the window always holds max_len tokens of input.
-        windows.append(Window(doc_index, tokens[end - max_len - 1:end], n))
+    while predicted < n_tokens:
+        end = min(predicted + stride, n_tokens)
+        # end > max_len here, so the window holds max_len tokens of input (the sequence is offset by the prefix).
+        windows.append(Window(doc_index, end - max_len, end + 1, end - predicted))
         predicted = end
     return windows
 
 
 @torch.no_grad()
-def window_loglikelihoods(model, windows: list[Window], batch_size: int = 8,
+def window_loglikelihoods(model, sequences: list[np.ndarray], windows: list[Window], batch_size: int = 8,
                           progress: Callable[[int], None] | None = None) -> list[float]:
     """Summed log-probability of each window's predicted tokens, batched by length with right padding."""
     device = next(model.parameters()).device
     out = [0.0] * len(windows)
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].tokens))
+    order = sorted(range(len(windows)), key=lambda i: -windows[i].length)
     for s in range(0, len(order), batch_size):
-        batch = order[s:s + batch_size]
-        L = max(len(windows[i].tokens) - 1 for i in batch)
+        batch = [windows[i] for i in order[s:s + batch_size]]
+        L = max(w.length - 1 for w in batch)
         ids = torch.full((len(batch), L), model.config.pad_token_id, dtype=torch.long)
         targets = torch.zeros((len(batch), L), dtype=torch.long)
-        for r, i in enumerate(batch):
-            t = windows[i].tokens
-            ids[r, :len(t) - 1] = torch.tensor(t[:-1])
-            targets[r, :len(t) - 1] = torch.tensor(t[1:])
+        scored = torch.zeros((len(batch), L), dtype=torch.bool)
+        for r, w in enumerate(batch):
+            t = torch.from_numpy(sequences[w.doc][w.start:w.end].astype(np.int64))
+            ids[r, :len(t) - 1] = t[:-1]
+            targets[r, :len(t) - 1] = t[1:]
+            scored[r, len(t) - 1 - w.n_predicted:len(t) - 1] = True
         # Right padding never reaches a real token through causal attention, so no mask is needed; the LM
         # head runs on the predicted positions only.
-        scored = torch.zeros((len(batch), L), dtype=torch.bool)
-        for r, i in enumerate(batch):
-            length = len(windows[i].tokens) - 1
-            scored[r, length - windows[i].n_predicted:length] = True
         scored = scored.to(device)
         with logits_at(model, lambda h: h[scored]):
             logits = at_least_fp32(model(ids.to(device)))
         picked = targets.to(device)[scored]
         logprobs = (logits.gather(-1, picked[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double().cpu()
-        counts = [windows[i].n_predicted for i in batch]
-        offsets = [0] + torch.cumsum(torch.tensor(counts), 0).tolist()
-        for r, i in enumerate(batch):
+        offsets = np.cumsum([0] + [w.n_predicted for w in batch])
+        for r, i in enumerate(order[s:s + batch_size]):
             out[i] = float(logprobs[offsets[r]:offsets[r + 1]].sum())
         if progress is not None:
             progress(len(batch))
@@ -125,16 +142,17 @@ def collect_documents(paths: Iterable[str], max_documents: int | None,
 
 
 def perplexity(model, tokenizer, documents: list[tuple[str, str, str]], batch_size: int = 8,
-               progress: Callable[[int], None] | None = None) -> dict:
-    """Per-domain and per-source bits per byte of (source, domain, text) documents."""
+               progress: Callable[[int], None] | None = None, stride: int | None = None) -> dict:
+    """Per-domain and per-source bits per byte of (source, domain, text) documents; `stride` in tokens
+    (None: half the context)."""
     max_len = model.config.max_sequence_length
+    stride = window_stride(stride, max_len)
     prefix = model.config.bos_token_id if model.config.bos_token_id is not None else tokenizer.eos_id
-    texts = [t for _, _, t in documents]
-    token_lists = tokenizer.encode_batch(texts) if texts else []
-    windows = []
-    for d, tokens in enumerate(token_lists):
-        windows.extend(rolling_windows(d, tokens, prefix, max_len))
-    lls = window_loglikelihoods(model, windows, batch_size, progress)
+    sequences, windows = [], []
+    for d, ids in encode_stream(tokenizer, ((d, text) for d, (_, _, text) in enumerate(documents)), np.int32):
+        sequences.append(np.concatenate((np.array([prefix], dtype=np.int32), ids)))
+        windows.extend(rolling_windows(d, len(ids), max_len, stride))
+    lls = window_loglikelihoods(model, sequences, windows, batch_size, progress)
     per_doc: dict[int, list[float]] = defaultdict(list)
     for w, ll in zip(windows, lls):
         per_doc[w.doc].append(ll)
@@ -142,10 +160,13 @@ def perplexity(model, tokenizer, documents: list[tuple[str, str, str]], batch_si
     for d, (source, domain, text) in enumerate(documents):
         totals = domains[(source, domain)]
         totals.documents += 1
-        totals.tokens += len(token_lists[d])
-        totals.bytes += len(text.encode("utf-8"))
+        totals.tokens += len(sequences[d]) - 1
+        totals.bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
         totals.nll.append(-math.fsum(per_doc.get(d, [])))
-    return summarize(domains)
+    result = summarize(domains)
+    result["stride"] = stride
+    result["context"] = max_len
+    return result
 
 
 def summarize(domains: dict[tuple[str, str], DomainTotals]) -> dict:

@@ -8,10 +8,14 @@ path to a `tokenizer.json` or a directory holding one. Special tokens are found 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.core.errors import LmforgeError
@@ -26,6 +30,17 @@ NAMED_TOKENIZERS = {
     "olmo": ("olmo_eval", "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"),
     "gpt-neox-pii": ("olmo_eval", "tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"),
 }
+
+
+# Long texts are encoded in pieces (see `encode_stream`): a piece is about MAX_PIECE_CHARS characters, and
+# one encode call takes pieces of at most ENCODE_BATCH_CHARS characters in all, so neither the tokenizer's
+# encodings nor the Python lists of ids ever cover a whole 50 MB document.
+MAX_PIECE_CHARS = 1 << 18
+ENCODE_BATCH_CHARS = 1 << 22
+ENCODE_BATCH_PIECES = 256
+_PIECE_CUT = re.compile(r"(?<=\S) ")  # a space right after a non-space character
+_LOCAL_NORMALIZERS = ("NFC", "NFD")
+Key = TypeVar("Key")
 
 
 def pad_vocab_size(n: int, multiple: int = 128) -> int:
@@ -61,6 +76,7 @@ class Tokenizer:
     pad_id: int
     bos_id: int | None = None
     source: str = ""
+    splits_at_spaces: bool = False  # see `splits_at_spaces`; set by `load`
 
     @classmethod
     def load(cls, name_or_path: str | Path, eos_id: int | None = None, pad_id: int | None = None,
@@ -74,7 +90,8 @@ class Tokenizer:
         if eos is None:
             raise LmforgeError(f"tokenizer {path} has no {EOS_TOKEN!r} token; give eos_id explicitly")
         pad = pad_id if pad_id is not None else hf.token_to_id(PAD_TOKEN)
-        return cls(hf=hf, eos_id=eos, pad_id=eos if pad is None else pad, bos_id=bos_id, source=str(path))
+        return cls(hf=hf, eos_id=eos, pad_id=eos if pad is None else pad, bos_id=bos_id, source=str(path),
+                   splits_at_spaces=splits_at_spaces(hf))
 
     @property
     def vocab_size(self) -> int:
@@ -117,6 +134,77 @@ class Tokenizer:
         })
         atomic_write_json(directory / "special_tokens_map.json",
                           {k: v for k, v in {"eos_token": eos, "pad_token": pad, "bos_token": bos}.items() if v})
+
+
+def splits_at_spaces(hf: HFTokenizer) -> bool:
+    """Whether encoding `text[:i]` and `text[i:]` separately gives the ids of `text` whenever `text[i]` is a
+    space after a non-space character. True for byte-level BPE pre-tokenized with the GPT-2 regex (OLMo's and
+    GPT-NeoX's tokenizers, those `train_bpe` makes): no pre-token and no special token crosses such a point,
+    NFC/NFD never compose across a space, and the prefix space is only added where a text starts without
+    one. Any other pipeline answers False and its texts are encoded whole."""
+    spec = json.loads(hf.to_str())
+    normalizer = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
+    normalizers = normalizer.get("normalizers", [normalizer]) if normalizer["type"] == "Sequence" else [normalizer]
+    pre = spec.get("pre_tokenizer") or {}
+    model = spec.get("model") or {}
+    added = spec.get("added_tokens") or []
+    return (all(n.get("type") in _LOCAL_NORMALIZERS for n in normalizers)
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not model.get("dropout")
+            and not any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") or re.search(r"\S ", t["content"])
+                        for t in added))
+
+
+def text_pieces(text: str, at_spaces: bool) -> Iterator[str]:
+    """`text` in consecutive pieces of at least MAX_PIECE_CHARS characters cut right before a space that
+    follows a non-space character (`at_spaces`), or whole; nothing for an empty text."""
+    start = 0
+    if at_spaces:
+        while len(text) - start > MAX_PIECE_CHARS:
+            cut = _PIECE_CUT.search(text, start + MAX_PIECE_CHARS)
+            if cut is None:
+                break
+            yield text[start:cut.start()]
+            start = cut.start()
+    if start < len(text):
+        yield text[start:] if start else text
+
+
+def encode_stream(tokenizer: Any, items: Iterable[tuple[Key, str]], dtype: Any = np.uint32
+                  ) -> Iterator[tuple[Key, np.ndarray]]:
+    """(key, ids as a numpy array) for each (key, text), in order, the ids equal to one `encode` of the text.
+    Texts are cut into pieces where the tokenizer allows it (`splits_at_spaces`) and encoded with
+    `encode_batch` at most ENCODE_BATCH_CHARS characters a call, so memory follows the batch, not the
+    longest document. `tokenizer` needs `encode_batch(texts)` and `splits_at_spaces`."""
+    pending: deque[list] = deque()  # [key, arrays of ids, pieces not yet encoded], in input order
+    batch: list[tuple[list, str]] = []
+    chars = 0
+
+    def encode_batch() -> None:
+        for (entry, _), ids in zip(batch, tokenizer.encode_batch([piece for _, piece in batch])):
+            entry[1].append(np.array(ids, dtype=dtype))
+            entry[2] -= 1
+        batch.clear()
+
+    def finished(open_entry: list | None) -> Iterator[tuple[Key, np.ndarray]]:
+        while pending and pending[0][2] == 0 and pending[0] is not open_entry:
+            key, arrays, _ = pending.popleft()
+            yield key, np.concatenate(arrays) if arrays else np.empty(0, dtype)
+
+    for key, text in items:
+        entry = [key, [], 0]
+        pending.append(entry)
+        for piece in text_pieces(text, tokenizer.splits_at_spaces):
+            entry[2] += 1
+            batch.append((entry, piece))
+            chars += len(piece)
+            if chars >= ENCODE_BATCH_CHARS or len(batch) >= ENCODE_BATCH_PIECES:
+                encode_batch()
+                chars = 0
+                yield from finished(entry)
+        yield from finished(None)
+    encode_batch()
+    yield from finished(None)
 
 
 def tokens_tokenizer(token_paths: Iterable[str | Path]) -> str | None:

@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 from lmforge.core.errors import LmforgeError
 
 Spans = list[list[float]]
+# Long documents are measured window by window, so no tagger holds a list of all the words or lines of a
+# 50 MB text. Windows end right after a newline (or any whitespace, for word statistics), which every
+# built-in rule treats as a boundary, so the values equal those of the whole text in one piece.
+WINDOW_CHARS = 1 << 20
+LINE_END = re.compile("\n")
+WHITESPACE = re.compile(r"\s")
 BUILTIN_MODULES = ("gopher", "c4", "pii", "language", "repetition", "code", "classifier")
 
 _REGISTRY: dict[str, type["Tagger"]] = {}
@@ -125,6 +132,42 @@ def parse_tagger_options(items: list[str]) -> dict[str, dict[str, str]]:
             raise LmforgeError(f"bad tagger option {item!r}: expected TAGGER.OPTION=VALUE, e.g. fasttext.model=q.bin")
         options.setdefault(tagger, {})[option] = value
     return options
+
+
+def one_window(text: str) -> bool:
+    return len(text) <= WINDOW_CHARS
+
+
+def text_windows(text: str, boundary: re.Pattern = LINE_END) -> Iterator[tuple[int, str]]:
+    """(offset, piece) of consecutive pieces of `text` of at least WINDOW_CHARS characters (the last may be
+    shorter), each but the last ending right after a match of `boundary`; a short text is one piece."""
+    start, n = 0, len(text)
+    while n - start > WINDOW_CHARS:
+        cut = boundary.search(text, start + WINDOW_CHARS - 1)
+        if cut is None:
+            break
+        yield start, text[start:cut.end()]
+        start = cut.end()
+    if start < n or n == 0:
+        yield start, text[start:] if start else text
+
+
+def line_windows(text: str) -> Iterator[tuple[int, str, list[str]]]:
+    """(offset, window, its lines): `text.split("\\n")` a window at a time; the lines of all the windows, in
+    order, are those of the whole text."""
+    for offset, piece in text_windows(text):
+        lines = piece.split("\n")
+        if offset + len(piece) < len(text):
+            lines.pop()  # the window ends right after a newline; the next one starts with the line after it
+        yield offset, piece, lines
+
+
+def text_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(offset, line) of every line of `text.split("\\n")`, a window at a time."""
+    for offset, _, lines in line_windows(text):
+        for line in lines:
+            yield offset, line
+            offset += len(line) + 1
 
 
 def doc_span(text: str, value: float) -> Spans:

@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from lmforge.curation.taggers import Tagger, register_tagger
+from lmforge.curation.taggers import Tagger, line_windows, register_tagger
 
 MIN_WORDS_PER_LINE = 5
 END_MARKS = (".", "?", "!", '"', "\u201d")
@@ -53,38 +53,44 @@ def c4_attributes(text: str) -> dict[str, list[list[float]]]:
     no_punct: list[list[float]] = []
     few_words: list[list[float]] = []
     javascript: list[list[float]] = []
-    kept: list[str] = []
-    lower = text.lower()
-    any_javascript = "javascript" in lower
-    lines = text.split("\n")
-    last = len(lines) - 1
-    start = 0
-    for i, line in enumerate(lines):
-        end = start + len(line) + (i < last)
-        stripped = line.strip()
-        bad = False
-        if not stripped.endswith(END_MARKS):
-            no_punct.append([start, end, 1.0])
-            bad = True
-        if len(stripped.split(None, MIN_WORDS_PER_LINE)) < MIN_WORDS_PER_LINE:  # maxsplit: no long lists
-            few_words.append([start, end, 1.0])
-            bad = True
-        if any_javascript and "javascript" in stripped.lower():
-            javascript.append([start, end, 1.0])
-            bad = True
-        if not bad:
-            kept.append(stripped)
-        start = end
+    naughty = lorem = False
+    sentences = lines = 0
+    # Window by window (`taggers.text_windows`): windows end at a newline, which no rule crosses.
+    for offset, piece, piece_lines in line_windows(text):
+        lower = piece.lower()
+        naughty = naughty or has_naughty_word(lower)
+        lorem = lorem or "lorem ipsum" in lower
+        any_javascript = "javascript" in lower
+        kept: list[str] = []
+        start = offset
+        for line in piece_lines:
+            end = min(start + len(line) + 1, len(text))
+            stripped = line.strip()
+            bad = False
+            if not stripped.endswith(END_MARKS):
+                no_punct.append([start, end, 1.0])
+                bad = True
+            if len(stripped.split(None, MIN_WORDS_PER_LINE)) < MIN_WORDS_PER_LINE:  # maxsplit: no long lists
+                few_words.append([start, end, 1.0])
+                bad = True
+            if any_javascript and "javascript" in stripped.lower():
+                javascript.append([start, end, 1.0])
+                bad = True
+            if not bad:
+                kept.append(stripped)
+            start = end
+        lines += len(piece_lines)
+        sentences += len(_SENTENCE_END.findall("\n".join(kept)))
     n = len(text)
     return {
         "lines_with_no_ending_punctuation": no_punct,
         "lines_with_too_few_words": few_words,
         "lines_with_javascript": javascript,
-        "has_naughty_word": [[0, n, 1.0]] if has_naughty_word(lower) else [],
-        "has_lorem_ipsum": [[0, n, 1.0]] if "lorem ipsum" in lower else [],
+        "has_naughty_word": [[0, n, 1.0]] if naughty else [],
+        "has_lorem_ipsum": [[0, n, 1.0]] if lorem else [],
         "has_curly_brace": [[0, n, 1.0]] if "{" in text else [],
-        "sentence_count": [[0, n, float(len(_SENTENCE_END.findall("\n".join(kept))))]],
-        "line_count": [[0, n, float(len(lines))]],
+        "sentence_count": [[0, n, float(sentences)]],
+        "line_count": [[0, n, float(lines)]],
     }
 
 

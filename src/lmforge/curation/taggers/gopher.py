@@ -16,10 +16,12 @@ import re
 from collections import Counter
 from itertools import accumulate
 from operator import methodcaller
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from lmforge.curation.taggers import Tagger, register_tagger
+from lmforge.curation.taggers import (WHITESPACE, Tagger, line_windows, one_window, register_tagger,
+                                       text_windows)
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("*", "-", "\u2022", "\u2023", "\u25cf", "\u25e6", "\u25aa", "\u2043", "\u2013")
@@ -30,7 +32,6 @@ TOP_NGRAM_SIZES = (2, 3, 4)
 DUP_NGRAM_SIZES = (5, 6, 7, 8, 9, 10)
 SMALL_DOC_WORDS = 256
 _MULT = np.uint64(0x9E3779B97F4A7C15)
-_SIZE_TAGS = [np.uint64((n * 0xD6E8FEB86659FD93) % (1 << 64)) for n in range(2, 11)]
 
 # One match per word that contains a letter ([^\W\d_]): from its first letter to the end of the word.
 # Starting with a character class lets `re` skip ahead to candidates, which keeps the scan fast.
@@ -60,6 +61,16 @@ def _duplicate_fractions(units: list[str]) -> tuple[float, float]:
             dup_chars += count * len(unit)
     total_chars = sum(map(len, units))
     return dup_units / len(units), dup_chars / max(total_chars, 1)
+
+
+def _hashed_duplicate_fractions(hashes: np.ndarray, lengths: np.ndarray) -> tuple[float, float]:
+    """`_duplicate_fractions` of units given as (hash, length) arrays."""
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated):
+        return 0.0, 0.0
+    dup = _member_mask(hashes, np.unique(repeated))
+    return int(dup.sum()) / len(hashes), int(np.sum(lengths, where=dup)) / max(int(lengths.sum()), 1)
 
 
 def _ngram_values_small(words: list[str], word_lens: list[int], word_chars: int) -> dict[str, float]:
@@ -101,87 +112,174 @@ def _ngram_values_small(words: list[str], word_lens: list[int], word_chars: int)
     return out
 
 
-def _ngram_values_numpy(words: list[str], word_lens: np.ndarray, word_chars: int) -> dict[str, float]:
-    """All nine n-gram sizes in one sort: n-gram hashes of every size are concatenated (tagged by size)."""
-    n_words = len(words)
-    if n_words < max(DUP_NGRAM_SIZES):  # the vectorised layout needs every size to have an n-gram
-        return _ngram_values_small(words, word_lens.tolist(), word_chars)
+def _ngram_values_numpy(hashes: np.ndarray, word_lens: np.ndarray, word_chars: int) -> dict[str, float]:
+    """One n-gram size at a time from the words' hashes: the n-gram hashes of size n are rolled in place over
+    those of size n - 1, counted with a sort, and the positions of the most common / repeated n-grams are
+    found by binary search a chunk at a time, so memory stays a few 8-byte values per word."""
     out: dict[str, float] = {}
-    hashes = np.fromiter(map(hash, words), dtype=np.int64, count=n_words).view(np.uint64)
-    cum = np.concatenate(([0], np.cumsum(word_lens)))
-    rolled = [hashes]
+    n_words = len(hashes)
+    grams = hashes.copy()
     for n in range(2, 11):
-        rolled.append(rolled[-1][:-1] * _MULT + hashes[n - 1:])
-    grams = np.concatenate([r + tag for tag, r in zip(_SIZE_TAGS, rolled[1:])])
-    order = np.argsort(grams)
-    ordered = grams[order]
-    group = np.concatenate(([0], np.cumsum(ordered[1:] != ordered[:-1])))
-    occurrences = np.empty_like(group)
-    occurrences[order] = np.bincount(group)[group]
-    sizes = n_words - np.arange(1, 10)  # occurrences of each n-gram size, n = 2..10 (n_words >= 10 here)
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    for j, n in enumerate(TOP_NGRAM_SIZES):
-        counts = occurrences[offsets[j]:offsets[j + 1]]
-        top = counts.max()
-        first = int(np.argmax(counts == top))  # earliest occurrence of a most common n-gram
-        out[f"fraction_of_characters_in_most_common_{n}grams"] = float(top * (cum[first + n] - cum[first]) / word_chars)
-    # Duplicate n-grams, all six sizes at once: +1/-1 at the start/end of every repeated occurrence, one row
-    # per size, then a running sum marks the covered words.
-    first_dup = offsets[len(TOP_NGRAM_SIZES)]
-    dup_sizes = sizes[len(TOP_NGRAM_SIZES):]
-    row = np.repeat(np.arange(len(DUP_NGRAM_SIZES)), dup_sizes)
-    start = np.arange(len(row)) - np.repeat(offsets[len(TOP_NGRAM_SIZES):-1] - first_dup, dup_sizes)
-    repeated = occurrences[first_dup:] > 1
-    width = n_words + 1
-    row, start = row[repeated], start[repeated]
-    length = np.asarray(DUP_NGRAM_SIZES)[row]
-    delta = (np.bincount(row * width + start, minlength=len(DUP_NGRAM_SIZES) * width)
-             - np.bincount(row * width + start + length, minlength=len(DUP_NGRAM_SIZES) * width))
-    covered = np.cumsum(delta.reshape(len(DUP_NGRAM_SIZES), width), axis=1)[:, :n_words] > 0
-    for n, chars in zip(DUP_NGRAM_SIZES, covered @ word_lens):
-        out[f"fraction_of_characters_in_duplicate_{n}grams"] = float(chars / word_chars)
+        top_size = n in TOP_NGRAM_SIZES
+        key = (f"fraction_of_characters_in_most_common_{n}grams" if top_size
+               else f"fraction_of_characters_in_duplicate_{n}grams")
+        if n_words < n:
+            out[key] = 0.0
+            continue
+        grams = grams[:-1]
+        grams *= _MULT
+        grams += hashes[n - 1:]
+        ordered = np.sort(grams)
+        same = ordered[1:] == ordered[:-1]
+        if top_size:
+            run_ends = np.append(np.flatnonzero(~same), len(grams) - 1)
+            runs = np.diff(run_ends, prepend=-1)
+            top = int(runs.max())
+            first = 0 if top == 1 else _first_member(grams, ordered[run_ends[runs == top]])
+            out[key] = top * int(word_lens[first:first + n].sum()) / word_chars
+        else:
+            repeated = ordered[1:][same]
+            del ordered, same
+            if not len(repeated):
+                out[key] = 0.0
+                continue
+            repeated = repeated[np.concatenate(([True], repeated[1:] != repeated[:-1]))]
+            starts = _member_mask(grams, repeated)
+            covered = np.zeros(n_words, dtype=bool)
+            for offset in range(n):  # a repeated n-gram starting at i covers words i..i+n-1
+                covered[offset:offset + len(starts)] |= starts
+            out[key] = int(np.sum(word_lens, where=covered, dtype=np.int64)) / word_chars
     return out
 
 
+SEARCH_CHUNK = 1 << 20
+
+
+def _first_member(values: np.ndarray, sorted_set: np.ndarray) -> int:
+    """The first i with values[i] in sorted_set (which must hold one of the values)."""
+    for lo in range(0, len(values), SEARCH_CHUNK):
+        hits = np.flatnonzero(_member_mask(values[lo:lo + SEARCH_CHUNK], sorted_set))
+        if len(hits):
+            return lo + int(hits[0])
+    raise ValueError("no value is in the set")
+
+
+def _member_mask(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_set, by binary search a chunk at a time (np.isin would sort both, copying them)."""
+    mask = np.empty(len(values), dtype=bool)
+    for lo in range(0, len(values), SEARCH_CHUNK):
+        chunk = values[lo:lo + SEARCH_CHUNK]
+        found = np.searchsorted(sorted_set, chunk)
+        np.minimum(found, len(sorted_set) - 1, out=found)
+        mask[lo:lo + len(chunk)] = sorted_set[found] == chunk
+    return mask
+
+
 def gopher_values(text: str) -> dict[str, float]:
-    """All Gopher rule values of one document."""
-    words = text.split()
-    n_words = len(words)
+    """All Gopher rule values of one document. A long text is read a window at a time
+    (`taggers.text_windows`): words and lines become hashes and lengths in numpy arrays window by window, so
+    no list of all the words or lines of the document exists."""
     values: dict[str, float] = dict.fromkeys(ATTRIBUTES, 0.0)
     values["character_count"] = float(len(text))
-    values["word_count"] = float(n_words)
-    if n_words:
-        symbols = text.count("#") + text.count("...") + text.count("\u2026")
-        values["symbol_to_word_ratio"] = symbols / n_words
-        values["fraction_of_words_with_alpha_character"] = len(_ALPHA_WORD.findall(text)) / n_words
-        values["required_word_count"] = float(sum(map(STOP_WORDS.__contains__, words)))
-        if n_words < SMALL_DOC_WORDS:
-            word_lens = list(map(len, words))
-            word_chars = sum(word_lens)
-            ordered = sorted(word_lens)
-            mid = n_words // 2
-            values["median_word_length"] = float(ordered[mid] if n_words % 2 else (ordered[mid - 1] + ordered[mid]) / 2)
-            values.update(_ngram_values_small(words, word_lens, word_chars))
-        else:
-            word_lens = np.fromiter(map(len, words), dtype=np.int64, count=n_words)
-            word_chars = int(word_lens.sum())
-            values["median_word_length"] = float(np.median(word_lens))
-            values.update(_ngram_values_numpy(words, word_lens, word_chars))
-        values["mean_word_length"] = word_chars / n_words
-
-    lines = list(filter(str.strip, text.split("\n")))  # non-blank lines; map/filter keep the loops in C
-    if lines:
-        bullets = sum(map(_starts_with_bullet, map(str.lstrip, lines)))
-        ellipses = sum(map(_ends_with_ellipsis, map(str.rstrip, lines)))
-        values["fraction_of_lines_starting_with_bullet_point"] = bullets / len(lines)
-        values["fraction_of_lines_ending_with_ellipsis"] = ellipses / len(lines)
-        (values["fraction_of_duplicate_lines"],
-         values["fraction_of_characters_in_duplicate_lines"]) = _duplicate_fractions(lines)
-    if len(lines) > 1:  # one line cannot make two paragraphs
-        paragraphs = [p for p in _PARAGRAPH_BREAK.split(text.strip()) if p.strip()]
-        (values["fraction_of_duplicate_paragraphs"],
-         values["fraction_of_characters_in_duplicate_paragraphs"]) = _duplicate_fractions(paragraphs)
+    values.update(_word_values(text))
+    values.update(_line_and_paragraph_values(text))
     return values
+
+
+def _word_values(text: str) -> dict[str, float]:
+    if one_window(text):
+        words = text.split()
+        if len(words) < SMALL_DOC_WORDS:
+            return _word_values_small(text, words)
+        windows: Iterable[tuple[list[str], str]] = [(words, text)]
+    else:
+        windows = ((piece.split(), piece) for _, piece in text_windows(text, WHITESPACE))
+    required = alpha = 0
+    hashed = []
+    for window_words, piece in windows:
+        required += sum(map(STOP_WORDS.__contains__, window_words))
+        alpha += len(_ALPHA_WORD.findall(piece))
+        hashed.append(_hashed(window_words))
+    hashes, word_lens = (np.concatenate(arrays) for arrays in zip(*hashed))
+    del hashed
+    if not len(hashes):
+        return {}
+    word_chars = int(word_lens.sum())
+    return {**_per_word_values(text, len(hashes), word_chars, required, alpha),
+            "median_word_length": float(np.median(word_lens)),
+            **_ngram_values_numpy(hashes, word_lens, word_chars)}
+
+
+def _word_values_small(text: str, words: list[str]) -> dict[str, float]:
+    n_words = len(words)
+    if not n_words:
+        return {}
+    word_lens = list(map(len, words))
+    word_chars = sum(word_lens)
+    ordered = sorted(word_lens)
+    mid = n_words // 2
+    required = sum(map(STOP_WORDS.__contains__, words))
+    return {**_per_word_values(text, n_words, word_chars, required, len(_ALPHA_WORD.findall(text))),
+            "median_word_length": float(ordered[mid] if n_words % 2 else (ordered[mid - 1] + ordered[mid]) / 2),
+            **_ngram_values_small(words, word_lens, word_chars)}
+
+
+def _per_word_values(text: str, n_words: int, word_chars: int, required: int, alpha: int) -> dict[str, float]:
+    symbols = text.count("#") + text.count("...") + text.count("\u2026")
+    return {"word_count": float(n_words), "mean_word_length": word_chars / n_words,
+            "symbol_to_word_ratio": symbols / n_words, "fraction_of_words_with_alpha_character": alpha / n_words,
+            "required_word_count": float(required)}
+
+
+def _hashed(units: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(hash, length) of each unit as numpy arrays (`hash()` and `len` are C calls per unit)."""
+    return (np.fromiter(map(hash, units), dtype=np.int64, count=len(units)).view(np.uint64),
+            np.fromiter(map(len, units), dtype=np.int64, count=len(units)))
+
+
+def _line_and_paragraph_values(text: str) -> dict[str, float]:
+    whole = one_window(text)  # one window: count the strings themselves, as always
+    bullets = ellipses = 0
+    windows = []
+    for _, _, piece_lines in line_windows(text):
+        lines = list(filter(str.strip, piece_lines))  # non-blank lines; map/filter keep the loops in C
+        bullets += sum(map(_starts_with_bullet, map(str.lstrip, lines)))
+        ellipses += sum(map(_ends_with_ellipsis, map(str.rstrip, lines)))
+        windows.append(lines if whole else _hashed(lines))
+    if whole:
+        n_lines = len(windows[0])
+        duplicate_lines = _duplicate_fractions(windows[0])
+    else:
+        hashes, lengths = (np.concatenate(arrays) for arrays in zip(*windows))
+        n_lines = len(hashes)
+        duplicate_lines = _hashed_duplicate_fractions(hashes, lengths)
+    if not n_lines:
+        return {}
+    values = {"fraction_of_lines_starting_with_bullet_point": bullets / n_lines,
+              "fraction_of_lines_ending_with_ellipsis": ellipses / n_lines}
+    values["fraction_of_duplicate_lines"], values["fraction_of_characters_in_duplicate_lines"] = duplicate_lines
+    if n_lines > 1:  # one line cannot make two paragraphs
+        if whole:
+            duplicates = _duplicate_fractions([p for p in _PARAGRAPH_BREAK.split(text.strip()) if p.strip()])
+        else:
+            pairs = np.array([(hash(p), len(p)) for p in _paragraphs(text)], dtype=np.int64).reshape(-1, 2)
+            duplicates = _hashed_duplicate_fractions(pairs[:, 0].copy().view(np.uint64), pairs[:, 1].copy())
+        values["fraction_of_duplicate_paragraphs"], values["fraction_of_characters_in_duplicate_paragraphs"] = duplicates
+    return values
+
+
+def _paragraphs(text: str) -> Iterator[str]:
+    """The non-blank pieces of `_PARAGRAPH_BREAK.split(text.strip())`, one at a time."""
+    start = len(text) - len(text.lstrip())
+    end = len(text.rstrip())
+    for brk in _PARAGRAPH_BREAK.finditer(text, start, end):
+        paragraph = text[start:brk.start()]
+        if paragraph and not paragraph.isspace():
+            yield paragraph
+        start = brk.end()
+    paragraph = text[start:end]
+    if paragraph and not paragraph.isspace():
+        yield paragraph
 
 
 @register_tagger("gopher")

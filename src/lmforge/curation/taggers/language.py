@@ -11,7 +11,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from lmforge.curation.taggers import Tagger, register_tagger
+from lmforge.curation.taggers import WHITESPACE, Tagger, one_window, register_tagger, text_lines, text_windows
 from lmforge.core.errors import LmforgeError
 
 DOC_TOP_K = 3
@@ -46,19 +46,24 @@ def load_fasttext(path: str):
 
 def predict(model, text: str, k: int) -> list[tuple[str, float]]:
     """Top-k (label without __label__, probability) for one text."""
-    labels, probs = model.predict(" ".join(text.split()), k=k, on_unicode_error="replace")
+    labels, probs = model.predict(one_line(text), k=k, on_unicode_error="replace")
     return [(label[len(LABEL_PREFIX):] if label.startswith(LABEL_PREFIX) else label, min(float(p), 1.0))
             for label, p in zip(labels, probs)]
 
 
+def one_line(text: str) -> str:
+    """`" ".join(text.split())`, built a window at a time (`taggers.text_windows`) so that no list of all the
+    words of a long text exists."""
+    if one_window(text):
+        return " ".join(text.split())
+    return " ".join(filter(None, (" ".join(piece.split()) for _, piece in text_windows(text, WHITESPACE))))
+
+
 def paragraph_spans(text: str):
     """(start, end, paragraph) for each non-blank line; end includes the newline."""
-    start = 0
-    for line in text.split("\n"):
-        end = min(start + len(line) + 1, len(text))
+    for start, line in text_lines(text):
         if line.strip():
-            yield start, end, line
-        start = start + len(line) + 1
+            yield start, min(start + len(line) + 1, len(text)), line
 
 
 @register_tagger("langid")

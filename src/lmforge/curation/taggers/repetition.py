@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from lmforge.curation.taggers import Tagger, register_tagger
+from lmforge.curation.taggers import Tagger, register_tagger, text_lines
 
 _CHAR_RUN = re.compile(r"(.)\1{9,}")
 _UNIT_RUN = re.compile(r"(.{2,16}?)\1{3,}")
@@ -27,15 +27,12 @@ def repeated_sequences(text: str) -> list[list[float]]:
 def duplicate_lines(text: str) -> list[list[float]]:
     seen: set[str] = set()
     spans = []
-    start = 0
-    for line in text.split("\n"):
-        end = min(start + len(line) + 1, len(text))
+    for start, line in text_lines(text):
         if line.strip():
             if line in seen:
-                spans.append([start, end, 1.0])
+                spans.append([start, min(start + len(line) + 1, len(text)), 1.0])
             else:
                 seen.add(line)
-        start += len(line) + 1
     return spans
 
 

@@ -22,7 +22,10 @@ from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 
 MAX_REPORTED_ERRORS = 100
-COUNTED = ("documents", "skipped_lines", "empty_shards", "truncated_files", "tagger_errors", "text_chars")
+COUNTED = ("documents", "skipped_lines", "empty_shards", "truncated_files", "tagger_errors", "documents_too_large",
+           "text_chars")
+DEFAULT_MAX_DOCUMENT_BYTES = 10 * 2**20
+TOO_LARGE = "document_too_large"  # the one attribute a tagger writes for a document it did not run on
 
 
 @dataclass
@@ -34,6 +37,9 @@ class TagConfig:
     tagger_options: dict[str, dict[str, str]] = field(default_factory=dict)
     overwrite: bool = False
     input: InputConfig = field(default_factory=InputConfig)
+    # Documents whose text is larger (UTF-8 bytes) are not tagged: each tagger writes only
+    # `<tagger>__document_too_large` for them, and they are counted. 0: no limit.
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -42,6 +48,8 @@ class TagConfig:
     def validate(self) -> None:
         require(bool(self.documents), "documents", self.documents, "give at least one document glob")
         require(bool(self.taggers), "taggers", self.taggers, "give at least one tagger")
+        require(self.max_document_bytes >= 0, "max_document_bytes", self.max_document_bytes,
+                "must be >= 0 (0: no limit)")
 
 
 @dataclass
@@ -51,6 +59,7 @@ class TagTask:
     tagger_modules: list[str]
     tagger_options: dict[str, dict[str, str]]
     strict: bool = False
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     weight: int = 0
 
 
@@ -64,6 +73,16 @@ def _tagger(name: str, options: dict[str, str]) -> registry.Tagger:
     return _TAGGER_CACHE[key]
 
 
+def too_large(text: str, limit: int) -> bool:
+    """The UTF-8 size of `text` is over `limit` (0: no limit). The text is encoded only when its length
+    (1 to 4 bytes a character) cannot tell."""
+    if not limit or 4 * len(text) <= limit:
+        return False
+    if len(text) > limit:
+        return True
+    return not text.isascii() and len(text.encode("utf-8")) > limit
+
+
 def tag_shard(task: TagTask, progress) -> dict:
     registry.load_tagger_modules(task.tagger_modules)
     groups = [(attr_name, [(t, _tagger(t, task.tagger_options.get(t, {}))) for t in names])
@@ -72,12 +91,25 @@ def tag_shard(task: TagTask, progress) -> dict:
     errors: dict[str, list[str]] = {name: [] for _, taggers in groups for name, _ in taggers}
     n_errors = dict.fromkeys(errors, 0)
     text_chars = 0
+    too_large_examples: list[str] = []
+    n_too_large = 0
     writers = [AttributeWriter(attribute_path(task.doc_path, attr_name)) for attr_name, _ in groups]
     try:
         for line, doc in read_documents(task.doc_path, report, task.strict):
             text_chars += len(doc["text"])
+            skip = too_large(doc["text"], task.max_document_bytes)
+            if skip:
+                n_too_large += 1
+                if len(too_large_examples) < MAX_REPORTED_ERRORS:
+                    too_large_examples.append(f"{task.doc_path}:{line}: {len(doc['text'])} characters, over "
+                                              f"max_document_bytes={task.max_document_bytes}: not tagged")
             for writer, (_, taggers) in zip(writers, groups):
                 attributes: dict[str, list] = {}
+                if skip:
+                    for name, _ in taggers:
+                        attributes[f"{name}__{TOO_LARGE}"] = [[0, len(doc["text"]), 1.0]]
+                    writer.write(doc["id"], attributes)
+                    continue
                 for name, tagger in taggers:
                     try:
                         for key, spans in tagger.tag(doc).items():
@@ -97,7 +129,8 @@ def tag_shard(task: TagTask, progress) -> dict:
     for writer in writers:
         writer.close()
     result = {"documents": report.documents, **report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
-              "truncated": [str(t) for t in report.truncated], "text_chars": text_chars}
+              "truncated": [str(t) for t in report.truncated], "text_chars": text_chars,
+              "documents_too_large": n_too_large, "too_large_examples": too_large_examples}
     for attr_name, taggers in groups:
         names = [name for name, _ in taggers]
         mark_done(task.doc_path, attr_name, {
@@ -127,7 +160,7 @@ def plan_tasks(config: TagConfig) -> tuple[list[TagTask], list[str], list[str], 
                 if config.overwrite or not is_done(path, name)]
         if todo:
             tasks.append(TagTask(path, todo, list(config.tagger_modules), dict(config.tagger_options),
-                                 config.input.strict, weight=Path(path).stat().st_size))
+                                 config.input.strict, config.max_document_bytes, weight=Path(path).stat().st_size))
     return tasks, paths, incomplete, groups
 
 
@@ -152,7 +185,8 @@ def _run_tag(config: TagConfig, tasks: list[TagTask], paths: list[str], incomple
             counts["incomplete_shards"] = sum(attribute_dir(p, attr_name) == directory for p in incomplete)
             problems = [b for m in markers for b in m.get("bad_lines", [])]
             problems += [e for m in markers for e in m.get("tagger_error_examples", [])]
-            keys = [f"{t}__{a}" for t in taggers for a in registry.tagger_class(t).attributes]
+            problems += [e for m in markers for e in m.get("too_large_examples", [])]
+            keys = [f"{t}__{a}" for t in taggers for a in (*registry.tagger_class(t).attributes, TOO_LARGE)]
             write_manifest(directory, command="data tag", config=config,
                            inputs=[p for p in paths if attribute_dir(p, attr_name) == directory],
                            counts=counts, extra={"attribute_keys": keys, "skipped": problems[:MAX_REPORTED_ERRORS]})
@@ -160,4 +194,5 @@ def _run_tag(config: TagConfig, tasks: list[TagTask], paths: list[str], incomple
     summary["tagger_error_examples"] = [e for r in results for e in r["tagger_error_examples"]][:10]
     summary["truncated"] = [t for r in results for t in r["truncated"]]
     summary["incomplete_shards"] = incomplete
+    summary["too_large_examples"] = [e for r in results for e in r["too_large_examples"]][:10]
     return summary
