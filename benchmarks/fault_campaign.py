@@ -58,7 +58,9 @@ SCRIPT = "benchmarks/fault_campaign.py"
 # Where two uninterrupted runs of one command legitimately differ, and why: (path pattern, how the file is read,
 # fields removed at any depth before comparing values). Every other file is compared by its sha256.
 VOLATILE = [
-    ("*manifest.json", "json", {"created"}),  # the wall-clock time of the write
+    # The wall-clock time of the write; the source tree's commit (+dirty), which an edit of the tree during a
+    # long campaign changes.
+    ("*manifest.json", "json", {"created", "git_commit"}),
     ("*metrics.jsonl", "jsonl", {"tokens_per_second", "tokens_per_second_per_device", "data_wait_pct",
                                  "memory_gib", "mfu"}),  # measured speeds and memory
     ("eval/results.json", "json", {"timing"}),  # seconds and instances per second
@@ -170,11 +172,41 @@ def temp_names(root: Path) -> set[str]:
     return found
 
 
-def differences(got: Snapshot, want: Snapshot, limit: int = 6) -> list[str]:
+def differences(got: Snapshot, want: Snapshot, got_root: Path, want_root: Path, limit: int = 6) -> list[str]:
+    """What differs between two trees; for JSON files, which fields."""
     problems = [f"missing {p}" for p in sorted(set(want.keys) - set(got.keys))]
     problems += [f"unexpected {p}" for p in sorted(set(got.keys) - set(want.keys))]
-    problems += [f"differs {p}" for p in sorted(set(got.keys) & set(want.keys)) if got.keys[p] != want.keys[p]]
+    for path in sorted(set(got.keys) & set(want.keys)):
+        if got.keys[path] != want.keys[path]:
+            fields = _json_fields_differing(got_root / path, want_root / path)
+            problems.append(f"differs {path}" + (f" (fields {', '.join(fields)})" if fields else ""))
     return problems[:limit] + ([f"... {len(problems) - limit} more"] if len(problems) > limit else [])
+
+
+def _json_fields_differing(a: Path, b: Path, limit: int = 4) -> list[str]:
+    if a.suffix not in (".json", ".jsonl"):
+        return []
+    try:
+        values = [[json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.suffix == ".jsonl"
+                  else json.loads(p.read_text()) for p in (a, b)]
+    except (OSError, ValueError):
+        return []
+    found: list[str] = []
+
+    def walk(x, y, where):
+        if len(found) >= limit:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y), key=str):
+                walk(x.get(key), y.get(key), f"{where}.{key}" if where else str(key))
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{where}[{i}]")
+        elif x != y:
+            found.append(f"{where or '(value)'}: {str(x)[:40]!s} vs {str(y)[:40]!s}")
+
+    walk(*values, "")
+    return found
 
 
 def half_written(got: Snapshot, before: Snapshot, clean: Snapshot, units: tuple[str, ...]) -> list[str]:
@@ -587,10 +619,14 @@ class Campaign:
                 temps.append(run.temps_seen)
                 renames.append(run.renames)
             runs.append({"after": after, "seconds": seconds, "temps": temps, "renames": renames})
+            if len(runs) == 1:  # kept to name the fields that differ, and for a look by hand
+                clean_copy = self.out / "clean" / stage.name
+                shutil.rmtree(clean_copy, ignore_errors=True)
+                shutil.copytree(work, clean_copy, symlinks=True)
         first, second = runs
         final_a, final_b = first["after"][-1], second["after"][-1]
-        return {**first, "seconds": [min(a, b) for a, b in zip(first["seconds"], second["seconds"])],
-                "repeat_problems": [f"lost: {d}" for d in differences(final_b, final_a)],
+        return {**first, "copy": clean_copy, "seconds": [min(a, b) for a, b in zip(first["seconds"], second["seconds"])],
+                "repeat_problems": [f"lost: {d}" for d in differences(final_b, final_a, work, clean_copy)],
                 "raw_differences": sorted(p for p in final_a.raw if final_a.raw[p] != final_b.raw.get(p))}
 
     # one trial
@@ -649,7 +685,7 @@ class Campaign:
         final = snapshot(work)
         problems += [f"temp-left: {t}" for t in final.temps[:4]]
         problems += [f"no-manifest: {d}" for d in stage.manifests if not (work / d / "manifest.json").is_file()]
-        problems += [f"lost: {d}" for d in differences(final, clean["after"][-1])]
+        problems += [f"lost: {d}" for d in differences(final, clean["after"][-1], work, clean["copy"])]
         record["problems"] = problems
         record["held"] = not problems
         if problems and self.keep:
