@@ -59,8 +59,8 @@ SCRIPT = "benchmarks/fault_campaign.py"
 # fields removed at any depth before comparing values). Every other file is compared by its sha256.
 VOLATILE = [
     # The wall-clock time of the write; the source tree's commit (+dirty), which an edit of the tree during a
-    # long campaign changes.
-    ("*manifest.json", "json", {"created", "git_commit"}),
+    # long campaign changes; how many shards this invocation found already done (a resume's own count).
+    ("*manifest.json", "json", {"created", "git_commit", "shards_already_done"}),
     ("*metrics.jsonl", "jsonl", {"tokens_per_second", "tokens_per_second_per_device", "data_wait_pct",
                                  "memory_gib", "mfu"}),  # measured speeds and memory
     ("eval/results.json", "json", {"timing"}),  # seconds and instances per second
@@ -125,6 +125,10 @@ def _parse(data: bytes, reader: str):
     return gzip.decompress(data)
 
 
+def volatile_fields(rel: str) -> set[str]:
+    return next((drop for pattern, _, drop in VOLATILE if fnmatch.fnmatch(rel, pattern)), set())
+
+
 def content_key(path: Path, rel: str) -> tuple[str, str]:
     """(key compared between runs, sha256 of the raw bytes)."""
     data = path.read_bytes()
@@ -178,12 +182,12 @@ def differences(got: Snapshot, want: Snapshot, got_root: Path, want_root: Path, 
     problems += [f"unexpected {p}" for p in sorted(set(got.keys) - set(want.keys))]
     for path in sorted(set(got.keys) & set(want.keys)):
         if got.keys[path] != want.keys[path]:
-            fields = _json_fields_differing(got_root / path, want_root / path)
+            fields = _json_fields_differing(got_root / path, want_root / path, volatile_fields(path))
             problems.append(f"differs {path}" + (f" (fields {', '.join(fields)})" if fields else ""))
     return problems[:limit] + ([f"... {len(problems) - limit} more"] if len(problems) > limit else [])
 
 
-def _json_fields_differing(a: Path, b: Path, limit: int = 4) -> list[str]:
+def _json_fields_differing(a: Path, b: Path, drop: set[str], limit: int = 4) -> list[str]:
     if a.suffix not in (".json", ".jsonl"):
         return []
     try:
@@ -197,9 +201,11 @@ def _json_fields_differing(a: Path, b: Path, limit: int = 4) -> list[str]:
         if len(found) >= limit:
             return
         if isinstance(x, dict) and isinstance(y, dict):
-            for key in sorted(set(x) | set(y), key=str):
+            for key in sorted((set(x) | set(y)) - drop, key=str):
                 walk(x.get(key), y.get(key), f"{where}.{key}" if where else str(key))
-        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        elif isinstance(x, list) and isinstance(y, list):
+            if len(x) != len(y):
+                found.append(f"{where or '(lines)'}: {len(x)} entries vs {len(y)}")
             for i, (u, v) in enumerate(zip(x, y)):
                 walk(u, v, f"{where}[{i}]")
         elif x != y:
@@ -209,15 +215,31 @@ def _json_fields_differing(a: Path, b: Path, limit: int = 4) -> list[str]:
     return found
 
 
-def half_written(got: Snapshot, before: Snapshot, clean: Snapshot, units: tuple[str, ...]) -> list[str]:
+# Files an interrupted run legitimately leaves in an intermediate state, and what that state must be: an
+# append-only log ("log"), the clean run's rows up to some point (its last line may be torn: readers skip it);
+# a file rewritten as the run goes ("complete"), whole and readable (the run's manifest says finished: false
+# until the end).
+IN_PROGRESS = [("*metrics.jsonl", "log"), ("*batches.jsonl", "log"), ("run/manifest.json", "complete")]
+
+
+def half_written(got: Snapshot, before: Snapshot, clean: Snapshot, units: tuple[str, ...], got_root: Path,
+                 clean_root: Path) -> list[str]:
     """After an interruption: every file must be the one from before the step or the clean run's (a
-    temporary may remain), and the files of a unit (a directory committed as one) all from the same side."""
+    temporary may remain) or a sound intermediate state (IN_PROGRESS), and the files of a unit (a directory
+    committed as one) all from the same side."""
     problems = []
     for path, key in sorted(got.keys.items()):
-        if key != before.keys.get(path) and key != clean.keys.get(path):
-            side = "differs from both the previous and the clean output" if path in clean.keys or path in before.keys \
-                else "is in neither the previous nor the clean output"
-            problems.append(f"{path} {side}")
+        if key == before.keys.get(path) or key == clean.keys.get(path):
+            continue
+        state = next((kind for pattern, kind in IN_PROGRESS if fnmatch.fnmatch(path, pattern)), None)
+        if state is not None:
+            problem = _in_progress_problem(got_root / path, clean_root / path, state, volatile_fields(path))
+            if problem:
+                problems.append(f"{path} {problem}")
+            continue
+        side = "differs from both the previous and the clean output" if path in clean.keys or path in before.keys \
+            else "is in neither the previous nor the clean output"
+        problems.append(f"{path} {side}")
     for unit in units:
         inside = [p for p in set(got.keys) | set(before.keys) | set(clean.keys) if p.startswith(unit + "/")]
         as_before = all(got.keys.get(p) == before.keys.get(p) for p in inside)
@@ -226,6 +248,32 @@ def half_written(got: Snapshot, before: Snapshot, clean: Snapshot, units: tuple[
             mixed = sorted(p for p in inside if got.keys.get(p) != clean.keys.get(p))
             problems.append(f"{unit}/ mixes the previous and the new state ({', '.join(mixed[:4])} not new)")
     return problems
+
+
+def _in_progress_problem(path: Path, clean_path: Path, state: str, drop: set[str]) -> str | None:
+    if state == "complete":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            return f"is not whole: {e}"
+        return None
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(_strip(json.loads(line), drop))
+        except ValueError:
+            if number < len(lines):
+                return f"has a torn line {number} before its end"
+    want = [_strip(json.loads(line), drop) for line in clean_path.read_text(encoding="utf-8").splitlines()]
+    if rows != want[:len(rows)]:
+        first = next(i for i, (a, b) in enumerate(zip(rows + [None] * len(want), want + [None] * len(rows))) if a != b)
+        return f"is not a prefix of the clean run's log (line {first + 1} differs)"
+    return None
+
+
+def _strip(value, drop: set[str]):
+    return {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) else value
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -672,7 +720,7 @@ class Campaign:
                 record["message"] = last_lines(faulted.stderr, 1)
                 problems += one_line_error(faulted)
             problems += [f"half-written: {p}" for p in half_written(snapshot(work), before, clean["after"][step],
-                                                                    stage.units)]
+                                                                    stage.units, work, clean["copy"])]
             rerun = self.run_step(steps[step], work)
             if rerun.returncode != 0:
                 problems.append(f"rerun-failed: the rerun exited {rerun.returncode}: {last_lines(rerun.stderr)}")
