@@ -503,6 +503,8 @@ else:
 
 def child_env(counter: Path, enospc_at: int | None, kill_at_rename: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (ENOSPC_VARIABLE, KILL_AT_RENAME_VARIABLE)}
+    if env.get("PYTHONPATH"):  # steps run in their work directory: a relative PYTHONPATH=src must still hold
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # tiny runs: threads only cost start-up time
         env.setdefault(name, "1")
     env[RENAMES_VARIABLE] = str(counter)
