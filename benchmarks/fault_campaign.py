@@ -675,7 +675,9 @@ class Campaign:
                 shutil.copytree(work, clean_copy, symlinks=True)
         first, second = runs
         final_a, final_b = first["after"][-1], second["after"][-1]
-        return {**first, "copy": clean_copy, "seconds": [min(a, b) for a, b in zip(first["seconds"], second["seconds"])],
+        missing = [d for d in stage.manifests if not (clean_copy / d / "manifest.json").is_file()]
+        return {**first, "copy": clean_copy, "missing_manifests": missing,
+                "seconds": [min(a, b) for a, b in zip(first["seconds"], second["seconds"])],
                 "repeat_problems": [f"lost: {d}" for d in differences(final_b, final_a, work, clean_copy)],
                 "raw_differences": sorted(p for p in final_a.raw if final_a.raw[p] != final_b.raw.get(p))}
 
@@ -734,7 +736,8 @@ class Campaign:
                 problems.append(f"rerun-failed: a later step exited {run.returncode}: {last_lines(run.stderr)}")
         final = snapshot(work)
         problems += [f"temp-left: {t}" for t in final.temps[:4]]
-        problems += [f"no-manifest: {d}" for d in stage.manifests if not (work / d / "manifest.json").is_file()]
+        problems += [f"no-manifest: {d}" for d in stage.manifests if d not in clean["missing_manifests"]
+                     and not (work / d / "manifest.json").is_file()]
         problems += [f"lost: {d}" for d in differences(final, clean["after"][-1], work, clean["copy"])]
         record["problems"] = problems
         record["held"] = not problems
@@ -750,7 +753,8 @@ class Campaign:
         for stage in self.stages.values():
             self.clean[stage.name] = clean = self.clean_run(stage)
             final = clean["after"][-1]
-            repeat = {"tried": 1, "held": int(not clean["repeat_problems"]), "files": len(final.keys),
+            repeat = {"tried": 1, "held": int(not (clean["repeat_problems"] or clean["missing_manifests"])),
+                      "files": len(final.keys),
                       "raw_bytes_differ": clean["raw_differences"]}
             summary[stage.name] = {"clean_seconds": round(sum(clean["seconds"]), 2), "renames": clean["renames"],
                                    "repeat": repeat}
@@ -758,9 +762,12 @@ class Campaign:
             self.log(f"{stage.name}/repeat: tried 1, held {repeat['held']} ({len(final.keys)} files, "
                      f"{sum(clean['seconds']):.1f} s; raw bytes differ in {len(differ)}"
                      f"{': ' + ', '.join(differ[:3]) if differ else ''}{' ...' if len(differ) > 3 else ''})")
-            if clean["repeat_problems"]:
+            # An output directory without a manifest even after an uninterrupted run: reported once, here.
+            repeat_problems = clean["repeat_problems"] + [f"no-manifest: {d} (uninterrupted run)"
+                                                          for d in clean["missing_manifests"]]
+            if repeat_problems:
                 records.append({"stage": stage.name, "fault": "repeat", "seed": None, "held": False,
-                                "problems": clean["repeat_problems"],
+                                "problems": repeat_problems,
                                 "replay": f"python {SCRIPT} --stage {stage.name} --trials 0"})
             for fault in faults:
                 counts = {"tried": 0, "held": 0, "not_injected": 0}
