@@ -2,6 +2,7 @@
 retention; refusing another model's checkpoint; stage-2 init, export and soups."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_olmo_tokenizer
 from train_utils import array_loader_factory, random_tokens, read_metrics, tiny_config
 
+from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.model.loading import load
@@ -162,3 +165,21 @@ def test_stage2_from_an_exported_model_directory(tmp_path, reference):
     source = load(run_dir).model.state_dict()
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, source[name]), name
+
+
+@requires_olmo_tokenizer
+def test_resume_drops_the_batch_lineage_rows_logged_after_the_checkpoint(tmp_path):
+    # Found by the fault campaign: a resumed run re-logged the steps after its checkpoint in batches.jsonl.
+    from test_bad_input import write_train_config
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": str(i), "text": f"document {i} " + "words go here " * 20}) + "\n"
+                            for i in range(40)))
+    config = write_train_config(docs, tmp_path)
+    args = ["train", str(config), "max_steps=4", "checkpoint.interval=2", "checkpoint.keep_last=5"]
+    assert main(args) == 0
+    uninterrupted = (tmp_path / "run" / "batches.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in uninterrupted.splitlines()] == [1, 2, 3, 4]
+    shutil.rmtree(tmp_path / "run" / CHECKPOINTS / "step00000004")  # as if killed after step 4, before its save
+    assert main(args) == 0
+    assert (tmp_path / "run" / "batches.jsonl").read_text() == uninterrupted

@@ -243,6 +243,23 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+def truncate_step_log(path: str | Path, step: int) -> None:
+    """Keep the rows of a JSON-lines log up to `step` (and rows without one): a run resumed from the checkpoint
+    at `step` drops what its killed predecessor logged after it, so the log reads as one uninterrupted run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if not isinstance(row, dict) or row.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
 def file_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:

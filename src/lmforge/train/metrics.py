@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.core.files import atomic_write_text, writing
+from lmforge.core.files import truncate_step_log, writing
 from lmforge.train.config import MetricsConfig
 
 PEAK_BF16_FLOPS = {  # dense, per device
@@ -67,18 +67,8 @@ class MetricsLogger:
                                     config=run_config, name=Path(run_dir).name, resume="allow")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows a killed run logged after its last checkpoint, so the file reads as one run."""
-        if not self.enabled or not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if row.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        if self.enabled:
+            truncate_step_log(self.path, step)
 
     def log(self, row: dict) -> None:
         if not self.enabled:

@@ -41,6 +41,8 @@ from lmforge.model.info import flops_per_token
 from lmforge.model.transformer import ModelConfig, RouterLosses, Transformer, cross_entropy_loss, init_weights
 from lmforge.model.directory import check_tokenizer_fits
 from lmforge.model.checkpoints import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, step_dir_name
+from lmforge.core.files import truncate_step_log
+from lmforge.tokens.lineage import BATCHES_FILE
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer, tokens_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import TrainConfig
@@ -329,6 +331,7 @@ class Trainer:
         resumed = self.restore()
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
+            truncate_step_log(self.run_dir / BATCHES_FILE, self.step)
         self._log(f"training {self.model_config.family} model, {sum(p.numel() for p in self.params):,} parameters, "
                   f"{self.dist.world_size} x {self.device.type} ({self.dp_mode}), {self.max_steps} steps, "
                   f"{self.max_tokens:,} tokens" + (f", from step {self.step}" if resumed else ""))
