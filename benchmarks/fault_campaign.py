@@ -23,7 +23,7 @@ same absolute paths and their outputs can be compared file by file. Per stage:
    there, or the process made fewer than N writes): counted as not injected, and its outputs still checked.
 
 Content keys: sha256 of the bytes, except where bytes may legitimately differ between two runs of the same
-command (VOLATILE below: gzip headers, timestamps and timings in JSON files), which are compared by value.
+command (VOLATILE below: timestamps and timings in JSON files, RNG states), which are compared by value.
 Results: `stage/fault: tried N, held M` lines, and OUT/results.json with every trial; each failure carries its
 seed and a replay command. The exit code is 1 when anything failed.
 """
@@ -68,14 +68,13 @@ VOLATILE = [
     # run of these models never draws from; they are saved so that a resume continues them.
     ("*/checkpoints/step*/train/rank*.pt", "torch", {"python_rng", "numpy_rng", "torch_rng"}),
     ("*/checkpoints/step*/*/.metadata", "pickle", {"save_id"}),  # torch.distributed.checkpoint: a uuid per save
-    # gzip headers carry the temporary file's name and the write time (issue 11 item 10): compare the content.
-    ("*.gz", "gunzip", set()),
 ]
 
 
 def is_temp(name: str) -> bool:
-    """`*.tmp*` files of core/files.py and `.tmp-step*` checkpoint directories."""
-    return ".tmp" in name
+    """`*.tmp*` files and directories, and a directory's `.lock` (a killed holder leaves it; the next run into
+    the directory takes it over and removes it when done), so neither may outlive a rerun."""
+    return ".tmp" in name or Path(name).name == ".lock"
 
 
 # ----------------------------------------------------------------------------------------------- content keys
@@ -116,13 +115,11 @@ def _parse(data: bytes, reader: str):
         import torch
 
         return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
-    if reader == "pickle":
-        import pickle
+    import pickle
 
-        import torch.distributed.checkpoint  # noqa: F401  (the classes the metadata pickle names)
+    import torch.distributed.checkpoint  # noqa: F401  (the classes the metadata pickle names)
 
-        return pickle.loads(data)
-    return gzip.decompress(data)
+    return pickle.loads(data)
 
 
 def volatile_fields(rel: str) -> set[str]:
