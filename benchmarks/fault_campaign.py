@@ -238,13 +238,25 @@ def half_written(got: Snapshot, before: Snapshot, clean: Snapshot, units: tuple[
             else "is in neither the previous nor the clean output"
         problems.append(f"{path} {side}")
     for unit in units:
-        inside = [p for p in set(got.keys) | set(before.keys) | set(clean.keys) if p.startswith(unit + "/")]
+        live = _live_files(unit, got_root)
+        inside = [p for p in set(got.keys) | set(before.keys) | set(clean.keys) if live(p)]
         as_before = all(got.keys.get(p) == before.keys.get(p) for p in inside)
         as_clean = all(got.keys.get(p) == clean.keys.get(p) for p in inside)
         if not (as_before or as_clean):
             mixed = sorted(p for p in inside if got.keys.get(p) != clean.keys.get(p))
             problems.append(f"{unit}/ mixes the previous and the new state ({', '.join(mixed[:4])} not new)")
     return problems
+
+
+def _live_files(unit: str, root: Path):
+    """Which paths make up a unit's state: all its files, or, when a `CURRENT` pointer names the generation
+    directory in use (written aside, then the pointer swapped), the pointer and that generation only; a
+    generation being written beside it is not yet state."""
+    pointer = root / unit / "CURRENT"
+    if not pointer.is_file():
+        return lambda p: p.startswith(unit + "/")
+    generation = f"{unit}/{pointer.read_text().strip()}/"
+    return lambda p: p == f"{unit}/CURRENT" or p.startswith(generation)
 
 
 def _in_progress_problem(path: Path, clean_path: Path, state: str, drop: set[str]) -> str | None:
