@@ -16,7 +16,7 @@ Operators: `+ - * /`, `< <= > >= == !=`, `not`, `and`, `or`, parentheses. Number
 declare their keys (lmforge writes them in each attribute directory's manifest).
 
 Dolma JSONPath filters such as `$.attributes[?(@.k && @.k[0] && @.k[0][2] >= 0.5)]` are accepted by
-`compile_jsonpath`: `@.k` is "has a span", `@.k[i][j]` is field j (0 start, 1 end, 2 score) of span i.
+`compile_jsonpath`: `@.k` is "the key is present" (Dolma's rule: `"k": []` holds), `@.k[i][j]` is field j (0 start, 1 end, 2 score) of span i.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ class _Parser:
         return _attribute_function("score", text)
 
     def jsonref(self) -> tuple[Compiled, str]:
-        """`@.key` (has spans), or `@.key[i][j]` (field j of span i, None when absent)."""
+        """`@.key` (present), or `@.key[i][j]` (field j of span i, None when absent)."""
         tok = self.tok
         self.i += 1
         key = tok.text[2:]
@@ -322,8 +322,8 @@ class _Parser:
                 raise _error(self.source, self.tok.pos, "expected a non-negative integer index")
             indices.append(int(number.text))
             self.expect("]")
-        if not indices:
-            return (lambda ctx: bool(ctx.attributes.get(key))), BOOL
+        if not indices:  # as in Dolma, the key's presence: `"k": []` holds
+            return (lambda ctx: ctx.attributes.get(key) is not None), BOOL
         if len(indices) == 1:
             i = indices[0]
             return (lambda ctx: len(ctx.attributes.get(key) or []) > i), BOOL

@@ -65,7 +65,9 @@ class StreamConfig:
     filter: StreamFilter = field(default_factory=StreamFilter)
     span_replacement: list[SpanReplacement] = field(default_factory=list)
     sample_rate: float = 1.0
-    min_text_length: int = 1
+    # Documents whose edited text (stripped) is shorter are dropped. Unset: 1 (an emptied document is dropped),
+    # but 0 under `filter.syntax: jsonpath`, as Dolma's mixer writes emptied documents.
+    min_text_length: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,6 +76,14 @@ class StreamConfig:
         require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), "name", self.name,
                 "use letters, digits, '-' and '_'")
         require(self.sample_rate >= 0, "sample_rate", self.sample_rate, "must be >= 0")
+        require(self.min_text_length is None or self.min_text_length >= 0, "min_text_length", self.min_text_length,
+                "must be >= 0")
+
+    @property
+    def text_length_floor(self) -> int:
+        if self.min_text_length is not None:
+            return self.min_text_length
+        return 0 if self.filter.syntax == "jsonpath" else 1
 
 
 @dataclass
@@ -133,10 +143,23 @@ def _compile(stream: StreamConfig, known_keys: list[str] | None):
     return include, exclude, replacements
 
 
-def replace_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
-    """Replace spans (start, end, replacement); overlapping spans merge and keep the first replacement."""
+def replace_spans(text: str, spans: list[tuple[int, int, str]], dolma: bool = False) -> str:
+    """Replace spans (start, end, replacement). Overlapping spans merge and keep the first replacement; with
+    `dolma`, Dolma's rule instead: spans in config order, stably sorted by start, and a span that starts inside
+    the last one kept is dropped (its characters past that span's end stay)."""
     if not spans:
         return text
+    if dolma:
+        spans.sort(key=lambda s: s[0])
+        pieces, reach = [], 0
+        for start, end, replacement in spans:
+            if start < reach:
+                continue
+            pieces.append(text[reach:start])
+            pieces.append(replacement)
+            reach = max(end, start)
+        pieces.append(text[reach:])
+        return "".join(pieces)
     spans.sort()
     pieces, reach = [], 0
     for start, end, replacement in spans:
@@ -251,8 +274,8 @@ def mix_task(task: MixTask, progress) -> dict:
                 spans = [(int(s[0]), int(s[1]), replacement) for key, replacement, lo, hi in replacements
                          for s in attributes.get(key) or [] if s[2] >= lo and (hi is None or s[2] < hi)]
                 counts["spans_replaced"] += len(spans)
-                text = replace_spans(doc["text"], spans)
-                if len(text.strip()) < stream.min_text_length:
+                text = replace_spans(doc["text"], spans, dolma=stream.filter.syntax == "jsonpath")
+                if len(text.strip()) < stream.text_length_floor:
                     counts["too_short"] += 1
                     continue
                 out = {k: v for k, v in doc.items() if k not in discard} if discard else doc
