@@ -20,7 +20,8 @@ import orjson
 from lmforge.curation.documents import (DONE_DIR, AtomicShardWriter, ReadReport, TruncatedInput, compression_of,
                                         iter_lines, open_compressed_writer)
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import ATTRIBUTE_SUFFIX, GuardedStream, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
+from lmforge.core.files import (ATTRIBUTE_SUFFIX, DOCUMENT_SUFFIX_BY_COMPRESSION, GuardedStream, atomic_write_json,
+                                file_hash)
 
 # Attribute files are mostly small numbers and repeated keys: the fastest level compresses them well enough.
 COMPRESSION_LEVEL = 1
@@ -61,21 +62,34 @@ def source_fingerprint(path: str | Path) -> dict:
     return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def written_fingerprint(path: str | Path, lines: int) -> dict:
+    """What a stage wrote: its line count, and the file's size and hash, which later checks compare."""
+    return {"path": str(path), "lines": lines, "bytes": os.path.getsize(path), "hash": file_hash(path)}
+
+
 def is_done(doc_path: str | Path, name: str) -> bool:
-    """A shard is done for `name` when its attribute file and marker exist and the documents are unchanged."""
+    """A shard is done for `name` when its marker exists, the documents are unchanged (size, mtime) and the
+    attribute file is the one the marker recorded (size and hash: a shorter or replaced file is redone)."""
     marker = done_marker_path(doc_path, name)
-    if not marker.is_file() or not attribute_path(doc_path, name).is_file():
+    attributes = attribute_path(doc_path, name)
+    if not marker.is_file() or not attributes.is_file():
         return False
     try:
-        recorded = json.loads(marker.read_text(encoding="utf-8")).get("source", {})
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
+    source, written = recorded.get("source", {}), recorded.get("written", {})
     current = source_fingerprint(doc_path)
-    return recorded.get("bytes") == current["bytes"] and recorded.get("mtime_ns") == current["mtime_ns"]
+    if source.get("bytes") != current["bytes"] or source.get("mtime_ns") != current["mtime_ns"]:
+        return False
+    return written.get("bytes") == os.path.getsize(attributes) and written.get("hash") == file_hash(attributes)
 
 
-def mark_done(doc_path: str | Path, name: str, result: dict) -> None:
-    atomic_write_json(done_marker_path(doc_path, name), {"source": source_fingerprint(doc_path), **result})
+def mark_done(doc_path: str | Path, name: str, result: dict, lines: int) -> None:
+    """Record a shard's attribute file as complete: the documents it describes and the `lines` written."""
+    atomic_write_json(done_marker_path(doc_path, name),
+                      {"source": source_fingerprint(doc_path),
+                       "written": written_fingerprint(attribute_path(doc_path, name), lines), **result})
 
 
 def read_done_markers(directory: Path) -> list[dict]:

@@ -98,11 +98,11 @@ def tag_shard(task: TagTask, progress) -> dict:
         writer.close()
     result = {"documents": report.documents, **report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
               "truncated": [str(t) for t in report.truncated], "text_chars": text_chars}
-    for attr_name, taggers in groups:
+    for writer, (attr_name, taggers) in zip(writers, groups):
         names = [name for name, _ in taggers]
         mark_done(task.doc_path, attr_name, {
             **result, "tagger_errors": sum(n_errors[n] for n in names),
-            "tagger_error_examples": [e for n in names for e in errors[n]][:MAX_REPORTED_ERRORS]})
+            "tagger_error_examples": [e for n in names for e in errors[n]][:MAX_REPORTED_ERRORS]}, writer.count)
     return {"doc_path": task.doc_path, **result, "tagger_errors": sum(n_errors.values()),
             "tagger_error_examples": [e for examples in errors.values() for e in examples][:MAX_REPORTED_ERRORS]}
 

