@@ -43,3 +43,31 @@ def test_a_stale_attribute_file_is_redone(tmp_path):
     assert run_tag(config)["shards_run"] == 1
     assert _lines(attributes) == full
     assert run_tag(config)["shards_run"] == 0  # and an intact one is not redone
+
+
+def _mix_config(root, documents, **stream):
+    config = {"streams": [{"name": "web", "documents": [str(documents)], "attributes": ["pii"], **stream}],
+              "output": {"path": str(root / "out")}}
+    (root / "mix.yaml").write_text(yaml.safe_dump(config))
+    return load_config(MixerConfig, str(root / "mix.yaml"))
+
+
+def test_duplicate_ids_are_counted_and_cannot_swap_attributes(tmp_path):
+    docs = [dict(d) for d in DOCS]
+    docs[1]["id"] = docs[3]["id"] = "dup"
+    docs[3]["text"] = "Document without any address."
+    path = _shard(tmp_path, docs)
+    expected_duplicates = len(docs) - len({d["id"] for d in docs})  # brute force: 1
+    tagged = run_tag(TagConfig(documents=[str(path)], taggers=["pii"]))
+    assert tagged["duplicate_ids"] == expected_duplicates
+    mixed = run_mix(_mix_config(tmp_path, path, filter={"exclude": ["pii__doc_count > 0"]}))
+    assert mixed["streams"]["web"]["duplicate_ids"] == expected_duplicates
+    assert [d["id"] for p in (tmp_path / "out").glob("*.jsonl.gz") for _, d in read_documents(p)] == ["dup"]
+
+    attributes = attribute_path(path, "pii")
+    rows = _lines(attributes)
+    rows[1], rows[3] = rows[3], rows[1]  # the two "dup" lines swapped: ids still match position by position
+    with gzip.open(attributes, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    with pytest.raises(LmforgeError, match=r"a.jsonl.gz:2 .*'dup'.*line 4"):
+        run_mix(_mix_config(tmp_path, path, filter={"exclude": ["pii__doc_count > 0"]}, sample_rate=0.99))

@@ -28,7 +28,7 @@ import xxhash
 import zstandard
 
 from lmforge.core.config import to_dict
-from lmforge.curation.attributes import attribute_dir, attribute_path, read_attributes
+from lmforge.curation.attributes import attribute_dir, attribute_path, read_attribute_rows
 from lmforge.curation.documents import (DONE_DIR, DocumentWriter, InputConfig, ReadReport, input_shards,
                                         read_documents)
 from lmforge.core.executor import ExecutorConfig, run_tasks
@@ -235,8 +235,8 @@ def mix_task(task: MixTask, progress) -> dict:
     discard = set(task.output.discard_fields)
     try:
         for path in task.paths:
-            attr_iters = [(attribute_path(path, name), read_attributes(attribute_path(path, name), report,
-                                                                        task.strict))
+            attr_iters = [(attribute_path(path, name), read_attribute_rows(attribute_path(path, name), report,
+                                                                            task.strict))
                           for name in stream.attributes]
             for line, doc in read_documents(path, report, task.strict):
                 counts["read"] += 1
@@ -255,6 +255,10 @@ def mix_task(task: MixTask, progress) -> dict:
                     if row[0] != doc["id"]:
                         raise LmforgeError(f"mismatched ids: {path}:{line} has id {doc['id']!r} but {attr_path} "
                                            f"has {row[0]!r} at the same position")
+                    if row[2] is not None and row[2] != line:  # a repeated id: its line was written with it
+                        raise LmforgeError(f"misaligned attributes: {path}:{line} has id {doc['id']!r} (repeated "
+                                           f"in the shard) but {attr_path} has the attributes of its document at "
+                                           f"line {row[2]} in this position")
                     attributes.update(row[1])
                 if cut_off is not None:
                     report.skip(path, line, f"no attributes: {cut_off} is truncated before this document")
@@ -292,7 +296,8 @@ def mix_task(task: MixTask, progress) -> dict:
         raise
     writer.commit()
     read = report.counts()
-    counts.update(empty_shards=read["empty_shards"], truncated_files=read["truncated_files"])
+    counts.update(empty_shards=read["empty_shards"], truncated_files=read["truncated_files"],
+                  duplicate_ids=read["duplicate_ids"])
     result = {"stream": stream.name, "task": task.index, "files": writer.files, "output_bytes": writer.bytes,
               "counts": counts, "documents": counts["read"], "skipped_lines": report.skipped,
               "bad_lines": [str(b) for b in report.bad_lines], "truncated": [str(t) for t in report.truncated],

@@ -210,7 +210,8 @@ def _merge(results: list[dict], config: StatsConfig) -> dict:
         "top_ngrams": {str(n): exact_top_ngrams([r["ngrams"][n] for r in results], config.top_k)
                        for n in config.ngram_sizes},
         "string_counts": {s: {"occurrences": o, "documents": d} for s, (o, d) in strings.items()},
-        **{key: sum(r[key] for r in results) for key in ("skipped_lines", "empty_shards", "truncated_files")},
+        **{key: sum(r[key] for r in results)
+           for key in ("skipped_lines", "empty_shards", "truncated_files", "duplicate_ids")},
         "skipped": skipped[:100],
         "truncated": [t for r in results for t in r["truncated"]],
     }
@@ -286,7 +287,7 @@ def run_stats(config: StatsConfig, tokenizer: Any = None) -> dict:
     report["incomplete_shards"] = incomplete
     plots = write_plots(report, output) if config.plots else []
     atomic_write_json(output / "stats.json", report)
-    read = {key: report[key] for key in ("skipped_lines", "empty_shards", "truncated_files")}
+    read = {key: report[key] for key in ("skipped_lines", "empty_shards", "truncated_files", "duplicate_ids")}
     write_manifest(output, command="data stats", config=config, inputs=paths,
                    counts={**report["totals"], **read, "incomplete_shards": len(incomplete)},
                    extra={"plots": plots, "plots_skipped": config.plots and not plots})

@@ -86,6 +86,7 @@ class ShardResult:
     text_bytes: int = 0
     skipped_empty: int = 0
     skipped_bad_lines: int = 0
+    duplicate_ids: int = 0
     bad_lines: list[str] = field(default_factory=list)
     empty: bool = False  # the shard has no line at all
     truncated: list[str] = field(default_factory=list)  # its compressed stream breaks (documents before kept)
@@ -300,6 +301,7 @@ def _tokenize_shard(task: ShardTask) -> ShardResult:
         writer.abort(e)
         raise
     result.skipped_bad_lines = report.skipped
+    result.duplicate_ids = report.duplicate_ids
     result.bad_lines = [str(b) for b in report.bad_lines]
     result.empty = bool(report.empty_shards)
     result.truncated = [str(t) for t in report.truncated]
@@ -394,6 +396,7 @@ def _write_tokenize_manifest(config: TokenizeConfig, out: Path, results: list[Sh
         "text_bytes": sum(r.text_bytes for r in results),
         "skipped_empty_documents": sum(r.skipped_empty for r in results),
         "skipped_bad_lines": sum(r.skipped_bad_lines for r in results),
+        "duplicate_ids": sum(r.duplicate_ids for r in results),
         "empty_shards": sum(r.empty for r in results),
         "truncated_files": sum(len(r.truncated) for r in results),
         "incomplete_shards": len(incomplete),

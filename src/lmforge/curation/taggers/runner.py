@@ -22,7 +22,8 @@ from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 
 MAX_REPORTED_ERRORS = 100
-COUNTED = ("documents", "skipped_lines", "empty_shards", "truncated_files", "tagger_errors", "text_chars")
+COUNTED = ("documents", "skipped_lines", "empty_shards", "truncated_files", "duplicate_ids", "tagger_errors",
+           "text_chars")
 
 
 @dataclass
@@ -88,7 +89,7 @@ def tag_shard(task: TagTask, progress) -> dict:
                             where = traceback.extract_tb(e.__traceback__)[-1]
                             errors[name].append(f"{task.doc_path}:{line}: tagger {name!r} raised "
                                           f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})")
-                writer.write(doc["id"], attributes)
+                writer.write(doc["id"], attributes, line)
             progress(1)
     except BaseException:
         for writer in writers:
