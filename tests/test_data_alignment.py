@@ -71,3 +71,19 @@ def test_duplicate_ids_are_counted_and_cannot_swap_attributes(tmp_path):
         f.writelines(json.dumps(row) + "\n" for row in rows)
     with pytest.raises(LmforgeError, match=r"a.jsonl.gz:2 .*'dup'.*line 4"):
         run_mix(_mix_config(tmp_path, path, filter={"exclude": ["pii__doc_count > 0"]}, sample_rate=0.99))
+
+
+def test_a_filter_on_an_attribute_no_document_has_is_refused(tmp_path):
+    path = _shard(tmp_path)
+    with DocumentWriter(attribute_path(path, "langid")) as w:  # another tool's files: no manifest, no keys
+        for d in DOCS:
+            w.write({"id": d["id"], "attributes": {"langid__en": [[0, 5, 0.9]], "langid__fr": [[0, 5, 0.05]]}})
+    config = {"streams": [{"name": "web", "documents": [str(path)], "attributes": ["langid"],
+                           "filter": {"include": ["langid__english >= 0.5"]}}],
+              "output": {"path": str(tmp_path / "out")}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(LmforgeError, match=r"langid__english.*langid__en, langid__fr"):
+        run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
+    config["streams"][0]["filter"]["include"] = ["langid__en >= 0.5"]
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    assert run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))["streams"]["web"]["written"] == len(DOCS)

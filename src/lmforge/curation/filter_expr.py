@@ -340,9 +340,21 @@ class _Parser:
 
 def compile_filter(source: str, known_keys: list[str] | None = None) -> Compiled:
     """Compile a filter expression to `fn(Context) -> bool`; errors name the column."""
+    return _filter_parser(source, known_keys)[0]
+
+
+def _filter_parser(source: str, known_keys: list[str] | None) -> tuple[Compiled, _Parser]:
     if not isinstance(source, str) or not source.strip():
         raise LmforgeError(f"filter must be a non-empty string, got {source!r}")
-    return _Parser(source, known_keys).parse()
+    parser = _Parser(source, known_keys)
+    return parser.parse(), parser
+
+
+def attribute_keys(source: str, jsonpath: bool = False) -> set[str]:
+    """The attribute keys a (valid) filter reads."""
+    if jsonpath:
+        return _jsonpath_parser(source, None)[1].keys_used
+    return _filter_parser(source, None)[1].keys_used
 
 
 _JSONPATH = re.compile(r"^\$@?\.attributes\[\?\((?P<body>.*)\)\]$", re.DOTALL)
@@ -350,13 +362,16 @@ _JSONPATH = re.compile(r"^\$@?\.attributes\[\?\((?P<body>.*)\)\]$", re.DOTALL)
 
 def compile_jsonpath(source: str, known_keys: list[str] | None = None) -> Compiled:
     """Compile a Dolma JSONPath filter `$.attributes[?( ... )]` (it matches when its condition holds)."""
+    return _jsonpath_parser(source, known_keys)[0]
+
+
+def _jsonpath_parser(source: str, known_keys: list[str] | None) -> tuple[Compiled, _Parser]:
     m = _JSONPATH.match(source.strip()) if isinstance(source, str) else None
     if not m:
         raise LmforgeError(f"JSONPath filter {source!r}: expected the form $.attributes[?(<condition>)]")
-    body = m.group("body")
-    parser = _Parser(body, known_keys, jsonpath=True)
+    parser = _Parser(m.group("body"), known_keys, jsonpath=True)
     try:
-        return parser.parse()
+        return parser.parse(), parser
     except LmforgeError as e:
         raise LmforgeError(f"JSONPath {e}") from None
 

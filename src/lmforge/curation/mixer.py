@@ -32,7 +32,8 @@ from lmforge.curation.attributes import attribute_dir, attribute_path, read_attr
 from lmforge.curation.documents import (DONE_DIR, DocumentWriter, InputConfig, ReadReport, input_shards,
                                         read_documents)
 from lmforge.core.executor import ExecutorConfig, run_tasks
-from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath, jsonpath_span_key
+from lmforge.curation.filter_expr import (Context, attribute_keys, compile_filter, compile_jsonpath,
+                                          jsonpath_span_key)
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
@@ -143,6 +144,13 @@ def _compile(stream: StreamConfig, known_keys: list[str] | None):
     return include, exclude, replacements
 
 
+def used_keys(stream: StreamConfig) -> set[str]:
+    """The attribute keys a stream's filters and span replacements read."""
+    jsonpath = stream.filter.syntax == "jsonpath"
+    keys = {k for f in [*stream.filter.include, *stream.filter.exclude] for k in attribute_keys(f, jsonpath)}
+    return keys | {jsonpath_span_key(r.span) if r.span.startswith("$") else r.span for r in stream.span_replacement}
+
+
 def replace_spans(text: str, spans: list[tuple[int, int, str]], dolma: bool = False) -> str:
     """Replace spans (start, end, replacement). Overlapping spans merge and keep the first replacement; with
     `dolma`, Dolma's rule instead: spans in config order, stably sorted by start, and a span that starts inside
@@ -232,6 +240,7 @@ def mix_task(task: MixTask, progress) -> dict:
     counts = dict.fromkeys(("read", "excluded_by_include", "excluded_by_exclude", "sampled_out", "too_short",
                             "written", "spans_replaced", "text_chars_in", "text_chars_out"), 0)
     report = ReadReport()
+    keys_seen: set[str] = set()
     discard = set(task.output.discard_fields)
     try:
         for path in task.paths:
@@ -260,6 +269,7 @@ def mix_task(task: MixTask, progress) -> dict:
                                            f"in the shard) but {attr_path} has the attributes of its document at "
                                            f"line {row[2]} in this position")
                     attributes.update(row[1])
+                    keys_seen.update(row[1])
                 if cut_off is not None:
                     report.skip(path, line, f"no attributes: {cut_off} is truncated before this document")
                     continue
@@ -301,7 +311,7 @@ def mix_task(task: MixTask, progress) -> dict:
     result = {"stream": stream.name, "task": task.index, "files": writer.files, "output_bytes": writer.bytes,
               "counts": counts, "documents": counts["read"], "skipped_lines": report.skipped,
               "bad_lines": [str(b) for b in report.bad_lines], "truncated": [str(t) for t in report.truncated],
-              "config_hash": task.config_hash}
+              "config_hash": task.config_hash, "attribute_keys_seen": sorted(keys_seen)}
     atomic_write_json(_done_mark(task), result)
     return result
 
@@ -399,6 +409,21 @@ def _finished(task: MixTask) -> dict | None:
     return result
 
 
+def _refuse_absent_keys(config: MixerConfig, results: list[dict]) -> None:
+    """A filter or span on a key that no attribute line has would silently drop (or keep) every document: a
+    misspelling that a wildcard declaration (`langid__*`) or attribute files without a manifest let through."""
+    for stream in config.streams:
+        ran = [r for r in results if r["stream"] == stream.name]
+        if not stream.attributes or any("attribute_keys_seen" not in r for r in ran):
+            continue
+        seen = {k for r in ran for k in r["attribute_keys_seen"]}
+        absent = sorted(used_keys(stream) - seen)
+        if absent and any(r["documents"] for r in ran):
+            raise LmforgeError(f"stream {stream.name!r}: no document has the attribute(s) {', '.join(absent)} that "
+                               f"its filter or span_replacement reads; the attribute files have: "
+                               f"{', '.join(sorted(seen)) or 'no keys'}")
+
+
 def run_mix(config: MixerConfig) -> dict:
     with output_lock(config.output.path):
         return _run_mix(config)
@@ -429,6 +454,7 @@ def _run_mix(config: MixerConfig) -> dict:
         totals["files"] += len(r["files"])
         skipped += r["bad_lines"]
         files += r["files"]
+    _refuse_absent_keys(config, results)
     inputs = [p for t in tasks for p in t.paths]
     write_manifest(config.output.path, command="data mix", config=config, inputs=inputs,
                    counts={"streams": per_stream}, extra={"files": sorted(files), "skipped": skipped[:100]})
