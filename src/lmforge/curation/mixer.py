@@ -424,6 +424,22 @@ def _refuse_absent_keys(config: MixerConfig, results: list[dict]) -> None:
                                f"{', '.join(sorted(seen)) or 'no keys'}")
 
 
+def _remove_other_runs(output: Path, tasks: list[MixTask]) -> None:
+    """Drop the completion marks, and the parts they list, of tasks this plan does not have (a run with other
+    settings: another `max_size_in_bytes` groups the inputs into other tasks), so the directory never holds two
+    runs (a task of this plan run with other settings is replaced by `_finished`)."""
+    current = {_done_mark(t).name for t in tasks}
+    for mark in (output / DONE_DIR).glob("*.json"):
+        if mark.name not in current:
+            try:
+                files = json.loads(mark.read_text(encoding="utf-8")).get("files", [])
+            except (OSError, ValueError, AttributeError):
+                files = []
+            mark.unlink()  # first, so no reader takes the files below for complete ones
+            for name in files:
+                (output / name).unlink(missing_ok=True)
+
+
 def run_mix(config: MixerConfig) -> dict:
     with output_lock(config.output.path):
         return _run_mix(config)
@@ -433,6 +449,7 @@ def _run_mix(config: MixerConfig) -> dict:
     tasks, incomplete = plan_tasks(config)
     output = Path(config.output.path)
     (output / DONE_DIR).mkdir(parents=True, exist_ok=True)  # from now on readers go by the completion marks
+    _remove_other_runs(output, tasks)
     done = {id(t): _finished(t) for t in tasks}
     todo = [t for t in tasks if done[id(t)] is None]
     if todo:
