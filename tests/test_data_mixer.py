@@ -179,3 +179,21 @@ def test_failed_mix_task_leaves_no_part_under_a_final_name(tmp_path):
         run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".done"]
     assert list((tmp_path / "out/.done").iterdir()) == []
+
+
+def test_rerun_with_another_shard_size_replaces_the_old_run(tmp_path):
+    from lmforge.curation.documents import InputConfig, input_shards
+
+    docs = [{"id": str(i), "text": f"document number {i} " * 5, "source": "web"} for i in range(30)]
+    for part in range(3):
+        _shard(tmp_path, f"a{part}.jsonl.gz", docs[part * 10:(part + 1) * 10], [{"t__x": []}] * 10)
+    config = {"streams": [{"name": "web", "documents": [str(tmp_path / "documents/*.jsonl.gz")], "attributes": ["t"]}],
+              "output": {"path": str(tmp_path / "out"), "max_size_in_bytes": 300}}
+    for size in (300, 1 << 20):  # three tasks, then one
+        config["output"]["max_size_in_bytes"] = size
+        (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+        run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))
+    shards, _ = input_shards([str(tmp_path / "out/*.jsonl.gz")], InputConfig())
+    on_disk = [d["id"] for p in sorted((tmp_path / "out").glob("*.jsonl.gz")) for _, d in read_documents(p)]
+    read = [d["id"] for p in shards for _, d in read_documents(p)]
+    assert sorted(read) == sorted(on_disk) == sorted(d["id"] for d in docs)

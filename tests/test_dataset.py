@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,7 @@ from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
 from lmforge.tokens.dataset import DataConfig, SourceConfig
 from lmforge.tokens.instance_filter import InstanceFilterConfig, has_repeated_ngram
-from lmforge.tokens.lineage import BatchLog, write_run_data_record
+from lmforge.tokens.lineage import BatchLog, batch_instances, write_run_data_record
 from lmforge.tokens.loader import epoch_order
 from lmforge.tokens.tokenize import TokenizeConfig, sidecar_metadata, tokenize
 from lmforge.tokens.tokenizer import train_bpe
@@ -384,3 +385,26 @@ def test_run_record_refuses_another_dataset(tokenized_run, files):
     other = DataConfig(paths=[str(files["dir"])], sequence_length=16).build()
     with pytest.raises(LmforgeError, match="different dataset"):
         write_run_data_record(tokenized_run["run"], other)
+
+
+def test_lineage_shard_paths_resolve_from_another_working_directory(tmp_path, monkeypatch):
+    """Documents tokenized by a relative path are traced back to their shard from any working directory."""
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    docs = [{"id": f"d{i}", "text": f"alpha beta gamma {i} " * 4, "source": "web"} for i in range(8)]
+    (tmp_path / "work" / "data" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    train_bpe(iter([d["text"] for d in docs]), vocab_size=300).save(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path / "work")
+    tokenize(TokenizeConfig(documents=["data/docs.jsonl"], tokenizer=str(tmp_path / "tok"), out="tokens"))
+    write_run_data_record(tmp_path / "run", DataConfig(paths=["tokens"], sequence_length=16, seed=0).build())
+    with BatchLog(tmp_path / "run") as log:
+        log.append(1, {"epoch": 0, "batch_start": 0, "global_batch_instances": 2, "world_size": 1})
+    shard = str(tmp_path / "work" / "data" / "docs.jsonl")
+    monkeypatch.chdir(tmp_path)  # elsewhere: "data/docs.jsonl" no longer names the shard
+    manifest = json.loads((tmp_path / "work" / "tokens" / "manifest.json").read_text())
+    entry = manifest["shards"][0]
+    assert entry["absolute_path"] == shard
+    assert os.path.normpath(tmp_path / "work" / "tokens" / entry["path"]) == shard
+    _, instances, _ = batch_instances(tmp_path / "run", 1)
+    shards = {doc["shard"] for inst in instances for doc in inst["documents"]}
+    assert shards == {shard}
+    assert main(["data", "inspect", "--run", str(tmp_path / "run"), "--step", "1"]) == 0

@@ -54,7 +54,7 @@ def test_concatenated_streams_padding_and_a_zero_filled_file(tmp_path):
     for name in ("members.jsonl.gz", "frames.jsonl.zst"):
         report = ReadReport()
         assert [d["id"] for _, d in read_documents(tmp_path / name, report)] == ["1", "2"]
-        assert report.counts() == {"skipped_lines": 0, "empty_shards": 0, "truncated_files": 0}
+        assert report.counts() == {"skipped_lines": 0, "empty_shards": 0, "truncated_files": 0, "duplicate_ids": 0}
     (tmp_path / "zeros.jsonl.gz").write_bytes(b"\0" * 64)  # what a crash can leave of a file never flushed
     report = ReadReport()
     assert list(read_documents(tmp_path / "zeros.jsonl.gz", report)) == []

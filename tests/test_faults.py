@@ -382,5 +382,5 @@ def test_a_full_disk_in_the_middle_of_a_streamed_shard_names_the_shard(tmp_path)
         with pytest.raises(OutputWriteError, match=f"cannot write {target}: No space left on device"):
             with AttributeWriter(target) as writer:
                 writer._stream._stream = stream()  # the compressor over the temporary file
-                writer.write("d1", {"k": []})
+                writer.write("d1", {"k": []}, 1)
         assert target.read_bytes() == b"previous" and temps(tmp_path) == []

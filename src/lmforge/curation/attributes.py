@@ -20,7 +20,8 @@ import orjson
 from lmforge.curation.documents import (DONE_DIR, AtomicShardWriter, ReadReport, TruncatedInput, compression_of,
                                         iter_lines, open_compressed_writer)
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import ATTRIBUTE_SUFFIX, GuardedStream, DOCUMENT_SUFFIX_BY_COMPRESSION, atomic_write_json
+from lmforge.core.files import (ATTRIBUTE_SUFFIX, DOCUMENT_SUFFIX_BY_COMPRESSION, GuardedStream, atomic_write_json,
+                                file_hash)
 
 # Attribute files are mostly small numbers and repeated keys: the fastest level compresses them well enough.
 COMPRESSION_LEVEL = 1
@@ -61,21 +62,34 @@ def source_fingerprint(path: str | Path) -> dict:
     return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def written_fingerprint(path: str | Path, lines: int) -> dict:
+    """What a stage wrote: its line count, and the file's size and hash, which later checks compare."""
+    return {"path": str(path), "lines": lines, "bytes": os.path.getsize(path), "hash": file_hash(path)}
+
+
 def is_done(doc_path: str | Path, name: str) -> bool:
-    """A shard is done for `name` when its attribute file and marker exist and the documents are unchanged."""
+    """A shard is done for `name` when its marker exists, the documents are unchanged (size, mtime) and the
+    attribute file is the one the marker recorded (size and hash: a shorter or replaced file is redone)."""
     marker = done_marker_path(doc_path, name)
-    if not marker.is_file() or not attribute_path(doc_path, name).is_file():
+    attributes = attribute_path(doc_path, name)
+    if not marker.is_file() or not attributes.is_file():
         return False
     try:
-        recorded = json.loads(marker.read_text(encoding="utf-8")).get("source", {})
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
+    source, written = recorded.get("source", {}), recorded.get("written", {})
     current = source_fingerprint(doc_path)
-    return recorded.get("bytes") == current["bytes"] and recorded.get("mtime_ns") == current["mtime_ns"]
+    if source.get("bytes") != current["bytes"] or source.get("mtime_ns") != current["mtime_ns"]:
+        return False
+    return written.get("bytes") == os.path.getsize(attributes) and written.get("hash") == file_hash(attributes)
 
 
-def mark_done(doc_path: str | Path, name: str, result: dict) -> None:
-    atomic_write_json(done_marker_path(doc_path, name), {"source": source_fingerprint(doc_path), **result})
+def mark_done(doc_path: str | Path, name: str, result: dict, lines: int) -> None:
+    """Record a shard's attribute file as complete: the documents it describes and the `lines` written."""
+    atomic_write_json(done_marker_path(doc_path, name),
+                      {"source": source_fingerprint(doc_path),
+                       "written": written_fingerprint(attribute_path(doc_path, name), lines), **result})
 
 
 def read_done_markers(directory: Path) -> list[dict]:
@@ -93,9 +107,16 @@ def read_done_markers(directory: Path) -> list[dict]:
 
 def read_attributes(path: str | Path, report: ReadReport | None = None,
                     strict: bool = False) -> Iterator[tuple[str, dict]]:
-    """Stream (id, attributes) from one attribute file; a corrupt line is an error naming file and line. A
-    truncated compressed file yields its complete lines and is recorded in `report` (raised under `strict`, or
-    without a report)."""
+    """Stream (id, attributes) from one attribute file (see `read_attribute_rows`)."""
+    for doc_id, attributes, _ in read_attribute_rows(path, report, strict):
+        yield doc_id, attributes
+
+
+def read_attribute_rows(path: str | Path, report: ReadReport | None = None,
+                        strict: bool = False) -> Iterator[tuple[str, dict, int | None]]:
+    """Stream (id, attributes, document line or None) from one attribute file; a corrupt line is an error
+    naming file and line. A truncated compressed file yields its complete lines and is recorded in `report`
+    (raised under `strict`, or without a report)."""
     path = str(path)
     if not os.path.exists(path):
         raise LmforgeError(f"attribute file not found: {path} (run `lmforge data tag` or `dedup` first)")
@@ -103,7 +124,7 @@ def read_attributes(path: str | Path, report: ReadReport | None = None,
         for number, raw in iter_lines(path):
             try:
                 row = orjson.loads(raw)
-                yield str(row["id"]), row.get("attributes") or {}
+                yield str(row["id"]), row.get("attributes") or {}, row.get("line")
             except (orjson.JSONDecodeError, KeyError, TypeError) as e:
                 raise LmforgeError(f"{path}:{number}: corrupt attribute line ({type(e).__name__})") from None
     except TruncatedInput as e:
@@ -120,24 +141,30 @@ def _dumps(value) -> bytes:
 
 
 class AttributeWriter(AtomicShardWriter):
-    """Write one attribute file atomically (it appears under its name only when closed cleanly)."""
+    """Write one attribute file atomically (it appears under its name only when closed cleanly). The line of an
+    id that repeats in the shard also carries its document's line number (`"line"`), so that a reader can tell
+    the attributes of two documents with the same id apart (ids alone would match after a swap)."""
 
     def __init__(self, path: str | Path):
         super().__init__(path)
         self._stream = GuardedStream(open_compressed_writer(self._tmp, compression_of(self.path), COMPRESSION_LEVEL),
                                      self.path, self._tmp)
         self._no_spans: dict[tuple, bytes] = {}
+        self._ids: set[str] = set()
         self.count = 0
 
-    def write(self, doc_id: str, attributes: dict) -> None:
-        if any(attributes.values()):
-            line = _dumps({"id": doc_id, "attributes": attributes})
+    def write(self, doc_id: str, attributes: dict, line: int) -> None:
+        if doc_id in self._ids:
+            line_bytes = _dumps({"id": doc_id, "attributes": attributes, "line": line})
+        elif any(attributes.values()):
+            line_bytes = _dumps({"id": doc_id, "attributes": attributes})
         else:  # most documents have no duplicate/PII spans: reuse the encoded attributes
             keys = tuple(attributes)
             encoded = self._no_spans.get(keys)
             if encoded is None:
                 encoded = self._no_spans[keys] = _dumps(attributes)
-            line = b'{"id":' + _dumps(doc_id) + b',"attributes":' + encoded + b"}"
-        self._stream.write(line + b"\n")
+            line_bytes = b'{"id":' + _dumps(doc_id) + b',"attributes":' + encoded + b"}"
+        self._ids.add(doc_id)
+        self._stream.write(line_bytes + b"\n")
         self.count += 1
 

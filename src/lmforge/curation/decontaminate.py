@@ -124,7 +124,7 @@ class ScanTask:
 def scan_task(task: ScanTask, progress) -> dict:
     result = scan_shard(task.path, task.paragraphs, task.config, task.output, progress)
     if task.config.mode == "mark":  # written by the worker, so a killed run keeps every shard it finished
-        mark_done(task.path, task.config.name, result)
+        mark_done(task.path, task.config.name, result, sum(s["documents"] for s in result["sources"].values()))
     return result
 
 

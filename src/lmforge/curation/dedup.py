@@ -285,13 +285,14 @@ def _get_path(doc: dict, dotted: str):
 
 def fingerprint_shard(task: FingerprintTask, progress) -> dict:
     report = ReadReport()
-    ids, lengths, sources, doc_hashes, url_hashes, signatures = [], [], [], [], [], []
+    ids, doc_lines, lengths, sources, doc_hashes, url_hashes, signatures = [], [], [], [], [], [], []
     line_lengths, line_hashes, line_blank, lines_per_doc = [], [], [], []
     hasher = MinHasher(task.minhash.bands * task.minhash.rows, task.minhash.seed) if "minhash" in task.modes else None
     want_paragraphs = "paragraph" in task.modes
-    for _, doc in read_documents(task.doc_path, report, task.strict):
+    for line, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
         ids.append(doc["id"])
+        doc_lines.append(line)
         lengths.append(len(text))
         sources.append(str(doc.get("source") or ""))
         if "doc" in task.modes:
@@ -311,7 +312,7 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
         progress(1)
 
     result = {
-        "doc_path": task.doc_path, "ids": ids, "lengths": lengths, "sources": sources,
+        "doc_path": task.doc_path, "ids": ids, "lines": doc_lines, "lengths": lengths, "sources": sources,
         "doc_hashes": doc_hashes, "url_hashes": url_hashes,
         "signatures": np.stack(signatures) if signatures else None,
         "read": report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
@@ -554,7 +555,7 @@ def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeW
         source = per_source.setdefault(fp["sources"][i], {"documents": 0, "duplicate_documents": 0})
         source["documents"] += 1
         source["duplicate_documents"] += flagged
-        writer.write(fp["ids"][i], attributes)
+        writer.write(fp["ids"][i], attributes, fp["lines"][i])
     stats["per_source"] = per_source
     return stats
 

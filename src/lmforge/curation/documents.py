@@ -92,6 +92,7 @@ class ReadReport:
 
     documents: int = 0
     skipped: int = 0
+    duplicate_ids: int = 0  # documents whose id an earlier document of the same shard has
     bad_lines: list[BadLine] = field(default_factory=list)
     empty_shards: list[str] = field(default_factory=list)
     truncated: list[Truncation] = field(default_factory=list)
@@ -104,6 +105,7 @@ class ReadReport:
     def merge(self, other: "ReadReport") -> None:
         self.documents += other.documents
         self.skipped += other.skipped
+        self.duplicate_ids += other.duplicate_ids
         room = MAX_REPORTED_BAD_LINES - len(self.bad_lines)
         self.bad_lines.extend(other.bad_lines[:max(room, 0)])
         self.empty_shards.extend(other.empty_shards)
@@ -120,7 +122,7 @@ class ReadReport:
     def counts(self) -> dict:
         """The counts every stage puts in its manifest."""
         return {"skipped_lines": self.skipped, "empty_shards": len(self.empty_shards),
-                "truncated_files": len(self.truncated)}
+                "truncated_files": len(self.truncated), "duplicate_ids": self.duplicate_ids}
 
     def to_dict(self) -> dict:
         return {"documents": self.documents, "skipped": self.skipped,
@@ -294,8 +296,19 @@ def _has_lone_surrogate(text: str) -> bool:
 def read_documents(path: str | Path, report: ReadReport | None = None,
                    strict: bool = False) -> Iterator[tuple[int, dict]]:
     """Stream (line number, document) from one shard; bad lines go to `report` and are skipped. A truncated
-    compressed shard yields its complete documents and is recorded in `report` (raised under `strict`)."""
+    compressed shard yields its complete documents and is recorded in `report` (raised under `strict`).
+    Documents whose id repeats within the shard are counted in `report.duplicate_ids` (and still yielded)."""
     report = report if report is not None else ReadReport()
+    seen: set[str] = set()
+    for line, doc in _read_shard(path, report, strict):
+        if doc["id"] in seen:
+            report.duplicate_ids += 1
+        else:
+            seen.add(doc["id"])
+        yield line, doc
+
+
+def _read_shard(path: str | Path, report: ReadReport, strict: bool) -> Iterator[tuple[int, dict]]:
     path_str = str(path)
     if not os.path.exists(path_str):
         raise LmforgeError(f"document file not found: {path_str}")

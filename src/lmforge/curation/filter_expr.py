@@ -16,7 +16,7 @@ Operators: `+ - * /`, `< <= > >= == !=`, `not`, `and`, `or`, parentheses. Number
 declare their keys (lmforge writes them in each attribute directory's manifest).
 
 Dolma JSONPath filters such as `$.attributes[?(@.k && @.k[0] && @.k[0][2] >= 0.5)]` are accepted by
-`compile_jsonpath`: `@.k` is "has a span", `@.k[i][j]` is field j (0 start, 1 end, 2 score) of span i.
+`compile_jsonpath`: `@.k` is "the key is present" (Dolma's rule: `"k": []` holds), `@.k[i][j]` is field j (0 start, 1 end, 2 score) of span i.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ class _Parser:
         return _attribute_function("score", text)
 
     def jsonref(self) -> tuple[Compiled, str]:
-        """`@.key` (has spans), or `@.key[i][j]` (field j of span i, None when absent)."""
+        """`@.key` (present), or `@.key[i][j]` (field j of span i, None when absent)."""
         tok = self.tok
         self.i += 1
         key = tok.text[2:]
@@ -322,8 +322,8 @@ class _Parser:
                 raise _error(self.source, self.tok.pos, "expected a non-negative integer index")
             indices.append(int(number.text))
             self.expect("]")
-        if not indices:
-            return (lambda ctx: bool(ctx.attributes.get(key))), BOOL
+        if not indices:  # as in Dolma, the key's presence: `"k": []` holds
+            return (lambda ctx: ctx.attributes.get(key) is not None), BOOL
         if len(indices) == 1:
             i = indices[0]
             return (lambda ctx: len(ctx.attributes.get(key) or []) > i), BOOL
@@ -340,9 +340,21 @@ class _Parser:
 
 def compile_filter(source: str, known_keys: list[str] | None = None) -> Compiled:
     """Compile a filter expression to `fn(Context) -> bool`; errors name the column."""
+    return _filter_parser(source, known_keys)[0]
+
+
+def _filter_parser(source: str, known_keys: list[str] | None) -> tuple[Compiled, _Parser]:
     if not isinstance(source, str) or not source.strip():
         raise LmforgeError(f"filter must be a non-empty string, got {source!r}")
-    return _Parser(source, known_keys).parse()
+    parser = _Parser(source, known_keys)
+    return parser.parse(), parser
+
+
+def attribute_keys(source: str, jsonpath: bool = False) -> set[str]:
+    """The attribute keys a (valid) filter reads."""
+    if jsonpath:
+        return _jsonpath_parser(source, None)[1].keys_used
+    return _filter_parser(source, None)[1].keys_used
 
 
 _JSONPATH = re.compile(r"^\$@?\.attributes\[\?\((?P<body>.*)\)\]$", re.DOTALL)
@@ -350,13 +362,16 @@ _JSONPATH = re.compile(r"^\$@?\.attributes\[\?\((?P<body>.*)\)\]$", re.DOTALL)
 
 def compile_jsonpath(source: str, known_keys: list[str] | None = None) -> Compiled:
     """Compile a Dolma JSONPath filter `$.attributes[?( ... )]` (it matches when its condition holds)."""
+    return _jsonpath_parser(source, known_keys)[0]
+
+
+def _jsonpath_parser(source: str, known_keys: list[str] | None) -> tuple[Compiled, _Parser]:
     m = _JSONPATH.match(source.strip()) if isinstance(source, str) else None
     if not m:
         raise LmforgeError(f"JSONPath filter {source!r}: expected the form $.attributes[?(<condition>)]")
-    body = m.group("body")
-    parser = _Parser(body, known_keys, jsonpath=True)
+    parser = _Parser(m.group("body"), known_keys, jsonpath=True)
     try:
-        return parser.parse()
+        return parser.parse(), parser
     except LmforgeError as e:
         raise LmforgeError(f"JSONPath {e}") from None
 

@@ -28,11 +28,12 @@ import xxhash
 import zstandard
 
 from lmforge.core.config import to_dict
-from lmforge.curation.attributes import attribute_dir, attribute_path, read_attributes
+from lmforge.curation.attributes import attribute_dir, attribute_path, read_attribute_rows
 from lmforge.curation.documents import (DONE_DIR, DocumentWriter, InputConfig, ReadReport, input_shards,
                                         read_documents)
 from lmforge.core.executor import ExecutorConfig, run_tasks
-from lmforge.curation.filter_expr import Context, compile_filter, compile_jsonpath, jsonpath_span_key
+from lmforge.curation.filter_expr import (Context, attribute_keys, compile_filter, compile_jsonpath,
+                                          jsonpath_span_key)
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
@@ -65,7 +66,9 @@ class StreamConfig:
     filter: StreamFilter = field(default_factory=StreamFilter)
     span_replacement: list[SpanReplacement] = field(default_factory=list)
     sample_rate: float = 1.0
-    min_text_length: int = 1
+    # Documents whose edited text (stripped) is shorter are dropped. Unset: 1 (an emptied document is dropped),
+    # but 0 under `filter.syntax: jsonpath`, as Dolma's mixer writes emptied documents.
+    min_text_length: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,6 +77,14 @@ class StreamConfig:
         require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), "name", self.name,
                 "use letters, digits, '-' and '_'")
         require(self.sample_rate >= 0, "sample_rate", self.sample_rate, "must be >= 0")
+        require(self.min_text_length is None or self.min_text_length >= 0, "min_text_length", self.min_text_length,
+                "must be >= 0")
+
+    @property
+    def text_length_floor(self) -> int:
+        if self.min_text_length is not None:
+            return self.min_text_length
+        return 0 if self.filter.syntax == "jsonpath" else 1
 
 
 @dataclass
@@ -133,10 +144,30 @@ def _compile(stream: StreamConfig, known_keys: list[str] | None):
     return include, exclude, replacements
 
 
-def replace_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
-    """Replace spans (start, end, replacement); overlapping spans merge and keep the first replacement."""
+def used_keys(stream: StreamConfig) -> set[str]:
+    """The attribute keys a stream's filters and span replacements read."""
+    jsonpath = stream.filter.syntax == "jsonpath"
+    keys = {k for f in [*stream.filter.include, *stream.filter.exclude] for k in attribute_keys(f, jsonpath)}
+    return keys | {jsonpath_span_key(r.span) if r.span.startswith("$") else r.span for r in stream.span_replacement}
+
+
+def replace_spans(text: str, spans: list[tuple[int, int, str]], dolma: bool = False) -> str:
+    """Replace spans (start, end, replacement). Overlapping spans merge and keep the first replacement; with
+    `dolma`, Dolma's rule instead: spans in config order, stably sorted by start, and a span that starts inside
+    the last one kept is dropped (its characters past that span's end stay)."""
     if not spans:
         return text
+    if dolma:
+        spans.sort(key=lambda s: s[0])
+        pieces, reach = [], 0
+        for start, end, replacement in spans:
+            if start < reach:
+                continue
+            pieces.append(text[reach:start])
+            pieces.append(replacement)
+            reach = max(end, start)
+        pieces.append(text[reach:])
+        return "".join(pieces)
     spans.sort()
     pieces, reach = [], 0
     for start, end, replacement in spans:
@@ -209,11 +240,12 @@ def mix_task(task: MixTask, progress) -> dict:
     counts = dict.fromkeys(("read", "excluded_by_include", "excluded_by_exclude", "sampled_out", "too_short",
                             "written", "spans_replaced", "text_chars_in", "text_chars_out"), 0)
     report = ReadReport()
+    keys_seen: set[str] = set()
     discard = set(task.output.discard_fields)
     try:
         for path in task.paths:
-            attr_iters = [(attribute_path(path, name), read_attributes(attribute_path(path, name), report,
-                                                                        task.strict))
+            attr_iters = [(attribute_path(path, name), read_attribute_rows(attribute_path(path, name), report,
+                                                                            task.strict))
                           for name in stream.attributes]
             for line, doc in read_documents(path, report, task.strict):
                 counts["read"] += 1
@@ -232,7 +264,12 @@ def mix_task(task: MixTask, progress) -> dict:
                     if row[0] != doc["id"]:
                         raise LmforgeError(f"mismatched ids: {path}:{line} has id {doc['id']!r} but {attr_path} "
                                            f"has {row[0]!r} at the same position")
+                    if row[2] is not None and row[2] != line:  # a repeated id: its line was written with it
+                        raise LmforgeError(f"misaligned attributes: {path}:{line} has id {doc['id']!r} (repeated "
+                                           f"in the shard) but {attr_path} has the attributes of its document at "
+                                           f"line {row[2]} in this position")
                     attributes.update(row[1])
+                    keys_seen.update(row[1])
                 if cut_off is not None:
                     report.skip(path, line, f"no attributes: {cut_off} is truncated before this document")
                     continue
@@ -251,8 +288,8 @@ def mix_task(task: MixTask, progress) -> dict:
                 spans = [(int(s[0]), int(s[1]), replacement) for key, replacement, lo, hi in replacements
                          for s in attributes.get(key) or [] if s[2] >= lo and (hi is None or s[2] < hi)]
                 counts["spans_replaced"] += len(spans)
-                text = replace_spans(doc["text"], spans)
-                if len(text.strip()) < stream.min_text_length:
+                text = replace_spans(doc["text"], spans, dolma=stream.filter.syntax == "jsonpath")
+                if len(text.strip()) < stream.text_length_floor:
                     counts["too_short"] += 1
                     continue
                 out = {k: v for k, v in doc.items() if k not in discard} if discard else doc
@@ -269,11 +306,12 @@ def mix_task(task: MixTask, progress) -> dict:
         raise
     writer.commit()
     read = report.counts()
-    counts.update(empty_shards=read["empty_shards"], truncated_files=read["truncated_files"])
+    counts.update(empty_shards=read["empty_shards"], truncated_files=read["truncated_files"],
+                  duplicate_ids=read["duplicate_ids"])
     result = {"stream": stream.name, "task": task.index, "files": writer.files, "output_bytes": writer.bytes,
               "counts": counts, "documents": counts["read"], "skipped_lines": report.skipped,
               "bad_lines": [str(b) for b in report.bad_lines], "truncated": [str(t) for t in report.truncated],
-              "config_hash": task.config_hash}
+              "config_hash": task.config_hash, "attribute_keys_seen": sorted(keys_seen)}
     atomic_write_json(_done_mark(task), result)
     return result
 
@@ -371,6 +409,37 @@ def _finished(task: MixTask) -> dict | None:
     return result
 
 
+def _refuse_absent_keys(config: MixerConfig, results: list[dict]) -> None:
+    """A filter or span on a key that no attribute line has would silently drop (or keep) every document: a
+    misspelling that a wildcard declaration (`langid__*`) or attribute files without a manifest let through."""
+    for stream in config.streams:
+        ran = [r for r in results if r["stream"] == stream.name]
+        if not stream.attributes or any("attribute_keys_seen" not in r for r in ran):
+            continue
+        seen = {k for r in ran for k in r["attribute_keys_seen"]}
+        absent = sorted(used_keys(stream) - seen)
+        if absent and any(r["documents"] for r in ran):
+            raise LmforgeError(f"stream {stream.name!r}: no document has the attribute(s) {', '.join(absent)} that "
+                               f"its filter or span_replacement reads; the attribute files have: "
+                               f"{', '.join(sorted(seen)) or 'no keys'}")
+
+
+def _remove_other_runs(output: Path, tasks: list[MixTask]) -> None:
+    """Drop the completion marks, and the parts they list, of tasks this plan does not have (a run with other
+    settings: another `max_size_in_bytes` groups the inputs into other tasks), so the directory never holds two
+    runs (a task of this plan run with other settings is replaced by `_finished`)."""
+    current = {_done_mark(t).name for t in tasks}
+    for mark in (output / DONE_DIR).glob("*.json"):
+        if mark.name not in current:
+            try:
+                files = json.loads(mark.read_text(encoding="utf-8")).get("files", [])
+            except (OSError, ValueError, AttributeError):
+                files = []
+            mark.unlink()  # first, so no reader takes the files below for complete ones
+            for name in files:
+                (output / name).unlink(missing_ok=True)
+
+
 def run_mix(config: MixerConfig) -> dict:
     with output_lock(config.output.path):
         return _run_mix(config)
@@ -380,6 +449,7 @@ def _run_mix(config: MixerConfig) -> dict:
     tasks, incomplete = plan_tasks(config)
     output = Path(config.output.path)
     (output / DONE_DIR).mkdir(parents=True, exist_ok=True)  # from now on readers go by the completion marks
+    _remove_other_runs(output, tasks)
     done = {id(t): _finished(t) for t in tasks}
     todo = [t for t in tasks if done[id(t)] is None]
     if todo:
@@ -401,6 +471,7 @@ def _run_mix(config: MixerConfig) -> dict:
         totals["files"] += len(r["files"])
         skipped += r["bad_lines"]
         files += r["files"]
+    _refuse_absent_keys(config, results)
     inputs = [p for t in tasks for p in t.paths]
     write_manifest(config.output.path, command="data mix", config=config, inputs=inputs,
                    counts={"streams": per_stream}, extra={"files": sorted(files), "skipped": skipped[:100]})

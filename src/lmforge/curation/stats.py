@@ -3,14 +3,20 @@
 Per source: documents, UTF-8 bytes, characters, tokens (whitespace words, or a tokenizer's tokens), exact
 duplicate documents; document length histograms (log2 bins of characters); language distribution (lid.176 top
 label); top-k word n-grams; occurrences and document counts of given strings (contamination checks).
-N-gram counts are exact within a shard; across shards each shard contributes its `SHARD_TOP_NGRAMS` most
-frequent n-grams, so counts of rare n-grams in huge corpora are lower bounds. Plots need matplotlib
-(optional): without it the JSON is still written and the manifest says plots were skipped.
+N-grams are of lowercased whitespace words. The top k are exact: each shard spills its full counts to disk,
+sorted, and the shards' files are merged in one streaming pass (memory: one line per shard and the k best),
+ties broken alphabetically. `--count` strings count non-overlapping, case-sensitive occurrences
+(`str.count`: "aa" occurs twice in "aaaa"). Plots need matplotlib (optional): without it the JSON is still
+written and the manifest says plots were skipped.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +31,6 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.manifest import write_manifest
 from lmforge.core.files import atomic_path, atomic_write_json
 
-SHARD_TOP_NGRAMS = 20_000
 LANGID_CHARS = 2000
 TOKENIZER_BATCH = 256
 
@@ -60,6 +65,8 @@ class StatsTask:
     ngram_sizes: list[int]
     tokenizer: Any  # anything with encode_batch(texts) -> ids per text, e.g. lmforge.tokens.Tokenizer; or None
     langid: bool
+    spill_dir: str
+    index: int
     strict: bool = False
     weight: int = 0
 
@@ -123,15 +130,36 @@ def analyse_shard(task: StatsTask, progress) -> dict:
         "doc_path": task.doc_path, "documents": report.documents, **report.counts(),
         "bad_lines": [str(b) for b in report.bad_lines], "truncated": [str(t) for t in report.truncated],
         "sources": sources, "doc_hashes": doc_hashes,
-        "ngrams": {n: [(" ".join(g) if isinstance(g, tuple) else g, c)
-                       for g, c in counter.most_common(SHARD_TOP_NGRAMS)] for n, counter in ngrams.items()},
+        "ngrams": {n: _spill(counter, Path(task.spill_dir) / f"{task.index}-{n}.tsv") for n, counter in ngrams.items()},
         "strings": strings, "languages": languages,
     }
 
 
+def _spill(counter: Counter, path: Path) -> str:
+    """Write `n-gram<TAB>count` lines sorted by n-gram (words never hold a tab); return the path."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for gram in sorted(counter, key=lambda g: " ".join(g) if isinstance(g, tuple) else g):
+            f.write(f"{' '.join(gram) if isinstance(gram, tuple) else gram}\t{counter[gram]}\n")
+    return str(path)
+
+
+def _spilled(path: str):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            gram, _, count = line.rstrip("\n").rpartition("\t")
+            yield gram, int(count)
+
+
+def exact_top_ngrams(paths: list[str], k: int) -> list[tuple[str, int]]:
+    """The k most frequent n-grams over sorted spill files (ties alphabetical), merged in one pass."""
+    merged = heapq.merge(*(_spilled(p) for p in paths), key=lambda gc: gc[0])
+    totals = ((gram, sum(c for _, c in group)) for gram, group in itertools.groupby(merged, key=lambda gc: gc[0]))
+    best = heapq.nsmallest(k, ((-count, gram) for gram, count in totals))
+    return [(gram, -negated) for negated, gram in best]
+
+
 def _merge(results: list[dict], config: StatsConfig) -> dict:
     sources: dict[str, dict] = {}
-    ngrams = {n: Counter() for n in config.ngram_sizes}
     strings = {s: [0, 0] for s in config.count_strings}
     languages: dict[str, Counter] = {}
     seen: set[int] = set()
@@ -150,8 +178,6 @@ def _merge(results: list[dict], config: StatsConfig) -> dict:
                     duplicates[source] += 1
                 else:
                     seen.add(h)
-        for n, pairs in r["ngrams"].items():
-            ngrams[int(n)].update(dict(pairs))
         for needle, (occurrences, docs) in r["strings"].items():
             strings[needle][0] += occurrences
             strings[needle][1] += docs
@@ -181,9 +207,11 @@ def _merge(results: list[dict], config: StatsConfig) -> dict:
         "per_source": per_source,
         "languages": dict(total_languages.most_common()),
         "languages_per_source": {s: dict(c.most_common()) for s, c in sorted(languages.items())},
-        "top_ngrams": {str(n): c.most_common(config.top_k) for n, c in ngrams.items()},
+        "top_ngrams": {str(n): exact_top_ngrams([r["ngrams"][n] for r in results], config.top_k)
+                       for n in config.ngram_sizes},
         "string_counts": {s: {"occurrences": o, "documents": d} for s, (o, d) in strings.items()},
-        **{key: sum(r[key] for r in results) for key in ("skipped_lines", "empty_shards", "truncated_files")},
+        **{key: sum(r[key] for r in results)
+           for key in ("skipped_lines", "empty_shards", "truncated_files", "duplicate_ids")},
         "skipped": skipped[:100],
         "truncated": [t for r in results for t in r["truncated"]],
     }
@@ -243,20 +271,23 @@ def run_stats(config: StatsConfig, tokenizer: Any = None) -> dict:
     if config.tokenizer and tokenizer is None:
         raise LmforgeError(f"stats: pass the loaded tokenizer {config.tokenizer!r} (lmforge.tokens.Tokenizer.load)")
     paths, incomplete = input_shards(config.documents, config.input)
-    tasks = [StatsTask(p, list(config.count_strings), list(config.ngram_sizes), tokenizer, config.langid,
-                       config.input.strict, weight=Path(p).stat().st_size) for p in paths]
+    output = Path(config.out)
+    output.mkdir(parents=True, exist_ok=True)
+    spill_dir = tempfile.mkdtemp(prefix=".ngram-counts-", dir=output)
+    tasks = [StatsTask(p, list(config.count_strings), list(config.ngram_sizes), tokenizer, config.langid, spill_dir,
+                       i, config.input.strict, weight=Path(p).stat().st_size) for i, p in enumerate(paths)]
     if config.langid:
         from lmforge.curation.taggers.language import lid176_path
 
         lid176_path()
-    executor = config.executor
-    report = _merge(run_tasks(analyse_shard, tasks, executor, desc="stats"), config)
+    try:
+        report = _merge(run_tasks(analyse_shard, tasks, config.executor, desc="stats"), config)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
     report["incomplete_shards"] = incomplete
-    output = Path(config.out)
-    output.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, output) if config.plots else []
     atomic_write_json(output / "stats.json", report)
-    read = {key: report[key] for key in ("skipped_lines", "empty_shards", "truncated_files")}
+    read = {key: report[key] for key in ("skipped_lines", "empty_shards", "truncated_files", "duplicate_ids")}
     write_manifest(output, command="data stats", config=config, inputs=paths,
                    counts={**report["totals"], **read, "incomplete_shards": len(incomplete)},
                    extra={"plots": plots, "plots_skipped": config.plots and not plots})

@@ -183,6 +183,16 @@ def _parquet_summary(sidecar: str) -> tuple[str, int]:
     return dtype, expected
 
 
+def _resolve_shard(sidecar: str, shard: str, absolute: str) -> str:
+    """The document shard as an absolute path: `shard` is relative to the token directory (the absolute path
+    recorded beside it is the fallback when the two directories moved apart). Files without `absolute` recorded
+    the path as given at tokenize time."""
+    if not absolute:
+        return shard
+    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(sidecar)), shard))
+    return beside if os.path.exists(beside) or not os.path.exists(absolute) else absolute
+
+
 def read_sidecar(sidecar: str) -> Documents:
     if sidecar.endswith(TOKENS_SIDECAR_SUFFIX):
         import pyarrow.parquet as pq
@@ -191,7 +201,9 @@ def read_sidecar(sidecar: str) -> Documents:
             table = pq.read_table(sidecar)
         except Exception as e:  # pyarrow raises ArrowInvalid and friends
             raise LmforgeError(f"cannot read token sidecar {sidecar}: {e}") from None
-        shard = (table.schema.metadata or {}).get(b"lmforge.shard", b"").decode()
+        metadata = table.schema.metadata or {}
+        shard = _resolve_shard(sidecar, metadata.get(b"lmforge.shard", b"").decode(),
+                               metadata.get(b"lmforge.shard_absolute", b"").decode())
         return Documents(
             ids=table.column("id").to_pylist(), sources=table.column("source").to_pylist(),
             starts=table.column("start").to_numpy().astype(np.int64),

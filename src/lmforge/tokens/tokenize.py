@@ -85,6 +85,7 @@ class ShardResult:
     text_bytes: int = 0
     skipped_empty: int = 0
     skipped_bad_lines: int = 0
+    duplicate_ids: int = 0
     bad_lines: list[str] = field(default_factory=list)
     empty: bool = False  # the shard has no line at all
     truncated: list[str] = field(default_factory=list)  # its compressed stream breaks (documents before kept)
@@ -215,9 +216,10 @@ class _FileWriter:
             "end": pa.array(ends),
             "line": pa.array(np.asarray(self.lines, dtype=np.int64)),
         })
+        location = shard_location(self.task.path, self.task.out)
         table = table.replace_schema_metadata(sidecar_metadata(
-            dtype=self.task.dtype, eos_id=self.task.eos_id, bos_id=self.task.bos_id,
-            vocab_size=self.vocab_size, shard=self.task.path,
+            dtype=self.task.dtype, eos_id=self.task.eos_id, bos_id=self.task.bos_id, vocab_size=self.vocab_size,
+            shard=location["path"], shard_absolute=location["absolute_path"],
         ))
         with atomic_path(Path(self.task.out) / f"{name}{TOKENS_SIDECAR_SUFFIX}") as tmp:
             pq.write_table(table, tmp, compression="zstd")
@@ -234,7 +236,15 @@ class _FileWriter:
             atomic.__exit__(type(error), error, error.__traceback__)
 
 
-def sidecar_metadata(*, dtype: str, eos_id: int, bos_id: int | None, vocab_size: int, shard: str) -> dict:
+def shard_location(shard: str, out: str | Path) -> dict:
+    """Where a document shard is, from anywhere: relative to the token directory, and absolute."""
+    absolute = os.path.abspath(shard)
+    return {"path": os.path.relpath(absolute, os.path.abspath(out)), "absolute_path": absolute}
+
+
+def sidecar_metadata(*, dtype: str, eos_id: int, bos_id: int | None, vocab_size: int, shard: str,
+                     shard_absolute: str = "") -> dict:
+    """`shard` is relative to the token directory when `shard_absolute` is given (older files: as given)."""
     return {
         b"lmforge.format": FORMAT.encode(),
         b"lmforge.dtype": dtype.encode(),
@@ -242,6 +252,7 @@ def sidecar_metadata(*, dtype: str, eos_id: int, bos_id: int | None, vocab_size:
         b"lmforge.bos_id": ("" if bos_id is None else str(bos_id)).encode(),
         b"lmforge.vocab_size": str(vocab_size).encode(),
         b"lmforge.shard": shard.encode(),
+        b"lmforge.shard_absolute": shard_absolute.encode(),
     }
 
 
@@ -291,6 +302,7 @@ def _tokenize_shard(task: ShardTask) -> ShardResult:
         writer.abort(e)
         raise
     result.skipped_bad_lines = report.skipped
+    result.duplicate_ids = report.duplicate_ids
     result.bad_lines = [str(b) for b in report.bad_lines]
     result.empty = bool(report.empty_shards)
     result.truncated = [str(t) for t in report.truncated]
@@ -385,12 +397,13 @@ def _write_tokenize_manifest(config: TokenizeConfig, out: Path, results: list[Sh
         "text_bytes": sum(r.text_bytes for r in results),
         "skipped_empty_documents": sum(r.skipped_empty for r in results),
         "skipped_bad_lines": sum(r.skipped_bad_lines for r in results),
+        "duplicate_ids": sum(r.duplicate_ids for r in results),
         "empty_shards": sum(r.empty for r in results),
         "truncated_files": sum(len(r.truncated) for r in results),
         "incomplete_shards": len(incomplete),
         "token_files": sum(len(r.files) for r in results),
     }
-    files = [dict(f, shard=r.path) for r in results for f in r.files]
+    files = [dict(f, shard=shard_location(r.path, out)["path"]) for r in results for f in r.files]
     write_manifest(
         out, command="data tokenize", config=config, inputs=[r.path for r in results], counts=counts,
         extra={
@@ -400,7 +413,7 @@ def _write_tokenize_manifest(config: TokenizeConfig, out: Path, results: list[Sh
                           "bos_id": bos_id, "vocab_size": tokenizer.vocab_size, "copy": "tokenizer/tokenizer.json"},
             "sources": dict(sorted(sources.items())),
             "files": files,
-            "shards": [{"path": r.path, "documents": r.documents, "tokens": r.tokens,
+            "shards": [{**shard_location(r.path, out), "documents": r.documents, "tokens": r.tokens,
                         "skipped_empty_documents": r.skipped_empty, "skipped_bad_lines": r.skipped_bad_lines,
                         "empty": r.empty, "truncated": r.truncated}
                        for r in results],

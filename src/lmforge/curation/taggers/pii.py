@@ -3,12 +3,16 @@
 Spans cover exactly the address or number (Dolma's email spans also swallow the surrounding punctuation and
 whitespace). `doc_count` is the number of PII spans, the value Dolma's mixer thresholds (drop if > 5).
 Phone numbers and IPs right after "isbn"/"doi" are not PII, following Dolma's post-processing.
+A phone number needs separators (`555-201-3344`, `(555) 201 3344`): a bare run of ten digits is as often an
+order number or a Unix time. Dolma's regex also takes bare runs after whitespace; the option
+`unseparated_phones=true` counts a run of exactly ten digits after whitespace too.
 """
 
 from __future__ import annotations
 
 import re
 
+from lmforge.core.errors import LmforgeError
 from lmforge.curation.taggers import Tagger, register_tagger
 
 # Patterns start with a literal or a character class and boundaries are checked in Python: a leading
@@ -23,6 +27,7 @@ _NANP_TAIL = re.compile(r"\d{3}[-.\s]\d{4}(?!\w)")
 _NANP = re.compile(r"(?:\+?1[-.\s]?)?(?:\(\d{3}\)[-.\s]?|\d{3}[-.\s])\d{3}[-.\s]\d{4}\Z")
 _INTERNATIONAL = re.compile(r"\+\d{1,3}[-.\s]?(?:\(\d{1,4}\)[-.\s]?)?\d{1,4}(?:[-.\s]\d{2,4}){1,4}(?!\w)")
 NANP_MAX_CHARS = 20
+_UNSEPARATED = re.compile(r"(?<=\s)\d{10}(?![\w])")
 # Dotted quads (class-led, fast to scan for); octets 0..255 without leading zeros are checked in Python.
 IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
 IPV6 = re.compile(r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])")
@@ -61,10 +66,10 @@ def find_emails(text: str) -> list[list[float]]:
     return spans
 
 
-def find_phones(text: str) -> list[list[float]]:
+def find_phones(text: str, unseparated: bool = False) -> list[list[float]]:
     if not _HAS_DIGIT_RUN.search(text):
         return []
-    found: list[tuple[int, int]] = []
+    found: list[tuple[int, int]] = [m.span() for m in _UNSEPARATED.finditer(text)] if unseparated else []
     for tail in _NANP_TAIL.finditer(text):
         m = _NANP.search(text, max(0, tail.end() - NANP_MAX_CHARS), tail.end())
         if m:
@@ -105,9 +110,14 @@ def find_ips(text: str) -> list[list[float]]:
 class PiiTagger(Tagger):
     attributes = ("email_address", "phone_number", "ip_address", "doc_count")
 
+    def __init__(self, unseparated_phones: str = "false"):
+        if unseparated_phones not in ("true", "false"):
+            raise LmforgeError(f"pii.unseparated_phones must be true or false, got {unseparated_phones!r}")
+        self.unseparated_phones = unseparated_phones == "true"
+
     def tag(self, doc: dict) -> dict:
         text = doc["text"]
-        emails, phones, ips = find_emails(text), find_phones(text), find_ips(text)
+        emails, phones, ips = find_emails(text), find_phones(text, self.unseparated_phones), find_ips(text)
         return {
             "email_address": emails,
             "phone_number": phones,

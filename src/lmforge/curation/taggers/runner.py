@@ -22,8 +22,8 @@ from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 
 MAX_REPORTED_ERRORS = 100
-COUNTED = ("documents", "skipped_lines", "empty_shards", "truncated_files", "tagger_errors", "documents_too_large",
-           "text_chars")
+COUNTED = ("documents", "skipped_lines", "empty_shards", "truncated_files", "duplicate_ids", "tagger_errors",
+           "documents_too_large", "text_chars")
 DEFAULT_MAX_DOCUMENT_BYTES = 10 * 2**20
 TOO_LARGE = "document_too_large"  # the one attribute a tagger writes for a document it did not run on
 
@@ -108,7 +108,7 @@ def tag_shard(task: TagTask, progress) -> dict:
                 if skip:
                     for name, _ in taggers:
                         attributes[f"{name}__{TOO_LARGE}"] = [[0, len(doc["text"]), 1.0]]
-                    writer.write(doc["id"], attributes)
+                    writer.write(doc["id"], attributes, line)
                     continue
                 for name, tagger in taggers:
                     try:
@@ -120,7 +120,7 @@ def tag_shard(task: TagTask, progress) -> dict:
                             where = traceback.extract_tb(e.__traceback__)[-1]
                             errors[name].append(f"{task.doc_path}:{line}: tagger {name!r} raised "
                                           f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})")
-                writer.write(doc["id"], attributes)
+                writer.write(doc["id"], attributes, line)
             progress(1)
     except BaseException:
         for writer in writers:
@@ -131,11 +131,11 @@ def tag_shard(task: TagTask, progress) -> dict:
     result = {"documents": report.documents, **report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
               "truncated": [str(t) for t in report.truncated], "text_chars": text_chars,
               "documents_too_large": n_too_large, "too_large_examples": too_large_examples}
-    for attr_name, taggers in groups:
+    for writer, (attr_name, taggers) in zip(writers, groups):
         names = [name for name, _ in taggers]
         mark_done(task.doc_path, attr_name, {
             **result, "tagger_errors": sum(n_errors[n] for n in names),
-            "tagger_error_examples": [e for n in names for e in errors[n]][:MAX_REPORTED_ERRORS]})
+            "tagger_error_examples": [e for n in names for e in errors[n]][:MAX_REPORTED_ERRORS]}, writer.count)
     return {"doc_path": task.doc_path, **result, "tagger_errors": sum(n_errors.values()),
             "tagger_error_examples": [e for examples in errors.values() for e in examples][:MAX_REPORTED_ERRORS]}
 
