@@ -90,7 +90,8 @@ def gguf_config(meta: _Metadata, tensor_names: set[str], vocab_size: int) -> Mod
         return llama(d_model, int(meta.require(f"{arch}.block_count")), heads,
                      int(meta.require(f"{arch}.feed_forward_length")),
                      n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-                     norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                     # GGUF stores float32: 1e-5 reads back as 9.9999997e-06; its shortest decimal is the intended one
+                     norm_eps=float(f'{meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
                      rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10_000.0)),
                      max_sequence_length=int(meta.get(f"{arch}.context_length", 4096)),
                      vocab_size=vocab_size, vocab_multiple=128 if vocab_size % 128 == 0 else 1,

@@ -22,7 +22,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_path, atomic_write_json
 from lmforge.core.locks import output_lock
 from lmforge.model.directory import load_state, save_model_dir
-from lmforge.model.transformer import ModelConfig, Transformer, rope_frequencies
+from lmforge.model.transformer import ModelConfig, Transformer, alibi_slopes, rope_frequencies
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
 # The options each transformers class hard-codes; a model must match one set exactly (first match wins, so a
@@ -472,6 +472,8 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
     model.load_state_dict(ours, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    if config.position == "alibi":  # a non-persistent buffer, still on the meta device
+        model.alibi_slopes = alibi_slopes(config.n_heads)
     tokenizer = find_tokenizer(model_dir=hf_dir, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                bos_id=config.bos_token_id, required=False)
     return model.eval(), tokenizer
