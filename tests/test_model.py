@@ -23,6 +23,9 @@ RELEASED_PARAMETERS = {
     "olmo3-32b": 32_234_279_936,
     "olmoe-1b-7b": 6_919_161_856,
     "bloom-560m": 559_214_592,
+    # HuggingFaceTB/SmolLM2-135M (as the issue and transformers count it) and meta-llama/Meta-Llama-3-8B
+    "smollm2-135m": 134_515_008,
+    "llama3-8b": 8_030_261_248,
 }
 
 

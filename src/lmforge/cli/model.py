@@ -1,4 +1,4 @@
-"""`lmforge model info|init`, `lmforge generate`, `lmforge export hf`, `lmforge import hf`."""
+"""`lmforge model info|init`, `lmforge generate`, `lmforge export hf`, `lmforge import hf|gguf`."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export a model directory to another format")
     export_sub = export.add_subparsers(dest="export_format", metavar="FORMAT")
     export_sub.required = True
-    export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2, Olmo3, Olmoe or Bloom)")
+    export_hf = export_sub.add_parser("hf", help="Hugging Face transformers directory (Olmo, Olmo2, Olmo3, Olmoe, Bloom, Llama or Qwen2)")
     export_hf.add_argument("model", help="lmforge model directory, training checkpoint, or run directory (latest checkpoint)")
     add_out_flag(export_hf, "output transformers directory")
     add_model_source_flags(export_hf)
@@ -58,10 +58,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser("import", help="import a model from another format")
     imp_sub = imp.add_subparsers(dest="import_format", metavar="FORMAT")
     imp_sub.required = True
-    import_hf = imp_sub.add_parser("hf", help="Hugging Face OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory")
+    import_hf = imp_sub.add_parser("hf", help="Hugging Face directory: llama, mistral, qwen2, olmo, olmo2, olmo3, "
+                                   "olmoe or bloom")
     import_hf.add_argument("hf_dir")
     import_hf.add_argument("--out", required=True)
     import_hf.set_defaults(func=cmd_import_hf)
+    import_gguf = imp_sub.add_parser("gguf", help="GGUF file (llama.cpp; Llama architecture, dequantized to fp32)")
+    import_gguf.add_argument("gguf_file")
+    import_gguf.add_argument("--out", required=True)
+    import_gguf.set_defaults(func=cmd_import_gguf)
 
 
 def cmd_info(args) -> None:
@@ -129,4 +134,11 @@ def cmd_import_hf(args) -> None:
     from lmforge.model.hf import import_hf
 
     import_hf(args.hf_dir, args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_import_gguf(args) -> None:
+    from lmforge.model.gguf_file import import_gguf
+
+    import_gguf(args.gguf_file, args.out)
     print(f"wrote {args.out}")

@@ -1,5 +1,5 @@
-"""Hugging Face interop: lmforge model directory <-> transformers `Olmo`, `Olmo2`, `Olmo3`, `Olmoe` or `Bloom`
-directory.
+"""Hugging Face interop: lmforge model directory <-> transformers `Olmo`, `Olmo2`, `Olmo3`, `Olmoe`, `Bloom`,
+`Llama` or `Qwen2` directory (and `Mistral` on import: a Llama without sliding windows).
 
 The family is decided by the model's options, not its label: a model whose options none of these
 transformers classes expresses exactly (say OLMo 2 norms with ALiBi) is refused, never exported wrongly.
@@ -22,27 +22,38 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_path, atomic_write_json
 from lmforge.core.locks import output_lock
 from lmforge.model.directory import load_state, save_model_dir
-from lmforge.model.transformer import ModelConfig, Transformer, rope_frequencies
+from lmforge.model.transformer import ModelConfig, Transformer, alibi_slopes, rope_frequencies
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
 # The options each transformers class hard-codes; a model must match one set exactly (first match wins, so a
 # model without sliding windows or YaRN exports as OLMo 2, with them as Olmo 3).
-DENSE_FULL_ATTENTION = dict(n_experts=0, sliding_window=None, yarn_factor=None)
+NO_ROPE_SCALING = dict(yarn_factor=None, rope_linear_factor=None, llama3_rope_factor=None)
+DENSE_FULL_ATTENTION = dict(n_experts=0, sliding_window=None, qkv_bias=False, **NO_ROPE_SCALING)
 OLMO2_OPTIONS = dict(mlp="swiglu", norm="rmsnorm", norm_affine=True, block="reordered", qk_norm=True,
                      position="rope", bias=False, embedding_norm=False, clip_qkv=None)
+# Llama, Mistral and Qwen2 take any RoPE scaling (transformers' rope_parameters express them all).
+LLAMA_OPTIONS = dict(mlp="swiglu", norm="rmsnorm", norm_affine=True, block="prenorm", qk_norm=False,
+                     position="rope", bias=False, embedding_norm=False, clip_qkv=None, n_experts=0,
+                     sliding_window=None)
 FAMILY_OPTIONS = {
     "olmo": dict(mlp="swiglu", norm="layernorm", norm_affine=False, norm_eps=1e-5, block="prenorm", qk_norm=False,
                  position="rope", bias=False, embedding_norm=False, **DENSE_FULL_ATTENTION),
     "olmo2": OLMO2_OPTIONS | DENSE_FULL_ATTENTION,
-    "olmo3": OLMO2_OPTIONS | dict(n_experts=0),
+    "olmo3": OLMO2_OPTIONS | dict(n_experts=0, qkv_bias=False, rope_linear_factor=None, llama3_rope_factor=None),
     "olmoe": dict(mlp="swiglu", norm="rmsnorm", norm_affine=True, block="prenorm", qk_norm=True, position="rope",
-                  bias=False, embedding_norm=False, clip_qkv=None, sliding_window=None, yarn_factor=None),
+                  bias=False, qkv_bias=False, embedding_norm=False, clip_qkv=None, sliding_window=None,
+                  **NO_ROPE_SCALING),
     "bloom": dict(mlp="gelu", norm="layernorm", norm_affine=True, block="prenorm", qk_norm=False,
                   position="alibi", bias=True, embedding_norm=True, clip_qkv=None, tie_embeddings=True,
                   **DENSE_FULL_ATTENTION),
+    "llama": LLAMA_OPTIONS | dict(qkv_bias=False),
+    "qwen2": LLAMA_OPTIONS | dict(qkv_bias=True),
 }
 ARCHITECTURES = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
-                 "olmoe": "OlmoeForCausalLM", "bloom": "BloomForCausalLM"}
+                 "olmoe": "OlmoeForCausalLM", "bloom": "BloomForCausalLM", "llama": "LlamaForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
+LLAMA_TYPES = ("llama", "mistral", "qwen2")  # the config.json model types read as Llama
+IMPORTABLE = sorted({*ARCHITECTURES, *LLAMA_TYPES})
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer types
 
 
@@ -64,14 +75,25 @@ def hf_family(config: ModelConfig) -> str:
     )
 
 
-def _olmo3_rope(config: ModelConfig) -> dict:
+def _rope_parameters(config: ModelConfig) -> dict:
+    """transformers' `rope_parameters` of the full-attention layers."""
     full = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.yarn_factor is not None:
         full |= {"rope_type": "yarn", "factor": config.yarn_factor,
                  "original_max_position_embeddings": config.yarn_original_context,
                  "beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow,
-                 "attention_factor": rope_frequencies(config, yarn=True)[1]}
-    return {FULL: full, SLIDING: {"rope_type": "default", "rope_theta": config.rope_theta}}
+                 "attention_factor": rope_frequencies(config, scaled=True)[1]}
+    elif config.rope_linear_factor is not None:
+        full |= {"rope_type": "linear", "factor": config.rope_linear_factor}
+    elif config.llama3_rope_factor is not None:
+        full |= {"rope_type": "llama3", "factor": config.llama3_rope_factor,
+                 "low_freq_factor": config.llama3_low_freq_factor, "high_freq_factor": config.llama3_high_freq_factor,
+                 "original_max_position_embeddings": config.llama3_original_context}
+    return full
+
+
+def _olmo3_rope(config: ModelConfig) -> dict:
+    return {FULL: _rope_parameters(config), SLIDING: {"rope_type": "default", "rope_theta": config.rope_theta}}
 
 
 def _hf_config(config: ModelConfig, family: str) -> dict:
@@ -92,6 +114,10 @@ def _hf_config(config: ModelConfig, family: str) -> dict:
                         max_position_embeddings=config.max_sequence_length, rope_theta=config.rope_theta,
                         rope_parameters=rope, attention_bias=False, attention_dropout=0.0,
                         initializer_range=config.init_std)
+    if family in ("llama", "qwen2"):
+        out |= dict(rope_parameters=_rope_parameters(config), head_dim=config.head_dim, mlp_bias=False)
+    if family == "qwen2":
+        out |= dict(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
     if family == "olmo":
         out["clip_qkv"] = config.clip_qkv
     else:
@@ -117,6 +143,9 @@ def _llama_like_names(layer: int, prenorm: bool) -> dict[str, str]:
         "attn.k_proj.weight": p + "self_attn.k_proj.weight",
         "attn.v_proj.weight": p + "self_attn.v_proj.weight",
         "attn.o_proj.weight": p + "self_attn.o_proj.weight",
+        "attn.q_proj.bias": p + "self_attn.q_proj.bias",
+        "attn.k_proj.bias": p + "self_attn.k_proj.bias",
+        "attn.v_proj.bias": p + "self_attn.v_proj.bias",
         "attn.q_norm.weight": p + "self_attn.q_norm.weight",
         "attn.k_norm.weight": p + "self_attn.k_norm.weight",
         "mlp.gate_proj.weight": p + "mlp.gate_proj.weight",
@@ -233,18 +262,57 @@ def _olmo3_options(hf: dict, path: Path) -> dict:
     if sliding.get("rope_theta", theta) != theta or sliding.get("rope_type", "default") != "default":
         raise LmforgeError(f"{path / 'config.json'}: sliding layers with RoPE {sliding} differing from the full "
                            f"layers' theta {theta}; lmforge has one rope_theta and plain RoPE on sliding layers")
-    rope_type = full.get("rope_type") or full.get("type") or "default"
+    return options | _rope_scaling_options(full, hf, path) | {"rope_theta": float(theta)}
+
+
+def _rope_scaling_options(rope: dict, hf: dict, path: Path) -> dict:
+    """A transformers RoPE dict (`rope_parameters`, or the older `rope_scaling`) as ModelConfig fields."""
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type == "yarn":
-        options.update(yarn_factor=float(full["factor"]),
-                       yarn_original_context=int(full["original_max_position_embeddings"]),
-                       yarn_beta_fast=float(full.get("beta_fast") or 32), yarn_beta_slow=float(full.get("beta_slow") or 1))
-        derived = 0.1 * math.log(options["yarn_factor"]) + 1.0 if options["yarn_factor"] > 1 else 1.0
-        given = full.get("attention_factor")
+        factor = float(rope["factor"])
+        options = dict(yarn_factor=factor, yarn_original_context=int(rope.get("original_max_position_embeddings")
+                                                                     or hf["max_position_embeddings"] / factor),
+                       yarn_beta_fast=float(rope.get("beta_fast") or 32), yarn_beta_slow=float(rope.get("beta_slow") or 1))
+        if rope.get("mscale") or rope.get("mscale_all_dim"):
+            raise LmforgeError(f"{path / 'config.json'}: YaRN with mscale is not supported")
+        derived = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        given = rope.get("attention_factor")
         options["yarn_attention_factor"] = None if given is None or abs(given - derived) < 1e-12 else float(given)
-    elif rope_type != "default":
-        raise LmforgeError(f"{path / 'config.json'}: RoPE type {rope_type!r} (lmforge has default and yarn)")
-    options["rope_theta"] = float(theta)
-    return options
+        return options
+    if rope_type == "linear":
+        return {"rope_linear_factor": float(rope["factor"])}
+    if rope_type == "llama3":
+        return dict(llama3_rope_factor=float(rope["factor"]), llama3_low_freq_factor=float(rope["low_freq_factor"]),
+                    llama3_high_freq_factor=float(rope["high_freq_factor"]),
+                    llama3_original_context=int(rope["original_max_position_embeddings"]))
+    if rope_type != "default":
+        raise LmforgeError(f"{path / 'config.json'}: RoPE type {rope_type!r} (lmforge has default, linear, llama3 "
+                           "and yarn)")
+    return {}
+
+
+def _llama_options(hf: dict, model_type: str, path: Path) -> dict:
+    """The ModelConfig fields of a Llama, Mistral or Qwen2 config.json; what lmforge cannot express is refused."""
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        raise LmforgeError(f"{path / 'config.json'}: head_dim {hf['head_dim']} is not hidden_size / "
+                           f"num_attention_heads ({hf['hidden_size'] // heads}), which lmforge assumes")
+    window = hf.get("sliding_window") if model_type == "mistral" or hf.get("use_sliding_window") else None
+    if window is not None and window < hf.get("max_position_embeddings", 0):
+        raise LmforgeError(f"{path / 'config.json'}: a sliding window of {window} in every layer; lmforge's "
+                           "windows leave every n-th layer and the last one full")
+    for flag in ("attention_bias", "mlp_bias"):
+        if model_type != "qwen2" and hf.get(flag):
+            raise LmforgeError(f"{path / 'config.json'}: {flag} is not supported for {model_type}")
+    rope = dict(hf.get("rope_parameters") or {}) | (hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta") or hf.get("rope_theta") or 10_000.0
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos  # Llama 3.1 lists several; the first ends a document
+    return dict(family=model_type, qkv_bias=model_type == "qwen2", n_kv_heads=hf.get("num_key_value_heads") or heads,
+                vocab_size=hf["vocab_size"], eos_token_id=eos, pad_token_id=_pad_token_id(hf | {"eos_token_id": eos}),
+                bos_token_id=hf.get("bos_token_id"), max_sequence_length=hf.get("max_position_embeddings", 4096),
+                norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
+                rope_theta=float(theta), **_rope_scaling_options(rope, hf, path))
 
 
 def _pad_token_id(hf: dict, default: int | None = None) -> int | None:
@@ -255,10 +323,14 @@ def _pad_token_id(hf: dict, default: int | None = None) -> int | None:
 
 
 def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
-    from lmforge.model.presets import bloom, olmo1, olmo2, olmo3, olmoe
+    from lmforge.model.presets import bloom, llama, olmo1, olmo2, olmo3, olmoe
 
     model_type = hf.get("model_type")
     try:
+        if model_type in LLAMA_TYPES:
+            return "qwen2" if model_type == "qwen2" else "llama", llama(
+                hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["intermediate_size"],
+                **_llama_options(hf, model_type, path))
         if model_type == "bloom":
             config = bloom(hf["hidden_size"], hf["n_layer"], hf["n_head"], vocab_size=hf["vocab_size"],
                            eos_token_id=hf.get("eos_token_id", 2), pad_token_id=_pad_token_id(hf, 3),
@@ -302,7 +374,7 @@ def _from_hf_config(hf: dict, path: Path) -> tuple[str, ModelConfig]:
         raise LmforgeError(f"{path}: config.json lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. "hidden_size": "abc"
         raise LmforgeError(f"{path / 'config.json'}: bad value: {e}") from None
-    raise LmforgeError(f"{path}: cannot import model_type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    raise LmforgeError(f"{path}: cannot import model_type {model_type!r} (supported: {', '.join(IMPORTABLE)})")
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -354,13 +426,13 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Convert a transformers OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory into an lmforge model directory."""
+    """Convert a transformers directory of a supported model type (IMPORTABLE) into an lmforge model directory."""
     model, tokenizer = read_hf(hf_dir)
     return save_model_dir(model, out, tokenizer)
 
 
 def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
-    """A transformers OLMo / OLMo 2 / Olmo 3 / OLMoE / BLOOM directory as an lmforge model (CPU) and its tokenizer."""
+    """A transformers directory of a supported model type (IMPORTABLE) as an lmforge model (CPU) and its tokenizer."""
     hf_dir = Path(hf_dir)
     try:
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
@@ -400,6 +472,8 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
     model.load_state_dict(ours, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    if config.position == "alibi":  # a non-persistent buffer, still on the meta device
+        model.alibi_slopes = alibi_slopes(config.n_heads)
     tokenizer = find_tokenizer(model_dir=hf_dir, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                bos_id=config.bos_token_id, required=False)
     return model.eval(), tokenizer

@@ -1,4 +1,5 @@
-"""Named model presets: the released OLMo 1, OLMo 2, Olmo 3, OLMoE and BLOOM shapes, plus tiny ones for CPUs.
+"""Named model presets: the released OLMo 1, OLMo 2, Olmo 3, OLMoE, BLOOM, SmolLM2 and Llama 3 shapes, plus tiny
+ones for CPUs.
 
 Each preset is a function returning a `ModelConfig`; `get_preset(name)` looks one up. The published presets'
 parameter counts equal the released Hugging Face checkpoints' (tests/test_model.py holds those numbers).
@@ -75,6 +76,19 @@ def bloom(d_model: int, n_layers: int, n_heads: int, **kw) -> ModelConfig:
     )
 
 
+def llama(d_model: int, n_layers: int, n_heads: int, mlp_hidden_size: int, **kw) -> ModelConfig:
+    """Llama (and Mistral, and Qwen2 with `qkv_bias=True`): pre-norm blocks, RMSNorm with weight (eps 1e-5), no
+    QK-norm, SwiGLU, RoPE, no biases."""
+    options = dict(
+        family="llama", d_model=d_model, n_layers=n_layers, n_heads=n_heads, mlp_hidden_size=mlp_hidden_size,
+        mlp="swiglu", norm="rmsnorm", norm_affine=True, norm_eps=1e-5, block="prenorm", qk_norm=False,
+        position="rope", rope_theta=10_000.0, bias=False, tie_embeddings=False, init="normal", init_std=0.02,
+        vocab_size=32_000, eos_token_id=2, pad_token_id=2, bos_token_id=1, max_sequence_length=4096,
+    )
+    options.update(kw)
+    return ModelConfig(**options)
+
+
 # Tiny presets use the OLMo 1 tokenizer's vocabulary (the one lmforge can load offline); override
 # `vocab_size`/`eos_token_id`/`pad_token_id` for a tokenizer of your own.
 TINY_TOKENS = dict(vocab_size=OLMO1_VOCAB, eos_token_id=50_279, pad_token_id=1)
@@ -89,6 +103,13 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "olmo3-32b": lambda: olmo3(5120, 64, 40, 27648, n_kv_heads=8),
     "olmoe-1b-7b": lambda: olmoe(2048, 16, 16, 64, 1024, 8),
     "bloom-560m": lambda: bloom(1024, 24, 16),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct); no BOS: its tokenizer adds none (the chat template opens turns).
+    "smollm2-135m": lambda: llama(576, 30, 9, 1536, n_kv_heads=3, rope_theta=100_000.0, tie_embeddings=True,
+                                  vocab_size=49_152, eos_token_id=2, pad_token_id=2, bos_token_id=None,
+                                  max_sequence_length=8192),
+    "llama3-8b": lambda: llama(4096, 32, 32, 14336, n_kv_heads=8, rope_theta=500_000.0, vocab_size=128_256,
+                               eos_token_id=128_001, pad_token_id=128_001, bos_token_id=128_000,
+                               max_sequence_length=8192),
     "olmo-tiny": lambda: olmo1(128, 4, 4, 384, tie=True, max_sequence_length=512, **TINY_TOKENS),
     "olmo2-tiny": lambda: olmo2(128, 4, 4, 384, max_sequence_length=512, **TINY_TOKENS),
     "olmo2-tiny-gqa": lambda: olmo2(128, 4, 4, 384, n_kv_heads=2, max_sequence_length=512, **TINY_TOKENS),
@@ -96,6 +117,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
                                 yarn_original_context=64, **TINY_TOKENS),
     "olmoe-tiny": lambda: olmoe(128, 2, 4, 8, 64, 2, max_sequence_length=512, **TINY_TOKENS),
     "bloom-tiny": lambda: bloom(128, 4, 4, max_sequence_length=512, **TINY_TOKENS),
+    "llama-tiny": lambda: llama(128, 4, 4, 384, n_kv_heads=2, max_sequence_length=512, bos_token_id=None,
+                                **TINY_TOKENS),
 }
 
 

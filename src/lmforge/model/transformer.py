@@ -1,10 +1,12 @@
-"""One decoder-only transformer, configured (not subclassed) into OLMo 1, OLMo 2, Olmo 3, OLMoE or BLOOM style.
+"""One decoder-only transformer, configured (not subclassed) into OLMo 1, OLMo 2, Olmo 3, OLMoE, BLOOM or Llama style.
 
     OLMo 1   pre-norm blocks, non-parametric LayerNorm, SwiGLU, RoPE θ=1e4, no biases, "mitchell" init
     OLMo 2   norm on each sub-layer's *output* before the residual add, RMSNorm, QK-norm, RoPE θ=5e5
     Olmo 3   OLMo 2 plus sliding-window attention in three of every four layers, YaRN on the full ones
     OLMoE    pre-norm, RMSNorm, QK-norm, RoPE θ=1e4, a mixture of SwiGLU experts (softmax router, top-k)
     BLOOM    pre-norm, LayerNorm with affine, ALiBi, GELU MLP, biases, LayerNorm after the embedding
+    Llama    pre-norm, RMSNorm with weight, no QK-norm, SwiGLU, RoPE (optionally llama3 / linear / YaRN scaled);
+             Mistral is Llama, Qwen2 is Llama with q/k/v biases (`qkv_bias`)
 
 Attention goes through `attention()`: SDPA (flash kernels on GPU for plain causal layers), and for sliding
 windows on GPU whichever fast path is installed (flash-attn's window, else flex attention). Optional
@@ -44,7 +46,8 @@ class ModelConfig:
     qk_norm: bool = True
     position: Literal["rope", "alibi"] = "rope"
     rope_theta: float = 500_000.0
-    bias: bool = False
+    bias: bool = False  # every linear and LayerNorm
+    qkv_bias: bool = False  # the query/key/value projections only (Qwen2)
     embedding_norm: bool = False
     tie_embeddings: bool = False
     clip_qkv: float | None = None
@@ -59,6 +62,13 @@ class ModelConfig:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_attention_factor: float | None = None  # None: 0.1·ln(factor) + 1, the YaRN paper's
+    # The other RoPE scalings (at most one scaling is set), also on full-attention layers only: linear position
+    # interpolation (frequencies / factor), and Llama 3.1's per-band rescaling.
+    rope_linear_factor: float | None = None
+    llama3_rope_factor: float | None = None
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    llama3_original_context: int = 8192
     # Mixture of experts (OLMoE): n_experts SwiGLU experts of mlp_hidden_size each, top-k routing, dropless.
     n_experts: int = 0  # 0: a dense MLP
     moe_top_k: int = 8
@@ -72,7 +82,8 @@ class ModelConfig:
     pad_token_id: int = 1
     bos_token_id: int | None = None
     vocab_multiple: int = 128
-    family: str = field(default="olmo2", metadata={"help": "label only: olmo, olmo2, olmo3, olmoe, bloom or custom"})
+    family: str = field(default="olmo2",
+                        metadata={"help": "label only: olmo, olmo2, olmo3, olmoe, bloom, llama or custom"})
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -100,6 +111,18 @@ class ModelConfig:
                     "must be positive")
             require(self.yarn_beta_fast > self.yarn_beta_slow > 0, "yarn_beta_slow", self.yarn_beta_slow,
                     f"must be positive and below yarn_beta_fast ({self.yarn_beta_fast})")
+        scalings = [n for n in ("yarn_factor", "rope_linear_factor", "llama3_rope_factor") if getattr(self, n) is not None]
+        require(len(scalings) <= 1, scalings[-1] if scalings else "", None, f"one RoPE scaling at most, got {scalings}")
+        for name in ("rope_linear_factor", "llama3_rope_factor"):
+            if getattr(self, name) is not None:
+                require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1 (or null)")
+                require(self.position == "rope", name, getattr(self, name), "needs position: rope")
+        if self.llama3_rope_factor is not None:
+            require(self.llama3_high_freq_factor > self.llama3_low_freq_factor > 0, "llama3_low_freq_factor",
+                    self.llama3_low_freq_factor, f"must be positive and below llama3_high_freq_factor "
+                    f"({self.llama3_high_freq_factor})")
+            require(self.llama3_original_context > 0, "llama3_original_context", self.llama3_original_context,
+                    "must be positive")
         require(self.n_experts >= 0, "n_experts", self.n_experts, "must be 0 (dense) or positive")
         if self.n_experts:
             require(1 <= self.moe_top_k <= self.n_experts, "moe_top_k", self.moe_top_k,
@@ -160,13 +183,18 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), (self.size,), w, b, self.eps).to(x.dtype)
 
 
-def rope_frequencies(config: ModelConfig, yarn: bool, device=None) -> tuple[torch.Tensor, float]:
-    """RoPE's inverse frequencies (head_dim / 2) and the factor on cos/sin: 1, or YaRN's (Peng et al. 2023, as
-    transformers computes it: a ramp between interpolated and original frequencies over the dimensions whose
-    wavelength lies between original_context / beta_fast and original_context / beta_slow rotations)."""
+def rope_frequencies(config: ModelConfig, scaled: bool, device=None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies (head_dim / 2) and the factor on cos/sin, with the configured scaling when
+    `scaled` (a full-attention layer): linear (frequencies / factor), llama3 (`_llama3_frequencies`), or YaRN
+    (Peng et al. 2023, as transformers computes it: a ramp between interpolated and original frequencies over
+    the dimensions whose wavelength lies between original_context / beta_fast and / beta_slow rotations)."""
     dim, base = config.head_dim, config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    if not yarn or config.yarn_factor is None:
+    if scaled and config.rope_linear_factor is not None:
+        return inv_freq / config.rope_linear_factor, 1.0
+    if scaled and config.llama3_rope_factor is not None:
+        return _llama3_frequencies(config, inv_freq), 1.0
+    if not scaled or config.yarn_factor is None:
         return inv_freq, 1.0
     factor, context = config.yarn_factor, config.yarn_original_context
 
@@ -181,6 +209,17 @@ def rope_frequencies(config: ModelConfig, yarn: bool, device=None) -> tuple[torc
     if attention_factor is None:
         attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return inv_freq, attention_factor
+
+
+def _llama3_frequencies(config: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1: wavelengths longer than original_context / low_freq_factor are interpolated (/ factor), those
+    shorter than original_context / high_freq_factor kept, and the band between blended linearly in
+    original_context / wavelength."""
+    factor, low, high = config.llama3_rope_factor, config.llama3_low_freq_factor, config.llama3_high_freq_factor
+    context = config.llama3_original_context
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * (1 - smooth) + inv_freq * smooth
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,9 +374,10 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer = config, layer
         kv_size = config.n_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.k_proj = nn.Linear(config.d_model, kv_size, bias=config.bias)
-        self.v_proj = nn.Linear(config.d_model, kv_size, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, kv_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.q_norm = make_norm(config, config.d_model) if config.qk_norm else None
         self.k_norm = make_norm(config, kv_size) if config.qk_norm else None
@@ -542,8 +582,8 @@ class Transformer(nn.Module):
         windows = [c.layer_window(i) for i in range(c.n_layers)]
         ropes, masks = {}, {}
         for window in set(windows):
-            if c.position == "rope":  # YaRN, when configured, scales the full-attention layers only
-                inv_freq, scale = rope_frequencies(c, yarn=window is None, device=input_ids.device)
+            if c.position == "rope":  # RoPE scaling, when configured, applies to the full-attention layers only
+                inv_freq, scale = rope_frequencies(c, scaled=window is None, device=input_ids.device)
                 ropes[window] = rope_tables(inv_freq, positions, scale)
             else:
                 ropes[window] = None

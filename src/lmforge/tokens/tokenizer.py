@@ -2,7 +2,8 @@
 
 `Tokenizer.load("olmo")` loads the OLMo tokenizer that the `ai2-olmo-eval` wheel ships; any other name is a
 path to a `tokenizer.json` or a directory holding one. Special tokens are found by their content (EOS
-`<|endoftext|>`, PAD `<|padding|>`), and can be given explicitly.
+`<|endoftext|>`, PAD `<|padding|>`), and can be given explicitly. A chat template (Jinja, as transformers keeps it
+in `tokenizer_config.json` or `chat_template.jinja` beside `tokenizer.json`) travels with the tokenizer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
 PII_TOKENS = ("|||EMAIL_ADDRESS|||", "|||PHONE_NUMBER|||", "|||IP_ADDRESS|||")
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves the template
 TOKENS_TOKENIZER_DIR = "tokenizer"  # the copy `lmforge data tokenize` keeps in its output directory
 
 NAMED_TOKENIZERS = {
@@ -77,6 +80,7 @@ class Tokenizer:
     bos_id: int | None = None
     source: str = ""
     splits_at_spaces: bool = False  # see `splits_at_spaces`; set by `load`
+    chat_template: str | None = None
 
     @classmethod
     def load(cls, name_or_path: str | Path, eos_id: int | None = None, pad_id: int | None = None,
@@ -91,7 +95,8 @@ class Tokenizer:
             raise LmforgeError(f"tokenizer {path} has no {EOS_TOKEN!r} token; give eos_id explicitly")
         pad = pad_id if pad_id is not None else hf.token_to_id(PAD_TOKEN)
         return cls(hf=hf, eos_id=eos, pad_id=eos if pad is None else pad, bos_id=bos_id, source=str(path),
-                   splits_at_spaces=splits_at_spaces(hf))
+                   splits_at_spaces=splits_at_spaces(hf),
+                   chat_template=_read_chat_template(path.parent))
 
     @property
     def vocab_size(self) -> int:
@@ -114,6 +119,26 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template renders it (transformers' Jinja settings)."""
+        if self.chat_template is None:
+            raise LmforgeError(f"tokenizer {self.source or '(in memory)'} has no chat template")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        special = {name: self.hf.id_to_token(i) if i is not None else None
+                   for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        except TemplateError as e:
+            raise LmforgeError(f"chat template of {self.source or 'the tokenizer'} failed: {e}") from None
+
     def save(self, directory: str | Path) -> None:
         """Write `tokenizer.json` plus the HF `tokenizer_config.json` so transformers can load it too."""
         from lmforge.core.files import atomic_write_json, atomic_write_text
@@ -123,7 +148,8 @@ class Tokenizer:
         eos = self.hf.id_to_token(self.eos_id)
         pad = self.hf.id_to_token(self.pad_id)
         bos = self.hf.id_to_token(self.bos_id) if self.bos_id is not None else None
-        atomic_write_json(directory / "tokenizer_config.json", {
+        template = {"chat_template": self.chat_template} if self.chat_template is not None else {}
+        atomic_write_json(directory / TOKENIZER_CONFIG, {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": eos,
             "pad_token": pad,
@@ -131,6 +157,7 @@ class Tokenizer:
             "unk_token": None,
             "model_max_length": 1_000_000_000,
             "clean_up_tokenization_spaces": False,
+            **template,
         })
         atomic_write_json(directory / "special_tokens_map.json",
                           {k: v for k, v in {"eos_token": eos, "pad_token": pad, "bos_token": bos}.items() if v})
@@ -205,6 +232,18 @@ def encode_stream(tokenizer: Any, items: Iterable[tuple[Key, str]], dtype: Any =
         yield from finished(None)
     encode_batch()
     yield from finished(None)
+
+
+def _read_chat_template(directory: Path) -> str | None:
+    jinja = directory / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        config = json.loads((directory / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return template if isinstance(template, str) else None
 
 
 def tokens_tokenizer(token_paths: Iterable[str | Path]) -> str | None:
