@@ -28,8 +28,9 @@ from lmforge.curation.documents import InputConfig, ReadReport, input_shards, re
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
-from lmforge.core.files import atomic_path, atomic_write_json
+from lmforge.core.files import TEMP_SUFFIX, atomic_path, atomic_write_json
 
 LANGID_CHARS = 2000
 TOKENIZER_BATCH = 256
@@ -271,9 +272,15 @@ def run_stats(config: StatsConfig, tokenizer: Any = None) -> dict:
     if config.tokenizer and tokenizer is None:
         raise LmforgeError(f"stats: pass the loaded tokenizer {config.tokenizer!r} (lmforge.tokens.Tokenizer.load)")
     paths, incomplete = input_shards(config.documents, config.input)
+    with output_lock(config.out):
+        return _run_stats(config, tokenizer, paths, incomplete)
+
+
+def _run_stats(config: StatsConfig, tokenizer: Any, paths: list[str], incomplete: list[str]) -> dict:
     output = Path(config.out)
     output.mkdir(parents=True, exist_ok=True)
-    spill_dir = tempfile.mkdtemp(prefix=".ngram-counts-", dir=output)
+    # Named as every temporary is, so that one left by a killed run goes when the next run takes the lock.
+    spill_dir = tempfile.mkdtemp(prefix=".ngram-counts.", suffix=TEMP_SUFFIX, dir=output)
     tasks = [StatsTask(p, list(config.count_strings), list(config.ngram_sizes), tokenizer, config.langid, spill_dir,
                        i, config.input.strict, weight=Path(p).stat().st_size) for i, p in enumerate(paths)]
     if config.langid:
