@@ -266,7 +266,10 @@ def test_same_input_and_config_give_byte_identical_outputs(tmp_path, capsys, mon
         (source / "documents" / f"{name}.jsonl.gz").write_bytes(_compress(_jsonl(_docs(name, 60, seed)), "gz"))
     runs = []
     for run in ("one", "two"):
-        root = tmp_path / run
+        # In the same place both times: outputs record the absolute paths of their inputs (lineage).
+        root = tmp_path / "work"
+        if root.exists():
+            root.rename(tmp_path / "first")
         shutil.copytree(source, root)  # copy2: same bytes and modification times, which the .done marks record
         monkeypatch.chdir(root)
         for stage in ("tag", "dedup", "mix", "tokenize"):
