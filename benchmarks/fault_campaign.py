@@ -238,7 +238,7 @@ def half_written(got: Snapshot, before: Snapshot, clean: Snapshot, units: tuple[
             else "is in neither the previous nor the clean output"
         problems.append(f"{path} {side}")
     for unit in units:
-        live = _live_files(unit, got_root)
+        live = _live_files(unit, got_root, clean_root)
         inside = [p for p in set(got.keys) | set(before.keys) | set(clean.keys) if live(p)]
         as_before = all(got.keys.get(p) == before.keys.get(p) for p in inside)
         as_clean = all(got.keys.get(p) == clean.keys.get(p) for p in inside)
@@ -248,12 +248,14 @@ def half_written(got: Snapshot, before: Snapshot, clean: Snapshot, units: tuple[
     return problems
 
 
-def _live_files(unit: str, root: Path):
+def _live_files(unit: str, root: Path, clean_root: Path):
     """Which paths make up a unit's state: all its files, or, when a `CURRENT` pointer names the generation
     directory in use (written aside, then the pointer swapped), the pointer and that generation only; a
-    generation being written beside it is not yet state."""
+    generation being written beside it is not yet state, nor is one written before any pointer existed."""
     pointer = root / unit / "CURRENT"
     if not pointer.is_file():
+        if (clean_root / unit / "CURRENT").is_file():
+            return lambda p: p == f"{unit}/CURRENT"
         return lambda p: p.startswith(unit + "/")
     generation = f"{unit}/{pointer.read_text().strip()}/"
     return lambda p: p == f"{unit}/CURRENT" or p.startswith(generation)
