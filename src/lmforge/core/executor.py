@@ -12,6 +12,8 @@ stopped. Results come back in task order.
 from __future__ import annotations
 
 import multiprocessing as mp
+import collections
+import itertools
 import queue
 import signal
 import threading
@@ -135,9 +137,16 @@ def _iter_local(fn: Callable, tasks: Sequence[Any], config: ExecutorConfig, bar:
     drainer.start()
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(docs_queue,)) as pool:
-            pending = [pool.apply_async(_run_local, (fn, task)) for task in tasks]
-            for task, handle in zip(tasks, pending):
+            # A few tasks in flight, not all: when one fails, the pool is terminated with no task handler
+            # blocked on a pipe that dead workers no longer read (found hung by the fault campaign).
+            upcoming = iter(tasks)
+            pending = collections.deque((task, pool.apply_async(_run_local, (fn, task)))
+                                        for task in itertools.islice(upcoming, 2 * workers))
+            while pending:
+                task, handle = pending.popleft()
                 result = handle.get()
+                for following in itertools.islice(upcoming, 1):
+                    pending.append((following, pool.apply_async(_run_local, (fn, following))))
                 bar.task_done(getattr(task, "weight", 0))
                 yield result
     finally:
