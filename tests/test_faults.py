@@ -384,3 +384,14 @@ def test_a_full_disk_in_the_middle_of_a_streamed_shard_names_the_shard(tmp_path)
                 writer._stream._stream = stream()  # the compressor over the temporary file
                 writer.write("d1", {"k": []}, 1)
         assert target.read_bytes() == b"previous" and temps(tmp_path) == []
+
+
+def test_a_library_temporary_left_by_a_kill_is_removed_by_the_next_run(tmp_path):
+    # Found by the fault campaign: safetensors writes `.tmpXXXXXX` (Rust's tempfile crate) beside the weights
+    # before its rename; `model init` killed in between left it behind.
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / ".tmpkJE9Ul").write_bytes(b"half a safetensors file")
+    (out / ".tmp_not_ours").write_text("a user's file, not a temporary name lmforge or safetensors makes")
+    assert lm(["model", "init", "olmo2-tiny", "n_layers=1", "vocab_size=300", "--out", out]) == 0
+    assert not (out / ".tmpkJE9Ul").exists() and (out / ".tmp_not_ours").exists()

@@ -43,8 +43,12 @@ FAULT_PATH_ENV = "LMFORGE_FAULT_ENOSPC_PATH"
 _guarded_writes = 0  # per process, for the fault-injection hook only
 
 
+# safetensors saves through Rust's `tempfile` crate: `.tmpXXXXXX` beside the file, then a rename.
+_LIBRARY_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def is_temp_name(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+    return (name.startswith(".") and name.endswith(TEMP_SUFFIX)) or _LIBRARY_TEMP.fullmatch(name) is not None
 
 
 def temp_name(name: str) -> str:
