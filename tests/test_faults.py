@@ -395,3 +395,14 @@ def test_a_library_temporary_left_by_a_kill_is_removed_by_the_next_run(tmp_path)
     (out / ".tmp_not_ours").write_text("a user's file, not a temporary name lmforge or safetensors makes")
     assert lm(["model", "init", "olmo2-tiny", "n_layers=1", "vocab_size=300", "--out", out]) == 0
     assert not (out / ".tmpkJE9Ul").exists() and (out / ".tmp_not_ours").exists()
+
+
+def test_every_command_that_writes_a_model_directory_leaves_a_manifest(models, tmp_path):
+    # "Every output directory carries a manifest": export hf and import hf did not write one.
+    assert lm(["export", "hf", models[0], "--out", tmp_path / "hf"]) == 0
+    assert lm(["import", "hf", tmp_path / "hf", "--out", tmp_path / "back"]) == 0
+    exported = json.loads((tmp_path / "hf" / "manifest.json").read_text())
+    imported = json.loads((tmp_path / "back" / "manifest.json").read_text())
+    assert exported["command"] == "export hf" and exported["inputs"]
+    assert imported["command"] == "import hf" and imported["source_kind"] == "hf"
+    assert [i["path"] for i in imported["inputs"]] == [str(tmp_path / "hf" / "model.safetensors")]

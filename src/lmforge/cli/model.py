@@ -126,7 +126,8 @@ def cmd_export_hf(args) -> None:
 
     loaded = load(args.model, args.step, tokenizer=args.tokenizer)
     out = out_of(args)
-    arch = export_hf(loaded.model, loaded.tokenizer, out)
+    arch = export_hf(loaded.model, loaded.tokenizer, out, inputs=[p for p in loaded.weight_files if p.is_file()],
+                     source={"source": str(loaded.path), "source_kind": loaded.kind})
     print(f"wrote {out} ({arch})")
 
 

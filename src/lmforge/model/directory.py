@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -113,14 +114,22 @@ def check_tokenizer_fits(tokenizer: Tokenizer | None, config: ModelConfig, fix: 
 def init_model_dir(config: ModelConfig, out: str | Path, seed: int = 0, tokenizer: str | None = None,
                    provenance: dict | None = None) -> Path:
     """A freshly initialised model directory (with the tokenizer, when given) and its manifest."""
-    from lmforge.core.manifest import write_manifest
-
     tok = Tokenizer.load(tokenizer) if tokenizer else None
     if tok is not None:
         check_tokenizer_fits(tok, config, fix=f"set vocab_size={tok.vocab_size}")
+    return write_model_dir(build_model(config, seed), out, tok, command="model init",
+                           config={**(provenance or {}), "seed": seed, "model": config})
+
+
+def write_model_dir(model: torch.nn.Module, out: str | Path, tokenizer: Tokenizer | None, *, command: str,
+                    **manifest: Any) -> Path:
+    """A model directory and its manifest (`manifest`: `write_manifest`'s config, inputs, counts, extra), written
+    under the directory's lock: what every command that makes a model directory writes."""
+    from lmforge.core.manifest import write_manifest
+
     with output_lock(out):
-        save_model_dir(build_model(config, seed), out, tok)
-        write_manifest(out, command="model init", config={**(provenance or {}), "seed": seed, "model": config})
+        save_model_dir(model, out, tokenizer)
+        write_manifest(out, command=command, **manifest)
     return Path(out)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lmforge.core.errors import LmforgeError
-from lmforge.model.directory import save_model_dir
+from lmforge.model.directory import write_model_dir
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokens.tokenizer import Tokenizer
 
@@ -213,4 +213,5 @@ def read_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
 def import_gguf(path: str | Path, out: str | Path) -> Path:
     """Convert a GGUF file into an lmforge model directory (with its tokenizer and chat template)."""
     model, tokenizer = read_gguf(path)
-    return save_model_dir(model, out, tokenizer)
+    return write_model_dir(model, out, tokenizer, command="import gguf", inputs=[path],
+                           extra={"source": str(path), "source_kind": "gguf"})

@@ -21,7 +21,8 @@ from lmforge.core.config import from_dict, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_path, atomic_write_json
 from lmforge.core.locks import output_lock
-from lmforge.model.directory import load_state, save_model_dir
+from lmforge.core.manifest import write_manifest
+from lmforge.model.directory import load_state, write_model_dir
 from lmforge.model.transformer import ModelConfig, Transformer, alibi_slopes, rope_frequencies
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
@@ -221,9 +222,11 @@ def to_hf_state(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
     return family, hf
 
 
-def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) -> str:
-    """Write a transformers directory (config, safetensors, tokenizer files) for a loaded model (see
-    `lmforge.model.load`); returns the architecture."""
+def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path, inputs: list[Path] = (),
+              source: dict | None = None) -> str:
+    """Write a transformers directory (config, safetensors, tokenizer files, and lmforge's manifest naming the
+    `inputs` it came from and their `source`) for a loaded model (see `lmforge.model.load`); returns the
+    architecture."""
     family, state = to_hf_state(model)
     out = Path(out)
     with output_lock(out):
@@ -235,6 +238,8 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path) 
             "bos_token_id": model.config.bos_token_id})
         if tokenizer is not None:
             tokenizer.save(out)
+        write_manifest(out, command="export hf", inputs=list(inputs),
+                       extra={**(source or {}), "architecture": ARCHITECTURES[family]})
     return ARCHITECTURES[family]
 
 
@@ -428,7 +433,8 @@ def is_hf_dir(path: str | Path) -> bool:
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Convert a transformers directory of a supported model type (IMPORTABLE) into an lmforge model directory."""
     model, tokenizer = read_hf(hf_dir)
-    return save_model_dir(model, out, tokenizer)
+    return write_model_dir(model, out, tokenizer, command="import hf", inputs=sorted(Path(hf_dir).glob("*.safetensors")),
+                           extra={"source": str(hf_dir), "source_kind": "hf"})
 
 
 def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:

@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.locks import output_lock
-from lmforge.core.manifest import write_manifest
 from lmforge.model.checkpoints import (DCP_DIR, META, is_checkpoint, is_run_dir, load_checkpoint_model, read_meta,
                                        resolve_checkpoint)
-from lmforge.model.directory import WEIGHTS, check_tokenizer_fits, is_model_dir, load_model_dir, save_model_dir
+from lmforge.model.directory import WEIGHTS, check_tokenizer_fits, is_model_dir, load_model_dir, write_model_dir
 from lmforge.model.hf import is_hf_dir, read_hf
 from lmforge.model.transformer import Transformer
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
@@ -94,8 +92,7 @@ def export_model_dir(path: str | Path, out: str | Path, step: int | None = None,
     loaded = load(path, step, tokenizer=tokenizer)
     out = Path(out)
     counts = {"step": loaded.step, "tokens": loaded.meta.get("tokens", 0)} if loaded.kind == "checkpoint" else {}
-    with output_lock(out):
-        save_model_dir(loaded.model, out, loaded.tokenizer)
-        write_manifest(out, command=command, inputs=[p for p in loaded.weight_files if p.is_file()], counts=counts,
-                       extra={"source": str(loaded.path), "source_kind": loaded.kind})
+    write_model_dir(loaded.model, out, loaded.tokenizer, command=command, counts=counts,
+                    inputs=[p for p in loaded.weight_files if p.is_file()],
+                    extra={"source": str(loaded.path), "source_kind": loaded.kind})
     return out
