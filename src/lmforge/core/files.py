@@ -43,7 +43,7 @@ FAULT_PATH_ENV = "LMFORGE_FAULT_ENOSPC_PATH"
 _guarded_writes = 0  # per process, for the fault-injection hook only
 
 
-# safetensors saves through Rust's `tempfile` crate: `.tmpXXXXXX` beside the file, then a rename.
+# safetensors saves through Rust's `tempfile` crate: `.tmp` and six random letters beside the file, then a rename.
 _LIBRARY_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
