@@ -64,7 +64,7 @@ def random_tokens(n: int = 40_000, vocab: int = 256, seed: int = 0) -> np.ndarra
 
 def array_loader_factory(tokens: np.ndarray, seq_len: int, seed: int = 0, mask_fraction: float = 0.0):
     def factory(global_batch_tokens, dist_info):
-        return ArrayLoader(tokens, seq_len, global_batch_tokens, dist_info.rank, dist_info.world_size, seed,
+        return ArrayLoader(tokens, seq_len, global_batch_tokens, dist_info.data_rank, dist_info.data_world, seed,
                            mask_fraction)
     return factory
 

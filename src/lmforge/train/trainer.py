@@ -38,7 +38,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.model.info import flops_per_token
-from lmforge.model.transformer import ModelConfig, RouterLosses, Transformer, cross_entropy_loss, init_weights
+from lmforge.model.transformer import ModelConfig, RouterLosses, Transformer, init_weights
 from lmforge.model.directory import check_tokenizer_fits
 from lmforge.model.checkpoints import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, step_dir_name
 from lmforge.core.files import truncate_step_log
@@ -93,7 +93,9 @@ class Trainer:
         self.tokenizer = resolve_tokenizer(config)
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
-        config.check(self.dist.world_size, self.model_config)
+        self.layout = config.check(self.dist.world_size, self.model_config, self.dist.local_world_size)
+        self.dist = dataclasses.replace(self.dist, data_rank=self.layout.data_rank(self.dist.rank),
+                                        data_world=self.layout.data)
         if self.tokenizer and not config.model.vocab_from_tokenizer:
             check_tokenizer_fits(load_tokenizer(self.tokenizer), self.model_config,
                                  fix="set model.vocab_from_tokenizer=true or a larger model vocab_size")
@@ -162,12 +164,12 @@ class Trainer:
         init_weights(model, self.config.seed)  # same weights on every rank and for any world size
         model.to(self.device)
         param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-        model, self.dp_mode = parallelize(model, self.config.parallel, self.dist, param_dtype)
-        return model
+        self.parallel = parallelize(model, self.config.parallel, self.layout, self.dist, param_dtype)
+        return self.parallel.module
 
     def _autocast(self):
         # FSDP casts parameters itself (MixedPrecisionPolicy); other modes compute in bf16 through autocast.
-        if self.use_bf16 and self.dp_mode not in ("fsdp", "hsdp"):
+        if self.use_bf16 and self.layout.mode not in ("fsdp", "hsdp"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -250,20 +252,21 @@ class Trainer:
 
     def forward_loss(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                      doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, RouterLosses | None]:
-        """(sum of CE, sum of z-loss) over the micro-batch's real label tokens, and the router losses of a
-        mixture of experts (None for a dense model)."""
+        """(sum of CE, sum of z-loss) over the micro-batch's real label tokens on this rank, and the router
+        losses of a mixture of experts (None for a dense model)."""
+        input_ids, labels, inputs = self.parallel.split_sequence(input_ids, labels, doc_ids)
         with self._autocast():
-            logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True)
-        ce, z = cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
+            logits, router = model(input_ids, **inputs, return_router_losses=True)
+        ce, z = self.parallel.loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier)
         return ce, z, router
 
     def _sync_context(self, last: bool):
         # FSDP reduce-scatters every micro-batch, as OLMo-core does: sharded fp32 gradients accumulate, and no
         # unsharded gradient is kept between micro-batches. HSDP delays only the all-reduce across replicas.
-        if self.dp_mode == "hsdp":
+        if self.layout.mode == "hsdp":
             self.model.set_requires_all_reduce(last)
             return contextlib.nullcontext()
-        if self.dp_mode == "ddp" and not last:
+        if self.layout.mode == "ddp" and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
@@ -274,8 +277,8 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
         labels = self._labels(batch).to(self.device, non_blocking=True)
         doc_ids = _doc_ids(batch["doc_lens"]).to(self.device, non_blocking=True) if "doc_lens" in batch else None
-        real_tokens = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32))
-        scale = self.dist.world_size / real_tokens.clamp(min=1)
+        real_tokens = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32), self.parallel.data_group)
+        scale = self.parallel.averaged_ranks / real_tokens.clamp(min=1)
         micro = c.micro_batch_size // self.seq_len
         n_micro = input_ids.shape[0] // micro
         ce_total = torch.zeros((), device=self.device)
@@ -283,7 +286,7 @@ class Trainer:
         router_total = torch.zeros(2, device=self.device)  # token-weighted load-balancing and router z-loss
         for i in range(n_micro):
             rows = slice(i * micro, (i + 1) * micro)
-            with self._sync_context(last=i == n_micro - 1):
+            with self._sync_context(last=i == n_micro - 1), self.parallel.loss_context():
                 ce, z, router = self.forward_loss(self.model, input_ids[rows], labels[rows],
                                                   doc_ids[rows] if doc_ids is not None else None)
                 loss = ce + z if z is not None else ce
@@ -301,7 +304,8 @@ class Trainer:
         warmup_done = self._progress() > c.schedule.warmup
         clip = not c.optimizer.clip_after_warmup_only or warmup_done
         grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
-        reported = all_reduce_sum(torch.cat([torch.stack([ce_total, z_total]), router_total])) / real_tokens.clamp(min=1)
+        reported = all_reduce_sum(torch.cat([torch.stack([ce_total, z_total]), router_total]),
+                                  self.parallel.loss_group) / real_tokens.clamp(min=1)
         loss_value, z_value, lb_value, router_z_value, norm_value = torch.cat(
             [reported, grad_norm.reshape(1).float()]).tolist()
         lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
@@ -333,7 +337,7 @@ class Trainer:
             self.metrics.truncate_after(self.step)
             truncate_step_log(self.run_dir / BATCHES_FILE, self.step)
         self._log(f"training {self.model_config.family} model, {sum(p.numel() for p in self.params):,} parameters, "
-                  f"{self.dist.world_size} x {self.device.type} ({self.dp_mode}), {self.max_steps} steps, "
+                  f"{self.dist.world_size} x {self.device.type} ({self.layout.describe()}), {self.max_steps} steps, "
                   f"{self.max_tokens:,} tokens" + (f", from step {self.step}" if resumed else ""))
         batches = iter(self.loader)
         last_save_time = time.monotonic()
@@ -419,7 +423,7 @@ class Trainer:
         if result.router is not None:
             row.update(result.router)
         if self.expert_counts is not None:
-            row.update(expert_load(all_reduce_sum(self.expert_counts)))
+            row.update(expert_load(all_reduce_sum(self.expert_counts, self.parallel.loss_group)))
             self.expert_counts = None
         self.metrics.log(row)
         self._log(console_line(row, self.max_steps))
@@ -458,8 +462,8 @@ def default_loader_factory(config: TrainConfig, run_dir: Path, record: bool = Tr
         if dist_info.is_main and record:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_data_record(run_dir, dataset)
-        return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.rank,
-                              world_size=dist_info.world_size)
+        return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.data_rank,
+                              world_size=dist_info.data_world)
 
     return factory
 
