@@ -4,9 +4,9 @@ data parallelism (FSDP2 `fully_shard` per block and at the root, HSDP over a 2-D
 knows nothing of any of it beyond three swappable callables (`Attention.attend`, `MoE.dispatch`,
 `Experts.compute`); parameter names stay the model's.
 
-One device mesh (`build_mesh`) holds every rank, dimensions outermost first: pipeline, replicate, shard (split
-into the ranks outside and inside an expert group), context, tensor. Tensor ranks sit innermost (on one node
-their all-gathers and reduce-scatters ride the fastest links); FSDP shards over shard x context ranks.
+`build_mesh` lays the ranks out once, outermost first: pipeline, replicate, shard (split into the ranks outside
+and inside an expert group), context, tensor. Tensor ranks sit innermost (on one node their all-gathers and
+reduce-scatters ride the fastest links); FSDP shards over shard x context ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.nn.functional import all_gather, all_to_all_single
+from torch.distributed._functional_collectives import all_gather_single_autograd, all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, loss_parallel, parallelize_module)
@@ -32,23 +32,24 @@ from lmforge.model.transformer import LayerMask, Transformer, attention, cross_e
 from lmforge.train.config import Layout, ParallelConfig
 from lmforge.train.distributed import DistInfo
 
-# Flattened mesh dimensions: the ranks FSDP shards over, those that see different batch rows, and those whose
-# losses add up to the global batch's (rows and sequence chunks).
-FSDP_DIMS = ("shard_outside_expert", "expert", "context")
-DATA_DIMS = ("replicate", "shard_outside_expert", "expert")
-LOSS_DIMS = DATA_DIMS + ("context",)
 
-
-def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
-    """The world's mesh for `layout` (every degree, pipeline included), with the flattened dimensions
-    "fsdp", "data" and "loss" (`FSDP_DIMS`, `DATA_DIMS`, `LOSS_DIMS`)."""
-    dims = {"pipeline": layout.pipeline, "replicate": layout.replicate,
-            "shard_outside_expert": layout.shard // layout.expert, "expert": layout.expert,
-            "context": layout.context, "tensor": layout.tensor}
-    mesh = init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
-    for name, flat in (("fsdp", FSDP_DIMS), ("data", DATA_DIMS), ("loss", LOSS_DIMS)):
-        mesh[flat]._flatten(name)
-    return mesh
+def build_mesh(layout: Layout, device_type: str) -> dict[str, DeviceMesh]:
+    """The meshes of `layout` (every degree, pipeline included), each a view of one world mesh in the same
+    rank order, so DTensors on one and FSDP on another compose:
+      "weights": pipeline, replicate, fsdp (shard x context), tensor — where the weights live;
+      "experts": pipeline, replicate, shard_outside_expert, expert, context, tensor — the experts' split;
+      "batch":   pipeline, data (replicate x shard: different batch rows), context, tensor;
+      "loss":    pipeline, loss (data x context: all a micro-batch's loss covers), tensor."""
+    p, r, s, c, t, e = layout.pipeline, layout.replicate, layout.shard, layout.context, layout.tensor, layout.expert
+    shapes = {
+        "weights": {"pipeline": p, "replicate": r, "fsdp": s * c, "tensor": t},
+        "experts": {"pipeline": p, "replicate": r, "shard_outside_expert": s // e, "expert": e, "context": c,
+                    "tensor": t},
+        "batch": {"pipeline": p, "data": r * s, "context": c, "tensor": t},
+        "loss": {"pipeline": p, "loss": r * s * c, "tensor": t},
+    }
+    world = init_device_mesh(device_type, (layout.world,), mesh_dim_names=("world",))
+    return {name: world._unflatten(0, tuple(dims.values()), tuple(dims)) for name, dims in shapes.items()}
 
 
 def apply_activation_checkpointing(model: Transformer, config: ParallelConfig) -> None:
@@ -153,14 +154,14 @@ class ExpertParallelDispatch:
         dist.all_to_all_single(arriving, counts, group=self.group)
         arriving = arriving.view(self.ranks, self.local)  # [source rank, expert here]: tokens coming
         send, receive = counts.view(self.ranks, self.local).sum(1).tolist(), arriving.sum(1).tolist()
-        routed = all_to_all_single(x.new_empty(sum(receive), x.shape[1]), x[token], receive, send, self.group)
+        routed = all_to_all_single_autograd(x[token], receive, send, self.group)
         # Arrived grouped by source rank, then expert; the experts want them grouped by expert.
         expert_of_row = torch.repeat_interleave(torch.arange(self.local, device=x.device).repeat(self.ranks),
                                                 arriving.flatten())
         by_expert = expert_of_row.argsort(stable=True)
         y = experts(routed[by_expert], arriving.sum(0))
         y = torch.zeros_like(y).index_copy(0, by_expert, y)  # back to arrival order
-        back = all_to_all_single(y.new_empty(len(token), y.shape[1]), y, send, receive, self.group)
+        back = all_to_all_single_autograd(y, send, receive, self.group)
         back = back * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, back.to(x.dtype))
 
@@ -219,7 +220,7 @@ class ContextParallel:
         return input_ids[:, mine], labels[:, mine], {"positions": positions}
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask) -> torch.Tensor:
-        k, v = (torch.cat(all_gather(t, self.group), dim=2) for t in (k, v))
+        k, v = (all_gather_single_autograd(t.contiguous(), 2, self.group) for t in (k, v))
         return attention(q, k, v, LayerMask(mask.window, self.masks[mask.window]))
 
 
@@ -247,21 +248,21 @@ class Parallelized:
 
     module: nn.Module
     layout: Layout
-    mesh: DeviceMesh | None = None
+    meshes: dict[str, DeviceMesh] | None = None  # `build_mesh`'s
     context: ContextParallel | None = None
 
-    def _group(self, name: str):
-        return self.mesh[name].get_group() if self.mesh is not None else None
+    def _group(self, mesh: str, dim: str):
+        return self.meshes[mesh][dim].get_group() if self.meshes is not None else None
 
     @property
     def data_group(self):
         """Ranks holding different batch rows: sums over the batch's rows."""
-        return self._group("data")
+        return self._group("batch", "data")
 
     @property
     def loss_group(self):
         """Ranks holding different rows or sequence chunks: sums over everything a micro-batch's loss covers."""
-        return self._group("loss")
+        return self._group("loss", "loss")
 
     @property
     def averaged_ranks(self) -> int:
@@ -296,23 +297,23 @@ def parallelize(model: Transformer, config: ParallelConfig, layout: Layout, dist
             apply_compile(model)
         return Parallelized(model, layout)
     device_type = dist_info.device.type
-    mesh = build_mesh(layout, device_type)
+    meshes = build_mesh(layout, device_type)
     if layout.tensor > 1:
-        apply_tensor_parallel(model, mesh["tensor"])
+        apply_tensor_parallel(model, meshes["weights"]["tensor"])
     if layout.expert > 1:
-        apply_expert_parallel(model, mesh["expert"])
-    context = ContextParallel(model, mesh["context"]) if layout.context > 1 else None
+        apply_expert_parallel(model, meshes["experts"]["expert"])
+    context = ContextParallel(model, meshes["batch"]["context"]) if layout.context > 1 else None
     apply_activation_checkpointing(model, config)
     if config.compile:
         apply_compile(model)
-    parallel = Parallelized(model, layout, mesh, context)
+    parallel = Parallelized(model, layout, meshes, context)
     if layout.mode in ("fsdp", "hsdp"):
         outer = ("replicate",) if layout.mode == "hsdp" else ()
-        expert_mesh = mesh[outer + ("shard_outside_expert",)] if layout.expert > 1 else None
-        apply_fsdp(model, mesh[outer + ("fsdp",)], param_dtype, expert_mesh, parallel.averaged_ranks)
+        expert_mesh = meshes["experts"][outer + ("shard_outside_expert",)] if layout.expert > 1 else None
+        apply_fsdp(model, meshes["weights"][outer + ("fsdp",)], param_dtype, expert_mesh, parallel.averaged_ranks)
     elif layout.mode == "ddp":
         ids = [dist_info.device.index] if device_type == "cuda" else None
-        parallel.module = DistributedDataParallel(model, device_ids=ids, process_group=mesh["data"].get_group())
+        parallel.module = DistributedDataParallel(model, device_ids=ids, process_group=parallel.data_group)
     return parallel
 
 
