@@ -64,3 +64,65 @@ def test_compositions_on_four_processes_train_like_one(tmp_path):
     for name in runs:
         assert read_manifest(tmp_path / name)["counts"]["world_size"] == 4, name
         assert_same_run(read_metrics(tmp_path / name), moe if name == "expert_fsdp" else dense)
+
+
+def preflight_here(world, **overrides):
+    """What `lmforge train --nproc WORLD` checks in the launcher, before any worker starts."""
+    from lmforge.train.distributed import DistInfo
+
+    config = tiny_config("unused", **overrides)
+    trainer = Trainer(config, dist_info=DistInfo(0, world, 0, world, torch.device("cpu")), checks_only=True,
+                      loader_factory=array_loader_factory(random_tokens(1000), 32))
+    return trainer.layout
+
+
+@pytest.mark.parametrize("world, overrides, message", [
+    (6, {"parallel.tensor": 4}, "world size 6 is not divisible by pipeline 1 x tensor 4 x context 1 = 4"),
+    (8, {"parallel.tensor": 8}, "parallel.tensor 8 does not divide the model's n_heads 4"),
+    (4, {"parallel.tensor": 4, "model.overrides.n_kv_heads": 2},
+     "parallel.tensor 4 does not divide the model's n_kv_heads 2"),
+    (4, {"parallel.tensor": 4, "model.overrides.mlp_hidden_size": 130},
+     "parallel.tensor 4 does not divide the model's mlp_hidden_size 130"),
+    (8, {"parallel.tensor": 4, "parallel.context": 2, "data.sequence_length": 36, "micro_batch_size": 72,
+         "global_batch_size": 288},
+     "parallel.tensor 4 does not divide the sequence length per context rank 18"),
+    (3, {"parallel.context": 3}, "data.sequence_length 32 is not divisible by 2 x parallel.context 3 = 6"),
+    (2, {"parallel.tensor": 2, "model.preset": "bloom-tiny"}, "parallel.tensor 2 with ALiBi is not supported"),
+    (2, {"parallel.context": 2, **{k: v for k, v in MOE.items() if k.startswith("model.")}},
+     "parallel.context 2 with a mixture of experts is not supported"),
+    (2, {"parallel.expert": 2}, "parallel.expert 2 needs a mixture of experts (the model has n_experts 0)"),
+    (3, {"parallel.expert": 3, "global_batch_size": 3 * 64, **{k: v for k, v in MOE.items() if k.startswith("model.")}},
+     "parallel.expert 3 does not divide the model's n_experts 4"),
+    (2, {"parallel.expert": 4, **{k: v for k, v in MOE.items() if k.startswith("model.")}},
+     "parallel.expert 4 does not divide the data shard degree 2"),
+    (8, {"parallel.data_parallel": "hsdp", "parallel.data.shard": 4, "parallel.data.replicate": 4},
+     "world size 8 != replicate 4 x shard 4 x context 1 x tensor 1 x pipeline 1 = 16"),
+    (4, {"parallel.data_parallel": "hsdp", "parallel.data.shard": 3},
+     "hsdp: 4 data-parallel ranks are not divisible by the shard degree 3"),
+    (4, {"parallel.data.replicate": 2}, "parallel.data.replicate 2 needs data_parallel hsdp or ddp"),
+    (4, {"parallel.data_parallel": "ddp", "parallel.tensor": 2}, "ddp replicates whole modules"),
+    (4, {"parallel.tensor": 2, "micro_batch_size": 96, "data.sequence_length": 32},
+     "not divisible by micro_batch_size x data-parallel ranks (96 x 2 = 192 tokens)"),
+])
+def test_layouts_that_do_not_divide_are_refused_before_launch_naming_the_numbers(world, overrides, message):
+    with pytest.raises(LmforgeError) as refused:
+        preflight_here(world, **overrides)
+    assert message in str(refused.value)
+
+
+def test_degrees_fill_the_world_and_each_rank_reads_its_data_coordinate_of_the_mesh():
+    """The data rank each rank loads batch rows for is its coordinate along (replicate, shard) in the mesh's
+    row-major order (pipeline, replicate, shard, context, tensor), read here from a reshaped arange."""
+    layout = preflight_here(16, **{"parallel.tensor": 2, "parallel.context": 2, "parallel.data_parallel": "hsdp",
+                                   "parallel.data.shard": 2, "global_batch_size": 16 * 32})
+    assert layout == Layout("hsdp", pipeline=1, replicate=2, shard=2, context=2, tensor=2)
+    grid = torch.arange(16).view(1, 2, 2, 2, 2)
+    for r in range(2):
+        for s in range(2):
+            for rank in grid[:, r, s].flatten().tolist():
+                assert layout.data_rank(rank) == 2 * r + s
+    assert preflight_here(4, **{"parallel.tensor": 2}) == Layout("fsdp", shard=2, tensor=2)
+    assert preflight_here(2, **{"parallel.tensor": 2}) == Layout("none", tensor=2)  # no data-parallel ranks left
+    assert preflight_here(2, **{"parallel.context": 2}) == Layout("fsdp", context=2)  # FSDP averages over chunks
+    assert preflight_here(1) == Layout("none")
+    assert ParallelConfig().layout(8, 8, tiny_config("x").model.build_config(), 32).describe() == "fsdp, shard 8"

@@ -203,11 +203,12 @@ class ParallelConfig:
 def _check_model_split(model: ModelConfig, sequence_length: int, tp: int, cp: int, ep: int, shard: int) -> None:
     """Refuse degrees the model or sequence cannot be split by."""
     if tp > 1:
-        for name, size in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads),
-                           ("mlp_hidden_size", model.mlp_hidden_size), ("embedding size", model.embedding_size),
-                           ("data.sequence_length", sequence_length)):
+        for name, size in (("the model's n_heads", model.n_heads), ("the model's n_kv_heads", model.n_kv_heads),
+                           ("the model's mlp_hidden_size", model.mlp_hidden_size),
+                           ("the model's embedding size", model.embedding_size),
+                           ("the sequence length per context rank", sequence_length // cp)):
             if size % tp:
-                raise LmforgeError(f"parallel.tensor {tp} does not divide the model's {name} {size}")
+                raise LmforgeError(f"parallel.tensor {tp} does not divide {name} {size}")
     if cp > 1 and sequence_length % (2 * cp):
         raise LmforgeError(f"data.sequence_length {sequence_length} is not divisible by 2 x parallel.context {cp} = "
                            f"{2 * cp} (each rank takes two chunks, one early and one late, to balance causal work)")
