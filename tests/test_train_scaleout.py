@@ -126,3 +126,28 @@ def test_degrees_fill_the_world_and_each_rank_reads_its_data_coordinate_of_the_m
     assert preflight_here(2, **{"parallel.context": 2}) == Layout("fsdp", context=2)  # FSDP averages over chunks
     assert preflight_here(1) == Layout("none")
     assert ParallelConfig().layout(8, 8, tiny_config("x").model.build_config(), 32).describe() == "fsdp, shard 8"
+
+
+def test_the_documented_scale_out_commands_give_valid_layouts():
+    """Each `lmforge train ... --nproc` command of docs/training.md's scale-out section loads and passes the
+    launcher's checks for its world size (nproc x nnodes), with the degrees it names."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from lmforge.cli import parse_args
+    from lmforge.core.config import load_config
+    from lmforge.train.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "training.md").read_text(encoding="utf-8")
+    section = text.split("## Scale-out")[1].split("\n## ")[0]
+    commands = [line for line in section.splitlines() if line.startswith("lmforge train ")]
+    assert len(commands) == 4
+    for line in commands:
+        args = parse_args(shlex.split(line)[1:])
+        config = load_config(TrainConfig, root / args.config, args.overrides)
+        layout = config.check(args.nproc * int(args.nnodes), config.model.build_config(), args.nproc)
+        named = dict(re.findall(r"parallel\.(tensor|context|expert)=(\d+)", line))
+        assert {k: getattr(layout, k) for k in named} == {k: int(v) for k, v in named.items()}, line
+        assert layout.world == args.nproc * int(args.nnodes)

@@ -166,9 +166,29 @@ class ExpertParallelDispatch:
         return torch.zeros_like(x).index_add_(0, token, back.to(x.dtype))
 
 
-def local_expert_mlps(x, counts, gate, up, down):
-    """`expert_mlps` with the experts this rank holds (its shard of the stacked weights)."""
-    return expert_mlps(x, counts, gate.to_local(), up.to_local(), down.to_local())
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+@dataclass
+class LocalExperts:
+    """`Experts.compute` under expert parallelism: `expert_mlps` with the experts this rank holds (its shard of
+    the stacked weights). Their gradient sums the tokens of the whole expert group, and FSDP then averages it only
+    over the shard ranks outside the group; dividing it by the group size here makes it an average over all data
+    ranks like every other gradient (FSDP's own divide factor needs PreMulSum, which gloo lacks)."""
+
+    group_size: int
+
+    def __call__(self, x, counts, gate, up, down):
+        weights = (_ScaleGradient.apply(w.to_local(), 1 / self.group_size) for w in (gate, up, down))
+        return expert_mlps(x, counts, *weights)
 
 
 def apply_expert_parallel(model: Transformer, mesh: DeviceMesh) -> None:
@@ -178,7 +198,7 @@ def apply_expert_parallel(model: Transformer, mesh: DeviceMesh) -> None:
         experts = block.mlp.experts
         for name, param in list(experts.named_parameters()):
             experts.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
-        experts.compute = local_expert_mlps
+        experts.compute = LocalExperts(mesh.size())
         block.mlp.dispatch = dispatch
 
 
@@ -226,18 +246,16 @@ class ContextParallel:
 
 # ---- data parallel and the whole ----------------------------------------------------------------------------
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype, expert_mesh: DeviceMesh | None = None,
-               averaged_ranks: int = 1) -> None:
+def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype,
+               expert_mesh: DeviceMesh | None = None) -> None:
     """FSDP2 per block and at the root. With experts split over an expert group, each block's experts are
-    sharded first over `expert_mesh` (the shard ranks outside the group) and their gradients divided by all
-    `averaged_ranks`, like every other gradient (only 1/group of the ranks reduce each expert's)."""
+    sharded first, over `expert_mesh` (the shard ranks outside the group)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     last = len(model.blocks) - 1
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again right away by backward; keep them gathered.
         if expert_mesh is not None:
             fully_shard(block.mlp.experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=i < last)
-            block.mlp.experts.set_gradient_divide_factor(averaged_ranks)
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < last)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
@@ -310,7 +328,7 @@ def parallelize(model: Transformer, config: ParallelConfig, layout: Layout, dist
     if layout.mode in ("fsdp", "hsdp"):
         outer = ("replicate",) if layout.mode == "hsdp" else ()
         expert_mesh = meshes["experts"][outer + ("shard_outside_expert",)] if layout.expert > 1 else None
-        apply_fsdp(model, meshes["weights"][outer + ("fsdp",)], param_dtype, expert_mesh, parallel.averaged_ranks)
+        apply_fsdp(model, meshes["weights"][outer + ("fsdp",)], param_dtype, expert_mesh)
     elif layout.mode == "ddp":
         ids = [dist_info.device.index] if device_type == "cuda" else None
         parallel.module = DistributedDataParallel(model, device_ids=ids, process_group=parallel.data_group)

@@ -498,10 +498,11 @@ def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.repeat_interleave(torch.arange(len(row)), row) for row in doc_lens.long()])
 
 
-def preflight(config: TrainConfig, world_size: int) -> None:
+def preflight(config: TrainConfig, world_size: int, local_world_size: int | None = None) -> None:
     """Make every refusal the trainer makes before compute, in this process: a launcher runs it once before
     starting workers, so a bad config or unusable data is one line, not one per worker plus torchrun's trace."""
-    Trainer(config, dist_info=DistInfo(0, world_size, 0, world_size, torch.device("cpu")), checks_only=True,
+    Trainer(config, dist_info=DistInfo(0, world_size, 0, local_world_size or world_size, torch.device("cpu")),
+            checks_only=True,
             loader_factory=default_loader_factory(config, Path(config.run_dir), record=False))
 
 
