@@ -326,6 +326,10 @@ class TrainConfig:
             raise LmforgeError(f"data.sequence_length {seq} is longer than the model's context "
                                f"(max_sequence_length {model.max_sequence_length})")
         layout = self.parallel.layout(world_size, local_world_size or world_size, model, seq)
+        if self.eval_interval and layout.tensor * layout.context > 1:
+            raise LmforgeError(f"eval_interval with tensor {layout.tensor} x context {layout.context} parallelism is "
+                               f"not supported (the evaluators run whole sequences through one model); evaluate "
+                               f"the exported checkpoint instead")
         per_step = self.micro_batch_size * layout.data
         for _, size in self.batch_sizes():
             if size % per_step:
