@@ -443,7 +443,7 @@ class Experts(nn.Module):
 def expert_mlps(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                 down: torch.Tensor) -> torch.Tensor:
     """The SwiGLU of expert e (weights gate[e], up[e], down[e]) on the counts[e] tokens of x grouped by expert;
-    an expert-parallel dispatch calls it with the experts this rank holds."""
+    expert parallelism calls it with the experts a rank holds."""
     if _grouped_mm_usable(x):
         offsets = counts.cumsum(0, dtype=torch.int32)
 

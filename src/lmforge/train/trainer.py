@@ -4,9 +4,10 @@ One optimizer step:
   1. take the step's global batch from the loader (this rank's share; with batch-size warmup, several
      base-size loader batches),
   2. count the global batch's real (unmasked) label tokens across ranks,
-  3. forward/backward each micro-batch with loss = (sum of CE + z-loss) · world / global real tokens, so the
+  3. forward/backward each micro-batch with loss = (sum of CE + z-loss) · n / global real tokens, so the
      gradient is that of the global batch's mean loss, whatever the split into micro-batches and ranks
-     (DDP/FSDP average gradients over ranks, hence the factor world); a mixture of experts adds its router
+     (DDP/FSDP average gradients over the n data x context ranks, hence the factor n; tensor ranks share one
+     loss); a mixture of experts adds its router
      losses (load balancing, router z-loss: means over the micro-batch) weighted by the micro-batch's real
      tokens, i.e. their token-weighted mean over the global batch,
   4. global-norm clip, skip-step check, set the LR from the schedule, AdamW step.
