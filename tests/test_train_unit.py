@@ -143,7 +143,7 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"global_batch_size": 5 * 32}, "not divisible by micro_batch_size x world size"),
+    ({"global_batch_size": 5 * 32}, "not divisible by micro_batch_size x data-parallel ranks"),
     ({"micro_batch_size": 40}, "multiple of data.sequence_length"),
     ({"data.sequence_length": 128, "micro_batch_size": 128, "global_batch_size": 512}, "longer than the model's context"),
     ({"max_steps": None}, "set max_steps or max_tokens"),

@@ -5,9 +5,10 @@ One optimizer step:
      base-size loader batches),
   2. let the objective (`train/objective.py`: next-token prediction by default) prepare it and count its
      normaliser (real label tokens for next-token prediction) across ranks,
-  3. forward/backward each micro-batch with loss = (objective's loss sum) · world / global count, so the
+  3. forward/backward each micro-batch with loss = (objective's loss sum) · n / global count, so the
      gradient is that of the global batch's mean loss, whatever the split into micro-batches and ranks
-     (DDP/FSDP average gradients over ranks, hence the factor world),
+     (DDP/FSDP average gradients over the n data x context ranks, hence the factor n; tensor ranks share one
+     loss),
   4. global-norm clip, skip-step check, set the LR from the schedule, AdamW step.
 Loss, grad norm and the objective's metrics come to the host once per step (the skip-step rule needs them);
 everything else stays on the device (the experts' load is summed there and read at each metrics line).
@@ -89,7 +90,9 @@ class Trainer:
         self.tokenizer = resolve_tokenizer(config)
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
-        config.check(self.dist.world_size, self.model_config)
+        self.layout = config.check(self.dist.world_size, self.model_config, self.dist.local_world_size)
+        self.dist = dataclasses.replace(self.dist, data_rank=self.layout.data_rank(self.dist.rank),
+                                        data_world=self.layout.data)
         if self.tokenizer and not config.model.vocab_from_tokenizer:
             check_tokenizer_fits(load_tokenizer(self.tokenizer), self.model_config,
                                  fix="set model.vocab_from_tokenizer=true or a larger model vocab_size")
@@ -115,7 +118,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skip_step = SkipStep(config.skip_step)
-        self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier)
+        if objective is not None and (self.layout.tensor > 1 or self.layout.context > 1):
+            raise LmforgeError("tensor and context parallelism split next-token prediction only; run this "
+                               "objective under data (FSDP/DDP) or expert parallelism")
+        self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier, self.parallel)
         self.step = 0
         self.tokens = 0
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len)
@@ -158,12 +164,12 @@ class Trainer:
         init_weights(model, self.config.seed)  # same weights on every rank and for any world size
         model.to(self.device)
         param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-        model, self.dp_mode = parallelize(model, self.config.parallel, self.dist, param_dtype)
-        return model
+        self.parallel = parallelize(model, self.config.parallel, self.layout, self.dist, param_dtype)
+        return self.parallel.module
 
     def _autocast(self):
         # FSDP casts parameters itself (MixedPrecisionPolicy); other modes compute in bf16 through autocast.
-        if self.use_bf16 and self.dp_mode not in ("fsdp", "hsdp"):
+        if self.use_bf16 and self.layout.mode not in ("fsdp", "hsdp"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -236,10 +242,10 @@ class Trainer:
     def _sync_context(self, last: bool):
         # FSDP reduce-scatters every micro-batch, as OLMo-core does: sharded fp32 gradients accumulate, and no
         # unsharded gradient is kept between micro-batches. HSDP delays only the all-reduce across replicas.
-        if self.dp_mode == "hsdp":
+        if self.layout.mode == "hsdp":
             self.model.set_requires_all_reduce(last)
             return contextlib.nullcontext()
-        if self.dp_mode == "ddp" and not last:
+        if self.layout.mode == "ddp" and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
@@ -249,15 +255,15 @@ class Trainer:
         self.tokens += batch_tokens
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         batch = self.objective.prepare(self.model, batch)
-        count = all_reduce_sum(self.objective.count(batch))
-        scale = self.dist.world_size / count.clamp(min=1)
+        count = all_reduce_sum(self.objective.count(batch), self.parallel.data_group)
+        scale = self.parallel.averaged_ranks / count.clamp(min=1)
         micro = c.micro_batch_size // self.seq_len
         rows_total = next(iter(batch.values())).shape[0]
         loss_total = torch.zeros((), device=self.device)
         metric_totals: dict[str, torch.Tensor] = {}
         for start in range(0, rows_total, micro):
             micro_batch = {k: v[start:start + micro] for k, v in batch.items()}
-            with self._sync_context(last=start + micro >= rows_total):
+            with self._sync_context(last=start + micro >= rows_total), self.parallel.loss_context():
                 with self._autocast():
                     loss, metrics = self.objective.loss(self.model, micro_batch)
                 (loss * scale).backward()
@@ -268,7 +274,7 @@ class Trainer:
         clip = not c.optimizer.clip_after_warmup_only or warmup_done
         grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
         names = sorted(metric_totals)
-        sums = all_reduce_sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]))
+        sums = all_reduce_sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]), self.parallel.loss_group)
         values = torch.cat([sums / count.clamp(min=1), grad_norm.reshape(1).float()]).tolist()
         loss_value, norm_value, metric_values = values[0], values[-1], dict(zip(names, values[1:-1]))
         lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
@@ -298,7 +304,7 @@ class Trainer:
             self.metrics.truncate_after(self.step)
             truncate_step_log(self.run_dir / BATCHES_FILE, self.step)
         self._log(f"training {self.model_config.family} model, {sum(p.numel() for p in self.params):,} parameters, "
-                  f"{self.dist.world_size} x {self.device.type} ({self.dp_mode}), {self.max_steps} steps, "
+                  f"{self.dist.world_size} x {self.device.type} ({self.layout.describe()}), {self.max_steps} steps, "
                   f"{self.max_tokens:,} tokens" + (f", from step {self.step}" if resumed else ""))
         batches = iter(self.loader)
         last_save_time = time.monotonic()
@@ -420,8 +426,8 @@ def default_loader_factory(config: TrainConfig, run_dir: Path, record: bool = Tr
         if dist_info.is_main and record:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_data_record(run_dir, dataset)
-        return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.rank,
-                              world_size=dist_info.world_size)
+        return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.data_rank,
+                              world_size=dist_info.data_world)
 
     return factory
 
@@ -440,10 +446,11 @@ def load_tokenizer(name: str, model: ModelConfig | None = None) -> Tokenizer:
     return find_tokenizer(name, eos_id=model.eos_token_id, pad_id=model.pad_token_id, bos_id=model.bos_token_id)
 
 
-def preflight(config: TrainConfig, world_size: int) -> None:
+def preflight(config: TrainConfig, world_size: int, local_world_size: int | None = None) -> None:
     """Make every refusal the trainer makes before compute, in this process: a launcher runs it once before
     starting workers, so a bad config or unusable data is one line, not one per worker plus torchrun's trace."""
-    Trainer(config, dist_info=DistInfo(0, world_size, 0, world_size, torch.device("cpu")), checks_only=True,
+    Trainer(config, dist_info=DistInfo(0, world_size, 0, local_world_size or world_size, torch.device("cpu")),
+            checks_only=True,
             loader_factory=default_loader_factory(config, Path(config.run_dir), record=False))
 
 
