@@ -10,7 +10,8 @@ Three steps, as in datatrove's and Dolma 3's pipelines:
      accepted pairs join documents in a union-find; a connected component is a cluster, and its document that
      comes first in source order is kept.
 A pair is only verified when its two documents are not already in one cluster, so exact duplicates cost one
-verification each, not one per pair of the group. Documents with fewer words than the n-gram size have no
+verification each, not one per pair of the group, and a pair found dissimilar is remembered (the rejected pairs
+are held in memory), so `candidate_pairs` and `rejected_pairs` count distinct pairs. Documents with fewer words than the n-gram size have no
 shingle: they are counted (`too_short_for_ngram`) and never join a cluster.
 """
 
@@ -175,7 +176,7 @@ class ShardFingerprints:
         if self.exact:
             self.store.write(shingles.tobytes())
             self.offsets.append(self.offsets[-1] + len(shingles))
-        if self.batch_rows >= BATCH_SHINGLES:
+        if self.batch_rows >= BATCH_SHINGLES or len(self.batch) * self.config.bands >= self.config.run_entries:
             self._sign_batch()
 
     def _sign_batch(self) -> None:
@@ -336,6 +337,8 @@ def cluster(directories: list[Path], config: MinHashConfig) -> Clusters:
                                  sb.shingles[sb.offsets[lb]:sb.offsets[lb + 1]])
         return estimated_jaccard(sa.signatures[la], sb.signatures[lb])
 
+    rejected: set[tuple[int, int]] = set()  # pairs found dissimilar, not verified again in another band
+
     def join_group(members: list[int]) -> None:
         """Verify each member against one member at a time of each earlier cluster of the group."""
         earlier: dict[int, list[int]] = {}  # a cluster's key (a member) -> the group's members in it
@@ -348,6 +351,8 @@ def cluster(directories: list[Path], config: MinHashConfig) -> Clusters:
                 else:
                     accepted = False
                     for other in others:
+                        if (other, m) in rejected:
+                            continue
                         stats["candidate_pairs"] += 1
                         score = similar(other, m)
                         if score >= config.threshold:
@@ -358,6 +363,7 @@ def cluster(directories: list[Path], config: MinHashConfig) -> Clusters:
                                     similarity[doc] = score
                             break
                         stats["rejected_pairs"] += 1
+                        rejected.add((other, m))
                 if accepted:
                     joined.extend(earlier.pop(key))
             earlier[m] = joined
