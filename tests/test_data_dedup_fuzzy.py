@@ -306,6 +306,17 @@ def _complement(spans, length):
     yield reach, length
 
 
+def test_a_repeat_that_begins_or_ends_inside_a_character_removes_whole_characters_only(tmp_path):
+    # 'é' is C3 A9, '©' C2 A9 and 'è' C3 A8: the repeated bytes are A9 + R + C3, 28 of them
+    r = "klmnopqrstuvwxyz0123456789"
+    _write(tmp_path / "documents" / "s.jsonl.gz", [{"id": "1", "text": "é" + r + "é"}, {"id": "2", "text": "©" + r + "è"}])
+    summary = run_dedup(DedupConfig(documents=[str(tmp_path / "documents" / "*.gz")], modes=["substring"],
+                                    substring=SubstringConfig(min_bytes=20), executor=ExecutorConfig(progress=False)))
+    rows = _rows(tmp_path, "s.jsonl.gz")
+    assert rows["1"]["dedup__duplicate_substrings"] == [] and summary["substring"]["duplicate_substring_bytes"] == 28
+    assert rows["2"]["dedup__duplicate_substrings"] == [[1, 27, 1.0]]  # R, without the '©' or the 'è' it cuts
+
+
 def test_substring_and_minhash_resume_after_an_interruption_to_the_same_attributes(tmp_path, monkeypatch):
     rng = random.Random(5)
     a, b, c = _chain(rng)
