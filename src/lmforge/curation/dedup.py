@@ -166,20 +166,31 @@ class BloomFilter:
         if len(keys) == 0:
             return np.zeros(0, dtype=bool)
         block, masks = self._locate(keys)
-        table = self.words.reshape(self.blocks, BLOCK_WORDS)
-        return _all_set(table[block], masks)
+        return _all_set(self.words.reshape(self.blocks, BLOCK_WORDS)[block], masks)
 
     def add(self, keys: np.ndarray) -> None:
+        if len(keys):
+            self._set(*self._locate(keys))
         self.inserted += len(keys)
+
+    def insert(self, keys: np.ndarray) -> np.ndarray:
+        """`contains(keys)`, then `add` the keys that were absent, locating each key once; keys must be unique."""
         if len(keys) == 0:
-            return
+            return np.zeros(0, dtype=bool)
         block, masks = self._locate(keys)
-        table = self.words.reshape(self.blocks, BLOCK_WORDS)
-        # `table[b] |= m` with a repeated b keeps only the last write: re-apply the few that got lost
-        while len(block):
-            table[block] |= masks
-            lost = ~_all_set(table[block], masks)
-            block, masks = block[lost], masks[lost]
+        present = _all_set(self.words.reshape(self.blocks, BLOCK_WORDS)[block], masks)
+        self._set(block[~present], masks[~present])
+        self.inserted += int(np.count_nonzero(~present))
+        return present
+
+    def _set(self, block: np.ndarray, masks: np.ndarray) -> None:
+        if len(block) == 0:
+            return
+        # `table[b] |= m` keeps only the last write of a repeated b: the masks of each block are ORed first
+        order = np.argsort(block)
+        block, masks = block[order], masks[order]
+        starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
+        self.words.reshape(self.blocks, BLOCK_WORDS)[block[starts]] |= np.bitwise_or.reduceat(masks, starts, axis=0)
 
     def save(self, path: str | Path) -> None:
         header = json.dumps({"format": BLOOM_MAGIC, "version": 2, "layout": "split-block-512",
@@ -242,7 +253,7 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
 def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | None, progress) -> dict:
     report = ReadReport()
     ids, doc_lines, lengths, sources, doc_hashes, url_hashes = [], [], [], [], [], []
-    line_lengths, line_hashes, line_blank, lines_per_doc = [], [], [], []
+    texts, lines_per_doc = [], []
     want_paragraphs = "paragraph" in task.modes
     for line, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
@@ -255,13 +266,9 @@ def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | No
         if "url" in task.modes:
             url = _get_path(doc, task.url_key)
             url_hashes.append(xxhash.xxh3_128_intdigest(url.encode()) if isinstance(url, str) and url else None)
-        if want_paragraphs:
-            # per-line work stays in C (map); offsets are computed for the whole shard at once below
-            lines = text.split("\n")
-            lines_per_doc.append(len(lines))
-            line_lengths.extend(map(len, lines))
-            line_blank.extend(map(str.isspace, lines))
-            line_hashes.extend(map(xxhash.xxh3_64_intdigest, map(str.encode, lines)))
+        if want_paragraphs:  # lines are split and hashed for the whole shard at once below
+            texts.append(text)
+            lines_per_doc.append(text.count("\n") + 1)
         if minhash is not None:
             minhash.add(text)
         progress(1)
@@ -273,25 +280,26 @@ def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | No
         "truncated": [str(t) for t in report.truncated],
     }
     if want_paragraphs:
-        result.update(_paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, lengths))
+        result.update(_paragraph_table("\n".join(texts).split("\n"), lines_per_doc, lengths))
     else:
         empty = np.zeros(0, dtype=np.int64)
         result.update(para_doc=empty, para_start=empty, para_end=empty, para_hash=np.zeros(0, dtype=np.uint64))
     return result
 
 
-def _paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, doc_lengths) -> dict:
-    """Non-blank lines of a shard: owning document, [start, end) with the newline, and hash."""
-    length = np.array(line_lengths, dtype=np.int64)
+def _paragraph_table(lines: list[str], lines_per_doc: list[int], doc_lengths: list[int]) -> dict:
+    """Non-blank lines of a shard (every document's lines back to back): owning document, [start, end) with the
+    newline, and hash."""
+    length = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
     doc = np.repeat(np.arange(len(lines_per_doc), dtype=np.int64), lines_per_doc)
     doc_length = np.array(doc_lengths, dtype=np.int64)
     # every line takes length + 1 (its newline, real or not), so each document takes doc_length + 1
     doc_offset = np.concatenate(([0], np.cumsum(doc_length + 1)[:-1]))
     start = np.cumsum(length + 1) - (length + 1) - doc_offset[doc]
     end = np.minimum(start + length + 1, doc_length[doc])
-    keep = (length > 0) & ~np.array(line_blank, dtype=bool)
-    return {"para_doc": doc[keep], "para_start": start[keep], "para_end": end[keep],
-            "para_hash": np.array(line_hashes, dtype=np.uint64)[keep]}
+    keep = (length > 0) & ~np.fromiter(map(str.isspace, lines), dtype=bool, count=len(lines))
+    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, map(str.encode, lines)), dtype=np.uint64, count=len(lines))
+    return {"para_doc": doc[keep], "para_start": start[keep], "para_end": end[keep], "para_hash": hashes[keep]}
 
 
 # ---------------------------------------------------------------- state and the ordered pass
@@ -449,10 +457,8 @@ def _paragraph_duplicates(fp: dict, state: DedupState, read_only: bool) -> np.nd
     is_first[first] = True
     duplicate = ~is_first
     first_hashes = hashes[is_first]
-    seen = state.bloom.contains(first_hashes)
+    seen = state.bloom.contains(first_hashes) if read_only else state.bloom.insert(first_hashes)
     duplicate[np.flatnonzero(is_first)[seen]] = True
-    if not read_only:
-        state.bloom.add(first_hashes[~seen])
     return duplicate
 
 
@@ -463,15 +469,16 @@ def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeW
     n = len(fp["ids"])
     modes = config.modes
     para_dup = _paragraph_duplicates(fp, state, config.read_only) if "paragraph" in modes else None
-    para_spans: list[list[list[float]]] = [[] for _ in range(n)]
-    if para_dup is not None:
-        for d, s, e in zip(fp["para_doc"][para_dup].tolist(), fp["para_start"][para_dup].tolist(),
-                           fp["para_end"][para_dup].tolist()):
-            para_spans[d].append([s, e, 1.0])
     stats = {"documents": n, "duplicate_docs": 0, "duplicate_urls": 0,
              "paragraphs": int(len(fp["para_hash"])),
              "duplicate_paragraphs": int(para_dup.sum()) if para_dup is not None else 0,
              "text_chars": sum(fp["lengths"]), "duplicate_paragraph_chars": 0}
+    if para_dup is not None:
+        # one list of every duplicate span of the shard (in document order), sliced per document
+        doc, start, end = fp["para_doc"][para_dup], fp["para_start"][para_dup], fp["para_end"][para_dup]
+        spans = [[s, e, 1.0] for s, e in zip(start.tolist(), end.tolist())]
+        bounds = np.searchsorted(doc, np.arange(n + 1)).tolist()
+        stats["duplicate_paragraph_chars"] = int((end - start).sum())
     per_source: dict[str, dict] = {}
     for i in range(n):
         length = fp["lengths"][i]
@@ -494,8 +501,7 @@ def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeW
             stats["duplicate_urls"] += dup
             flagged |= dup
         if para_dup is not None:
-            attributes[f"{key}__duplicate_paragraphs"] = para_spans[i]
-            stats["duplicate_paragraph_chars"] += sum(e - s for s, e, _ in para_spans[i])
+            attributes[f"{key}__duplicate_paragraphs"] = spans[bounds[i]:bounds[i + 1]]
         flags[i] = flagged
         source = per_source.setdefault(fp["sources"][i], {"documents": 0, "duplicate_documents": 0})
         source["documents"] += 1
