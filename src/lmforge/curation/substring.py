@@ -49,12 +49,15 @@ def repeated_spans(texts: list[bytes], min_bytes: int) -> tuple[list[list[list[i
     corpus = np.frombuffer(bytearray(b"\xff".join(texts) + b"\xff"), dtype=np.uint8)
     starts_of_repeats = np.zeros(0, dtype=np.int64)
     if len(corpus) > min_bytes:
-        suffixes = divsufsort(corpus).astype(np.int64)
+        suffixes = divsufsort(corpus)  # int32 below 2 GiB
         lcp = kasai(corpus, suffixes)  # lcp[i]: common prefix of suffixes i and i + 1
         # adjacent suffixes sharing >= min_bytes bytes form a group; all but its smallest position are repeats
         new_group = np.r_[True, lcp[:-1] < min_bytes]
-        first = np.minimum.reduceat(suffixes, np.flatnonzero(new_group))[np.cumsum(new_group) - 1]
-        starts_of_repeats = suffixes[suffixes != first]
+        del lcp
+        group = np.cumsum(new_group, dtype=suffixes.dtype) - 1
+        first = np.minimum.reduceat(suffixes, np.flatnonzero(new_group))[group]
+        del group
+        starts_of_repeats = suffixes[suffixes != first].astype(np.int64)
         # equal windows contain 0xFF together, so the separator check on one copy bounds both to a document
         starts_of_repeats = starts_of_repeats[_window_inside_document(corpus, starts_of_repeats, min_bytes)]
     size = len(corpus) + min_bytes + 1
