@@ -653,14 +653,16 @@ def _substring_shards(config: DedupConfig, order: list[str], shards: dict[str, d
     texts: list[bytes] = []
     bounds = {}
     report = ReadReport()
+    text_bytes = 0
     for path in order:
         start = len(texts)
         texts.extend(doc["text"].encode() for _, doc in read_documents(path, report, config.input.strict))
         bounds[path] = (start, len(texts))
-        if sum(map(len, texts)) > limit:
+        text_bytes += sum(map(len, texts[start:]))
+        if text_bytes > limit:
             raise LmforgeError(f"substring dedup: the text of this run's shards passes substring.max_text_mb="
                                f"{config.substring.max_text_mb:g} at {path}; dedup fewer shards per run or raise "
-                               "it (the suffix array takes 8-16 bytes of memory per byte of text)")
+                               "it (the suffix array and its companions take about 14 bytes per byte of text)")
     spans, removed = repeated_spans(texts, config.substring.min_bytes)
     for path, shard in shards.items():
         start, end = bounds[path]
@@ -668,8 +670,7 @@ def _substring_shards(config: DedupConfig, order: list[str], shards: dict[str, d
         counts = records[path]["counts"]
         counts["duplicate_substring_spans"] = sum(map(len, shard["substrings"]))
         counts["duplicate_substring_chars"] = sum(e - s for doc in shard["substrings"] for s, e in doc)
-    return {"min_bytes": config.substring.min_bytes, "text_bytes": sum(map(len, texts)),
-            "duplicate_substring_bytes": removed}
+    return {"min_bytes": config.substring.min_bytes, "text_bytes": text_bytes, "duplicate_substring_bytes": removed}
 
 
 def _add_whole_corpus_attributes(path: str, shard: dict, name: str, counts: dict) -> None:

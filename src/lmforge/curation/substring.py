@@ -10,8 +10,8 @@ bytes are the union of [q, q + min_bytes) over those q, so every later copy of a
 window may begin inside a multi-byte character). The suffix array and the LCP array come from `pydivsufsort`
 (libdivsufsort and Kasai's algorithm, in C).
 
-Memory: the whole text of the run plus 8 bytes per byte below 2 GiB (int32 suffix and LCP arrays), 16 above;
-`max_text_mb` refuses a larger run before reading it, rather than failing after.
+Memory: about 14 bytes per byte of text below 2 GiB (the text, int32 suffix and LCP arrays and a group index),
+twice that above; `max_text_mb` refuses a larger run while reading it, before the arrays are built.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class SubstringConfig:
     """`substring:` of `data dedup`."""
 
     min_bytes: int = 500
-    max_text_mb: float = 4096.0  # the text of one run; the suffix and LCP arrays take 8-16 bytes per byte more
+    max_text_mb: float = 4096.0  # the text of one run; the arrays take about 13 bytes per byte more
 
     def __post_init__(self) -> None:
         self.validate()
