@@ -197,6 +197,15 @@ def test_documents_too_short_for_an_ngram_are_counted_and_never_duplicates(tmp_p
     assert all(r["dedup__near_duplicate"] == [] for r in _rows(tmp_path, "s.jsonl.gz").values())
 
 
+def test_strip_punctuation_makes_copies_that_differ_in_quotes_and_commas_one_cluster(tmp_path):
+    quote = "Show business is just like high school, except you get paid. -- Martin Mull"
+    _write(tmp_path / "documents" / "s.jsonl.gz", [{"id": "a", "text": quote},
+                                                   {"id": "b", "text": '"' + quote.replace(",", " ,") + '"'}])
+    assert _minhash_run(tmp_path, bands=32, rows=1)["minhash"]["clusters"] == 0  # 4 of 13 5-grams differ
+    assert _minhash_run(tmp_path, name="p", bands=32, rows=1, strip_punctuation=True)["minhash"]["clusters"] == 1
+    assert _rows(tmp_path, "s.jsonl.gz", "p")["b"]["p__near_duplicate"] == [[0, len(quote) + 3, 1.0]]
+
+
 def test_estimated_verification_option(tmp_path):
     rng = random.Random(4)
     a, b, _ = _chain(rng)

@@ -555,10 +555,11 @@ def _run_dedup(config: DedupConfig, paths: list[str], incomplete: list[str], sta
     with contextlib.ExitStack() as stack:
         fingerprints = None
         if "minhash" in config.modes:
-            # a read-only run adds nothing to the state: its fingerprints go to a temporary directory
-            fingerprints = state.fingerprint_root if not config.read_only else Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=".minhash.", suffix=TEMP_SUFFIX,
-                                            dir=attribute_dir(paths[0], config.name))))
+            fingerprints = state.fingerprint_root
+            if config.read_only:  # it adds nothing to the state: its fingerprints go to a temporary directory
+                attribute_dir(paths[0], config.name).mkdir(parents=True, exist_ok=True)
+                fingerprints = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=".minhash.", suffix=TEMP_SUFFIX, dir=attribute_dir(paths[0], config.name))))
         tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash,
                                  str(fingerprints / fingerprint_key(p, config.minhash)) if fingerprints else None,
                                  config.input.strict, weight=Path(p).stat().st_size) for p in todo]

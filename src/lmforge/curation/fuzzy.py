@@ -17,8 +17,10 @@ shingle: they are counted (`too_short_for_ngram`) and never join a cluster.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import unicodedata
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ class MinHashConfig:
     rows: int | None = None
     threshold: float = 0.8
     verify: Literal["exact", "estimate"] = "exact"  # exact Jaccard of the shingle sets, or the MinHash estimate
+    strip_punctuation: bool = False  # punctuation (Unicode category P, BMP) becomes a space before words split
     memory_mb: float = 1024.0  # bound on spilled band keys held at once (per worker, and by the merge)
     seed: int = 0
 
@@ -73,8 +76,17 @@ class MinHashConfig:
         return max(self.bands, int(self.memory_mb * 2 ** 20) // RUN_ENTRY_BYTES)
 
 
-def word_ngram_hashes(text: str, n: int) -> np.ndarray:
+@functools.cache
+def _punctuation_to_space() -> dict[int, str]:
+    """The punctuation of the Basic Multilingual Plane (the planes above hold almost none; scanning them too would
+    take seconds per worker)."""
+    return {c: " " for c in range(0x10000) if unicodedata.category(chr(c)).startswith("P")}
+
+
+def word_ngram_hashes(text: str, n: int, strip_punctuation: bool = False) -> np.ndarray:
     """Sorted unique 64-bit hashes of the lowercased whitespace-word n-grams; empty with fewer than n words."""
+    if strip_punctuation:
+        text = text.translate(_punctuation_to_space())
     words = text.lower().split()
     if len(words) < n:
         return np.zeros(0, dtype=np.uint64)
@@ -168,7 +180,7 @@ class ShardFingerprints:
         self.run_size = 0
 
     def add(self, text: str) -> None:
-        shingles = word_ngram_hashes(text, self.config.ngram)
+        shingles = word_ngram_hashes(text, self.config.ngram, self.config.strip_punctuation)
         self.too_short += len(shingles) == 0
         self.documents += 1
         self.batch.append(shingles)
@@ -389,5 +401,5 @@ def cluster(directories: list[Path], config: MinHashConfig) -> Clusters:
 def fingerprint_key(path: str, config: MinHashConfig) -> str:
     """Name of a shard's fingerprint directory: its path, size and mtime, and the MinHash settings."""
     stat = os.stat(path)
-    settings = (config.ngram, config.bands, config.rows, config.verify, config.seed)
+    settings = (config.ngram, config.bands, config.rows, config.verify, config.strip_punctuation, config.seed)
     return xxhash.xxh3_64_hexdigest(repr((str(path), stat.st_size, stat.st_mtime_ns, settings)).encode())
