@@ -280,7 +280,7 @@ def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | No
         "truncated": [str(t) for t in report.truncated],
     }
     if want_paragraphs:
-        result.update(_paragraph_table("\n".join(texts).split("\n"), lines_per_doc, lengths))
+        result.update(_paragraph_table("\n".join(texts).split("\n") if texts else [], lines_per_doc, lengths))
     else:
         empty = np.zeros(0, dtype=np.int64)
         result.update(para_doc=empty, para_start=empty, para_end=empty, para_hash=np.zeros(0, dtype=np.uint64))
