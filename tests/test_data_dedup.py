@@ -8,16 +8,8 @@ import pytest
 from lmforge.core.errors import LmforgeError
 from lmforge.core.executor import ExecutorConfig
 from lmforge.curation.attributes import attribute_path, read_attributes
-from lmforge.curation.dedup import (
-    BloomFilter,
-    DedupConfig,
-    MinHashConfig,
-    MinHasher,
-    blocked_false_positive_rate,
-    estimated_jaccard,
-    run_dedup,
-    word_ngram_hashes,
-)
+from lmforge.curation.dedup import BloomFilter, DedupConfig, blocked_false_positive_rate, run_dedup
+from lmforge.curation.fuzzy import MinHashConfig, MinHasher, estimated_jaccard, word_ngram_hashes
 from lmforge.curation.documents import DocumentWriter
 
 
@@ -206,7 +198,9 @@ def test_dedup_rerun_after_interruption_at_any_write_matches_uninterrupted_run(t
                 _dedup_crawl(root, crawl)
             assert _outcome(root) == expected, (interrupted, k, done)
             leftovers = sorted(p.name for p in (root / "state").iterdir())
-            assert len(leftovers) == 2 and "CURRENT" in leftovers, leftovers  # the pointer and one generation
+            # the pointer, one generation, and the MinHash fingerprints of the 5 shards absorbed, no more
+            assert len(leftovers) == 3 and leftovers[0] == "CURRENT" and leftovers[2] == "minhash", leftovers
+            assert len(list((root / "state" / "minhash").iterdir())) == 5
 
 
 def test_dedup_reads_a_state_of_the_layout_before_generations(tmp_path):
@@ -227,7 +221,7 @@ def test_dedup_reads_a_state_of_the_layout_before_generations(tmp_path):
     (state / "CURRENT").unlink()
     assert _dedup_crawl(tmp_path, "crawl1")["shards_skipped_done"] == 2
     assert _dedup_crawl(tmp_path, "crawl2")["duplicate_docs"] == 1  # c2 repeats crawl1's a2
-    assert sorted(p.name for p in state.iterdir()) == ["CURRENT", "gen-00000002"]
+    assert sorted(p.name for p in state.iterdir()) == ["CURRENT", "gen-00000002", "minhash"]
 
 
 def test_dedup_rerun_with_nothing_to_do_keeps_manifest_counts(tmp_path):
