@@ -266,10 +266,16 @@ def _parameter_groups(config: ModelConfig) -> dict[str, int]:
             "matrices": sum(p.numel() for p in block.parameters()) - experts - norms}
 
 
-def estimate_memory(config: ModelConfig, plan: ParallelPlan, shape: TrainingShape) -> MemoryEstimate:
+def estimate_memory(config: ModelConfig, plan: ParallelPlan, shape: TrainingShape,
+                    counted: dict[int, ActivationCount] | None = None) -> MemoryEstimate:
+    """`counted` keeps activation counts by local sequence length across calls (layouts differing in cp)."""
     plan.check(config, shape.seq_len)
     compute = torch.bfloat16 if shape.precision == "bf16" else torch.float32
-    count = count_activations(config, (shape.micro_batch, shape.seq_len // plan.cp), compute)
+    local_seq = shape.seq_len // plan.cp
+    counted = {} if counted is None else counted
+    if local_seq not in counted:
+        counted[local_seq] = count_activations(config, (shape.micro_batch, local_seq), compute)
+    count = counted[local_seq]
     groups = _parameter_groups(config)
     layers = math.ceil(config.n_layers / plan.pp)
     stages = {"only": (True, True)} if plan.pp == 1 else {"first": (True, False), "last": (False, True)}
@@ -342,7 +348,7 @@ def suggest_layouts(config: ModelConfig, world_size: int, shape: TrainingShape, 
                     limit: int = 5, max_tp: int = 8) -> list[tuple[MemoryEstimate, str]]:
     """Layouts of `world_size` devices that fit, least model parallelism first (data parallelism scales best):
     ordered by tp x pp x cp, then by needing no activation checkpointing, then by memory."""
-    found = []
+    found, counted = [], {}
     for tp in _divisors(world_size):
         for pp in _divisors(world_size // tp):
             for cp in _divisors(world_size // (tp * pp)):
@@ -350,7 +356,7 @@ def suggest_layouts(config: ModelConfig, world_size: int, shape: TrainingShape, 
                     continue
                 plan = ParallelPlan(tp=tp, pp=pp, cp=cp, dp_shard=world_size // (tp * pp * cp))
                 try:
-                    estimate = estimate_memory(config, plan, shape)
+                    estimate = estimate_memory(config, plan, shape, counted)
                 except LmforgeError:
                     continue
                 judged = verdict(estimate, device_bytes)
