@@ -34,12 +34,11 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from lmforge.core.config import to_dict
 from lmforge.curation.attributes import (AttributeWriter, attribute_dir, attribute_path, read_attribute_rows,
                                          source_fingerprint)
 from lmforge.curation.documents import InputConfig, ReadReport, input_shards, read_documents
 from lmforge.core.executor import ExecutorConfig, iter_tasks
-from lmforge.core.config import require
+from lmforge.core.config import require, save_config, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
@@ -605,6 +604,7 @@ def _run_dedup(config: DedupConfig, paths: list[str], incomplete: list[str], sta
         counts: dict = {"incomplete_shards": sum(attribute_dir(p, config.name) == directory for p in incomplete)}
         for p in inputs:
             _merge_stats(counts, records[p].get("counts", {}))
+        save_config(config, directory)
         write_manifest(directory, command="data dedup", config=config, inputs=inputs, counts=_finish_totals(counts),
                        extra={"attribute_keys": keys, "state": str(state_dir), **whole_corpus,
                               "skipped": [b for p in inputs for b in records[p].get("skipped", [])][:100]})
