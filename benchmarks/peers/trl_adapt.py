@@ -39,9 +39,13 @@ def main(spec: dict) -> dict:
 
         args = DPOConfig(beta=spec["beta"], loss_type=[spec["loss_type"]], max_length=spec["max_length"],
                          precompute_ref_log_probs=False, **common)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        reference = AutoModelForCausalLM.from_pretrained(spec["ref_model"], dtype=torch.float32) \
+            if spec.get("ref_model") else None
+        trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset,
+                             processing_class=tokenizer)
     if spec["mode"] == "step1":
         batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()  # metrics are recorded under the mode (no dropout in these models)
         with torch.no_grad():
             loss = trainer.compute_loss(trainer.model, batch)
         metrics = {k: sum(v) / len(v) for k, v in trainer._metrics["train"].items() if v} \

@@ -99,6 +99,7 @@ class DPOConfig(AdaptConfig):
     beta: float = 5.0
     simpo_gamma_beta_ratio: float = 0.3  # SimPO's target margin over beta
     reference_cache: str | None = None  # directory of cached reference log-probs; default <out>/reference
+    reference_model: str | None = None  # the reference, when not the start model (same tokenizer)
 
     def validate(self) -> None:
         super().validate()

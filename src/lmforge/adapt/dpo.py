@@ -7,9 +7,9 @@ Per pair, with log-probabilities summed over the reply's tokens (policy π, froz
 Rewards are β·(π - ref) (per token for `dpo_norm`, β·π/|y| for SimPO); accuracy is the share of pairs whose
 chosen reward is the larger. The loss and metrics are means over the global batch's pairs.
 
-The reference log-probabilities are computed once, in fp32, before training and cached on disk under a name
-that hashes the start model's weight files and the tokenized pairs, so a rerun (or a resume) reads them back and
-any change of model or data computes them afresh.
+The reference log-probabilities (the start model's, or `reference_model`'s) are computed once, in fp32, before
+training and cached on disk under a name that hashes the reference's weight files and the tokenized pairs, so a
+rerun (or a resume) reads them back and any change of model or data computes them afresh.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lmforge.adapt.data import RecordReport, preference_arrays
 from lmforge.adapt.runner import load_policy, run_stage
 from lmforge.adapt.sft import trim_to_labels
 from lmforge.core.files import atomic_write_bytes, combined_hash
-from lmforge.model.loading import LoadedModel, resolve_device
+from lmforge.model.loading import LoadedModel, load, resolve_device
 from lmforge.train.objective import IGNORE_INDEX
 
 REFERENCE_DIR = "reference"
@@ -135,7 +135,8 @@ def dpo(config: DPOConfig) -> Path:
     if config.loss == "simpo":  # reference-free
         reference = np.zeros((len(arrays["chosen_input_ids"]), 2), dtype=np.float32)
     else:
-        reference = cached_reference_logps(config, loaded, arrays)
+        reference_model = load(config.reference_model) if config.reference_model else loaded
+        reference = cached_reference_logps(config, reference_model, arrays)
     arrays["ref_chosen_logps"], arrays["ref_rejected_logps"] = reference[:, 0].copy(), reference[:, 1].copy()
     objective = DirectPreference(config.loss, config.beta, config.simpo_gamma_beta_ratio)
     return run_stage(config, "dpo", loaded, tokenizer, arrays, objective, report)
