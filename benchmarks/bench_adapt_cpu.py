@@ -90,11 +90,12 @@ def main() -> None:
         data = str(work / f"{stage}.jsonl")
         seconds = ours(stage, work, data, args.steps, args.batch, extra)
         our_tps = args.steps * args.batch * mean_tokens(stage, data, tokenizer) / seconds
-        spec = {"stage": stage, "mode": "train", "model": str(work / "start-hf"), "data": str(work / f"trl-{stage}.jsonl"),
+        spec = {"stage": stage, "mode": "train", "model": str(work / "start-hf"),
+                "data": str(work / f"trl-{stage}.jsonl"),
                 "out": str(work / f"trl-{stage}"), "batch_size": args.batch, "max_length": 64, "steps": args.steps,
                 "threads": args.threads, "lr": 1e-5, **trl_extra}
-        result = subprocess.run([str(TRL_PYTHON), str(ROOT / "benchmarks" / "peers" / "trl_adapt.py"), json.dumps(spec)],
-                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        peer = [str(TRL_PYTHON), str(ROOT / "benchmarks" / "peers" / "trl_adapt.py"), json.dumps(spec)]
+        result = subprocess.run(peer, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
         if result.returncode != 0:
             raise SystemExit(result.stderr[-3000:])
         theirs = json.loads(result.stdout.strip().splitlines()[-1])
