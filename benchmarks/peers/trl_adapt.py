@@ -27,7 +27,7 @@ def main(spec: dict) -> dict:
     dataset = Dataset.from_list(records)
     common = dict(output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
                   learning_rate=spec.get("lr", 1e-5), lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                  max_grad_norm=None, max_steps=spec.get("steps", 1), logging_steps=1, report_to=[], use_cpu=True,
+                  max_grad_norm=0.0, max_steps=spec.get("steps", 1), logging_steps=1, report_to=[], use_cpu=True,
                   bf16=False, save_strategy="no", seed=0, dataloader_drop_last=True, disable_tqdm=True)
     if spec["stage"] == "sft":
         from trl import SFTConfig, SFTTrainer
