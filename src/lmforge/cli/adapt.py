@@ -23,12 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     data = stages.add_parser("data", help="build SFT or DPO record files (JSONL) from installed data or your own")
     builders = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     builders.required = True
-    from lmforge.adapt.builders import DPO_SOURCES, SFT_SOURCES
-
-    for name, sources, help in (("sft", SFT_SOURCES, "SFT records ({messages})"),
-                                ("dpo", DPO_SOURCES, "DPO records ({prompt, chosen, rejected})")):
+    # The sources are checked by the builder (importing it here would load torch for every command line).
+    for name, sources, help in (("sft", "arithmetic, gsm8k, math, jsonl", "SFT records ({messages})"),
+                                ("dpo", "arithmetic, mmlu, jsonl", "DPO records ({prompt, chosen, rejected})")):
         builder = builders.add_parser(name, help=help)
-        builder.add_argument("--source", required=True, choices=sorted(sources), help="where the records come from")
+        builder.add_argument("--source", required=True, help=f"where the records come from: {sources} (docs/adapt.md)")
         builder.add_argument("--input", default=None, help="input file (source jsonl, gsm8k, math)")
         builder.add_argument("--limit", type=int, default=None, help="at most this many records")
         builder.add_argument("--seed", type=int, default=0, help="which wrong answers pair with the right one")
