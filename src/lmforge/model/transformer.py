@@ -11,7 +11,8 @@
 Attention goes through `attention()`: SDPA (flash kernels on GPU for plain causal layers), and for sliding
 windows on GPU whichever fast path is installed (flash-attn's window, else flex attention). Optional
 intra-document masking takes `doc_ids` (one document index per position) so tokens attend only inside their
-document. A `KVCache` makes generation incremental; positions come from the caller so left-padded batches work.
+document, with positions restarting at each document (a packed example sees what it would alone). A `KVCache`
+makes generation incremental; positions come from the caller so left-padded batches work.
 """
 
 from __future__ import annotations
@@ -582,12 +583,15 @@ class Transformer(nn.Module):
 
         positions: (B, L) token positions, default 0..L-1 (offset by the cache length).
         attention_mask: (B, total_len) 1 for real tokens, 0 for padding, covering cached + new tokens.
-        doc_ids: (B, L) document index per position; attention stays inside a document.
+        doc_ids: (B, L) document index per position; attention stays inside a document, and positions (when
+            not given) restart at 0 in each document.
         """
         c = self.config
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
-        if positions is None:
+        if positions is None and doc_ids is not None and past == 0:
+            positions = document_positions(doc_ids)  # packed examples see the positions they would alone
+        elif positions is None:
             positions = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x = self.embed(input_ids)
         if self.embed_norm is not None:
@@ -647,6 +651,14 @@ class Transformer(nn.Module):
         if attention_mask is None:
             return torch.arange(total, device=device).expand(B, total)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :total]
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) position of each token inside its document: 0 where the document index changes, then counting."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
 
 
 def init_weights(model: Transformer, seed: int) -> None:
