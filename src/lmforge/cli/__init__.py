@@ -23,6 +23,7 @@ from lmforge.core.errors import LmforgeError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge.cli import adapt as adapt_commands
     from lmforge.cli import data as data_commands
     from lmforge.cli import eval as eval_commands
     from lmforge.cli import model as model_commands
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for area in (model_commands, data_commands, train_commands, eval_commands):
+    for area in (model_commands, data_commands, train_commands, eval_commands, adapt_commands):
         area.register(sub)
     return parser
 
