@@ -218,7 +218,7 @@ def read_prompts(paths: list[str], tokenizer: Tokenizer, prompt_format: str, max
                         raise ValueError(f"prompt of {len(ids)} tokens is longer than max_prompt_tokens "
                                          f"({max_prompt_tokens})")
                 except ValueError as e:
-                    reason = str(e).split(" of ")[0] if "longer than" in str(e) else str(e)
+                    reason = "longer than max_prompt_tokens" if "longer than" in str(e) else str(e)
                     out.skipped[reason] += 1
                     if reported < REPORTED_RECORDS:
                         print(f"{where}: skipped: {e}", file=sys.stderr)
