@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from lmforge.adapt.rewards import RewardConfig, RewardFunction
-from lmforge.adapt.rlvr import (GRPO, GRPOConfig, PromptLoader, PromptSet, RLVRConfig, clipped_token_loss,
+from lmforge.adapt.rlvr import (GRPO, GRPOConfig, PromptLoader, RLVRConfig, clipped_token_loss,
                                 group_advantages, k3_kl, read_prompts, rlvr)
 from lmforge.core.config import from_dict, to_dict
 from lmforge.model.presets import get_preset
@@ -25,24 +24,12 @@ from lmforge.train.objective import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PYTHON = Path(os.environ.get("TRL_VENV", ROOT / ".peers" / "trl-venv")) / "bin" / "python"
-CHARS = ["<|endoftext|>", "<|padding|>", *"0123456789 .?+", *"AnswerwithumbWhatis"]
 
 
 def char_tokenizer():
-    """One token per character, so a tiny model can learn to emit a digit."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
+    from lmforge.adapt.rlvr_data import toy_tokenizer
 
-    from lmforge.tokens.tokenizer import Tokenizer
-
-    vocab: dict[str, int] = {}
-    for c in CHARS:
-        vocab.setdefault(c, len(vocab))
-    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<|padding|>"))
-    hf.add_special_tokens(["<|endoftext|>", "<|padding|>"])
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    hf.decoder = decoders.Fuse()
-    return Tokenizer(hf=hf, eos_id=0, pad_id=1)
+    return toy_tokenizer()
 
 
 def tiny_model_config(vocab_size: int) -> ModelConfig:
@@ -421,3 +408,13 @@ def test_step1_loss_matches_trl(tmp_path, monkeypatch, aggregation, advantages, 
     assert ours["reward"] == pytest.approx(theirs["reward"], abs=1e-6)
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
     assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rlvr-tulu3-8b.yaml", "rlvr-cpu.yaml"])
+def test_shipped_rlvr_configs_load(name):
+    from lmforge.core.config import load_config, packaged_config
+
+    config = load_config(RLVRConfig, packaged_config("adapt") / name)
+    assert config.grpo.group_size >= 2 and config.optimizer.lr > 0
+    if name == "rlvr-tulu3-8b.yaml":  # the published settings, as labelled
+        assert (config.grpo.beta, config.optimizer.lr, config.reward.correct) == (0.05, 3e-7, 10.0)

@@ -71,6 +71,7 @@ class GRPOConfig:
     filter_zero_variance: bool = True
     importance_cap: float | None = None  # truncated importance sampling: cap on π_old / π_sampler
     iterations: int = 1  # optimizer steps per rollout (TRL num_iterations, PPO epochs)
+    no_eos_penalty: float = 0.0  # subtracted from the reward of a completion cut at max_new_tokens (Tülu 3: 10)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +85,7 @@ class GRPOConfig:
         require(0 <= self.clip_low < 1, "grpo.clip_low", self.clip_low, "must be in [0, 1)")
         require(self.clip_high >= 0, "grpo.clip_high", self.clip_high, "must be >= 0")
         require(self.beta >= 0, "grpo.beta", self.beta, "must be >= 0")
+        require(self.no_eos_penalty >= 0, "grpo.no_eos_penalty", self.no_eos_penalty, "must be >= 0")
         require(self.importance_cap is None or self.importance_cap > 0, "grpo.importance_cap", self.importance_cap,
                 "must be positive")
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -325,7 +327,7 @@ class GRPO:
         self.reference: torch.nn.Module | None = None
         self._rollout: tuple[int, dict[str, torch.Tensor]] | None = None
         self._stats = torch.zeros(8, dtype=torch.float64)
-        self._since = time.perf_counter()
+        self._since: float | None = None  # the first rollout starts the clock (model loading is not sampling)
 
     # ---- rollout
 
@@ -346,6 +348,7 @@ class GRPO:
     @torch.no_grad()
     def _roll_out(self, module: torch.nn.Module, index: list[int], seed: int) -> dict[str, torch.Tensor]:
         g, tok = self.config, self.tokenizer
+        self._since = self._since or time.perf_counter()
         device = next(module.parameters()).device
         prompt_ids = [self.prompts.ids[i] for i in index]
         sampling = SamplingConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
@@ -356,7 +359,8 @@ class GRPO:
         finished = [bool(c) and c[-1] == tok.eos_id for c in completions]
         texts = [tok.decode(c[:-1] if done else c, skip_special_tokens=True) for c, done in zip(completions, finished)]
         scored = self.reward(texts, [self.prompts.answers[i] for i in index], [self.prompts.where[i] for i in index])
-        rewards = torch.tensor(scored.rewards, dtype=torch.float64).view(-1, g.group_size)
+        rewards = torch.tensor(scored.rewards, dtype=torch.float64)
+        rewards = (rewards - g.no_eos_penalty * ~torch.tensor(finished)).view(-1, g.group_size)
         advantages = group_advantages(rewards, g.advantages).flatten().float()
         zero_variance = (rewards.max(-1).values == rewards.min(-1).values)
         keep = ~zero_variance.repeat_interleave(g.group_size) if g.filter_zero_variance else torch.ones(
@@ -370,7 +374,7 @@ class GRPO:
         if g.beta > 0:
             batch["ref_logps"] = self._logps(self._reference(device), batch)
         lengths = [len(c) for c in completions]
-        self._stats += torch.tensor([sum(scored.rewards), sum(scored.correct), len(index), sum(lengths),
+        self._stats += torch.tensor([rewards.sum().item(), sum(scored.correct), len(index), sum(lengths),
                                      float(zero_variance.sum()), len(zero_variance),
                                      len(index) - sum(finished), scored.failures], dtype=torch.float64)
         return batch
@@ -439,7 +443,7 @@ class GRPO:
     def interval_metrics(self) -> dict[str, float]:
         (reward, correct, samples, tokens, zero_groups, groups, truncated,
          failures) = all_reduce_sum(self._stats.clone()).tolist()
-        elapsed = time.perf_counter() - self._since
+        elapsed = time.perf_counter() - (self._since or time.perf_counter())
         self._stats.zero_()
         self._since = time.perf_counter()
         if samples == 0:  # only reused rollouts since the last line

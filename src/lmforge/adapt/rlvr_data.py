@@ -21,6 +21,25 @@ from lmforge.core.errors import LmforgeError
 from lmforge.eval.answers import canonical_number, last_boxed
 
 RLVR_SOURCES = ("toy", "basic_arithmetic", "gsm8k", "math")
+TOY_CHARACTERS = ["<|endoftext|>", "<|padding|>", *"0123456789 .?+", *"AnswerwithumbWhatis"]
+
+
+def toy_tokenizer():
+    """One token per character of the toy prompts (30 tokens, EOS 0, padding 1): small enough that a tiny
+    random model emits digits often, so its reward can rise within a few dozen steps."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.tokens.tokenizer import Tokenizer
+
+    vocab: dict[str, int] = {}
+    for c in TOY_CHARACTERS:
+        vocab.setdefault(c, len(vocab))
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<|padding|>"))
+    hf.add_special_tokens(TOY_CHARACTERS[:2])
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    hf.decoder = decoders.Fuse()
+    return Tokenizer(hf=hf, eos_id=0, pad_id=1)
 
 
 def toy_records(n: int, seed: int = 0, kind: str = "number", max_value: int = 9) -> list[dict]:
