@@ -396,7 +396,7 @@ def test_step1_loss_matches_trl(tmp_path, monkeypatch, aggregation, advantages, 
     rewards = [reward([tok.decode([t for t in c if t != tok.eos_id]) for c in g], [records[i]["answer"]] * 6,
                       ["-"] * 6).rewards for g, i in zip(groups, index)]
     spec = {"hf_dir": str(tmp_path / "hf"), "out": str(tmp_path / "trl"), "prompt_ids": prompt_ids, "groups": groups,
-            "rewards": rewards, "prompts": [records[i]["prompt"] for i in index], "grpo": data["grpo"],
+            "rewards": rewards, "prompts": [records[i]["prompt"] for i in index], "grpo": to_dict(config.grpo),
             "loss_type": "dapo" if aggregation == "token" else "grpo",
             "scale_rewards": "none" if advantages == "centered" else "group"}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
