@@ -327,6 +327,7 @@ class GRPO:
         self.reference: torch.nn.Module | None = None
         self._rollout: tuple[int, dict[str, torch.Tensor]] | None = None
         self._stats = torch.zeros(8, dtype=torch.float64)
+        self._device = torch.device("cpu")  # the model's: where the statistics are summed across ranks
         self._since: float | None = None  # the first rollout starts the clock (model loading is not sampling)
 
     # ---- rollout
@@ -349,7 +350,7 @@ class GRPO:
     def _roll_out(self, module: torch.nn.Module, index: list[int], seed: int) -> dict[str, torch.Tensor]:
         g, tok = self.config, self.tokenizer
         self._since = self._since or time.perf_counter()
-        device = next(module.parameters()).device
+        device = self._device = next(module.parameters()).device
         prompt_ids = [self.prompts.ids[i] for i in index]
         sampling = SamplingConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                                   top_p=g.top_p, seed=seed)
@@ -442,7 +443,7 @@ class GRPO:
 
     def interval_metrics(self) -> dict[str, float]:
         (reward, correct, samples, tokens, zero_groups, groups, truncated,
-         failures) = all_reduce_sum(self._stats.clone()).tolist()
+         failures) = all_reduce_sum(self._stats.to(self._device)).tolist()
         elapsed = time.perf_counter() - (self._since or time.perf_counter())
         self._stats.zero_()
         self._since = time.perf_counter()
@@ -465,6 +466,9 @@ def rlvr(config: RLVRConfig, command: str = "lmforge adapt rlvr") -> dict:
 
     train_config = config.train_config()
     model = read_model_config(config.model)
+    if config.sequence_length > model.max_sequence_length:
+        raise LmforgeError(f"max_prompt_tokens + grpo.max_new_tokens = {config.sequence_length} is longer than the "
+                           f"context of {config.model} ({model.max_sequence_length})")
     tokenizer = find_tokenizer(config.tokenizer, model_dir=config.model, eos_id=model.eos_token_id,
                                pad_id=model.pad_token_id, bos_id=model.bos_token_id, what=config.model)
     prompts = read_prompts(config.prompts, tokenizer, config.prompt_format, config.max_prompt_tokens,
