@@ -1,14 +1,15 @@
-"""`lmforge adapt sft / dpo / data`: post-training (chat templates, SFT, DPO; docs/adapt.md)."""
+"""`lmforge adapt sft / dpo / rlvr / data`: post-training (chat templates, SFT, DPO, RLVR; docs/adapt.md)."""
 
 from __future__ import annotations
 
 import argparse
 
 from lmforge.cli.options import add_out_flag, out_of
+from lmforge.cli.rlvr import register_rlvr, register_rlvr_data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    adapt = sub.add_parser("adapt", help="post-train a model: SFT, DPO on chat records (docs/adapt.md)")
+    adapt = sub.add_parser("adapt", help="post-train a model: SFT, DPO, RL with verifiable rewards (docs/adapt.md)")
     stages = adapt.add_subparsers(dest="adapt_command", metavar="ADAPT_COMMAND")
     stages.required = True
     for name, help in (("sft", "supervised fine-tuning on chat records (assistant tokens only)"),
@@ -19,8 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         stage.add_argument("config", help="adaptation config YAML (see configs/adapt/)")
         stage.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-5 epochs=1")
         stage.set_defaults(func=cmd_stage, stage=name)
+    register_rlvr(stages)
 
-    data = stages.add_parser("data", help="build SFT or DPO record files (JSONL) from installed data or your own")
+    data = stages.add_parser("data", help="build SFT, DPO or RLVR record files (JSONL) from installed data or your own")
     builders = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     builders.required = True
     # The sources are checked by the builder (importing it here would load torch for every command line).
@@ -33,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         builder.add_argument("--seed", type=int, default=0, help="which wrong answers pair with the right one")
         add_out_flag(builder, "output JSONL file")
         builder.set_defaults(func=cmd_data, kind=name)
+    register_rlvr_data(builders)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
