@@ -48,8 +48,9 @@ def test_model_configs_load(path):
     assert resolve_model_config(str(path)).n_layers >= 1
 
 
-@pytest.mark.parametrize("path", shipped("adapt"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in shipped("adapt") if not p.name.startswith("rlvr")], ids=lambda p: p.name)
 def test_adapt_configs_load(path):
+    """SFT and DPO recipes (the RLVR ones are loaded by tests/test_adapt_rlvr.py)."""
     from lmforge.adapt.config import DPOConfig, SFTConfig
 
     cls = SFTConfig if "sft" in path.name else DPOConfig

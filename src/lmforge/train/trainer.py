@@ -118,10 +118,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skip_step = SkipStep(config.skip_step)
-        if objective is not None and (self.layout.tensor > 1 or self.layout.context > 1):
+        self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier)
+        if isinstance(self.objective, NextTokenPrediction):
+            self.objective.parallel = self.objective.parallel or self.parallel
+        elif self.layout.tensor > 1 or self.layout.context > 1:
             raise LmforgeError("tensor and context parallelism split next-token prediction only; run this "
                                "objective under data (FSDP/DDP) or expert parallelism")
-        self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier, self.parallel)
         self.step = 0
         self.tokens = 0
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len)
