@@ -51,7 +51,7 @@ def test_every_substitution_is_used():
 @requires_olmo_tokenizer
 @pytest.mark.slow
 def test_readme_tour_runs(tmp_path):
-    from lmforge.recipes.quickstart import write_raw_corpus
+    from lmforge.recipes.corpus import write_raw_corpus
 
     write_raw_corpus(tmp_path / "quickstart", 1_500_000)  # what `make quickstart` leaves, smaller
     shim = tmp_path / "bin"
