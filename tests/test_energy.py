@@ -137,5 +137,9 @@ def test_training_run_records_energy(tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["energy"]["method"] == "estimate" and manifest["energy"]["kwh"] >= energies[-1]
     assert first["energy"]["kwh"] == manifest["energy"]["kwh"]
-    second = run(8)  # resumes from step 4's checkpoint
-    assert second["energy"]["kwh"] > first["energy"]["kwh"]
+    meta_path = tmp_path / "run" / "checkpoints" / "step00000004" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["energy_joules"] > 0
+    meta_path.write_text(json.dumps({**meta, "energy_joules": 3.6e9}))  # 1,000 kWh before the resume
+    second = run(8)  # resumes from step 4's checkpoint and adds to what it recorded
+    assert 1000 < second["energy"]["kwh"] < 1000 + 1e-3

@@ -204,7 +204,7 @@ def training_figure(plt, out: Path) -> str:
     fig, ax = plt.subplots(figsize=(10, 4))
     lr_ax = ax.twinx()
     offset = 0
-    stage1_end = None
+    stage1_end = end = None
     for name in runs(out):
         rows = [r for r in load(out, f"{name}/metrics.jsonl") if "loss" in r]
         if name == "run":
@@ -212,10 +212,10 @@ def training_figure(plt, out: Path) -> str:
         else:
             offset = stage1_end
         tokens = [(offset + r["tokens"]) / 1e6 for r in rows]
-        ax.plot(tokens, [r["loss"] for r in rows], label=f"{name} loss")
+        end = max(end or 0, tokens[-1])
+        ax.plot(tokens, [r["loss"] for r in rows], label=f"{'stage 1' if name == 'run' else name} loss")
         lr_ax.plot(tokens, [r["lr"] for r in rows], linestyle="--", linewidth=1, color="grey")
-    end = ax.get_xlim()[1]
-    ax.axvspan(stage1_end / 1e6, end, color="#fdae6b", alpha=0.25, label="anneal (high-quality blend, LR to 0)")
+    ax.axvspan(stage1_end / 1e6, end, color="#fdae6b", alpha=0.25, label="anneals (high-quality blend, LR to 0)")
     ax.set_xlabel("training tokens (millions; each anneal starts from stage 1's end)")
     ax.set_ylabel("training loss (nats/token)")
     lr_ax.set_ylabel("learning rate (dashed)")
@@ -467,7 +467,7 @@ def headline(out: Path) -> list[str]:
             f"{base['gzip_bits_per_byte']:.3f}, zstd {base['zstd_bits_per_byte']:.3f}; lower is better)",
             f"model: {plan['parameters']:,} parameters trained on {plan['training_tokens']:,} tokens "
             f"({plan['tokens_per_parameter']:g} tokens per parameter)",
-            f"training energy: {kwh:.3g} kWh, {co2:.3g} kg CO2eq ({energy[0]['method']}: {energy[0]['detail']})"]
+            f"training energy: {kwh:.3g} kWh, {co2:.3g} kg CO2eq (method {energy[0]['method']}: {energy[0]['detail']})"]
 
 
 def check_hf_export(model_dir: Path, hf_dir: Path, prompt: str) -> dict:
