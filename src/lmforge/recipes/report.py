@@ -129,7 +129,7 @@ class Doc:
 
 
 def inline(text: str) -> str:
-    """`code`, **bold** and [text](href) of the Markdown above, escaped."""
+    """`code`, **bold**, [text](href) and <br> of the Markdown above; everything else escaped."""
     pieces = re.split(r"(`[^`]*`)", text)
     out = []
     for piece in pieces:
@@ -139,7 +139,7 @@ def inline(text: str) -> str:
         piece = html.escape(piece)
         piece = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", piece)
         out.append(piece)
-    joined = "".join(out)
+    joined = "".join(out).replace("&lt;br&gt;", "<br>")  # the line breaks of a table cell
     return re.sub(r"\[(.+?)\]\(([^)]+)\)", r'<a href="\2">\1</a>', joined)
 
 
