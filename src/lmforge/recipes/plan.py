@@ -40,6 +40,7 @@ BYTES_PER_TOKEN = 3.0  # a 4,096-token BPE on Python source; sizes the corpus on
 KEPT_FRACTION = 0.6  # of the raw bytes, after held-out documents, filters and edits
 RAW_BYTES = (1_000_000, 200_000_000)
 HELDOUT_BYTES_PER_SOURCE = (20_000, 100_000)
+EVAL_TOKENS_PER_INSTANCE = 60  # tokens/s per downstream instance: 100 instances at 6,000 tokens/s
 
 
 @dataclass
@@ -165,7 +166,8 @@ def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput:
         raw_bytes=raw_bytes,
         heldout_bytes_per_source=int(min(max(raw_bytes // 100, HELDOUT_BYTES_PER_SOURCE[0]),
                                          HELDOUT_BYTES_PER_SOURCE[1])),
-        eval_limit=int(min(max(minutes * 8, 10), 200)))
+        # Evaluation scales with the machine's speed too: instances per task from the measured throughput.
+        eval_limit=int(min(max(best["tokens_per_second"] / EVAL_TOKENS_PER_INSTANCE, 10), 200)))
 
 
 def plan_from_json(data: dict) -> Plan:

@@ -467,7 +467,7 @@ def headline(out: Path) -> list[str]:
             f"{base['gzip_bits_per_byte']:.3f}, zstd {base['zstd_bits_per_byte']:.3f}; lower is better)",
             f"model: {plan['parameters']:,} parameters trained on {plan['training_tokens']:,} tokens "
             f"({plan['tokens_per_parameter']:g} tokens per parameter)",
-            f"training energy: {kwh:.3g} kWh, {co2:.3g} kg CO2eq (method {energy[0]['method']}: {energy[0]['detail']})"]
+            f"training energy: {kwh:.3g} kWh, {co2:.3g} kg CO2eq ({energy[0]['detail']})"]
 
 
 def check_hf_export(model_dir: Path, hf_dir: Path, prompt: str) -> dict:
