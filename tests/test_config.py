@@ -14,6 +14,7 @@ from lmforge.tokens.dataset import DataConfig, SourceConfig
 from lmforge.tokens.instance_filter import InstanceFilterConfig
 from lmforge.train.config import (
     CheckpointConfig,
+    DataDegrees,
     EnergyConfig,
     InitFrom,
     MetricsConfig,
@@ -168,7 +169,8 @@ def non_default_train_config():
                                   clip_after_warmup_only=True, fused=False),
         schedule=ScheduleConfig(name="wsd", units="tokens", warmup=100, final_lr_fraction=0.0, decay=50, duration=2000),
         skip_step=SkipStepConfig(enabled=False, sigma_factor=3.5, window=16, min_values=8, max_consecutive=2),
-        parallel=ParallelConfig(data_parallel="hsdp", hsdp_shard_size=4, activation_checkpointing="selective",
+        parallel=ParallelConfig(data_parallel="hsdp", data=DataDegrees(shard=4, replicate=2), tensor=2, context=3,
+                                expert=4, activation_checkpointing="selective",
                                 ac_every=3, compile=True),
         checkpoint=CheckpointConfig(interval=None, interval_minutes=30.5, keep_last=5, permanent_interval=1000,
                                     save_final=False),

@@ -199,6 +199,27 @@ def test_rerun_with_another_shard_size_replaces_the_old_run(tmp_path):
     assert sorted(read) == sorted(on_disk) == sorted(d["id"] for d in docs)
 
 
+def test_mix_writes_the_resolved_config_beside_its_manifest(tmp_path):
+    from lmforge.cli import main
+
+    docs = [{"id": str(i), "text": f"document number {i}", "source": "web"} for i in range(10)]
+    _shard(tmp_path, "a.jsonl.gz", docs, [{"t__score": [[0, 5, i / 10]]} for i in range(10)])
+    config = {"streams": [{"name": "web", "documents": [str(tmp_path / "documents/*.jsonl.gz")], "attributes": ["t"],
+                           "filter": {"include": ["t__score >= 0.5"]}}],
+              "output": {"path": str(tmp_path / "out")}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    assert main(["data", "mix", str(tmp_path / "mix.yaml"), "--seed", "7", "output.compression=zst"]) == 0
+    saved = tmp_path / "out" / "config.yaml"
+    # Resolved: the file's settings, the flag and the override, and every default, written out in full.
+    expected = {**config, "seed": 7}
+    expected["output"] = {**config["output"], "compression": "zst"}
+    assert load_config(MixerConfig, str(saved)) == load_config(MixerConfig, flags=expected)
+    on_disk = yaml.safe_load(saved.read_text())
+    assert on_disk["seed"] == 7 and on_disk["output"]["compression"] == "zst"
+    assert on_disk["streams"][0]["sample_rate"] == 1.0  # a default the file did not name
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"] == on_disk
+
+
 def test_mixer_counts_the_funnel_per_filter_in_bytes(tmp_path):
     """Each dropped document counts once, under the first exclude filter that matches it, with the UTF-8
     bytes of its text; bytes in and out are UTF-8 too."""

@@ -46,7 +46,7 @@ def test_two_process_fsdp_ddp_hsdp_match_one_process_and_resume_across_world_siz
     run_multiprocess(2, [
         (tmp_path / "fsdp", {**BASE, "parallel.data_parallel": "fsdp"}),
         (tmp_path / "ddp", {**BASE, "parallel.data_parallel": "ddp"}),
-        (tmp_path / "hsdp", {**BASE, "parallel.data_parallel": "hsdp", "parallel.hsdp_shard_size": 1}),
+        (tmp_path / "hsdp", {**BASE, "parallel.data_parallel": "hsdp", "parallel.data.shard": 1}),
         (tmp_path / "single_then_two", {**BASE, "parallel.data_parallel": "fsdp"}),
     ])
     fsdp, ddp, hsdp = (read_metrics(tmp_path / name) for name in ("fsdp", "ddp", "hsdp"))

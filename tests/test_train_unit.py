@@ -119,7 +119,7 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, max_steps=6, **{"skip_step.enabled": True, "skip_step.min_values": 2,
                                                    "checkpoint.interval": None, "checkpoint.save_final": False})
     trainer = Trainer(config, loader_factory=array_loader_factory(random_tokens(), 32))
-    original = trainer.forward_loss
+    original = trainer.objective.forward_loss
     snapshots = {}
 
     def injected(model, input_ids, labels, doc_ids):
@@ -131,7 +131,7 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
         snapshots.setdefault(trainer.step, [p.detach().clone() for p in trainer.params])
         return ce, z, router
 
-    monkeypatch.setattr(trainer, "forward_loss", injected)
+    monkeypatch.setattr(trainer.objective, "forward_loss", injected)
     trainer.fit()
     rows = {r["step"]: r for r in map(__import__("json").loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert [s for s, r in rows.items() if r["skipped"]] == [3, 5]
@@ -143,7 +143,7 @@ def test_trainer_skips_update_on_injected_nan_and_spike(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"global_batch_size": 5 * 32}, "not divisible by micro_batch_size x world size"),
+    ({"global_batch_size": 5 * 32}, "not divisible by micro_batch_size x data-parallel ranks"),
     ({"micro_batch_size": 40}, "multiple of data.sequence_length"),
     ({"data.sequence_length": 128, "micro_batch_size": 128, "global_batch_size": 512}, "longer than the model's context"),
     ({"max_steps": None}, "set max_steps or max_tokens"),
@@ -175,7 +175,7 @@ def test_shipped_configs_resolve_and_fit_their_scale(path):
 
 def test_fused_ce_and_z_loss_match_float64_reference():
     from lmforge.model.transformer import cross_entropy_loss
-    from lmforge.train.trainer import IGNORE_INDEX
+    from lmforge.train.objective import IGNORE_INDEX
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11) * 4
@@ -192,7 +192,7 @@ def test_fused_ce_and_z_loss_match_float64_reference():
 
 def test_fused_loss_gradient_matches_float64_autograd():
     from lmforge.model.transformer import cross_entropy_loss
-    from lmforge.train.trainer import IGNORE_INDEX
+    from lmforge.train.objective import IGNORE_INDEX
 
     torch.manual_seed(1)
     logits = (torch.randn(2, 4, 9) * 3).requires_grad_()

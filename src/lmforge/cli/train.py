@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from lmforge.train.trainer import preflight
 
         min_nodes = int(str(args.nnodes).split(":")[0])
-        preflight(config, world_size=args.nproc * min_nodes)
+        preflight(config, world_size=args.nproc * min_nodes, local_world_size=args.nproc)
         return launch_torchrun(["train", args.config, *args.overrides], nproc=args.nproc, run_dir=config.run_dir,
                                nnodes=args.nnodes, max_restarts=args.max_restarts, rdzv_endpoint=args.rdzv_endpoint,
                                rdzv_id=args.rdzv_id)

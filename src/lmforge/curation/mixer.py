@@ -27,14 +27,13 @@ from typing import Literal
 import xxhash
 import zstandard
 
-from lmforge.core.config import to_dict
 from lmforge.curation.attributes import attribute_dir, attribute_path, read_attribute_rows
 from lmforge.curation.documents import (DONE_DIR, DocumentWriter, InputConfig, ReadReport, input_shards,
                                         read_documents, text_bytes)
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.curation.filter_expr import (Context, attribute_keys, compile_filter, compile_jsonpath,
                                           jsonpath_span_key)
-from lmforge.core.config import require
+from lmforge.core.config import require, save_config, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
@@ -487,6 +486,7 @@ def _run_mix(config: MixerConfig) -> dict:
         files += r["files"]
     _refuse_absent_keys(config, results)
     inputs = [p for t in tasks for p in t.paths]
+    save_config(config, config.output.path)
     write_manifest(config.output.path, command="data mix", config=config, inputs=inputs,
                    counts={"streams": per_stream}, extra={"files": sorted(files), "skipped": skipped[:100]})
     return {"output": config.output.path, "tasks": len(tasks), "tasks_skipped_done": len(tasks) - len(todo),

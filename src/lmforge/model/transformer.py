@@ -11,7 +11,8 @@
 Attention goes through `attention()`: SDPA (flash kernels on GPU for plain causal layers), and for sliding
 windows on GPU whichever fast path is installed (flash-attn's window, else flex attention). Optional
 intra-document masking takes `doc_ids` (one document index per position) so tokens attend only inside their
-document. A `KVCache` makes generation incremental; positions come from the caller so left-padded batches work.
+document, with positions restarting at each document (a packed example sees what it would alone). A `KVCache`
+makes generation incremental; positions come from the caller so left-padded batches work.
 """
 
 from __future__ import annotations
@@ -365,7 +366,11 @@ def attention_backend(q: torch.Tensor, mask: LayerMask) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask) -> torch.Tensor:
-    """Softmax attention of q (B, H, L, D) over k, v (B, H, keys, D), with the automatically chosen backend."""
+    """Softmax attention of q (B, H, L, D) over k, v (B, KV heads, keys, D), with the automatically chosen
+    backend; with fewer KV heads (grouped-query attention) each serves H / KV consecutive query heads."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return ATTENTION_BACKENDS[attention_backend(q, mask)](q, k, v, mask)
 
 
@@ -381,6 +386,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.q_norm = make_norm(config, config.d_model) if config.qk_norm else None
         self.k_norm = make_norm(config, kv_size) if config.qk_norm else None
+        # Context parallelism swaps this from outside (as `MoE.dispatch`) for attention over gathered keys.
+        self.attend: Callable = attention
 
     def forward(self, x, rope, mask: LayerMask, cache: KVCache | None):
         c = self.config
@@ -390,18 +397,16 @@ class Attention(nn.Module):
             q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
         if self.q_norm is not None:  # over the whole projection, before the split into heads (OLMo 2)
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, L, c.n_heads, c.head_dim).transpose(1, 2)
-        k = k.view(B, L, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, L, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        # Head counts from the projections' widths: under tensor parallelism a rank holds a slice of the heads.
+        q = q.view(B, L, -1, c.head_dim).transpose(1, 2)
+        k = k.view(B, L, -1, c.head_dim).transpose(1, 2)
+        v = v.view(B, L, -1, c.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if c.n_kv_heads != c.n_heads:
-            repeat = c.n_heads // c.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, c.d_model))
+        y = self.attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
@@ -428,22 +433,31 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        # Expert parallelism swaps this from outside for one that computes with the rank's slice of the experts.
+        self.compute: Callable = expert_mlps
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: tokens grouped by expert (expert 0's first), counts: tokens per expert."""
-        if _grouped_mm_usable(x):
-            offsets = counts.cumsum(0, dtype=torch.int32)
+        return self.compute(x, counts, self.gate_proj, self.up_proj, self.down_proj)
 
-            def grouped(inputs, weight):
-                return torch._grouped_mm(inputs, weight.transpose(-2, -1).to(inputs.dtype), offs=offsets)
 
-            return grouped(F.silu(grouped(x, self.gate_proj)) * grouped(x, self.up_proj), self.down_proj)
-        outputs = []
-        for e, chunk in enumerate(x.split(counts.tolist())):
-            if len(chunk):
-                hidden = F.silu(F.linear(chunk, self.gate_proj[e])) * F.linear(chunk, self.up_proj[e])
-                outputs.append(F.linear(hidden, self.down_proj[e]))
-        return torch.cat(outputs) if outputs else x.new_zeros((0, self.down_proj.shape[1]))
+def expert_mlps(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU of expert e (weights gate[e], up[e], down[e]) on the counts[e] tokens of x grouped by expert;
+    expert parallelism calls it with the experts a rank holds."""
+    if _grouped_mm_usable(x):
+        offsets = counts.cumsum(0, dtype=torch.int32)
+
+        def grouped(inputs, weight):
+            return torch._grouped_mm(inputs, weight.transpose(-2, -1).to(inputs.dtype), offs=offsets)
+
+        return grouped(F.silu(grouped(x, gate)) * grouped(x, up), down)
+    outputs = []
+    for e, chunk in enumerate(x.split(counts.tolist())):
+        if len(chunk):
+            hidden = F.silu(F.linear(chunk, gate[e])) * F.linear(chunk, up[e])
+            outputs.append(F.linear(hidden, down[e]))
+    return torch.cat(outputs) if outputs else x.new_zeros((0, down.shape[1]))
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
@@ -569,12 +583,15 @@ class Transformer(nn.Module):
 
         positions: (B, L) token positions, default 0..L-1 (offset by the cache length).
         attention_mask: (B, total_len) 1 for real tokens, 0 for padding, covering cached + new tokens.
-        doc_ids: (B, L) document index per position; attention stays inside a document.
+        doc_ids: (B, L) document index per position; attention stays inside a document, and positions (when
+            not given) restart at 0 in each document.
         """
         c = self.config
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
-        if positions is None:
+        if positions is None and doc_ids is not None and past == 0:
+            positions = document_positions(doc_ids)  # packed examples see the positions they would alone
+        elif positions is None:
             positions = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x = self.embed(input_ids)
         if self.embed_norm is not None:
@@ -634,6 +651,14 @@ class Transformer(nn.Module):
         if attention_mask is None:
             return torch.arange(total, device=device).expand(B, total)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :total]
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) position of each token inside its document: 0 where the document index changes, then counting."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
 
 
 def init_weights(model: Transformer, seed: int) -> None:

@@ -25,6 +25,7 @@ from lmforge.train.optim import build_optimizer
 
 # (d_model, n_layers): OLMo 2 blocks with 32-wide heads and a SwiGLU of 3 x d_model, as olmo2-tiny.
 SHAPES = [(64, 2), (96, 3), (128, 4), (192, 4), (256, 6), (384, 6), (512, 8)]
+FIXED_SHAPE = (128, 4)  # olmo2-tiny
 HEAD_DIM = 32
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 SEQUENCE_LENGTH = 256
@@ -107,6 +108,25 @@ def measure_throughput(config: ModelConfig, steps: int = 2) -> float:
 def predicted_loss(non_embedding: int, tokens: float) -> float:
     c = CHINCHILLA
     return c["E"] + c["A"] / non_embedding ** c["alpha"] + c["B"] / max(tokens, 1.0) ** c["beta"]
+
+
+def fixed_plan(minutes: float, vocab_size: int, steps: int, raw_bytes: int, eval_limit: int) -> Plan:
+    """No probe: `steps` of stage 1 (and an eighth of that per anneal) of olmo2-tiny's shape, the one
+    `configs/train/quickstart.yaml` names, so its documented commands continue the run (tests, experiments)."""
+    config = shape_config(*FIXED_SHAPE, vocab_size)
+    counts = count_parameters(config)
+    anneal_steps = max(1, steps // 8)
+    step_tokens = BATCH_SEQUENCES * SEQUENCE_LENGTH
+    tokens = (steps + ANNEAL_RUNS * anneal_steps) * step_tokens
+    return Plan(
+        minutes=minutes, throughput=0.0, probe=[], d_model=config.d_model, n_layers=config.n_layers,
+        n_heads=config.n_heads, mlp_hidden_size=config.mlp_hidden_size, parameters=counts["total"],
+        non_embedding_parameters=counts["non_embedding"], sequence_length=SEQUENCE_LENGTH,
+        global_batch_size=step_tokens, micro_batch_size=MICRO_SEQUENCES * SEQUENCE_LENGTH, lr=3e-3,
+        warmup_steps=min(100, max(1, steps // 10)), stage1_steps=steps, anneal_steps=anneal_steps,
+        anneal_runs=ANNEAL_RUNS, training_tokens=tokens, tokens_per_parameter=round(tokens / counts["total"], 2),
+        tokens_per_non_embedding_parameter=round(tokens / counts["non_embedding"], 2), raw_bytes=raw_bytes,
+        heldout_bytes_per_source=HELDOUT_BYTES_PER_SOURCE[0], eval_limit=eval_limit)
 
 
 def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput: float | None = None,

@@ -33,7 +33,7 @@ from lmforge.core.config import apply_overrides, packaged_config
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.recipes import corpus
-from lmforge.recipes.plan import make_plan, plan_from_json
+from lmforge.recipes.plan import fixed_plan, make_plan, plan_from_json
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
 CODE_TAGGERS = "gopher,c4,pii,langid,code"
@@ -156,7 +156,8 @@ class Quickstart:
     def options(self) -> dict:
         a = self.args
         return {"minutes": a.minutes, "documents": a.documents, "vocab_size": a.vocab_size,
-                "throughput": a.throughput, "grid_kg_co2eq_per_kwh": a.grid_kg_co2eq_per_kwh}
+                "throughput": a.throughput, "grid_kg_co2eq_per_kwh": a.grid_kg_co2eq_per_kwh, "steps": a.steps,
+                "raw_bytes": a.raw_bytes, "eval_limit": a.eval_limit}
 
     def check_inputs(self) -> None:
         """Bad input is refused before anything runs (one line, exit 2)."""
@@ -170,14 +171,23 @@ class Quickstart:
                                    f"options to continue it, or choose another --out")
         if self.args.minutes < 1:
             raise LmforgeError(f"--minutes {self.args.minutes:g} is too short: give at least 1 (the default is 12)")
+        for flag in ("steps", "raw_bytes", "eval_limit"):
+            given = getattr(self.args, flag)
+            if given is not None and given < 1:
+                raise LmforgeError(f"--{flag.replace('_', '-')} must be at least 1, got {given}")
         if self.args.documents:
             corpus.check_user_documents(self.args.documents)
 
     # ---- stages -------------------------------------------------------------------------------------------
 
     def plan_stage(self) -> None:
-        plan = make_plan(self.args.minutes, self.args.vocab_size, time.monotonic() - self.started,
-                         throughput=self.args.throughput)
+        a = self.args
+        if a.steps is not None:
+            plan = fixed_plan(a.minutes, a.vocab_size, a.steps, a.raw_bytes or 1_000_000, a.eval_limit or 100)
+        else:
+            plan = make_plan(a.minutes, a.vocab_size, time.monotonic() - self.started, throughput=a.throughput)
+            plan.raw_bytes = a.raw_bytes or plan.raw_bytes
+            plan.eval_limit = a.eval_limit or plan.eval_limit
         atomic_write_json(self.out / "plan.json", {"options": self.options(), "plan": plan.to_json()})
         print(f"  model: d_model {plan.d_model}, {plan.n_layers} layers, {plan.parameters:,} parameters; "
               f"{plan.training_tokens:,} training tokens ({plan.tokens_per_parameter:g} per parameter); "
@@ -347,6 +357,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="plan for this training speed of the smallest model instead of measuring it")
     parser.add_argument("--grid-kg-co2eq-per-kwh", type=float, default=0.475,
                         help="carbon intensity of your electricity (default: world average, IEA via CodeCarbon)")
+    overrides = parser.add_argument_group("overriding the plan (tests, experiments)")
+    overrides.add_argument("--steps", type=int, default=None,
+                           help="stage-1 steps of olmo2-tiny's shape, without a probe (an eighth per anneal)")
+    overrides.add_argument("--raw-bytes", type=int, default=None, help="size of the raw corpus")
+    overrides.add_argument("--eval-limit", type=int, default=None, help="instances per downstream task")
     parser.add_argument("--no-adapt", action="store_true",
                         help=f"skip adapting a real model ({ADAPT_MODEL}); that stage is not in this version yet")
     return parser.parse_args(argv)

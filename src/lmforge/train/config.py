@@ -96,12 +96,137 @@ class SkipStepConfig:
 
 
 @dataclass
+class DataDegrees:
+    """`parallel.data`: how many ranks shard the weights (FSDP) and how many groups replicate them (DDP, HSDP's
+    outer dimension). null: what the world leaves after the model-parallel degrees (HSDP's shard: the node's)."""
+
+    shard: int | None = None
+    replicate: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("shard", "replicate"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name),
+                    "must be positive (or null)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks divide, outermost first: world = pipeline x replicate x shard x context x tensor. `expert`
+    ranks among the shard ranks hold different experts; `mode` is how the data-parallel ranks hold weights."""
+
+    mode: Literal["none", "ddp", "fsdp", "hsdp"] = "none"
+    pipeline: int = 1
+    replicate: int = 1
+    shard: int = 1
+    context: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.pipeline * self.replicate * self.shard * self.context * self.tensor
+
+    @property
+    def data(self) -> int:
+        """Ranks that see different batch rows."""
+        return self.replicate * self.shard
+
+    def data_rank(self, rank: int) -> int:
+        return rank // (self.context * self.tensor) % self.data
+
+    def describe(self) -> str:
+        """E.g. "fsdp, shard 2, tensor 2": the mode and the degrees above 1."""
+        names = ("pipeline", "replicate", "shard", "context", "tensor", "expert")
+        return ", ".join([self.mode] + [f"{n} {getattr(self, n)}" for n in names if getattr(self, n) > 1])
+
+
+@dataclass
 class ParallelConfig:
     data_parallel: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"  # auto: fsdp when world > 1
-    hsdp_shard_size: int | None = None  # ranks per shard group (default: GPUs per node)
+    data: DataDegrees = field(default_factory=DataDegrees)
+    tensor: int = 1  # tensor + sequence parallel degree (heads, MLP, vocabulary split; norms over sequence chunks)
+    context: int = 1  # context parallel degree (each rank holds 2 of 2·context sequence chunks)
+    expert: int = 1  # expert parallel degree (experts spread over this many of the shard ranks)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     ac_every: int = 2  # selective: checkpoint every n-th block
     compile: bool = False  # torch.compile each block
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "context", "expert"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive degree")
+
+    def layout(self, world_size: int, local_world_size: int, model: ModelConfig, sequence_length: int,
+               pipeline: int = 1) -> Layout:
+        """The degrees for `world_size` ranks, or an LmforgeError naming the numbers that do not divide."""
+        tp, cp, ep = self.tensor, self.context, self.expert
+        model_parallel = pipeline * tp * cp
+        if world_size % model_parallel:
+            raise LmforgeError(f"world size {world_size} is not divisible by pipeline {pipeline} x tensor {tp} x "
+                               f"context {cp} = {model_parallel}")
+        rest = world_size // model_parallel
+        mode = self._data_mode(world_size, rest * cp)
+        if mode == "ddp" and tp * cp * ep > 1:
+            raise LmforgeError(f"parallel.data_parallel=ddp replicates whole modules; tensor {tp}, context {cp} and "
+                               f"expert {ep} parallelism need fsdp or hsdp")
+        replicate, shard = self._data_degrees(mode, rest, local_world_size // model_parallel)
+        if replicate * shard != rest:
+            raise LmforgeError(f"world size {world_size} != replicate {replicate} x shard {shard} x context {cp} x "
+                               f"tensor {tp} x pipeline {pipeline} = {replicate * shard * model_parallel}")
+        _check_model_split(model, sequence_length, tp, cp, ep, shard)
+        return Layout(mode, pipeline, replicate, shard, cp, tp, ep)
+
+    def _data_mode(self, world_size: int, data_ranks: int) -> str:
+        """FSDP also averages gradients over context ranks, so those count as data ranks here."""
+        if self.data_parallel == "none" and data_ranks > 1:
+            raise LmforgeError(f"parallel.data_parallel=none with {data_ranks} data-parallel ranks (world size "
+                               f"{world_size}); use ddp, fsdp or hsdp")
+        if data_ranks == 1:
+            return "none"  # nothing to shard or replicate
+        return "fsdp" if self.data_parallel == "auto" else self.data_parallel
+
+    def _data_degrees(self, mode: str, rest: int, node_rest: int) -> tuple[int, int]:
+        shard, replicate = self.data.shard, self.data.replicate
+        if mode == "hsdp":
+            if shard is None:
+                shard = rest // replicate if replicate else max(1, min(node_rest, rest))
+            if rest % shard:
+                raise LmforgeError(f"hsdp: {rest} data-parallel ranks are not divisible by the shard degree {shard}")
+            return replicate or rest // shard, shard
+        if mode == "ddp":
+            return replicate or rest, shard or 1
+        if mode == "fsdp" and (replicate or 1) > 1:
+            raise LmforgeError(f"parallel.data.replicate {replicate} needs data_parallel hsdp or ddp (fsdp shards "
+                               f"over all {rest} data-parallel ranks)")
+        return replicate or 1, shard or (rest if mode == "fsdp" else 1)
+
+
+def _check_model_split(model: ModelConfig, sequence_length: int, tp: int, cp: int, ep: int, shard: int) -> None:
+    """Refuse degrees the model or sequence cannot be split by."""
+    if tp > 1:
+        for name, size in (("the model's n_heads", model.n_heads), ("the model's n_kv_heads", model.n_kv_heads),
+                           ("the model's mlp_hidden_size", model.mlp_hidden_size),
+                           ("the model's embedding size", model.embedding_size),
+                           ("the sequence length per context rank", sequence_length // cp)):
+            if size % tp:
+                raise LmforgeError(f"parallel.tensor {tp} does not divide {name} {size}")
+    if cp > 1 and sequence_length % (2 * cp):
+        raise LmforgeError(f"data.sequence_length {sequence_length} is not divisible by 2 x parallel.context {cp} = "
+                           f"{2 * cp} (each rank takes two chunks, one early and one late, to balance causal work)")
+    for degree, name in ((tp, "tensor"), (cp, "context")):
+        if degree > 1 and model.position == "alibi":
+            raise LmforgeError(f"parallel.{name} {degree} with ALiBi is not supported (the bias is built per "
+                               f"head over the whole sequence); use RoPE or parallel.{name}=1")
+        if degree > 1 and model.n_experts:
+            raise LmforgeError(f"parallel.{name} {degree} with a mixture of experts is not supported; split the "
+                               f"experts with parallel.expert instead")
+    if ep > 1:
+        if not model.n_experts:
+            raise LmforgeError(f"parallel.expert {ep} needs a mixture of experts (the model has n_experts 0)")
+        if model.n_experts % ep:
+            raise LmforgeError(f"parallel.expert {ep} does not divide the model's n_experts {model.n_experts}")
+        if shard % ep:
+            raise LmforgeError(f"parallel.expert {ep} does not divide the data shard degree {shard} (experts are "
+                               f"spread over the ranks that shard the other weights)")
 
 
 @dataclass
@@ -218,16 +343,22 @@ class TrainConfig:
         require(self.metrics.log_interval > 0, "metrics.log_interval", self.metrics.log_interval, "must be positive")
         require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1")
 
-    def check(self, world_size: int, model: ModelConfig) -> None:
+    def check(self, world_size: int, model: ModelConfig, local_world_size: int | None = None) -> Layout:
         """Refuse, before any compute, a config that cannot run with this model on `world_size` ranks (the
-        checks that need more than the config; `validate` does the rest)."""
+        checks that need more than the config; `validate` does the rest). Returns the parallel layout."""
         seq = self.sequence_length
         if seq > model.max_sequence_length:
             raise LmforgeError(f"data.sequence_length {seq} is longer than the model's context "
                                f"(max_sequence_length {model.max_sequence_length})")
-        per_step = self.micro_batch_size * world_size
+        layout = self.parallel.layout(world_size, local_world_size or world_size, model, seq)
+        if self.eval_interval and layout.tensor * layout.context > 1:
+            raise LmforgeError(f"eval_interval with tensor {layout.tensor} x context {layout.context} parallelism is "
+                               f"not supported (the evaluators run whole sequences through one model); evaluate "
+                               f"the exported checkpoint instead")
+        per_step = self.micro_batch_size * layout.data
         for _, size in self.batch_sizes():
             if size % per_step:
                 raise LmforgeError(
-                    f"global batch of {size} tokens is not divisible by micro_batch_size x world size "
-                    f"({self.micro_batch_size} x {world_size} = {per_step} tokens)")
+                    f"global batch of {size} tokens is not divisible by micro_batch_size x data-parallel ranks "
+                    f"({self.micro_batch_size} x {layout.data} = {per_step} tokens)")
+        return layout

@@ -23,6 +23,13 @@ class DistInfo:
     local_rank: int
     local_world_size: int
     device: torch.device
+    # The rank's place among the ranks that see different batch rows (tensor/context parallel ranks share rows).
+    data_rank: int | None = None
+    data_world: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.data_rank is None:
+            self.data_rank, self.data_world = self.rank, self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -67,9 +74,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over `group` (default: all ranks), in place."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

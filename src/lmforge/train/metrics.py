@@ -97,6 +97,8 @@ def console_line(row: dict, max_steps: int | None) -> str:
         parts.append(f"z {row['z_loss']:.2e}")
     if row.get("moe_lb_loss") is not None:
         parts.append(f"lb {row['moe_lb_loss']:.3f} rz {row['moe_z_loss']:.2e}")
+    if row.get("reward") is not None:  # an RL objective's rollouts
+        parts.append(f"reward {row['reward']:.3f} acc {row['accuracy']:.3f}")
     parts.append(f"lr {row['lr']:.2e}")
     parts.append(f"gnorm {row['grad_norm']:.3f}")
     parts.append(f"{row['tokens_per_second_per_device']:,.0f} tok/s/dev")

@@ -43,13 +43,21 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None, clip: bool = True) -> torch.Tensor:
     """L2 norm of all gradients as one vector, across FSDP shards and ranks; scales them to `max_norm` if
-    larger and `clip`. Returns the norm before clipping (a 0-d tensor on the gradients' device)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):  # a partial sum over shards: reduce it to the global norm
-        total = total.full_tensor()
+    larger and `clip`. Returns the norm before clipping (a 0-d tensor on the gradients' device). Gradients on
+    different device meshes (experts split over an expert group, the rest over FSDP x tensor ranks) are
+    normed per mesh, since DTensor ops do not mix meshes."""
+    by_mesh: dict = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for params in by_mesh.values() or [[]]:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a partial sum over shards
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
     if clip and max_norm:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+        for params in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
 
 

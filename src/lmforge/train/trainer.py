@@ -3,14 +3,14 @@
 One optimizer step:
   1. take the step's global batch from the loader (this rank's share; with batch-size warmup, several
      base-size loader batches),
-  2. count the global batch's real (unmasked) label tokens across ranks,
-  3. forward/backward each micro-batch with loss = (sum of CE + z-loss) · world / global real tokens, so the
+  2. let the objective (`train/objective.py`: next-token prediction by default) prepare it and count its
+     normaliser (real label tokens for next-token prediction) across ranks,
+  3. forward/backward each micro-batch with loss = (objective's loss sum) · n / global count, so the
      gradient is that of the global batch's mean loss, whatever the split into micro-batches and ranks
-     (DDP/FSDP average gradients over ranks, hence the factor world); a mixture of experts adds its router
-     losses (load balancing, router z-loss: means over the micro-batch) weighted by the micro-batch's real
-     tokens, i.e. their token-weighted mean over the global batch,
+     (DDP/FSDP average gradients over the n data x context ranks, hence the factor n; tensor ranks share one
+     loss),
   4. global-norm clip, skip-step check, set the LR from the schedule, AdamW step.
-Loss, grad norm, z-loss and router losses come to the host once per step (the skip-step rule needs them);
+Loss, grad norm and the objective's metrics come to the host once per step (the skip-step rule needs them);
 everything else stays on the device (the experts' load is summed there and read at each metrics line).
 
 Exactness: the model is initialised from the seed alone, the data order is the loader's, the LR is a pure
@@ -38,7 +38,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
 from lmforge.model.info import flops_per_token
-from lmforge.model.transformer import ModelConfig, RouterLosses, Transformer, cross_entropy_loss, init_weights
+from lmforge.model.transformer import ModelConfig, Transformer, init_weights
 from lmforge.model.directory import check_tokenizer_fits
 from lmforge.model.checkpoints import CHECKPOINTS, latest_checkpoint, resolve_checkpoint, step_dir_name
 from lmforge.core.files import truncate_step_log
@@ -49,12 +49,10 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from lmforge.train.energy import EnergyMeter, energy_summary
 from lmforge.train.metrics import MetricsLogger, console_line, memory_gib, peak_flops
+from lmforge.train.objective import NextTokenPrediction, Objective
 from lmforge.train.optim import SkipStep, build_optimizer, clip_grad_norm, set_lr
 from lmforge.train.parallelize import parallelize, unwrap
 from lmforge.train.schedule import check_schedule, lr_multiplier
-
-IGNORE_INDEX = -100
-
 
 class BatchLoader(Protocol):
     """What the trainer needs from the data side (`lmforge.tokens.loader.DataLoader` is one): this rank's
@@ -77,24 +75,25 @@ class StepResult:
     step: int
     tokens: int
     loss: float
-    z_loss: float | None
     grad_norm: float
     lr: float
     skipped: str | None
-    router: dict[str, float] | None = None  # a mixture of experts' auxiliary losses (before their weights)
+    metrics: dict[str, float]  # the objective's (z-loss, a mixture of experts' router losses, DPO rewards, ...)
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, loader_factory: LoaderFactory | None = None,
                  evaluators: list[Evaluator] | None = None, dist_info: DistInfo | None = None,
-                 command: str = "lmforge train", checks_only: bool = False):
+                 command: str = "lmforge train", checks_only: bool = False, objective: Objective | None = None):
         self.config = config
         self.command = command
         self.dist = dist_info or init_distributed(config.device)
         self.tokenizer = resolve_tokenizer(config)
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
-        config.check(self.dist.world_size, self.model_config)
+        self.layout = config.check(self.dist.world_size, self.model_config, self.dist.local_world_size)
+        self.dist = dataclasses.replace(self.dist, data_rank=self.layout.data_rank(self.dist.rank),
+                                        data_world=self.layout.data)
         if self.tokenizer and not config.model.vocab_from_tokenizer:
             check_tokenizer_fits(load_tokenizer(self.tokenizer), self.model_config,
                                  fix="set model.vocab_from_tokenizer=true or a larger model vocab_size")
@@ -120,6 +119,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skip_step = SkipStep(config.skip_step)
+        if objective is not None and (self.layout.tensor > 1 or self.layout.context > 1):
+            raise LmforgeError("tensor and context parallelism split next-token prediction only; run this "
+                               "objective under data (FSDP/DDP) or expert parallelism")
+        self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier, self.parallel)
         self.step = 0
         self.tokens = 0
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len)
@@ -127,7 +130,6 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, config.metrics, self.dist.is_main, to_dict(config))
         self.energy = EnergyMeter(config.energy, self.device, reads_node_counters=self.dist.local_rank == 0)
         self.energy_before = 0.0  # joules of the run before this process resumed it (from the checkpoint)
-        self.expert_counts: torch.Tensor | None = None  # (MoE layers, experts) picks since the last metrics line
 
     # ---- setup ----------------------------------------------------------------------------------------------
 
@@ -165,12 +167,12 @@ class Trainer:
         init_weights(model, self.config.seed)  # same weights on every rank and for any world size
         model.to(self.device)
         param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-        model, self.dp_mode = parallelize(model, self.config.parallel, self.dist, param_dtype)
-        return model
+        self.parallel = parallelize(model, self.config.parallel, self.layout, self.dist, param_dtype)
+        return self.parallel.module
 
     def _autocast(self):
         # FSDP casts parameters itself (MixedPrecisionPolicy); other modes compute in bf16 through autocast.
-        if self.use_bf16 and self.dp_mode not in ("fsdp", "hsdp"):
+        if self.use_bf16 and self.layout.mode not in ("fsdp", "hsdp"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -241,33 +243,13 @@ class Trainer:
             raise LmforgeError(f"the data ran out at step {self.step} ({self.tokens:,} tokens); "
                                f"lower max_steps/max_tokens or add data") from None
 
-    def _labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "labels" in batch:
-            labels = batch["labels"].long()
-        else:  # next-token targets; the last position of each instance has none
-            ids = batch["input_ids"].long()
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            labels[:, :-1] = ids[:, 1:]
-        if "label_mask" in batch:
-            labels = labels.masked_fill(~batch["label_mask"].bool(), IGNORE_INDEX)
-        return labels
-
-    def forward_loss(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                     doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, RouterLosses | None]:
-        """(sum of CE, sum of z-loss) over the micro-batch's real label tokens, and the router losses of a
-        mixture of experts (None for a dense model)."""
-        with self._autocast():
-            logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True)
-        ce, z = cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
-        return ce, z, router
-
     def _sync_context(self, last: bool):
         # FSDP reduce-scatters every micro-batch, as OLMo-core does: sharded fp32 gradients accumulate, and no
         # unsharded gradient is kept between micro-batches. HSDP delays only the all-reduce across replicas.
-        if self.dp_mode == "hsdp":
+        if self.layout.mode == "hsdp":
             self.model.set_requires_all_reduce(last)
             return contextlib.nullcontext()
-        if self.dp_mode == "ddp" and not last:
+        if self.layout.mode == "ddp" and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
@@ -275,48 +257,37 @@ class Trainer:
         c = self.config
         self.step += 1
         self.tokens += batch_tokens
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
-        labels = self._labels(batch).to(self.device, non_blocking=True)
-        doc_ids = _doc_ids(batch["doc_lens"]).to(self.device, non_blocking=True) if "doc_lens" in batch else None
-        real_tokens = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32))
-        scale = self.dist.world_size / real_tokens.clamp(min=1)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        batch = self.objective.prepare(self.model, batch)
+        count = all_reduce_sum(self.objective.count(batch), self.parallel.data_group)
+        scale = self.parallel.averaged_ranks / count.clamp(min=1)
         micro = c.micro_batch_size // self.seq_len
-        n_micro = input_ids.shape[0] // micro
-        ce_total = torch.zeros((), device=self.device)
-        z_total = torch.zeros((), device=self.device)
-        router_total = torch.zeros(2, device=self.device)  # token-weighted load-balancing and router z-loss
-        for i in range(n_micro):
-            rows = slice(i * micro, (i + 1) * micro)
-            with self._sync_context(last=i == n_micro - 1):
-                ce, z, router = self.forward_loss(self.model, input_ids[rows], labels[rows],
-                                                  doc_ids[rows] if doc_ids is not None else None)
-                loss = ce + z if z is not None else ce
-                if router is not None:
-                    micro_tokens = (labels[rows] != IGNORE_INDEX).sum()
-                    loss = loss + router.total * micro_tokens
+        rows_total = next(iter(batch.values())).shape[0]
+        loss_total = torch.zeros((), device=self.device)
+        metric_totals: dict[str, torch.Tensor] = {}
+        for start in range(0, rows_total, micro):
+            micro_batch = {k: v[start:start + micro] for k, v in batch.items()}
+            with self._sync_context(last=start + micro >= rows_total), self.parallel.loss_context():
+                with self._autocast():
+                    loss, metrics = self.objective.loss(self.model, micro_batch)
                 (loss * scale).backward()
-            ce_total += ce.detach()
-            if z is not None:
-                z_total += z.detach()
-            if router is not None:
-                router_total += torch.stack([router.load_balancing, router.z_loss]).detach() * micro_tokens
-                counts = router.expert_counts.detach()
-                self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+            loss_total += loss.detach()
+            for name, value in metrics.items():
+                metric_totals[name] = metric_totals.get(name, 0) + value.detach().float()
         warmup_done = self._progress() > c.schedule.warmup
         clip = not c.optimizer.clip_after_warmup_only or warmup_done
         grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
-        reported = all_reduce_sum(torch.cat([torch.stack([ce_total, z_total]), router_total])) / real_tokens.clamp(min=1)
-        loss_value, z_value, lb_value, router_z_value, norm_value = torch.cat(
-            [reported, grad_norm.reshape(1).float()]).tolist()
+        names = sorted(metric_totals)
+        sums = all_reduce_sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]), self.parallel.loss_group)
+        values = torch.cat([sums / count.clamp(min=1), grad_norm.reshape(1).float()]).tolist()
+        loss_value, norm_value, metric_values = values[0], values[-1], dict(zip(names, values[1:-1]))
         lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
         skipped = self.skip_step.check(loss_value, norm_value)
         if skipped is None:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        router_values = {"moe_lb_loss": lb_value, "moe_z_loss": router_z_value} if self.model_config.n_experts else None
-        return StepResult(self.step, self.tokens, loss_value, z_value if c.z_loss_multiplier else None,
-                          norm_value, lr, skipped, router_values)
+        return StepResult(self.step, self.tokens, loss_value, norm_value, lr, skipped, metric_values)
 
     def _progress(self) -> int:
         return self.step if self.config.schedule.units == "steps" else self.tokens
@@ -337,7 +308,7 @@ class Trainer:
             self.metrics.truncate_after(self.step)
             truncate_step_log(self.run_dir / BATCHES_FILE, self.step)
         self._log(f"training {self.model_config.family} model, {sum(p.numel() for p in self.params):,} parameters, "
-                  f"{self.dist.world_size} x {self.device.type} ({self.dp_mode}), {self.max_steps} steps, "
+                  f"{self.dist.world_size} x {self.device.type} ({self.layout.describe()}), {self.max_steps} steps, "
                   f"{self.max_tokens:,} tokens" + (f", from step {self.step}" if resumed else ""))
         batches = iter(self.loader)
         last_save_time = time.monotonic()
@@ -415,7 +386,7 @@ class Trainer:
     def _log_metrics(self, result: StepResult, interval: "_Interval") -> None:
         tps = interval.tokens / max(interval.elapsed, 1e-9) / self.dist.world_size
         row = {
-            "step": result.step, "tokens": result.tokens, "loss": result.loss, "z_loss": result.z_loss,
+            "step": result.step, "tokens": result.tokens, "loss": result.loss,
             "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_second": tps * self.dist.world_size,
             "tokens_per_second_per_device": tps,
             "mfu": 100 * self.flops_per_token * tps / self.peak_flops if self.peak_flops else None,
@@ -424,11 +395,8 @@ class Trainer:
         }
         energy = self._energy()
         row.update(energy_kwh=energy["kwh"], co2eq_kg=energy["kg_co2eq"])
-        if result.router is not None:
-            row.update(result.router)
-        if self.expert_counts is not None:
-            row.update(expert_load(all_reduce_sum(self.expert_counts)))
-            self.expert_counts = None
+        row.update(result.metrics)
+        row.update(self.objective.interval_metrics())
         self.metrics.log(row)
         self._log(console_line(row, self.max_steps))
 
@@ -477,8 +445,8 @@ def default_loader_factory(config: TrainConfig, run_dir: Path, record: bool = Tr
         if dist_info.is_main and record:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_data_record(run_dir, dataset)
-        return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.rank,
-                              world_size=dist_info.world_size)
+        return dataset.loader(global_batch_tokens // config.sequence_length, rank=dist_info.data_rank,
+                              world_size=dist_info.data_world)
 
     return factory
 
@@ -497,26 +465,11 @@ def load_tokenizer(name: str, model: ModelConfig | None = None) -> Tokenizer:
     return find_tokenizer(name, eos_id=model.eos_token_id, pad_id=model.pad_token_id, bos_id=model.bos_token_id)
 
 
-def expert_load(counts: torch.Tensor) -> dict[str, float]:
-    """Per MoE layer, the smallest and largest share of the router's picks that one expert got (1/n_experts
-    each when balanced), from (layers, experts) pick counts."""
-    share = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    low, high = share.min(-1).values.tolist(), share.max(-1).values.tolist()
-    row = {}
-    for layer, (a, b) in enumerate(zip(low, high)):
-        row[f"expert_load/layer{layer}_min"], row[f"expert_load/layer{layer}_max"] = a, b
-    return row
-
-
-def _doc_ids(doc_lens: torch.Tensor) -> torch.Tensor:
-    """(B, D) zero-padded document lengths -> (B, L) document index per position."""
-    return torch.stack([torch.repeat_interleave(torch.arange(len(row)), row) for row in doc_lens.long()])
-
-
-def preflight(config: TrainConfig, world_size: int) -> None:
+def preflight(config: TrainConfig, world_size: int, local_world_size: int | None = None) -> None:
     """Make every refusal the trainer makes before compute, in this process: a launcher runs it once before
     starting workers, so a bad config or unusable data is one line, not one per worker plus torchrun's trace."""
-    Trainer(config, dist_info=DistInfo(0, world_size, 0, world_size, torch.device("cpu")), checks_only=True,
+    Trainer(config, dist_info=DistInfo(0, world_size, 0, local_world_size or world_size, torch.device("cpu")),
+            checks_only=True,
             loader_factory=default_loader_factory(config, Path(config.run_dir), record=False))
 
 
