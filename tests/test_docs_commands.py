@@ -63,6 +63,10 @@ SUBSTITUTIONS = [
     (r"--limit \d+", "--limit 4", "4 items per task"),
     (r"^(lmforge eval (?!.*--limit).*)$", r"\1 --limit 4", "4 items per task (a whole suite takes hours on CPU)"),
     (r"--expected-paragraphs \d+", "--expected-paragraphs 100000", "a Bloom filter for 50M paragraphs is 180 MB"),
+    (r"--vocab-size 4096 --out quickstart/tokenizer", "--vocab-size 512 --out quickstart/tokenizer",
+     "the workspace's quickstart trained a 512-token BPE (its run's vocabulary)"),
+    (r"(configs/train/quickstart_anneal\.yaml .*data\.seed=\d)$", r"\1 max_steps=3",
+     "the workspace's anneals have one step: two more, not the config's 20"),
 ]
 
 # (pattern, why): documented commands that cannot run here at all.
@@ -73,6 +77,9 @@ NOT_RUN = [
     (r"pip install", "downloads packages (the tests run offline)"),
     (r"^bash benchmarks/peers/setup_", "downloads the peers (the tests run offline)"),
     (r"^torchrun --nnodes [2-9]", "several machines; one machine's torchrun path is `train --nproc`, which runs"),
+    (r"--executor ray", "needs Ray (the `ray` extra) and a cluster to join; the executor's Ray path is tested where "
+     "ray is installed"),
+    (r"olmo2-7b-stage2\.yaml", "stage 2 of a 7B model needs the 7B stage-1 run and GPUs"),
     (r"^python benchmarks/fault_campaign\.py", "kills and reruns every stage dozens of times (minutes); "
      "tests/test_fault_campaign.py runs a short campaign on real stages"),
 ]

@@ -106,6 +106,8 @@ def console_line(row: dict, max_steps: int | None) -> str:
         parts.append(f"MFU {row['mfu']:.1f}%")
     parts.append(f"data {row['data_wait_pct']:.1f}%")
     parts.append(f"mem {row['memory_gib']:.2f} GiB")
+    if row.get("energy_kwh") is not None:
+        parts.append(f"{1000 * row['energy_kwh']:.3g} Wh")
     if row.get("skipped"):
         parts.append(f"skipped {row['skipped']}")
     return " | ".join(parts)
