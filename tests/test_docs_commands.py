@@ -80,6 +80,10 @@ NOT_RUN = [
     (r"--executor ray", "needs Ray (the `ray` extra) and a cluster to join; the executor's Ray path is tested where "
      "ray is installed"),
     (r"olmo2-7b-stage2\.yaml", "stage 2 of a 7B model needs the 7B stage-1 run and GPUs"),
+    (r"--nproc 8 .*parallel\.(tensor|context|expert|pipeline|data)", "layouts of 8 or 16 GPUs; "
+     "tests/test_train_scaleout.py and tests/test_train_pipeline.py pass each through the launcher's checks"),
+    (r"tulu3-8b|llama-3\.1-8b", "Tülu 3's 8B recipes need an 8B start model and GPUs; tests/test_shipped_configs.py "
+     "and tests/test_adapt_rlvr.py load the recipes"),
     (r"^python benchmarks/fault_campaign\.py", "kills and reruns every stage dozens of times (minutes); "
      "tests/test_fault_campaign.py runs a short campaign on real stages"),
 ]

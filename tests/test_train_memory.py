@@ -129,13 +129,13 @@ def measure_peak(run_dir: str, **overrides) -> int:
     batches = iter(trainer.loader)
     tracker = MemTracker()
     tracker.track_external(trainer.model, trainer.optimizer)
-    forward_loss = trainer.forward_loss
+    forward_loss = trainer.objective.forward_loss
 
     def each_micro_batch(*args, **kwargs):  # MemTracker follows one forward per module unless reset
         tracker.reset_mod_stats()
         return forward_loss(*args, **kwargs)
 
-    trainer.forward_loss = each_micro_batch
+    trainer.objective.forward_loss = each_micro_batch
     with tracker:
         for _ in range(2):  # the second step has the optimizer state from the first
             trainer.train_step(trainer._next_batch(batches, config.global_batch_size), config.global_batch_size)
