@@ -77,10 +77,11 @@ def generate_steps(model: Transformer, prompts: list[list[int]], config: Samplin
     for step in range(max_new):
         length = longest + step
         if cache is not None:
-            logits = model(step_ids, positions=step_pos, attention_mask=mask[:, :length], cache=cache)
+            logits = model(step_ids, positions=step_pos, attention_mask=mask[:, :length], cache=cache,
+                           last_logits_only=True)
         else:
             all_pos = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)
-            logits = model(sequence, positions=all_pos, attention_mask=mask[:, :length])
+            logits = model(sequence, positions=all_pos, attention_mask=mask[:, :length], last_logits_only=True)
         token = next_token(logits[:, -1], config, generator)
         tokens = token.tolist()  # one device-to-host copy per step
         new: list[int | None] = [None if done[i] else tokens[i] for i in range(B)]
