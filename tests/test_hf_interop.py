@@ -91,3 +91,28 @@ def test_import_of_a_config_without_pad_token(tmp_path, preset):
     ids = torch.randint(0, 50_000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(back(ids), model(ids))
+
+
+@pytest.mark.parametrize("form", ["model", "hf"])
+def test_weights_that_do_not_fit_the_config_are_one_error_naming_them(tmp_path, form):
+    """Every reader builds the model through one function: a config whose shapes the weights do not have is
+    refused by name (a transformers directory used to fail inside load_state_dict with a traceback)."""
+    import json
+
+    from lmforge.model.hf import read_hf
+
+    model = build_model(get_preset("llama-tiny"), seed=0)
+    save_model_dir(model, tmp_path / "model")
+    export_hf(model, None, tmp_path / "hf")
+    config_path = tmp_path / form / "config.json"
+    config = json.loads(config_path.read_text())
+    if form == "model":
+        config["model"]["mlp_hidden_size"] += 8
+    else:
+        del config["lmforge_model"]
+        config["intermediate_size"] += 8
+    config_path.write_text(json.dumps(config))
+    read = load_model_dir if form == "model" else read_hf
+    with pytest.raises(LmforgeError, match=r"weights in .*: blocks\.0\.mlp\.\w+_proj\.weight has shape .* "
+                                           r"config\.json implies"):
+        read(tmp_path / form)

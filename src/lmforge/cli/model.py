@@ -41,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     gen = sub.add_parser("generate", help="generate text from a model (any saved form)")
     gen.add_argument("model", help="model directory, training run or checkpoint, or transformers directory")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", help="a prompt to continue (repeat for a batch)")
+    prompt.add_argument("--chat", action="append", metavar="MESSAGE",
+                        help="a user message, rendered with the model's chat template; the reply is printed "
+                             "(repeat for a batch)")
     add_config_flags(gen, SamplingConfig, {
         "max_new_tokens": "tokens to generate at most",
         "temperature": "0 = greedy",
@@ -139,19 +143,34 @@ def cmd_init(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from lmforge.model.generation import generate_text
+    from lmforge.model.generation import chat_prompt, generate_text
     from lmforge.model.loading import load, resolve_device
 
     config = config_from_args(SamplingConfig, args)  # checked before the model is loaded
     loaded = load(args.model, args.step, device=resolve_device(args.device), tokenizer=args.tokenizer,
                   require_tokenizer=True)
     model, tokenizer = loaded.model, loaded.tokenizer
-    texts = generate_text(model, tokenizer, args.prompt, config)
+    inputs = args.chat or args.prompt
+    prompts = [chat_prompt(tokenizer, m) for m in args.chat] if args.chat else args.prompt
+    echo = not args.chat  # a continuation reads after its prompt; a chat reply stands alone
     if args.json:
-        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(args.prompt, texts)], ensure_ascii=False))
+        texts = generate_text(model, tokenizer, prompts, config)
+        key = "message" if args.chat else "prompt"
+        print(json.dumps([{key: p, "completion": t} for p, t in zip(inputs, texts)], ensure_ascii=False))
         return
-    for prompt, text in zip(args.prompt, texts):
-        sys.stdout.write(f"{prompt}{text}\n")
+    if len(prompts) == 1:  # one prompt streams as it is generated
+        sys.stdout.write(inputs[0] if echo else "")
+        sys.stdout.flush()
+        generate_text(model, tokenizer, prompts, config, on_text=lambda _, piece: _write_now(piece))
+        sys.stdout.write("\n")
+        return
+    for given, text in zip(inputs, generate_text(model, tokenizer, prompts, config)):
+        sys.stdout.write(f"{given}{text}\n" if echo else f"{text}\n")
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def cmd_export_hf(args) -> None:

@@ -21,6 +21,7 @@ class EvalConfig:
     batch_size: int = 16
     all_norms: bool = False  # also report PMI accuracy for tasks whose rule is not PMI (one more pass)
     max_new_tokens: int | None = None  # override the generative tasks' budget
+    chat: bool = False  # generative prompts through the model's chat template (rank classification unchanged)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -53,9 +53,13 @@ def needs_pmi(task: Task, all_norms: bool) -> bool:
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 16, all_norms: bool = False,
-                   max_new_tokens: int | None = None, progress: bool = False) -> tuple[dict, dict[str, list[dict]]]:
+                   max_new_tokens: int | None = None, progress: bool = False,
+                   chat: bool = False) -> tuple[dict, dict[str, list[dict]]]:
     """Metrics per task and per-instance predictions per task."""
     from lmforge.eval.generative import generate_answers
+
+    if chat and tokenizer.chat_template is None:  # before any scoring
+        raise LmforgeError(f"--chat: tokenizer {tokenizer.source or '(in memory)'} has no chat template")
 
     encoder = Encoder(tokenizer, model.config.bos_token_id)
     pair_index: dict[tuple, int] = {}
@@ -100,7 +104,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 16, al
             budget = max_new_tokens if max_new_tokens is not None else form.max_new_tokens
             bar = Progress(len(form.instances), f"generating {task.name}", "req", progress)
             records = generate_answers(model, tokenizer, form.instances, form.checker, form.stop, budget,
-                                       batch_size=batch_size, progress=bar)
+                                       batch_size=batch_size, progress=bar, chat=chat)
             bar.close()
             metrics = generative_metrics(form, records, refs, lls, task.macro_over_groups)
             for r in records:
@@ -189,7 +193,7 @@ def run_eval(model, tokenizer, config: EvalConfig, tasks: list[Task] | None = No
     ppl_paths = expand_globs(config.ppl) if config.ppl else []
     started = time.perf_counter()
     task_results, predictions = evaluate_tasks(model, tokenizer, tasks, config.batch_size, config.all_norms,
-                                               config.max_new_tokens, progress) if tasks else ({}, {})
+                                               config.max_new_tokens, progress, config.chat) if tasks else ({}, {})
     task_seconds = time.perf_counter() - started
     ppl = None
     if ppl_paths:
@@ -208,7 +212,8 @@ def run_eval(model, tokenizer, config: EvalConfig, tasks: list[Task] | None = No
         "tokenizer": {"source": getattr(tokenizer, "source", ""), "vocab_size": tokenizer.vocab_size,
                       "bos_id": model.config.bos_token_id, "eos_id": tokenizer.eos_id},
         "config": {"tasks": [t.name for t in tasks], "regime": tasks[0].regime if tasks else config.regime,
-                   "limit": config.limit, "batch_size": config.batch_size, "all_norms": config.all_norms},
+                   "limit": config.limit, "batch_size": config.batch_size, "all_norms": config.all_norms,
+                   "chat": config.chat},
         "tasks": task_results,
         "task_configs": {t.name: t.config() for t in tasks},
         "perplexity": ppl,

@@ -2,6 +2,8 @@
 
 Prompts longer than the model allows are cut from the left (counted) so that the prompt plus the new tokens
 fit; a model whose context is too short for the task's `max_new_tokens` generates at most half its context.
+With `chat`, each prompt is the user message of the model's chat template (few-shot examples and all, in one
+turn, as lm-eval's `--apply_chat_template` without `--fewshot_as_multiturn`), ending where the reply begins.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Callable
 
 from lmforge.eval import answers
 from lmforge.eval.tasks import GenInstance
-from lmforge.model.generation import SamplingConfig, cut_at_stop, generate_ids
+from lmforge.model.generation import SamplingConfig, chat_prompt, cut_at_stop, generate_ids, prompt_ids
 
 CHECKERS: dict[str, Callable[[str, str], bool]] = {
     "gsm8k": answers.gsm8k_is_correct,
@@ -26,15 +28,15 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 
 def generate_answers(model, tokenizer, instances: list[GenInstance], checker: str, stop: list[str],
                      max_new_tokens: int, batch_size: int = 8,
-                     progress: Callable[[int], None] | None = None) -> list[dict]:
+                     progress: Callable[[int], None] | None = None, chat: bool = False) -> list[dict]:
     """One record per instance: generation, extracted answer, correctness, whether the prompt was cut."""
     context = model.config.max_sequence_length
     new_tokens = min(max_new_tokens, context // 2)
     room = context - new_tokens
-    prefix = [model.config.bos_token_id] if model.config.bos_token_id is not None else []
     prompts, cut = [], []
     for inst in instances:
-        ids = prefix + tokenizer.encode(inst.context)
+        text = chat_prompt(tokenizer, inst.context.rstrip()) if chat else inst.context
+        ids = prompt_ids(tokenizer, text, model.config.bos_token_id)
         cut.append(len(ids) > room)
         prompts.append(ids[-room:])
     config = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, stop_strings=list(stop), stop_on_eos=True)

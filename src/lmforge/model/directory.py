@@ -76,32 +76,52 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu",
     """Build the model from `config.json`, load its weights, and the tokenizer when the directory has one."""
     directory = Path(directory)
     config = read_model_config(directory)
-    state = load_state(directory / WEIGHTS)
-    with torch.device("meta"):
-        model = Transformer(config)
-    if config.tie_embeddings:
-        state = {**state, "lm_head.weight": state.get("embed.weight")}
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise LmforgeError(f"weights in {directory / WEIGHTS} do not match config.json: "
-                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, tensor in model.state_dict().items():
-        if state[name].shape != tensor.shape:
-            raise LmforgeError(f"weights in {directory / WEIGHTS}: {name} has shape {tuple(state[name].shape)}, "
-                               f"config.json implies {tuple(tensor.shape)}")
-    model.load_state_dict(state, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    if config.position == "alibi":
-        from lmforge.model.transformer import alibi_slopes
-
-        model.alibi_slopes = alibi_slopes(config.n_heads)
+    model = model_from_state(config, load_state(directory / WEIGHTS), directory / WEIGHTS, "config.json")
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     tokenizer = find_tokenizer(model_dir=directory, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                bos_id=config.bos_token_id, required=False)
     check_tokenizer_fits(tokenizer, config)
     return model.eval(), tokenizer
+
+
+def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a model of `config` stores (a tied head is the embedding: not listed)."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], where: str | Path,
+                     against: str) -> Transformer:
+    """A model of `config` holding `state`'s tensors (CPU, eval mode), built on the meta device so that nothing
+    is initialised only to be overwritten; a tied head is the embedding (a stored copy is ignored). Tensors
+    missing, left over or of the wrong shape are refused, naming the weights (`where`) and what gave the
+    config (`against`)."""
+    shapes = state_shapes(config)
+    if config.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise LmforgeError(f"weights in {where} do not match {against}: missing {missing[:3]}"
+                           f"{f' ({len(missing)} in all)' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}")
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != shape:
+            raise LmforgeError(f"weights in {where}: {name} has shape {tuple(state[name].shape)}, {against} "
+                               f"implies {shape}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.tie_embeddings:
+        state = {**state, "lm_head.weight": state["embed.weight"]}
+    model.load_state_dict(state, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    if config.position == "alibi":  # a non-persistent buffer, still on the meta device
+        from lmforge.model.transformer import alibi_slopes
+
+        model.alibi_slopes = alibi_slopes(config.n_heads)
+    return model.eval()
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer | None, config: ModelConfig, fix: str = "") -> None:

@@ -1,11 +1,13 @@
 """Text generation with a KV cache: greedy, temperature, top-k, top-p; batches of prompts with left padding.
 
 Positions follow the attention mask (the first real token of a left-padded prompt is position 0), as in
-transformers, so a batch generates the same tokens as each prompt alone.
+transformers, so a batch generates the same tokens as each prompt alone. Tokens come out step by step
+(`generate_steps`); `TextStream` turns them into text as soon as the text is final, for streaming.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,7 +35,6 @@ def next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate_ids(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
                  eos_id: int | None = None, pad_id: int = 0, decode=None,
                  logprobs: list[list[float]] | None = None) -> list[list[int]]:
@@ -43,6 +44,19 @@ def generate_ids(model: Transformer, prompts: list[list[int]], config: SamplingC
     as `logprobs` receives, per prompt, the log-probability of each new token under the sampler's tempered
     distribution (before top-k/top-p), as the sampler computed it (RL's importance weights compare it with
     the learner's)."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in generate_steps(model, prompts, config, eos_id, pad_id, decode, logprobs):
+        for row, token in enumerate(step):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs
+
+
+@torch.no_grad()
+def generate_steps(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
+                   eos_id: int | None = None, pad_id: int = 0, decode=None,
+                   logprobs: list[list[float]] | None = None) -> Iterator[list[int | None]]:
+    """`generate_ids` one step at a time: each step's new token per prompt, None for a prompt already done."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LmforgeError("every prompt needs at least one token")
     context = model.config.max_sequence_length
@@ -61,42 +75,44 @@ def generate_ids(model: Transformer, prompts: list[list[int]], config: SamplingC
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.temperature > 0 else None
     cache = KVCache(model.config, B, longest + max_new, device, next(model.parameters()).dtype) if config.use_cache else None
 
-    outputs: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    outputs: list[list[int]] = [[] for _ in range(B)]  # for the stop strings
+    done = [False] * B
     sequence = ids
     step_ids, step_pos = ids, positions
     for step in range(max_new):
         length = longest + step
         if cache is not None:
-            logits = model(step_ids, positions=step_pos, attention_mask=mask[:, :length], cache=cache)
+            logits = model(step_ids, positions=step_pos, attention_mask=mask[:, :length], cache=cache,
+                           last_logits_only=True)
         else:
             all_pos = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)
-            logits = model(sequence, positions=all_pos, attention_mask=mask[:, :length])
+            logits = model(sequence, positions=all_pos, attention_mask=mask[:, :length], last_logits_only=True)
         token = next_token(logits[:, -1], config, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens = token.tolist()  # one device-to-host copy per step
         if logprobs is not None:
             tempered = logits[:, -1].float() / (config.temperature if config.temperature > 0 else 1.0)
             chosen = tempered.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1).tolist()
             if not logprobs:
                 logprobs.extend([] for _ in range(B))
-        for i in range(B):
-            if not done[i]:
-                outputs[i].append(int(token[i]))
-                if logprobs is not None:
-                    logprobs[i].append(chosen[i])
-        if config.stop_on_eos and eos_id is not None:
-            done |= token == eos_id
-        if config.stop_strings and decode is not None:
-            for i in range(B):
-                if not done[i] and any(s in decode(outputs[i]) for s in config.stop_strings):
-                    done[i] = True
-        if bool(done.all()):
+        new: list[int | None] = [None if done[i] else tokens[i] for i in range(B)]
+        for i, t in enumerate(new):
+            if t is None:
+                continue
+            outputs[i].append(t)
+            if logprobs is not None:
+                logprobs[i].append(chosen[i])
+            if config.stop_on_eos and eos_id is not None and t == eos_id:
+                done[i] = True
+            elif config.stop_strings and decode is not None and any(s in decode(outputs[i]) for s in config.stop_strings):
+                done[i] = True
+        yield new
+        if all(done):
             break
         mask[:, length] = 1
-        step_ids = token[:, None]
+        step_ids = torch.tensor([[pad_id if t is None else t] for t in new], dtype=torch.long, device=device)
         step_pos = step_pos[:, -1:] + 1
-        sequence = torch.cat([sequence, step_ids], dim=1)
-    return outputs
+        if cache is None:
+            sequence = torch.cat([sequence, step_ids], dim=1)
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
@@ -108,15 +124,73 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     return text[:cut]
 
 
-def generate_text(model: Transformer, tokenizer, prompts: list[str], config: SamplingConfig) -> list[str]:
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
-    if model.config.bos_token_id is not None:
-        prompt_ids = [[model.config.bos_token_id] + p for p in prompt_ids]
-    out = generate_ids(model, prompt_ids, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                       decode=tokenizer.decode)
-    texts = []
-    for ids in out:
-        if ids and ids[-1] == tokenizer.eos_id and config.stop_on_eos:
-            ids = ids[:-1]
-        texts.append(cut_at_stop(tokenizer.decode(ids), config.stop_strings))
-    return texts
+class TextStream:
+    """The text of one prompt's generated tokens, handed out as soon as it is final: while the text ends inside
+    a multi-byte character (decoded as U+FFFD) it waits for the rest, the last characters that could begin a
+    stop string wait until that is decided, and EOS is not text. The pieces join to `generate_text`'s output."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: list[str] = (), eos_id: int | None = None):
+        self.decode, self.stop_strings, self.eos_id = decode, list(stop_strings), eos_id
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out
+        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The newly final text after `token` ("" while it waits)."""
+        if self.stopped or token == self.eos_id:
+            self.stopped = True
+            return ""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        cut = cut_at_stop(text, self.stop_strings)
+        self.stopped = len(cut) < len(text)
+        return self._send(cut if self.stopped else text[:len(text) - self.hold])
+
+    def finish(self) -> str:
+        """What is left once generation has ended."""
+        return self._send(cut_at_stop(self.decode(self.ids), self.stop_strings))
+
+    def _send(self, text: str) -> str:
+        piece = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return piece
+
+
+def prompt_ids(tokenizer, text: str, bos_id: int | None) -> list[int]:
+    """A prompt's tokens as the model reads them: BOS first when the model has one (once: a chat template may
+    already have written it)."""
+    ids = tokenizer.encode(text)
+    return [bos_id] + ids if bos_id is not None and ids[:1] != [bos_id] else ids
+
+
+def chat_prompt(tokenizer, message: str) -> str:
+    """A user message as the tokenizer's chat template renders it, ending where the assistant's reply begins."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True)
+
+
+def generate_text(model: Transformer, tokenizer, prompts: list[str], config: SamplingConfig,
+                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """The completion of each prompt (EOS and anything from a stop string on removed). `on_text(row, piece)`
+    receives each row's text as it becomes final (`TextStream`)."""
+    ids = [prompt_ids(tokenizer, p, model.config.bos_token_id) for p in prompts]
+    streams = [TextStream(tokenizer.decode, config.stop_strings, tokenizer.eos_id if config.stop_on_eos else None)
+               for _ in prompts]
+    pieces: list[list[str]] = [[] for _ in prompts]
+
+    def give(row: int, piece: str) -> None:
+        if piece:
+            pieces[row].append(piece)
+            if on_text is not None:
+                on_text(row, piece)
+
+    for step in generate_steps(model, ids, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                               decode=tokenizer.decode):
+        for row, token in enumerate(step):
+            if token is not None:
+                give(row, streams[row].push(token))
+    for row, stream in enumerate(streams):
+        give(row, stream.finish())
+    return ["".join(p) for p in pieces]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lmforge.core.errors import LmforgeError
-from lmforge.model.directory import write_model_dir
+from lmforge.model.directory import model_from_state, state_shapes, write_model_dir
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokens.tokenizer import Tokenizer
 
@@ -181,11 +181,7 @@ def read_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
     tokenizer = gguf_tokenizer(meta)
     names = {t.name for t in reader.tensors}
     config = gguf_config(meta, names, len(meta.get("tokenizer.ggml.tokens")))
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
+    expected = state_shapes(config)  # checked per tensor before it is dequantized, by its GGUF name
     state = {}
     for tensor in reader.tensors:
         name = _lmforge_name(tensor.name, path)
@@ -199,15 +195,7 @@ def read_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
         elif name.endswith("attn.k_proj.weight"):
             weight = _unpermute_rotary(weight, config.n_kv_heads)
         state[name] = weight
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise LmforgeError(f"{path}: tensors missing for {missing[:3]} ({len(missing)} in all)")
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model.eval(), tokenizer
+    return model_from_state(config, state, path, "the metadata"), tokenizer
 
 
 def import_gguf(path: str | Path, out: str | Path) -> Path:

@@ -22,8 +22,8 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_path, atomic_write_json
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
-from lmforge.model.directory import load_state, write_model_dir
-from lmforge.model.transformer import ModelConfig, Transformer, alibi_slopes, rope_frequencies
+from lmforge.model.directory import load_state, model_from_state, write_model_dir
+from lmforge.model.transformer import ModelConfig, Transformer, rope_frequencies
 from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer
 
 # The options each transformers class hard-codes; a model must match one set exactly (first match wins, so a
@@ -465,21 +465,7 @@ def read_hf(hf_dir: str | Path) -> tuple[Transformer, Tokenizer | None]:
             heads = tensor.reshape(config.n_heads, 3, config.head_dim, *tensor.shape[1:])
             for j, n in enumerate("qkv"):
                 ours[f"blocks.{i}.attn.{n}_proj.{kind}"] = heads[:, j].reshape(config.d_model, *tensor.shape[1:])
-    if config.tie_embeddings:
-        ours.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    missing = sorted(expected - set(ours))
-    if missing:
-        raise LmforgeError(f"{hf_dir}: weights missing for {missing[:3]}")
-    if config.tie_embeddings:
-        ours["lm_head.weight"] = ours["embed.weight"]
-    model.load_state_dict(ours, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    if config.position == "alibi":  # a non-persistent buffer, still on the meta device
-        model.alibi_slopes = alibi_slopes(config.n_heads)
+    model = model_from_state(config, ours, hf_dir, "config.json")
     tokenizer = find_tokenizer(model_dir=hf_dir, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                bos_id=config.bos_token_id, required=False)
     return model.eval(), tokenizer

@@ -310,10 +310,12 @@ def _causal_window_mask(length: int, window: int | None, device: torch.device) -
 
 
 def _sdpa_attention(q, k, v, mask: LayerMask) -> torch.Tensor:
+    gqa = k.shape[1] != q.shape[1]
     if mask.dense is None and mask.window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     dense = mask.dense if mask.dense is not None else _causal_window_mask(q.shape[2], mask.window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense.to(q.dtype) if dense.is_floating_point() else dense)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense.to(q.dtype) if dense.is_floating_point() else dense,
+                                          enable_gqa=gqa)
 
 
 def _flex_attention(q, k, v, mask: LayerMask) -> torch.Tensor:
@@ -325,7 +327,7 @@ def _flex_attention(q, k, v, mask: LayerMask) -> torch.Tensor:
         return (key <= query) & (query - key < window)
 
     block_mask = create_block_mask(causal_window, None, None, length, length, device=q.device)
-    return _compiled(flex_attention)(q, k, v, block_mask=block_mask)
+    return _compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 @functools.cache
@@ -366,11 +368,9 @@ def attention_backend(q: torch.Tensor, mask: LayerMask) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask) -> torch.Tensor:
-    """Softmax attention of q (B, H, L, D) over k, v (B, KV heads, keys, D), with the automatically chosen
-    backend; with fewer KV heads (grouped-query attention) each serves H / KV consecutive query heads."""
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    """Softmax attention of q (B, H, L, D) over k, v (B, H_kv, keys, D), with the automatically chosen backend.
+    Grouped-query attention (H_kv < H) is each backend's own, never a copy of k and v per query head: repeating
+    the cache was a fifth of a GQA model's decoding step at batch 8 (benchmarks/RESULTS.md)."""
     return ATTENTION_BACKENDS[attention_backend(q, mask)](q, k, v, mask)
 
 
@@ -578,8 +578,11 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_router_losses: bool = False,
+        last_logits_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, RouterLosses | None]:
         """Logits (B, L, embedding_size); with `return_router_losses`, (logits, RouterLosses or None if dense).
+        `last_logits_only`: logits of the last position only (B, 1, embedding_size), all that generation reads;
+        the LM head over a whole prompt would cost as much as a fifth of a small model's prefill.
 
         positions: (B, L) token positions, default 0..L-1 (offset by the cache length).
         attention_mask: (B, total_len) 1 for real tokens, 0 for padding, covering cached + new tokens.
@@ -614,6 +617,8 @@ class Transformer(nn.Module):
                 stats.append(layer_stats)
         if cache is not None:
             cache.length += L
+        if last_logits_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.final_norm(x))
         if not return_router_losses:
             return logits
