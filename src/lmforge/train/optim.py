@@ -41,13 +41,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None, clip: bool = True) -> torch.Tensor:
-    """L2 norm of all gradients as one vector, across FSDP shards and ranks; scales them to `max_norm` if
-    larger and `clip`. Returns the norm before clipping (a 0-d tensor on the gradients' device)."""
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None, clip: bool = True,
+                   stage_group=None) -> torch.Tensor:
+    """L2 norm of all gradients as one vector, across FSDP shards and ranks, and across the pipeline stages of
+    `stage_group` when given; scales them to `max_norm` if larger and `clip`. Returns the norm before
+    clipping (a 0-d tensor on the gradients' device)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if isinstance(total, DTensor):  # a partial sum over shards: reduce it to the global norm
         total = total.full_tensor()
+    if stage_group is not None:  # each stage holds other parameters: add up the squares
+        squares = total.float() ** 2
+        torch.distributed.all_reduce(squares, group=stage_group)
+        total = squares.sqrt()
     if clip and max_norm:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
     return total

@@ -41,10 +41,18 @@ def apply_compile(model: Transformer) -> None:
         block.compile(fullgraph=False)
 
 
-def apply_fsdp(model: Transformer, mesh, param_dtype: torch.dtype) -> None:
+def apply_model_transforms(model: Transformer, config: ParallelConfig) -> None:
+    """What every layout applies before its own sharding: activation checkpointing, then compile."""
+    apply_activation_checkpointing(model, config)
+    if config.compile:
+        apply_compile(model)
+
+
+def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype) -> None:
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    last = len(model.blocks) - 1
-    for i, block in enumerate(model.blocks):
+    blocks = list(model.blocks.children())  # a list, or a pipeline stage's dict by layer index
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward; keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < last)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -54,9 +62,7 @@ def parallelize(model: Transformer, config: ParallelConfig, dist_info: DistInfo,
                 ) -> tuple[nn.Module, str]:
     """Returns the module to train (possibly a DDP wrapper) and the data-parallel mode used."""
     mode = resolve_data_parallel(config, dist_info)
-    apply_activation_checkpointing(model, config)
-    if config.compile:
-        apply_compile(model)
+    apply_model_transforms(model, config)
     device_type = dist_info.device.type
     if mode == "fsdp":
         mesh = init_device_mesh(device_type, (dist_info.world_size,))

@@ -49,7 +49,9 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from lmforge.train.metrics import MetricsLogger, console_line, memory_gib, peak_flops
 from lmforge.train.optim import SkipStep, build_optimizer, clip_grad_norm, set_lr
-from lmforge.train.parallelize import parallelize, unwrap
+from lmforge.train.float8 import apply_float8
+from lmforge.train.parallelize import apply_model_transforms, parallelize, unwrap
+from lmforge.train.pipeline import Pipeline, data_view
 from lmforge.train.schedule import check_schedule, lr_multiplier
 
 IGNORE_INDEX = -100
@@ -106,8 +108,9 @@ class Trainer:
         check_schedule(config.schedule, self._duration())
         self._check_checkpoints()
         # Data before model: missing or unusable data is refused before any compute.
-        factory = loader_factory or default_loader_factory(config, self.run_dir)
-        self.loader = factory(self.base_batch, self.dist)
+        factory = loader_factory or default_loader_factory(config, self.run_dir, record=self.dist.is_main)
+        self.data_dist = data_view(self.dist, config.parallel.pipeline.degree)
+        self.loader = factory(self.base_batch, self.data_dist)
         if checks_only:
             return
         self.loader_batch = self.base_batch // self.seq_len
@@ -115,6 +118,7 @@ class Trainer:
         self.evaluators = evaluators if evaluators is not None else self._build_evaluators()
         self.device = self.dist.device
         self.use_bf16 = config.precision == "bf16" and (self.device.type == "cuda" or config.cpu_bf16)
+        self.pipeline: Pipeline | None = None
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -161,9 +165,16 @@ class Trainer:
         model = Transformer(self.model_config)
         init_weights(model, self.config.seed)  # same weights on every rank and for any world size
         model.to(self.device)
+        apply_float8(model, self.config.float8, self.device, self._log)
         param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-        model, self.dp_mode = parallelize(model, self.config.parallel, self.dist, param_dtype)
-        return model
+        if self.config.parallel.pipeline.degree == 1:
+            model, self.dp_mode = parallelize(model, self.config.parallel, self.dist, param_dtype)
+            return model
+        apply_model_transforms(model, self.config.parallel)
+        self.pipeline = Pipeline(model, self.config.parallel, self.dist, param_dtype, self.use_bf16,
+                                 self.config.micro_batch_size // self.seq_len, self.loss_sums)
+        self.dp_mode = self.pipeline.dp_mode
+        return self.pipeline.model
 
     def _autocast(self):
         # FSDP casts parameters itself (MixedPrecisionPolicy); other modes compute in bf16 through autocast.
@@ -254,8 +265,11 @@ class Trainer:
         mixture of experts (None for a dense model)."""
         with self._autocast():
             logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True)
-        ce, z = cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
+        ce, z = self.loss_sums(logits, labels)
         return ce, z, router
+
+    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return cross_entropy_loss(logits, labels, IGNORE_INDEX, self.config.z_loss_multiplier, reduction="sum")
 
     def _sync_context(self, last: bool):
         # FSDP reduce-scatters every micro-batch, as OLMo-core does: sharded fp32 gradients accumulate, and no
@@ -274,13 +288,42 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True).long()
         labels = self._labels(batch).to(self.device, non_blocking=True)
         doc_ids = _doc_ids(batch["doc_lens"]).to(self.device, non_blocking=True) if "doc_lens" in batch else None
-        real_tokens = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32))
-        scale = self.dist.world_size / real_tokens.clamp(min=1)
-        micro = c.micro_batch_size // self.seq_len
+        # Counted over the data-parallel ranks (a pipeline's ranks hold the same rows), whose gradients
+        # DDP/FSDP average.
+        data_group = self.pipeline.mesh.get_group("dp") if self.pipeline else None
+        real_tokens = all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32), data_group)
+        scale = self.data_dist.world_size / real_tokens.clamp(min=1)
+        router_total = torch.zeros(2, device=self.device)  # token-weighted load-balancing and router z-loss
+        if self.pipeline is not None:
+            ce_total, z_total = self.pipeline.step(input_ids, labels, doc_ids, scale)
+        else:
+            ce_total, z_total = self._accumulate(input_ids, labels, doc_ids, scale, router_total)
+        warmup_done = self._progress() > c.schedule.warmup
+        clip = not c.optimizer.clip_after_warmup_only or warmup_done
+        grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip,
+                                   self.pipeline.group if self.pipeline else None)
+        # The last stages hold the sums (other pipeline ranks add zeros): every rank gets the same loss.
+        reported = all_reduce_sum(torch.cat([torch.stack([ce_total, z_total]), router_total])) / real_tokens.clamp(min=1)
+        loss_value, z_value, lb_value, router_z_value, norm_value = torch.cat(
+            [reported, grad_norm.reshape(1).float()]).tolist()
+        lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
+        skipped = self.skip_step.check(loss_value, norm_value)
+        if skipped is None:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        router_values = {"moe_lb_loss": lb_value, "moe_z_loss": router_z_value} if self.model_config.n_experts else None
+        return StepResult(self.step, self.tokens, loss_value, z_value if c.z_loss_multiplier else None,
+                          norm_value, lr, skipped, router_values)
+
+    def _accumulate(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None,
+                    scale: torch.Tensor, router_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of each micro-batch; returns the sums of CE and z-loss and adds the router
+        losses, weighted by real tokens, to `router_total`."""
+        micro = self.config.micro_batch_size // self.seq_len
         n_micro = input_ids.shape[0] // micro
         ce_total = torch.zeros((), device=self.device)
         z_total = torch.zeros((), device=self.device)
-        router_total = torch.zeros(2, device=self.device)  # token-weighted load-balancing and router z-loss
         for i in range(n_micro):
             rows = slice(i * micro, (i + 1) * micro)
             with self._sync_context(last=i == n_micro - 1):
@@ -298,21 +341,7 @@ class Trainer:
                 router_total += torch.stack([router.load_balancing, router.z_loss]).detach() * micro_tokens
                 counts = router.expert_counts.detach()
                 self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
-        warmup_done = self._progress() > c.schedule.warmup
-        clip = not c.optimizer.clip_after_warmup_only or warmup_done
-        grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
-        reported = all_reduce_sum(torch.cat([torch.stack([ce_total, z_total]), router_total])) / real_tokens.clamp(min=1)
-        loss_value, z_value, lb_value, router_z_value, norm_value = torch.cat(
-            [reported, grad_norm.reshape(1).float()]).tolist()
-        lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
-        skipped = self.skip_step.check(loss_value, norm_value)
-        if skipped is None:
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        router_values = {"moe_lb_loss": lb_value, "moe_z_loss": router_z_value} if self.model_config.n_experts else None
-        return StepResult(self.step, self.tokens, loss_value, z_value if c.z_loss_multiplier else None,
-                          norm_value, lr, skipped, router_values)
+        return ce_total, z_total
 
     def _progress(self) -> int:
         return self.step if self.config.schedule.units == "steps" else self.tokens
