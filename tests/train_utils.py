@@ -22,13 +22,16 @@ class ArrayLoader:
     global batch, so the global batch is the same for any world size. Its state is the position in the order."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch_tokens: int, rank: int, world: int,
-                 seed: int = 0, mask_fraction: float = 0.0):
+                 seed: int = 0, mask_fraction: float = 0.0, two_documents: bool = False):
         n = len(tokens) // seq_len
         # Per-instance label masks with very different real-token counts, so a loss averaged per micro-batch
         # (instead of over the global batch's real tokens) would differ.
         mask_rng = np.random.default_rng(seed + 1)
         keep = mask_rng.random((n, 1)) * mask_fraction
         self.label_mask = mask_rng.random((n, seq_len)) >= keep if mask_fraction else None
+        # With `two_documents`, each instance is two documents cut at a seeded position (intra-document masking).
+        first = np.random.default_rng(seed + 2).integers(1, seq_len, n)
+        self.doc_lens = np.stack([first, seq_len - first], axis=1) if two_documents else None
         self.instances = tokens[: n * seq_len].reshape(n, seq_len)
         self.order = np.random.default_rng(seed).permutation(n)
         self.per_batch = global_batch_tokens // seq_len
@@ -42,6 +45,8 @@ class ArrayLoader:
             batch = {"input_ids": torch.from_numpy(self.instances[rows].astype(np.int64))}
             if self.label_mask is not None:
                 batch["label_mask"] = torch.from_numpy(self.label_mask[rows])
+            if self.doc_lens is not None:
+                batch["doc_lens"] = torch.from_numpy(self.doc_lens[rows])
             yield batch
 
     def set_global_batch_instances(self, n: int) -> None:
@@ -62,10 +67,11 @@ def random_tokens(n: int = 40_000, vocab: int = 256, seed: int = 0) -> np.ndarra
     return np.where(rng.random(n) < 0.3, noise, base).astype(np.int64)
 
 
-def array_loader_factory(tokens: np.ndarray, seq_len: int, seed: int = 0, mask_fraction: float = 0.0):
+def array_loader_factory(tokens: np.ndarray, seq_len: int, seed: int = 0, mask_fraction: float = 0.0,
+                         two_documents: bool = False):
     def factory(global_batch_tokens, dist_info):
         return ArrayLoader(tokens, seq_len, global_batch_tokens, dist_info.rank, dist_info.world_size, seed,
-                           mask_fraction)
+                           mask_fraction, two_documents)
     return factory
 
 
@@ -95,7 +101,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict]], seq_len: int) -> None:
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict]], seq_len: int, loader: dict) -> None:
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -106,18 +112,20 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict]], seq_
 
     try:
         for run_dir, overrides in jobs:
-            Trainer(tiny_config(run_dir, **overrides), loader_factory=array_loader_factory(random_tokens(), seq_len)).fit()
+            Trainer(tiny_config(run_dir, **overrides),
+                    loader_factory=array_loader_factory(random_tokens(), seq_len, **loader)).fit()
     finally:
         shutdown_distributed()
 
 
-def run_multiprocess(world: int, jobs: list[tuple[object, dict]], seq_len: int = 32) -> None:
+def run_multiprocess(world: int, jobs: list[tuple[object, dict]], seq_len: int = 32, **loader) -> None:
     """Train each (run_dir, overrides) job in turn on `world` gloo processes (torch.multiprocessing, with
-    the environment torchrun would set). One spawn for several runs: starting processes is the slow part."""
+    the environment torchrun would set), on `array_loader_factory(..., **loader)` data. One spawn for several
+    runs: starting processes is the slow part."""
     import torch.multiprocessing as mp
 
     jobs = [(str(d), o) for d, o in jobs]
-    mp.spawn(_worker, args=(world, free_port(), jobs, seq_len), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), jobs, seq_len, loader), nprocs=world, join=True)
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -113,16 +113,16 @@ class PipelineConfig:
     def validate(self) -> None:
         for name in ("degree", "stages_per_rank", "microbatches"):
             value = getattr(self, name)
-            require(value is None or value >= 1, f"parallel.pipeline.{name}", value, "must be positive")
+            require(value is None or value >= 1, name, value, "must be positive")
         single = self.schedule in ("1F1B", "GPipe")
-        require(self.local_stages == 1 or not single, "parallel.pipeline.stages_per_rank", self.stages_per_rank,
+        require(self.local_stages == 1 or not single, "stages_per_rank", self.stages_per_rank,
                 f"{self.schedule} runs one stage per rank; use Interleaved1F1B or ZBV for more")
-        require(self.local_stages == 2 or self.schedule != "ZBV", "parallel.pipeline.stages_per_rank",
+        require(self.local_stages == 2 or self.schedule != "ZBV", "stages_per_rank",
                 self.stages_per_rank, "ZBV runs exactly 2 stages per rank")
         points = self.split_points
         require(not points or (len(points) == self.n_stages - 1 and points[0] > 0
                                and all(a < b for a, b in zip(points, points[1:]))),
-                "parallel.pipeline.split_points", points,
+                "split_points", points,
                 f"must be {self.n_stages - 1} increasing block indices above 0, one per stage after the first")
 
     @property
