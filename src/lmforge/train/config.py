@@ -265,10 +265,6 @@ class TrainConfig:
         require(self.schedule.warmup >= 0, "schedule.warmup", self.schedule.warmup, "must be >= 0")
         require(self.metrics.log_interval > 0, "metrics.log_interval", self.metrics.log_interval, "must be positive")
         require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1")
-        require(self.float8 == "none" or self.precision == "bf16", "float8", self.float8,
-                "needs precision: bf16 (float8 matmuls produce bf16)")
-        require(self.parallel.pipeline.degree == 1 or self.eval_interval is None, "eval_interval", self.eval_interval,
-                "in-loop evaluation runs the whole model in one process; not with parallel.pipeline.degree > 1")
 
     def check(self, world_size: int, model: ModelConfig) -> None:
         """Refuse, before any compute, a config that cannot run with this model on `world_size` ranks (the
@@ -277,7 +273,13 @@ class TrainConfig:
         if seq > model.max_sequence_length:
             raise LmforgeError(f"data.sequence_length {seq} is longer than the model's context "
                                f"(max_sequence_length {model.max_sequence_length})")
+        if self.float8 != "none" and self.precision != "bf16":
+            raise LmforgeError(f"float8: {self.float8} needs precision: bf16 (float8 matmuls produce bf16), "
+                               f"not {self.precision}")
         pipeline = self.parallel.pipeline
+        if pipeline.degree > 1 and self.eval_interval is not None:
+            raise LmforgeError("eval_interval: in-loop evaluation runs the whole model in one process; not with "
+                               "parallel.pipeline.degree > 1")
         if world_size % pipeline.degree:
             raise LmforgeError(f"world size {world_size} is not divisible by parallel.pipeline.degree {pipeline.degree}")
         data_world = world_size // pipeline.degree  # the ranks of one pipeline share their data
