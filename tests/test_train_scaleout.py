@@ -101,7 +101,7 @@ def preflight_here(world, **overrides):
      "hsdp: 4 data-parallel ranks are not divisible by the shard degree 3"),
     (4, {"parallel.data.replicate": 2}, "parallel.data.replicate 2 needs data_parallel hsdp or ddp"),
     (4, {"parallel.data_parallel": "ddp", "parallel.tensor": 2}, "ddp replicates whole modules"),
-    (2, {"parallel.context": 2, "eval_interval": 10}, "eval_interval with tensor 1 x context 2 parallelism"),
+    (2, {"parallel.context": 2, "eval_interval": 10}, "eval_interval with tensor 1 x context 2 x pipeline 1 parallelism"),
     (4, {"parallel.tensor": 2, "micro_batch_size": 96, "data.sequence_length": 32},
      "not divisible by micro_batch_size x data-parallel ranks (96 x 2 = 192 tokens)"),
 ])

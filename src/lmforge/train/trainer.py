@@ -5,10 +5,10 @@ One optimizer step:
      base-size loader batches),
   2. let the objective (`train/objective.py`: next-token prediction by default) prepare it and count its
      normaliser (real label tokens for next-token prediction) across ranks,
-  3. forward/backward each micro-batch with loss = (objective's loss sum) · n / global count, so the
-     gradient is that of the global batch's mean loss, whatever the split into micro-batches and ranks
-     (DDP/FSDP average gradients over the n data x context ranks, hence the factor n; tensor ranks share one
-     loss),
+  3. forward/backward each micro-batch (under a pipeline, its schedule does) with loss = (objective's loss
+     sum) · n / global count, so the gradient is that of the global batch's mean loss, whatever the split
+     into micro-batches and ranks (DDP/FSDP average gradients over the n data x context ranks, hence the
+     factor n; tensor ranks share one loss, and a pipeline's last stage computes it),
   4. global-norm clip, skip-step check, set the LR from the schedule, AdamW step.
 Loss, grad norm and the objective's metrics come to the host once per step (the skip-step rule needs them);
 everything else stays on the device (the experts' load is summed there and read at each metrics line).
@@ -47,6 +47,7 @@ from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer, tokens_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
+from lmforge.train.float8 import apply_float8
 from lmforge.train.metrics import MetricsLogger, console_line, memory_gib, peak_flops
 from lmforge.train.objective import NextTokenPrediction, Objective
 from lmforge.train.optim import SkipStep, build_optimizer, clip_grad_norm, set_lr
@@ -91,6 +92,9 @@ class Trainer:
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
         self.layout = config.check(self.dist.world_size, self.model_config, self.dist.local_world_size)
+        if objective is not None and max(self.layout.tensor, self.layout.context, self.layout.pipeline) > 1:
+            raise LmforgeError("tensor, context and pipeline parallelism split next-token prediction only; run "
+                               "this objective under data (FSDP/DDP) or expert parallelism")
         self.dist = dataclasses.replace(self.dist, data_rank=self.layout.data_rank(self.dist.rank),
                                         data_world=self.layout.data)
         if self.tokenizer and not config.model.vocab_from_tokenizer:
@@ -118,9 +122,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skip_step = SkipStep(config.skip_step)
-        if objective is not None and (self.layout.tensor > 1 or self.layout.context > 1):
-            raise LmforgeError("tensor and context parallelism split next-token prediction only; run this "
-                               "objective under data (FSDP/DDP) or expert parallelism")
         self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier, self.parallel)
         self.step = 0
         self.tokens = 0
@@ -163,6 +164,7 @@ class Trainer:
         model = Transformer(self.model_config)
         init_weights(model, self.config.seed)  # same weights on every rank and for any world size
         model.to(self.device)
+        apply_float8(model, self.config.float8, self.device, self._log)
         param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         self.parallel = parallelize(model, self.config.parallel, self.layout, self.dist, param_dtype)
         return self.parallel.module
@@ -192,7 +194,7 @@ class Trainer:
     def save(self) -> Path:
         meta = {"tokens": self.tokens, "model": to_dict(self.model_config), "tokenizer": self.tokenizer,
                 "skip_step": self.skip_step.state_dict(), "data": self.loader.state_dict(),
-                "sequence_length": self.seq_len, "config": to_dict(self.config)}
+                "sequence_length": self.seq_len, "config": to_dict(self.config), "layout": to_dict(self.layout)}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
                                     self._rank_state(), self.dist)
         if self.dist.is_main:
@@ -209,10 +211,10 @@ class Trainer:
             meta, rank_state = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist)
             self.step, self.tokens = meta["step"], meta["tokens"]
             self.skip_step.load_state_dict(meta["skip_step"])
-            if rank_state is not None:
+            if rank_state is not None and meta.get("layout", to_dict(self.layout)) == to_dict(self.layout):
                 self._restore_rank_state(rank_state)
                 self.loader.load_state_dict(rank_state["data"])
-            else:  # another world size: the loader's position is global, RNG streams restart from the seed
+            else:  # another layout: the loader's position is global, RNG streams restart from the seed
                 self.loader.load_state_dict(meta["data"])
             self._log(f"resumed from {latest} (step {self.step}, {self.tokens:,} tokens)")
             return True
@@ -258,6 +260,31 @@ class Trainer:
         count = all_reduce_sum(self.objective.count(batch), self.parallel.data_group)
         scale = self.parallel.averaged_ranks / count.clamp(min=1)
         micro = c.micro_batch_size // self.seq_len
+        if self.parallel.pipeline is not None:  # the schedule runs the micro-batches (next-token prediction only)
+            with self.parallel.loss_context():
+                loss_total, metric_totals = self.parallel.pipeline.step(batch, micro, self.objective.logits_loss,
+                                                                        scale)
+        else:
+            loss_total, metric_totals = self._accumulate(batch, micro, scale)
+        warmup_done = self._progress() > c.schedule.warmup
+        clip = not c.optimizer.clip_after_warmup_only or warmup_done
+        grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip, self.parallel.pipeline_group)
+        names = sorted(metric_totals)
+        sums = all_reduce_sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]), self.parallel.loss_group)
+        values = torch.cat([sums / count.clamp(min=1), grad_norm.reshape(1).float()]).tolist()
+        loss_value, norm_value, metric_values = values[0], values[-1], dict(zip(names, values[1:-1]))
+        lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
+        skipped = self.skip_step.check(loss_value, norm_value)
+        if skipped is None:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(self.step, self.tokens, loss_value, norm_value, lr, skipped, metric_values)
+
+    def _accumulate(self, batch: dict[str, torch.Tensor], micro: int, scale: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of each micro-batch of `micro` rows, gradients times `scale`; returns the sums
+        of the objective's loss and metrics."""
         rows_total = next(iter(batch.values())).shape[0]
         loss_total = torch.zeros((), device=self.device)
         metric_totals: dict[str, torch.Tensor] = {}
@@ -270,20 +297,7 @@ class Trainer:
             loss_total += loss.detach()
             for name, value in metrics.items():
                 metric_totals[name] = metric_totals.get(name, 0) + value.detach().float()
-        warmup_done = self._progress() > c.schedule.warmup
-        clip = not c.optimizer.clip_after_warmup_only or warmup_done
-        grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
-        names = sorted(metric_totals)
-        sums = all_reduce_sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]), self.parallel.loss_group)
-        values = torch.cat([sums / count.clamp(min=1), grad_norm.reshape(1).float()]).tolist()
-        loss_value, norm_value, metric_values = values[0], values[-1], dict(zip(names, values[1:-1]))
-        lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
-        skipped = self.skip_step.check(loss_value, norm_value)
-        if skipped is None:
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(self.step, self.tokens, loss_value, norm_value, lr, skipped, metric_values)
+        return loss_total, metric_totals
 
     def _progress(self) -> int:
         return self.step if self.config.schedule.units == "steps" else self.tokens
