@@ -118,8 +118,10 @@ def test_pipeline_composes_with_tensor_and_fsdp_on_four_processes_and_a_save_und
     assert column(resumed, "step") == list(range(1, 9))
     assert column(resumed[4:], "loss") == pytest.approx(column(single[4:], "loss"), rel=RTOL_TENSOR)
     # It really resumed from the other layout's checkpoint.
-    saved, final = (read_meta(tmp_path / "tp_pp_then_fsdp" / CHECKPOINTS / f"step0000000{s}") for s in (4, 8))
-    assert (saved["layout"]["tensor"], saved["layout"]["pipeline"]) == (2, 2) and final["layout"]["shard"] == 4
+    saved, final = (read_meta(tmp_path / "tp_pp_then_fsdp" / CHECKPOINTS / f"step0000000{s}")["config"]["parallel"]
+                    for s in (4, 8))
+    assert (saved["tensor"], saved["pipeline"]["degree"], saved["data_parallel"]) == (2, 2, "auto")
+    assert (final["tensor"], final["pipeline"]["degree"], final["data_parallel"]) == (1, 1, "fsdp")
 
 
 @pytest.mark.slow

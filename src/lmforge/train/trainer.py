@@ -194,7 +194,7 @@ class Trainer:
     def save(self) -> Path:
         meta = {"tokens": self.tokens, "model": to_dict(self.model_config), "tokenizer": self.tokenizer,
                 "skip_step": self.skip_step.state_dict(), "data": self.loader.state_dict(),
-                "sequence_length": self.seq_len, "config": to_dict(self.config), "layout": to_dict(self.layout)}
+                "sequence_length": self.seq_len, "config": to_dict(self.config)}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
                                     self._rank_state(), self.dist)
         if self.dist.is_main:
@@ -211,10 +211,10 @@ class Trainer:
             meta, rank_state = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist)
             self.step, self.tokens = meta["step"], meta["tokens"]
             self.skip_step.load_state_dict(meta["skip_step"])
-            if rank_state is not None and meta.get("layout", to_dict(self.layout)) == to_dict(self.layout):
+            if rank_state is not None:
                 self._restore_rank_state(rank_state)
                 self.loader.load_state_dict(rank_state["data"])
-            else:  # another layout: the loader's position is global, RNG streams restart from the seed
+            else:  # another world size: the loader's position is global, RNG streams restart from the seed
                 self.loader.load_state_dict(meta["data"])
             self._log(f"resumed from {latest} (step {self.step}, {self.tokens:,} tokens)")
             return True
