@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU build of torch; override (e.g. TORCH_SPEC='torch>=2.6,<2.15') to get another build.
 TORCH_SPEC ?= torch==2.13.0
 QUICKSTART_DIR ?= quickstart
+QUICKSTART_ARGS ?=
 
 .PHONY: venv quickstart test test-slow clean
 
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 quickstart: venv
-	$(PY) -m lmforge.recipes.quickstart --out $(QUICKSTART_DIR)
+	$(PY) -m lmforge.recipes.quickstart --out $(QUICKSTART_DIR) $(QUICKSTART_ARGS)
 
 # `make test` stays under 10 minutes on 2 CPU cores; tests marked slow (multi-process runs, the real model, the
 # README tour, the fault campaign, the wheel build) run with `make test-slow`. CI runs both.

@@ -1,6 +1,7 @@
 """Curation throughput, lmforge vs the `dolma` CLI in the same run, on ../shared/corpus (or --corpus).
 
     .venv/bin/python benchmarks/bench_curation.py [--tag-mb 10] [--processes 1 2] [--skip-dolma]
+        [--stages tag dedup mix] [--repeat N]
 
 Stages: tagging with Gopher + C4 + PII (lmforge `gopher,c4,pii` vs dolma `gopher_v1 c4_v1 pii_regex_v1`),
 exact paragraph dedup with a Bloom filter (`dedup --modes paragraph` vs `dolma dedupe`), and mixing (drop
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--tag-mb", type=float, default=10.0, help="text MB for the tagging runs")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-dolma", action="store_true")
+    parser.add_argument("--stages", nargs="+", choices=("tag", "dedup", "mix"), default=["tag", "dedup", "mix"])
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each stage, lmforge and dolma alternating")
     args = parser.parse_args()
     global DOLMA
     DOLMA = Path(os.environ.get("DOLMA_VENV", Path(__file__).resolve().parents[1] / ".peers" / "dolma-venv")) / "bin" / "dolma"
@@ -198,13 +201,18 @@ def main() -> None:
         sys.exit(f"{DOLMA} not found: run benchmarks/peers/setup_dolma.sh (or pass --skip-dolma)")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    tag_mb = build_corpus(Path(args.corpus), work / "tag", args.tag_mb)
+    tag_mb = build_corpus(Path(args.corpus), work / "tag", args.tag_mb) if "tag" in args.stages else 0.0
     full_mb = build_corpus(Path(args.corpus), work / "full", None)
     print(f"tag set: {tag_mb:.1f} MB text; full set: {full_mb:.1f} MB text", flush=True)
-    rows = tag_runs(work / "tag", tag_mb, args.processes, args.skip_dolma)
-    rows.append(dedup_run(work / "full", full_mb, args.skip_dolma))
-    rows.append(mix_run(work / "full", full_mb, args.skip_dolma, "gz"))
-    rows.append(mix_run(work / "full", full_mb, args.skip_dolma, "zst"))
+    rows = []
+    for _ in range(args.repeat):
+        if "tag" in args.stages:
+            rows += tag_runs(work / "tag", tag_mb, args.processes, args.skip_dolma)
+        if "dedup" in args.stages or "mix" in args.stages:  # the mix reads the dedup's attributes
+            rows.append(dedup_run(work / "full", full_mb, args.skip_dolma))
+        if "mix" in args.stages:
+            rows.append(mix_run(work / "full", full_mb, args.skip_dolma, "gz"))
+            rows.append(mix_run(work / "full", full_mb, args.skip_dolma, "zst"))
     for row in rows:
         agreement = row.pop("agreement", None)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))

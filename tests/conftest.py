@@ -23,7 +23,7 @@ requires_olmo_tokenizer = pytest.mark.skipif(
 # sets LMFORGE_REQUIRE_PEERS=1, and there a test that skips for want of one of them is a failure, so CI cannot
 # pass with the references unchecked.
 PEER_SKIP_WORDS = ("ray", "lm_eval", "lm-eval", "accelerate", "dolma", "peer", "olmo-eval", "olmo_eval", "smollm2",
-                   "gguf")
+                   "gguf", "trl")
 
 
 @pytest.hookimpl(hookwrapper=True)

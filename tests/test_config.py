@@ -15,6 +15,7 @@ from lmforge.tokens.instance_filter import InstanceFilterConfig
 from lmforge.train.config import (
     CheckpointConfig,
     DataDegrees,
+    EnergyConfig,
     InitFrom,
     MetricsConfig,
     ModelSpec,
@@ -179,6 +180,7 @@ def non_default_train_config():
                                     save_final=False),
         metrics=MetricsConfig(log_interval=1, tensorboard=False, wandb=True, wandb_project="p", wandb_mode="online",
                               peak_flops=9.89e14),
+        energy=EnergyConfig(method="rapl", grid_kg_co2eq_per_kwh=0.057, pue=1.1, estimate_watts=35.0),
         eval=InLoopEvalConfig(tasks=["arc_easy", "hellaswag"], limit=50, ppl_documents=["docs/*.jsonl.gz"],
                               max_ppl_documents=20, batch_size=4, regime="olmo1"),
         eval_interval=250,

@@ -3,21 +3,14 @@
 import json
 
 import numpy as np
+import yaml
 import pytest
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.executor import ExecutorConfig
 from lmforge.curation.attributes import attribute_path, read_attributes
-from lmforge.curation.dedup import (
-    BloomFilter,
-    DedupConfig,
-    MinHashConfig,
-    MinHasher,
-    blocked_false_positive_rate,
-    estimated_jaccard,
-    run_dedup,
-    word_ngram_hashes,
-)
+from lmforge.curation.dedup import BloomConfig, BloomFilter, DedupConfig, blocked_false_positive_rate, run_dedup
+from lmforge.curation.fuzzy import MinHashConfig, MinHasher, estimated_jaccard, word_ngram_hashes
 from lmforge.curation.documents import DocumentWriter
 
 
@@ -206,7 +199,9 @@ def test_dedup_rerun_after_interruption_at_any_write_matches_uninterrupted_run(t
                 _dedup_crawl(root, crawl)
             assert _outcome(root) == expected, (interrupted, k, done)
             leftovers = sorted(p.name for p in (root / "state").iterdir())
-            assert len(leftovers) == 2 and "CURRENT" in leftovers, leftovers  # the pointer and one generation
+            # the pointer, one generation, and the MinHash fingerprints of the 5 shards absorbed, no more
+            assert len(leftovers) == 3 and leftovers[0] == "CURRENT" and leftovers[2] == "minhash", leftovers
+            assert len(list((root / "state" / "minhash").iterdir())) == 5
 
 
 def test_dedup_reads_a_state_of_the_layout_before_generations(tmp_path):
@@ -227,7 +222,7 @@ def test_dedup_reads_a_state_of_the_layout_before_generations(tmp_path):
     (state / "CURRENT").unlink()
     assert _dedup_crawl(tmp_path, "crawl1")["shards_skipped_done"] == 2
     assert _dedup_crawl(tmp_path, "crawl2")["duplicate_docs"] == 1  # c2 repeats crawl1's a2
-    assert sorted(p.name for p in state.iterdir()) == ["CURRENT", "gen-00000002"]
+    assert sorted(p.name for p in state.iterdir()) == ["CURRENT", "gen-00000002", "minhash"]
 
 
 def test_dedup_rerun_with_nothing_to_do_keeps_manifest_counts(tmp_path):
@@ -239,3 +234,25 @@ def test_dedup_rerun_with_nothing_to_do_keeps_manifest_counts(tmp_path):
     assert counts["documents"] == 5 and counts["duplicate_docs"] == first["duplicate_docs"] == 1
     assert run_dedup(config)["shards_skipped_done"] == 2
     assert json.loads(manifest.read_text())["counts"] == counts
+
+
+def test_dedup_from_a_config_file_writes_the_resolved_config(tmp_path):
+    from lmforge.cli import main
+    from lmforge.core.config import load_config, to_dict
+
+    _corpus(tmp_path)
+    (tmp_path / "dedup.yaml").write_text(yaml.safe_dump({
+        "documents": [str(tmp_path / "documents" / "*.jsonl.gz")], "modes": ["doc", "minhash"],
+        "minhash": {"ngram": 3}, "state": str(tmp_path / "state")}))
+    assert main(["data", "dedup", "--config", str(tmp_path / "dedup.yaml"), "--name", "dd",
+                 "minhash.threshold=0.7", "--no-progress"]) == 0
+    directory = tmp_path / "attributes" / "dd"
+    saved = yaml.safe_load((directory / "config.yaml").read_text())
+    assert saved["name"] == "dd" and saved["modes"] == ["doc", "minhash"]  # the flag and the file
+    assert saved["minhash"]["ngram"] == 3 and saved["minhash"]["threshold"] == 0.7  # file and override
+    assert saved["bloom"] == to_dict(BloomConfig())  # a section the file did not name, in full
+    assert json.loads((directory / "manifest.json").read_text())["config"] == saved
+    # Given back to the command, it is the same run: nothing left to do, the same attributes.
+    before = _attrs(tmp_path, "b.jsonl.gz", "dd")
+    again = run_dedup(load_config(DedupConfig, directory / "config.yaml"))
+    assert again["shards_run"] == 0 and _attrs(tmp_path, "b.jsonl.gz", "dd") == before

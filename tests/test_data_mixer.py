@@ -197,3 +197,46 @@ def test_rerun_with_another_shard_size_replaces_the_old_run(tmp_path):
     on_disk = [d["id"] for p in sorted((tmp_path / "out").glob("*.jsonl.gz")) for _, d in read_documents(p)]
     read = [d["id"] for p in shards for _, d in read_documents(p)]
     assert sorted(read) == sorted(on_disk) == sorted(d["id"] for d in docs)
+
+
+def test_mix_writes_the_resolved_config_beside_its_manifest(tmp_path):
+    from lmforge.cli import main
+
+    docs = [{"id": str(i), "text": f"document number {i}", "source": "web"} for i in range(10)]
+    _shard(tmp_path, "a.jsonl.gz", docs, [{"t__score": [[0, 5, i / 10]]} for i in range(10)])
+    config = {"streams": [{"name": "web", "documents": [str(tmp_path / "documents/*.jsonl.gz")], "attributes": ["t"],
+                           "filter": {"include": ["t__score >= 0.5"]}}],
+              "output": {"path": str(tmp_path / "out")}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    assert main(["data", "mix", str(tmp_path / "mix.yaml"), "--seed", "7", "output.compression=zst"]) == 0
+    saved = tmp_path / "out" / "config.yaml"
+    # Resolved: the file's settings, the flag and the override, and every default, written out in full.
+    expected = {**config, "seed": 7}
+    expected["output"] = {**config["output"], "compression": "zst"}
+    assert load_config(MixerConfig, str(saved)) == load_config(MixerConfig, flags=expected)
+    on_disk = yaml.safe_load(saved.read_text())
+    assert on_disk["seed"] == 7 and on_disk["output"]["compression"] == "zst"
+    assert on_disk["streams"][0]["sample_rate"] == 1.0  # a default the file did not name
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"] == on_disk
+
+
+def test_mixer_counts_the_funnel_per_filter_in_bytes(tmp_path):
+    """Each dropped document counts once, under the first exclude filter that matches it, with the UTF-8
+    bytes of its text; bytes in and out are UTF-8 too."""
+    texts = ["short", "naïve café", "long text here", "ok ok ok ok", "ü" * 12]
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(texts)]
+    attrs = [{"t__words": [[0, 1, len(t.split())]], "t__flag": [[0, 1, 1.0]] if i in (1, 4) else []}
+             for i, t in enumerate(texts)]
+    _shard(tmp_path, "a.jsonl.gz", docs, attrs)
+    config = {"streams": [{"name": "s", "documents": [str(tmp_path / "documents/*.jsonl.gz")], "attributes": ["t"],
+                           "filter": {"exclude": ["t__words < 2", "any(t__flag)"]}}],
+              "output": {"path": str(tmp_path / "out")}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(config))
+    counts = run_mix(load_config(MixerConfig, str(tmp_path / "mix.yaml")))["streams"]["s"]
+    # "short" and "üüü…" have one word (the first filter, though "ü…" is flagged too); "naïve café" is flagged.
+    assert counts["excluded_by_filter"] == {"t__words < 2": {"documents": 2, "text_bytes": 5 + 24},
+                                            "any(t__flag)": {"documents": 1, "text_bytes": 12}}
+    assert counts["text_bytes_in"] == 5 + 12 + 14 + 11 + 24 and counts["text_bytes_out"] == 14 + 11
+    assert counts["excluded_by_exclude"] == 3 and counts["written"] == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["streams"]["s"]["excluded_by_filter"] == counts["excluded_by_filter"]

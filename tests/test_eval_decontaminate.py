@@ -142,3 +142,34 @@ def test_filter_texts_hold_every_validation_and_test_item():
 
     hellaswag = arrow_rows("hellaswag/none/validation")
     assert len(list(task_texts(["hellaswag"]))) == sum(len(r["endings"]) for r in hellaswag) == 4 * 10042
+
+
+def test_mark_writes_a_manifest_the_mixer_checks_filters_against(corpus, tmp_path):
+    from lmforge.core.config import load_config
+    from lmforge.curation.mixer import MixerConfig, run_mix
+
+    root, task = corpus
+    config = DecontaminationConfig(documents=[str(root / "train/documents/*.jsonl.gz")], tasks=[str(task)])
+    summary = decontaminate(config, task_texts(config.tasks), log=lambda m: None)
+    directory = root / "train/attributes/decontamination"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["command"] == "data decontaminate" and manifest["config"]["tasks"] == [str(task)]
+    assert manifest["attribute_keys"] == ["decontamination__contaminated_paragraphs"]
+    assert [i["path"] for i in manifest["inputs"]] == [str(root / "train/documents/shard0.jsonl.gz")]
+    counts = manifest["counts"]
+    assert counts["per_source"] == summary["per_source"] and counts["shards"] == 1
+    assert counts["filter_paragraphs"] == 1  # the 13+ word question; the short one is not in the filter
+    # A rerun with nothing to do counts from the completion marks, so the manifest says the same.
+    decontaminate(config, task_texts(config.tasks), log=lambda m: None)
+    assert json.loads((directory / "manifest.json").read_text())["counts"] == counts
+
+    def mix(expression):
+        (tmp_path / "mix.yaml").write_text(json.dumps({
+            "streams": [{"name": "s", "documents": [str(root / "train/documents/*.jsonl.gz")],
+                         "attributes": ["decontamination"], "filter": {"exclude": [expression]}}],
+            "output": {"path": str(tmp_path / "mixed")}}))
+        return run_mix(load_config(MixerConfig, tmp_path / "mix.yaml"))
+
+    assert mix("any(decontamination__contaminated_paragraphs)")["streams"]["s"]["written"] == 2
+    with pytest.raises(LmforgeError, match="decontamination__contaminated_paragraphs"):  # the declared key named
+        mix("any(decontamination__contaminated)")

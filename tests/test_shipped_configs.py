@@ -46,3 +46,15 @@ def test_mixture_example_loads_as_a_data_config():
 @pytest.mark.parametrize("path", shipped("model"), ids=lambda p: p.name)
 def test_model_configs_load(path):
     assert resolve_model_config(str(path)).n_layers >= 1
+
+
+@pytest.mark.parametrize("path", [p for p in shipped("adapt") if not p.name.startswith("rlvr")], ids=lambda p: p.name)
+def test_adapt_configs_load(path):
+    """SFT and DPO recipes (the RLVR ones are loaded by tests/test_adapt_rlvr.py)."""
+    from lmforge.adapt.config import DPOConfig, SFTConfig
+
+    cls = SFTConfig if "sft" in path.name else DPOConfig
+    # The Tülu 3 recipes leave the start model and data to the user, as their header comments say.
+    config = load_config(cls, path, ["model=start", "data=[records.jsonl]"])
+    if path.name.startswith("tulu3"):
+        assert config.batch_size == 128 and config.precision == "bf16"

@@ -25,6 +25,7 @@ from lmforge.core.manifest import read_manifest
 from lmforge.model.checkpoints import CHECKPOINTS, read_meta
 from lmforge.train.config import ModelSpec, PipelineConfig
 from lmforge.train.distributed import DistInfo
+from lmforge.train.objective import NextTokenPrediction
 from lmforge.train.pipeline import ModelPart, stage_layers, stage_ranks
 from lmforge.train.trainer import Trainer
 
@@ -193,7 +194,7 @@ def test_pipelines_that_cannot_run_are_refused_before_any_compute(tmp_path, over
 
 def test_a_pipeline_runs_next_token_prediction_only(tmp_path):
     config = tiny_config(tmp_path, **{"parallel.pipeline.degree": 2})
-    preflight(config, 2)
+    preflight(config, 2, objective=NextTokenPrediction(1e-4))
     with pytest.raises(LmforgeError, match="tensor, context and pipeline parallelism split next-token prediction"):
         preflight(config, 2, objective=object())
 

@@ -1,6 +1,6 @@
 """The `lmforge` command: parses arguments and hands off to the stage. No logic lives here.
 
-Each command group (model, data, train, eval) registers its subcommands from its own module in this package;
+Each command group (model, data, train, eval, adapt) registers its subcommands from its own module in this package;
 a handler receives the parsed namespace. Flags are generated from the stage configs (`cli/options.py`), and
 dotted overrides (`KEY=VALUE`) are accepted anywhere on the command line. Errors meant for users are
 `LmforgeError`: one line on stderr naming the flag when a flag set the value, exit code 2 (`--debug` shows the
@@ -23,6 +23,7 @@ from lmforge.core.errors import LmforgeError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge.cli import adapt as adapt_commands
     from lmforge.cli import data as data_commands
     from lmforge.cli import eval as eval_commands
     from lmforge.cli import model as model_commands
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for area in (model_commands, data_commands, train_commands, eval_commands):
+    for area in (model_commands, data_commands, train_commands, eval_commands, adapt_commands):
         area.register(sub)
     return parser
 

@@ -78,14 +78,16 @@ def _register_curation(data_sub: argparse._SubParsersAction) -> None:
     tag.set_defaults(func=cmd_tag)
 
     dedup = data_sub.add_parser(
-        "dedup", help="exact document/URL, Bloom-filter paragraph and MinHash near-duplicate detection",
+        "dedup", help="exact document/URL, Bloom-filter paragraph, MinHash near-duplicate and repeated-substring "
+                      "detection",
         description="Mark duplicates as attributes (attributes/<name>/): exact documents, URLs, paragraphs "
-                    "(persisted Bloom filter), near-duplicate documents (MinHash+LSH). The first occurrence "
-                    "in shard order is kept. The mixer decides what to drop.")
+                    "(persisted Bloom filter), near-duplicate clusters (MinHash+LSH, verified pairs), repeated "
+                    "substrings (suffix array). The first occurrence in source order is kept. The mixer decides "
+                    "what to drop.")
     dedup.add_argument("--config", default=None, help="YAML DedupConfig (flags and overrides win)")
     add_config_flags(dedup, DedupConfig, {
         "documents": DOCUMENTS,
-        "modes": Flag("subset of doc,url,paragraph,minhash (comma-separated)", commas=True),
+        "modes": Flag("subset of doc,url,paragraph,minhash,substring (comma-separated)", commas=True),
         "name": "attribute name",
         "state": "directory holding the persisted dedup state (Bloom filter, hashes); pass the same one to dedup "
                  "a new crawl against earlier ones",

@@ -44,6 +44,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a progress bar when stderr is a terminal")
     p.set_defaults(func=cmd_eval)
 
+    b = sub.add_parser(
+        "baselines", help="bits per byte of a unigram model and of gzip/zstd on held-out documents",
+        description="What a model must beat on held-out documents: a unigram model of the training tokens "
+                    "(add-one smoothed) and gzip/zstd compressing each document, as bits per byte per source "
+                    "(the numbers `lmforge eval --ppl` reports for a model).")
+    b.add_argument("--tokens", nargs="+", required=True, metavar="PATH",
+                   help="the token directories (or .npy files, globs) the model trained on")
+    b.add_argument("--ppl", nargs="+", required=True, metavar="GLOB", help="held-out Dolma-format documents")
+    b.add_argument("--tokenizer", default=None, help="default: the one `lmforge data tokenize` kept with the tokens")
+    b.add_argument("--out", required=True, help="write results.json and a manifest here")
+    b.set_defaults(func=cmd_baselines)
+
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmforge.eval.evaluate import evaluate_model, markdown_report
@@ -59,4 +71,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if timing["instances"]:
         print(f"\n{timing['instances']} instances in {timing['task_seconds']:.1f}s "
               f"({timing['instances_per_second']:.1f}/s)" + (f"; results in {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_baselines(args: argparse.Namespace) -> int:
+    from lmforge.eval.baselines import run_baselines
+
+    results = run_baselines(args.tokens, args.ppl, args.out, tokenizer=args.tokenizer)
+    print("| source | documents | bytes | unigram bpb | gzip bpb | zstd bpb |\n|---|---|---|---|---|---|")
+    for source, row in results["sources"].items():
+        print(f"| {source} | {row['documents']:,} | {row['bytes']:,} | {row['unigram_bits_per_byte']:.4f} | "
+              f"{row['gzip_bits_per_byte']:.4f} | {row['zstd_bits_per_byte']:.4f} |")
     return 0

@@ -20,6 +20,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("overrides", nargs="*", help="dotted overrides of the model config, e.g. d_model=256")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the context)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--plan", metavar="tp=N,pp=N,cp=N,ep=N,dp=N,replicate=N",
+                      help="per-device training memory under this parallel layout (degrees not given are 1)")
+    info.add_argument("--suggest", type=int, metavar="DEVICES",
+                      help="the smallest layouts of this many devices that fit --gpu-memory")
+    info.add_argument("--micro-batch", type=int, default=1, metavar="N", help="sequences per device per step")
+    info.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="compute precision")
+    info.add_argument("--ac-every", type=int, default=2, metavar="N",
+                      help="selective activation checkpointing: every N-th block")
+    info.add_argument("--gpu-memory", metavar="SIZE", help="memory per device for the verdict, e.g. 80GB or 141GB")
     info.set_defaults(func=cmd_info)
 
     init = model_sub.add_parser("init", help="write a randomly initialised model directory")
@@ -77,7 +86,10 @@ def cmd_info(args) -> None:
         from lmforge.core.errors import LmforgeError
 
         raise LmforgeError(f"--seq-len must be at least 1, got {args.seq_len}")
-    info = model_info(resolve_model_config(args.preset, args.overrides), args.seq_len)
+    config = resolve_model_config(args.preset, args.overrides)
+    if args.plan or args.suggest:
+        return _plan_memory(args, config)
+    info = model_info(config, args.seq_len)
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -92,6 +104,28 @@ def cmd_info(args) -> None:
     for name, parts in info["memory_bytes"].items():
         detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items() if k != "total")
         print(f"    {name:<11} {parts['total'] / 2**30:10.2f} GiB  ({detail} GiB)")
+
+
+def _plan_memory(args, config) -> None:
+    from lmforge.core.errors import LmforgeError
+    from lmforge.train import memory
+
+    device = memory.parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    shape = memory.TrainingShape(micro_batch=args.micro_batch, seq_len=args.seq_len or config.max_sequence_length,
+                                 precision=args.precision, ac_every=args.ac_every)
+    if args.suggest:
+        if device is None:
+            raise LmforgeError("--suggest needs --gpu-memory (the memory of one device)")
+        found = memory.suggest_layouts(config, args.suggest, shape, device)
+        print("\n".join(memory.format_suggestions(found, args.suggest, device)))
+    if args.plan:
+        estimate = memory.estimate_memory(config, memory.ParallelPlan.parse(args.plan), shape)
+        if args.json:
+            print(json.dumps({"plan": str(estimate.plan), "stage": estimate.stage, "parts": estimate.parts,
+                              "activations": estimate.activations, "peak": estimate.peak,
+                              "verdict": memory.verdict(estimate, device) if device else None}, indent=2))
+        else:
+            print("\n".join(memory.format_estimate(estimate, device)))
 
 
 def cmd_init(args) -> None:

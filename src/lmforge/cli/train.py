@@ -72,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens"
               f" ({summary['skipped_steps']} updates skipped); checkpoints in {config.run_dir}/checkpoints")
+        energy = summary["energy"]
+        print(f"energy {energy['kwh']:.3g} kWh, {energy['kg_co2eq']:.3g} kg CO2eq ({energy['detail']})")
     return 0
 
 

@@ -25,6 +25,7 @@ from lmforge.core.files import (ATTRIBUTE_SUFFIX, DOCUMENT_SUFFIX_BY_COMPRESSION
 
 # Attribute files are mostly small numbers and repeated keys: the fastest level compresses them well enough.
 COMPRESSION_LEVEL = 1
+WRITE_BLOCK = 1 << 16  # bytes of attribute lines handed to the compressor at once
 
 
 def split_documents_path(doc_path: str | Path) -> tuple[Path, Path]:
@@ -152,6 +153,8 @@ class AttributeWriter(AtomicShardWriter):
         self._no_spans: dict[tuple, bytes] = {}
         self._ids: set[str] = set()
         self.count = 0
+        self._pending: list[bytes] = []  # lines reach the compressor in blocks: one call per line costs ~3x
+        self._pending_bytes = 0
 
     def write(self, doc_id: str, attributes: dict, line: int) -> None:
         if doc_id in self._ids:
@@ -165,6 +168,18 @@ class AttributeWriter(AtomicShardWriter):
                 encoded = self._no_spans[keys] = _dumps(attributes)
             line_bytes = b'{"id":' + _dumps(doc_id) + b',"attributes":' + encoded + b"}"
         self._ids.add(doc_id)
-        self._stream.write(line_bytes + b"\n")
+        self._pending.append(line_bytes)
+        self._pending_bytes += len(line_bytes) + 1
+        if self._pending_bytes >= WRITE_BLOCK:
+            self._flush_pending()
         self.count += 1
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._pending.append(b"")
+            self._stream.write(b"\n".join(self._pending))
+            self._pending, self._pending_bytes = [], 0
+
+    def _finish(self) -> None:
+        self._flush_pending()
 

@@ -22,12 +22,14 @@ from typing import Iterable, Iterator, Literal
 
 import xxhash
 
-from lmforge.curation.attributes import attribute_dir, attribute_path, is_done, mark_done, split_documents_path
+from lmforge.curation.attributes import (attribute_dir, attribute_path, is_done, mark_done, read_done_markers,
+                                         split_documents_path)
 from lmforge.curation.documents import DocumentWriter, ReadReport, expand_globs, read_documents
 from lmforge.core.config import require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.core.locks import output_lock
+from lmforge.core.manifest import write_manifest
 
 WORD = re.compile(r"\w+", re.UNICODE)
 PROMPT_LABEL = re.compile(r"^(?:[A-Z][A-Za-z]{0,15}(?: [A-Za-z]{1,15})?:|[A-J][.)])\s+")
@@ -191,11 +193,28 @@ def _decontaminate(config: DecontaminationConfig, eval_texts: Iterable[str], log
     summary = {"mode": config.mode, "shards": len(shards), "shards_already_done": done_before,
                "skipped_lines": skipped, **counts, "per_source": dict(totals)}
     if config.mode == "remove":
-        from lmforge.core.manifest import write_manifest
-
-        write_manifest(config.out, command="lmforge data decontaminate", config=config, inputs=shards,
-                       counts={k: v for k, v in summary.items() if k != "per_source"} | {"per_source": dict(totals)})
+        write_manifest(config.out, command="data decontaminate", config=config, inputs=shards, counts=summary)
+    else:
+        _write_attribute_manifests(config, shards, counts)
     return summary
+
+
+def _write_attribute_manifests(config: DecontaminationConfig, shards: list[str], filter_counts: dict) -> None:
+    """One manifest per attribute directory, as `data tag` writes: what its shards' completion marks counted
+    (this run's and earlier ones'), and the key it declares, which the mixer checks filters against."""
+    for directory in sorted({attribute_dir(p, config.name) for p in shards}):
+        inputs = [p for p in shards if attribute_dir(p, config.name) == directory]
+        markers = read_done_markers(directory)
+        per_source: dict[str, dict] = defaultdict(lambda: {"documents": 0, "contaminated": 0, "paragraphs": 0})
+        for marker in markers:
+            for source, c in marker.get("sources", {}).items():
+                for k, v in c.items():
+                    per_source[source][k] += v
+        counts = {"shards": len(markers), "skipped_lines": sum(m.get("skipped_lines", 0) for m in markers),
+                  **filter_counts, "per_source": dict(per_source)}
+        write_manifest(directory, command="data decontaminate", config=config, inputs=inputs, counts=counts,
+                       extra={"attribute_keys": [f"{config.name}__contaminated_paragraphs"],
+                              "skipped": [b for m in markers for b in m.get("bad_lines", [])][:100]})
 
 
 def format_counts(summary: dict) -> Iterable[str]:

@@ -4,39 +4,50 @@ Modes (`<name>__<key>` attributes, score 1.0 unless noted):
   doc        `duplicate_doc`: the text equals an earlier document's (128-bit xxh3, exact in practice)
   url        `duplicate_url`: `metadata.url` (configurable) equals an earlier document's
   paragraph  `duplicate_paragraphs`: one span per line seen before (Bloom filter; blank lines never count)
-  minhash    `near_duplicate`: [0, len, estimated Jaccard] when MinHash+LSH finds an earlier document with
-             estimated Jaccard >= threshold over word n-grams
-The first occurrence in (sorted) shard order survives, whatever the number of workers: workers only parse
-and fingerprint shards; the main process checks and inserts in order. The state (Bloom filter, exact hashes,
-MinHash index, and the shards already absorbed) is saved to `--state` so a later run, e.g. a new crawl, is
-deduplicated against everything seen before; re-running the same shards skips them instead of marking them
-all as duplicates of themselves.
+  minhash    `near_duplicate`: [0, len, similarity] on every document of a near-duplicate cluster but the one
+             kept (the first in source order); `cluster_id` ([0, len, the kept document's position in source
+             order]) and `cluster_size` on every member of a cluster of two or more (`fuzzy.py`)
+  substring  `duplicate_substrings`: one span per run of characters that repeats an earlier substring of at
+             least `substring.min_bytes` bytes, the first occurrence kept (`substring.py`)
+The first occurrence in source order survives, whatever the number of workers: workers only parse and
+fingerprint shards; the main process checks and inserts in order (doc, url, paragraph), then clusters and finds
+repeats over every shard at once (minhash, substring) and adds those keys to each shard's attribute file. Source
+order is the order shards were absorbed into the state, then the sorted paths of this run. The state (Bloom
+filter, exact hashes, MinHash fingerprints, and the shards already absorbed) is saved to `--state` so a later
+run, e.g. a new crawl, is deduplicated against everything seen before; re-running the same shards skips them
+instead of marking them all as duplicates of themselves. `substring` keeps no state: it sees the shards of the
+run (those skipped as absorbed count as earlier text).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
-from lmforge.core.config import to_dict
-from lmforge.curation.attributes import AttributeWriter, attribute_dir, attribute_path, source_fingerprint
+from lmforge.curation.attributes import (AttributeWriter, attribute_dir, attribute_path, read_attribute_rows,
+                                         source_fingerprint)
 from lmforge.curation.documents import InputConfig, ReadReport, input_shards, read_documents
 from lmforge.core.executor import ExecutorConfig, iter_tasks
-from lmforge.core.config import require
+from lmforge.core.config import require, save_config, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import write_manifest
-from lmforge.core.files import atomic_path, atomic_write_json, atomic_write_text
+from lmforge.core.files import TEMP_SUFFIX, atomic_directory, atomic_path, atomic_write_json, atomic_write_text
+from lmforge.curation.fuzzy import (MinHashConfig, ShardFingerprints, cluster, fingerprint_key, read_meta,
+                                    splitmix64)
+from lmforge.curation.substring import SubstringConfig, repeated_spans
 
-MODES = ("doc", "url", "paragraph", "minhash")
+MODES = ("doc", "url", "paragraph", "minhash", "substring")
 BLOOM_MAGIC = "lmforge-bloom"
 _MASK64 = (1 << 64) - 1
 
@@ -55,23 +66,6 @@ class BloomConfig:
 
 
 @dataclass
-class MinHashConfig:
-    ngram: int = 5
-    bands: int = 20
-    rows: int = 5
-    threshold: float = 0.8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        for name in ("ngram", "bands", "rows"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        require(0 < self.threshold <= 1, "threshold", self.threshold, "must be in (0, 1]")
-
-
-@dataclass
 class DedupConfig:
     documents: list[str]
     modes: list[str] = field(default_factory=lambda: ["doc", "url", "paragraph"])
@@ -81,6 +75,7 @@ class DedupConfig:
     url_key: str = "metadata.url"
     bloom: BloomConfig = field(default_factory=BloomConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    substring: SubstringConfig = field(default_factory=SubstringConfig)
     input: InputConfig = field(default_factory=InputConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
@@ -95,13 +90,6 @@ class DedupConfig:
 
 
 # ---------------------------------------------------------------- Bloom filter
-
-def _splitmix(h: np.ndarray) -> np.ndarray:
-    z = h + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
 
 BLOCK_WORDS = 8  # a block is one 64-byte cache line of 8 uint64 words
 PROBES_PER_MIX = 10  # 6-bit bit positions taken from one 64-bit mix
@@ -160,7 +148,7 @@ class BloomFilter:
 
     def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(block of each key, (len(keys), 8) uint64 masks of its k bits)."""
-        mix = _splitmix(keys.astype(np.uint64, copy=False) ^ np.uint64(0x5851F42D4C957F2D))
+        mix = splitmix64(keys.astype(np.uint64, copy=False) ^ np.uint64(0x5851F42D4C957F2D))
         if self.blocks < 1 << 32:  # Lemire's multiply-shift range reduction: no 64-bit division
             block = ((mix >> np.uint64(32)) * np.uint64(self.blocks)) >> np.uint64(32)
         else:
@@ -168,7 +156,7 @@ class BloomFilter:
         columns = [np.zeros(len(keys), dtype=np.uint64) for _ in range(BLOCK_WORDS)]
         for i in range(self.hashes):
             if i % PROBES_PER_MIX == 0:
-                mix = _splitmix(mix)
+                mix = splitmix64(mix)
             bit = (mix >> np.uint64(6 * (i % PROBES_PER_MIX))) & np.uint64(63)
             columns[i % BLOCK_WORDS] |= np.uint64(1) << bit
         return block.astype(np.intp), np.stack(columns, axis=1)
@@ -177,20 +165,31 @@ class BloomFilter:
         if len(keys) == 0:
             return np.zeros(0, dtype=bool)
         block, masks = self._locate(keys)
-        table = self.words.reshape(self.blocks, BLOCK_WORDS)
-        return _all_set(table[block], masks)
+        return _all_set(self.words.reshape(self.blocks, BLOCK_WORDS)[block], masks)
 
     def add(self, keys: np.ndarray) -> None:
+        if len(keys):
+            self._set(*self._locate(keys))
         self.inserted += len(keys)
+
+    def insert(self, keys: np.ndarray) -> np.ndarray:
+        """`contains(keys)`, then `add` the keys that were absent, locating each key once; keys must be unique."""
         if len(keys) == 0:
-            return
+            return np.zeros(0, dtype=bool)
         block, masks = self._locate(keys)
-        table = self.words.reshape(self.blocks, BLOCK_WORDS)
-        # `table[b] |= m` with a repeated b keeps only the last write: re-apply the few that got lost
-        while len(block):
-            table[block] |= masks
-            lost = ~_all_set(table[block], masks)
-            block, masks = block[lost], masks[lost]
+        present = _all_set(self.words.reshape(self.blocks, BLOCK_WORDS)[block], masks)
+        self._set(block[~present], masks[~present])
+        self.inserted += int(np.count_nonzero(~present))
+        return present
+
+    def _set(self, block: np.ndarray, masks: np.ndarray) -> None:
+        if len(block) == 0:
+            return
+        # `table[b] |= m` keeps only the last write of a repeated b: the masks of each block are ORed first
+        order = np.argsort(block)
+        block, masks = block[order], masks[order]
+        starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
+        self.words.reshape(self.blocks, BLOCK_WORDS)[block[starts]] |= np.bitwise_or.reduceat(masks, starts, axis=0)
 
     def save(self, path: str | Path) -> None:
         header = json.dumps({"format": BLOOM_MAGIC, "version": 2, "layout": "split-block-512",
@@ -217,51 +216,6 @@ class BloomFilter:
         return cls(header["bits"], header["hashes"], words, header.get("inserted", 0))
 
 
-# ---------------------------------------------------------------- MinHash
-
-def word_ngram_hashes(text: str, n: int) -> np.ndarray:
-    """Deterministic 64-bit hashes of the lowercased whitespace-word n-grams (one n-gram if fewer words)."""
-    words = text.lower().split()
-    if not words:
-        return np.zeros(0, dtype=np.uint64)
-    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, map(str.encode, words)), dtype=np.uint64, count=len(words))
-    if len(words) < n:
-        n = len(words)
-    rolled = hashes
-    for k in range(1, n):
-        rolled = rolled[:-1] * np.uint64(0x9E3779B97F4A7C15) + hashes[k:]
-    return np.unique(rolled)
-
-
-class MinHasher:
-    """h_i(x) = top 32 bits of (a_i x + b_i) mod 2^64 (multiply-shift), a_i odd; signature = min over shingles."""
-
-    def __init__(self, permutations: int, seed: int):
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(0, 2 ** 63, size=permutations, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        self.b = rng.integers(0, 2 ** 63, size=permutations, dtype=np.uint64)
-
-    def signature(self, shingles: np.ndarray) -> np.ndarray:
-        sig = np.full(len(self.a), np.iinfo(np.uint32).max, dtype=np.uint32)
-        for i in range(0, len(shingles), 2048):
-            block = shingles[i:i + 2048, None] * self.a[None, :] + self.b[None, :]
-            np.minimum(sig, (block >> np.uint64(32)).min(axis=0).astype(np.uint32), out=sig)
-        return sig
-
-
-def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(a == b))
-
-
-def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(docs, bands) uint64 keys: each band's rows hashed together."""
-    grouped = signatures.reshape(len(signatures), bands, rows).astype(np.uint64)
-    key = np.zeros(grouped.shape[:2], dtype=np.uint64)
-    for r in range(rows):
-        key = _splitmix(key ^ grouped[:, :, r])
-    return key
-
-
 # ---------------------------------------------------------------- per-shard fingerprints (parallel)
 
 @dataclass
@@ -270,6 +224,7 @@ class FingerprintTask:
     modes: list[str]
     url_key: str
     minhash: MinHashConfig
+    fingerprints: str | None = None  # where this shard's MinHash fingerprints go (mode minhash), unless there
     strict: bool = False
     weight: int = 0
 
@@ -284,10 +239,20 @@ def _get_path(doc: dict, dotted: str):
 
 
 def fingerprint_shard(task: FingerprintTask, progress) -> dict:
+    with contextlib.ExitStack() as stack:
+        minhash = None
+        if task.fingerprints is not None and not Path(task.fingerprints).is_dir():  # else: from an interrupted run
+            minhash = ShardFingerprints(stack.enter_context(atomic_directory(task.fingerprints)), task.minhash)
+        result = _read_and_fingerprint(task, minhash, progress)
+        if minhash is not None:
+            minhash.finish()
+    return result
+
+
+def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | None, progress) -> dict:
     report = ReadReport()
-    ids, doc_lines, lengths, sources, doc_hashes, url_hashes, signatures = [], [], [], [], [], [], []
-    line_lengths, line_hashes, line_blank, lines_per_doc = [], [], [], []
-    hasher = MinHasher(task.minhash.bands * task.minhash.rows, task.minhash.seed) if "minhash" in task.modes else None
+    ids, doc_lines, lengths, sources, doc_hashes, url_hashes = [], [], [], [], [], []
+    texts, lines_per_doc = [], []
     want_paragraphs = "paragraph" in task.modes
     for line, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
@@ -300,44 +265,40 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
         if "url" in task.modes:
             url = _get_path(doc, task.url_key)
             url_hashes.append(xxhash.xxh3_128_intdigest(url.encode()) if isinstance(url, str) and url else None)
-        if want_paragraphs:
-            # per-line work stays in C (map); offsets are computed for the whole shard at once below
-            lines = text.split("\n")
-            lines_per_doc.append(len(lines))
-            line_lengths.extend(map(len, lines))
-            line_blank.extend(map(str.isspace, lines))
-            line_hashes.extend(map(xxhash.xxh3_64_intdigest, map(str.encode, lines)))
-        if hasher is not None:
-            signatures.append(hasher.signature(word_ngram_hashes(text, task.minhash.ngram)))
+        if want_paragraphs:  # lines are split and hashed for the whole shard at once below
+            texts.append(text)
+            lines_per_doc.append(text.count("\n") + 1)
+        if minhash is not None:
+            minhash.add(text)
         progress(1)
 
     result = {
         "doc_path": task.doc_path, "ids": ids, "lines": doc_lines, "lengths": lengths, "sources": sources,
         "doc_hashes": doc_hashes, "url_hashes": url_hashes,
-        "signatures": np.stack(signatures) if signatures else None,
         "read": report.counts(), "bad_lines": [str(b) for b in report.bad_lines],
         "truncated": [str(t) for t in report.truncated],
     }
     if want_paragraphs:
-        result.update(_paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, lengths))
+        result.update(_paragraph_table("\n".join(texts).split("\n") if texts else [], lines_per_doc, lengths))
     else:
         empty = np.zeros(0, dtype=np.int64)
         result.update(para_doc=empty, para_start=empty, para_end=empty, para_hash=np.zeros(0, dtype=np.uint64))
     return result
 
 
-def _paragraph_table(line_lengths, line_hashes, line_blank, lines_per_doc, doc_lengths) -> dict:
-    """Non-blank lines of a shard: owning document, [start, end) with the newline, and hash."""
-    length = np.array(line_lengths, dtype=np.int64)
+def _paragraph_table(lines: list[str], lines_per_doc: list[int], doc_lengths: list[int]) -> dict:
+    """Non-blank lines of a shard (every document's lines back to back): owning document, [start, end) with the
+    newline, and hash."""
+    length = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
     doc = np.repeat(np.arange(len(lines_per_doc), dtype=np.int64), lines_per_doc)
     doc_length = np.array(doc_lengths, dtype=np.int64)
     # every line takes length + 1 (its newline, real or not), so each document takes doc_length + 1
     doc_offset = np.concatenate(([0], np.cumsum(doc_length + 1)[:-1]))
     start = np.cumsum(length + 1) - (length + 1) - doc_offset[doc]
     end = np.minimum(start + length + 1, doc_length[doc])
-    keep = (length > 0) & ~np.array(line_blank, dtype=bool)
-    return {"para_doc": doc[keep], "para_start": start[keep], "para_end": end[keep],
-            "para_hash": np.array(line_hashes, dtype=np.uint64)[keep]}
+    keep = (length > 0) & ~np.fromiter(map(str.isspace, lines), dtype=bool, count=len(lines))
+    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, map(str.encode, lines)), dtype=np.uint64, count=len(lines))
+    return {"para_doc": doc[keep], "para_start": start[keep], "para_end": end[keep], "para_hash": hashes[keep]}
 
 
 # ---------------------------------------------------------------- state and the ordered pass
@@ -359,14 +320,14 @@ class DedupState:
 
     def __init__(self, directory: Path, config: DedupConfig):
         self.directory = directory
+        minhash = {k: v for k, v in to_dict(config.minhash).items() if k != "memory_mb"}  # memory may change
         self.params = {"modes": sorted(config.modes), "url_key": config.url_key,
-                       "minhash": to_dict(config.minhash) if "minhash" in config.modes else None}
+                       "minhash": minhash if "minhash" in config.modes else None}
         self.absorbed: dict[str, dict] = {}
         self.docs: set[int] = set()
         self.urls: set[int] = set()
         self.bloom: BloomFilter | None = None
-        self.signatures: list[np.ndarray] = []
-        self.lsh: dict[tuple[int, int], int] = {}
+        self.cluster_stats: dict = {}  # the last clustering's counts, for the manifest of a run that skips all
         self.generation = self._current_generation()
         if not config.read_only:
             self._remove_other_generations()
@@ -382,6 +343,7 @@ class DedupState:
                 raise LmforgeError(f"dedup state {directory} was built with {meta['params']}, not {self.params}; "
                                    "use another --state (or --name) for different settings")
             self.absorbed = meta["absorbed"]
+            self.cluster_stats = meta.get("cluster_stats") or {}
             self._load(files)
         elif self.generation:
             raise LmforgeError(f"corrupt dedup state {directory}: {STATE_POINTER} names {self.generation}, "
@@ -421,13 +383,6 @@ class DedupState:
             self.urls = _ints_from_array(_load_array(d / "urls.npy"))
         if (d / "paragraphs.bloom").is_file():
             self.bloom = BloomFilter.load(d / "paragraphs.bloom")
-        if (d / "minhash.npy").is_file():
-            signatures = _load_array(d / "minhash.npy")
-            mh = self.params["minhash"]
-            self.signatures = list(signatures)
-            for index, keys in enumerate(band_keys(signatures, mh["bands"], mh["rows"])):
-                for band, key in enumerate(keys.tolist()):
-                    self.lsh.setdefault((band, key), index)
 
     def save(self) -> None:
         """Write the next generation, then point `CURRENT` at it, then remove the others."""
@@ -441,8 +396,6 @@ class DedupState:
                 _save_npy(d / name, _array_from_ints(values))
         if self.bloom is not None:
             self.bloom.save(d / "paragraphs.bloom")
-        if self.signatures:
-            _save_npy(d / "minhash.npy", np.stack(self.signatures))
         bloom = None
         if self.bloom is not None:
             b = self.bloom
@@ -450,10 +403,24 @@ class DedupState:
                      "estimated_false_positive_rate": b.estimated_false_positive_rate()}
         atomic_write_json(d / "state.json", {"params": self.params, "absorbed": self.absorbed, "bloom": bloom,
                                              "documents": len(self.docs), "urls": len(self.urls),
-                                             "minhash_documents": len(self.signatures)})
+                                             "cluster_stats": self.cluster_stats})
         atomic_write_text(self.directory / STATE_POINTER, d.name + "\n")
         self.generation = d.name
         self._remove_other_generations()
+        self._remove_unused_fingerprints()
+
+    @property
+    def fingerprint_root(self) -> Path:
+        """MinHash fingerprints of absorbed shards, one directory each, outside the generations: they are
+        written once (by the workers), named by shard and settings, and found again by a resumed run."""
+        return self.directory / "minhash"
+
+    def _remove_unused_fingerprints(self) -> None:
+        used = {record.get("fingerprints") for record in self.absorbed.values()}
+        if self.fingerprint_root.is_dir():
+            for path in self.fingerprint_root.iterdir():
+                if path.name not in used:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -489,29 +456,28 @@ def _paragraph_duplicates(fp: dict, state: DedupState, read_only: bool) -> np.nd
     is_first[first] = True
     duplicate = ~is_first
     first_hashes = hashes[is_first]
-    seen = state.bloom.contains(first_hashes)
+    seen = state.bloom.contains(first_hashes) if read_only else state.bloom.insert(first_hashes)
     duplicate[np.flatnonzero(is_first)[seen]] = True
-    if not read_only:
-        state.bloom.add(first_hashes[~seen])
     return duplicate
 
 
-def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeWriter) -> dict:
+def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeWriter, flags: np.ndarray) -> dict:
+    """Check and insert one shard's documents in order (doc, url, paragraph), write its attribute file, and
+    set `flags[i]` for each document those modes mark as a whole."""
     key = config.name
     n = len(fp["ids"])
     modes = config.modes
     para_dup = _paragraph_duplicates(fp, state, config.read_only) if "paragraph" in modes else None
-    para_spans: list[list[list[float]]] = [[] for _ in range(n)]
-    if para_dup is not None:
-        for d, s, e in zip(fp["para_doc"][para_dup].tolist(), fp["para_start"][para_dup].tolist(),
-                           fp["para_end"][para_dup].tolist()):
-            para_spans[d].append([s, e, 1.0])
-    keys = band_keys(fp["signatures"], config.minhash.bands, config.minhash.rows).tolist() \
-        if "minhash" in modes and fp["signatures"] is not None else None
-    stats = {"documents": n, "duplicate_docs": 0, "duplicate_urls": 0, "near_duplicates": 0,
+    stats = {"documents": n, "duplicate_docs": 0, "duplicate_urls": 0,
              "paragraphs": int(len(fp["para_hash"])),
              "duplicate_paragraphs": int(para_dup.sum()) if para_dup is not None else 0,
              "text_chars": sum(fp["lengths"]), "duplicate_paragraph_chars": 0}
+    if para_dup is not None:
+        # one list of every duplicate span of the shard (in document order), sliced per document
+        doc, start, end = fp["para_doc"][para_dup], fp["para_start"][para_dup], fp["para_end"][para_dup]
+        spans = [[s, e, 1.0] for s, e in zip(start.tolist(), end.tolist())]
+        bounds = np.searchsorted(doc, np.arange(n + 1)).tolist()
+        stats["duplicate_paragraph_chars"] = int((end - start).sum())
     per_source: dict[str, dict] = {}
     for i in range(n):
         length = fp["lengths"][i]
@@ -534,24 +500,8 @@ def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeW
             stats["duplicate_urls"] += dup
             flagged |= dup
         if para_dup is not None:
-            attributes[f"{key}__duplicate_paragraphs"] = para_spans[i]
-            stats["duplicate_paragraph_chars"] += sum(e - s for s, e, _ in para_spans[i])
-        if keys is not None:
-            signature = fp["signatures"][i]
-            best = 0.0
-            for band, band_key in enumerate(keys[i]):
-                other = state.lsh.get((band, band_key))
-                if other is not None:
-                    best = max(best, estimated_jaccard(signature, state.signatures[other]))
-            dup = best >= config.minhash.threshold
-            attributes[f"{key}__near_duplicate"] = [[0, length, best]] if dup else []
-            stats["near_duplicates"] += dup
-            flagged |= dup
-            if not config.read_only:
-                index = len(state.signatures)
-                state.signatures.append(signature)
-                for band, band_key in enumerate(keys[i]):
-                    state.lsh.setdefault((band, band_key), index)
+            attributes[f"{key}__duplicate_paragraphs"] = spans[bounds[i]:bounds[i + 1]]
+        flags[i] = flagged
         source = per_source.setdefault(fp["sources"][i], {"documents": 0, "duplicate_documents": 0})
         source["documents"] += 1
         source["duplicate_documents"] += flagged
@@ -598,36 +548,68 @@ def _run_dedup(config: DedupConfig, paths: list[str], incomplete: list[str], sta
     records = {p: state.absorbed[p].get("record", {}) for p in paths
                if not config.read_only and _unchanged(state.absorbed.get(p), p)
                and attribute_path(p, config.name).is_file()}
-    tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash, config.input.strict,
-                             weight=Path(p).stat().st_size) for p in paths if p not in records]
-    executor = config.executor
-    totals: dict = {}
-    truncated: list[str] = []
-    for fp in iter_tasks(fingerprint_shard, tasks, executor, desc="dedup"):
-        with AttributeWriter(attribute_path(fp["doc_path"], config.name)) as writer:
-            stats = _absorb(fp, state, config, writer)
-        stats.update(fp["read"], shards=1)
-        records[fp["doc_path"]] = {"counts": stats, "skipped": fp["bad_lines"]}
-        truncated += fp["truncated"]
-        _merge_stats(totals, stats)
-        if not config.read_only:
-            state.absorbed[fp["doc_path"]] = {k: v for k, v in source_fingerprint(fp["doc_path"]).items()
-                                             if k != "path"} | {"record": records[fp["doc_path"]]}
+    todo = [p for p in paths if p not in records]
+    # Source order: the shards absorbed by earlier runs, in the order they were, then this run's (sorted).
+    earlier = [p for p in state.absorbed if p not in todo]
+    with contextlib.ExitStack() as stack:
+        fingerprints = None
+        if "minhash" in config.modes:
+            fingerprints = state.fingerprint_root
+            if config.read_only:  # it adds nothing to the state: its fingerprints go to a temporary directory
+                attribute_dir(paths[0], config.name).mkdir(parents=True, exist_ok=True)
+                fingerprints = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=".minhash.", suffix=TEMP_SUFFIX, dir=attribute_dir(paths[0], config.name))))
+        tasks = [FingerprintTask(p, list(config.modes), config.url_key, config.minhash,
+                                 str(fingerprints / fingerprint_key(p, config.minhash)) if fingerprints else None,
+                                 config.input.strict, weight=Path(p).stat().st_size) for p in todo]
+        totals: dict = {}
+        truncated: list[str] = []
+        shards: dict[str, dict] = {}  # what the whole-corpus modes need of each shard of this run
+        for fp in iter_tasks(fingerprint_shard, tasks, config.executor, desc="dedup"):
+            path = fp["doc_path"]
+            flags = np.zeros(len(fp["ids"]), dtype=bool)
+            with AttributeWriter(attribute_path(path, config.name)) as writer:
+                stats = _absorb(fp, state, config, writer, flags)
+            stats.update(fp["read"], shards=1)
+            records[path] = {"counts": stats, "skipped": fp["bad_lines"]}
+            truncated += fp["truncated"]
+            sources = sorted(set(fp["sources"]))
+            shards[path] = {"flags": flags, "lengths": np.array(fp["lengths"], dtype=np.int64),
+                            "lines": np.array(fp["lines"], dtype=np.int64), "sources": sources,
+                            "source_of": np.searchsorted(sources, fp["sources"]) if sources else flags}
+        whole_corpus = {}
+        if "minhash" in config.modes and tasks:
+            whole_corpus["minhash"] = _cluster_shards(state, config, earlier, tasks, shards, records)
+            state.cluster_stats = whole_corpus["minhash"]
+        elif "minhash" in config.modes:
+            whole_corpus["minhash"] = state.cluster_stats
+        if "substring" in config.modes and tasks:
+            whole_corpus["substring"] = _substring_shards(config, [p for p in earlier if p in paths] + todo,
+                                                          shards, records)
+        for path in todo:
+            if "minhash" in config.modes or "substring" in config.modes:
+                _add_whole_corpus_attributes(path, shards[path], config.name, records[path]["counts"])
+            _merge_stats(totals, records[path]["counts"])
+            if not config.read_only:
+                state.absorbed.pop(path, None)  # a shard absorbed again moves to the end of the source order
+                state.absorbed[path] = {k: v for k, v in source_fingerprint(path).items() if k != "path"} | {
+                    "record": records[path]}
+                if fingerprints is not None:
+                    state.absorbed[path]["fingerprints"] = fingerprint_key(path, config.minhash)
     if not config.read_only and (tasks or not state.generation):  # (a state of the old layout is rewritten)
         state.save()
-    keys = [f"{config.name}__{k}" for m, k in (("doc", "duplicate_doc"), ("url", "duplicate_url"),
-                                              ("paragraph", "duplicate_paragraphs"), ("minhash", "near_duplicate"))
-            if m in config.modes]
+    keys = [f"{config.name}__{k}" for m, ks in ATTRIBUTE_KEYS.items() if m in config.modes for k in ks]
     for directory in sorted({attribute_dir(p, config.name) for p in paths}):
         inputs = [p for p in paths if attribute_dir(p, config.name) == directory]
         counts: dict = {"incomplete_shards": sum(attribute_dir(p, config.name) == directory for p in incomplete)}
         for p in inputs:
             _merge_stats(counts, records[p].get("counts", {}))
+        save_config(config, directory)
         write_manifest(directory, command="data dedup", config=config, inputs=inputs, counts=_finish_totals(counts),
-                       extra={"attribute_keys": keys, "state": str(state_dir),
+                       extra={"attribute_keys": keys, "state": str(state_dir), **whole_corpus,
                               "skipped": [b for p in inputs for b in records[p].get("skipped", [])][:100]})
     summary = {"shards": len(paths), "shards_run": len(tasks), "shards_skipped_done": len(paths) - len(tasks),
-               "state": str(state_dir), **_finish_totals(totals),
+               "state": str(state_dir), **_finish_totals(totals), **whole_corpus,
                "bad_line_examples": [b for t in tasks for b in records[t.doc_path]["skipped"]][:10],
                "truncated": truncated, "incomplete_shards": incomplete}
     if state.bloom is not None:
@@ -638,3 +620,75 @@ def _run_dedup(config: DedupConfig, paths: list[str], incomplete: list[str], sta
                                   f"{config.bloom.expected_elements} it was sized for; raise --expected-paragraphs "
                                   "and start a new --state")
     return summary
+
+
+ATTRIBUTE_KEYS = {"doc": ("duplicate_doc",), "url": ("duplicate_url",), "paragraph": ("duplicate_paragraphs",),
+                  "minhash": ("near_duplicate", "cluster_id", "cluster_size"), "substring": ("duplicate_substrings",)}
+
+
+def _cluster_shards(state: DedupState, config: DedupConfig, earlier: list[str], tasks: list[FingerprintTask],
+                    shards: dict[str, dict], records: dict[str, dict]) -> dict:
+    """Cluster every shard of the state and this run; give each shard of this run its documents' clusters."""
+    directories = [state.fingerprint_root / state.absorbed[p]["fingerprints"] for p in earlier]
+    directories += [Path(t.fingerprints) for t in tasks]
+    clusters = cluster(directories, config.minhash)
+    base = sum(read_meta(d)["documents"] for d in directories[:len(earlier)])
+    for task in tasks:
+        shard, counts = shards[task.doc_path], records[task.doc_path]["counts"]
+        n = len(shard["lengths"])
+        index = np.arange(base, base + n)
+        shard["kept"], shard["size"] = clusters.kept[index], clusters.size[index]
+        shard["similarity"], shard["removed"] = clusters.similarity[index], clusters.kept[index] != index
+        counts["near_duplicates"] = int(np.count_nonzero(shard["removed"]))
+        counts["too_short_for_ngram"] = read_meta(Path(task.fingerprints))["too_short_for_ngram"]
+        base += n
+    stats = clusters.stats
+    stats["rejected_pair_rate"] = stats["rejected_pairs"] / max(stats["candidate_pairs"], 1)
+    stats["documents_removed"] = stats["documents_in_clusters"] - stats["clusters"]
+    return stats
+
+
+def _substring_shards(config: DedupConfig, order: list[str], shards: dict[str, dict], records: dict) -> dict:
+    """Find repeated substrings over the texts of `order` (every shard of the run, in source order)."""
+    limit = config.substring.max_text_mb * 2 ** 20
+    texts: list[bytes] = []
+    bounds = {}
+    report = ReadReport()
+    text_bytes = 0
+    for path in order:
+        start = len(texts)
+        texts.extend(doc["text"].encode() for _, doc in read_documents(path, report, config.input.strict))
+        bounds[path] = (start, len(texts))
+        text_bytes += sum(map(len, texts[start:]))
+        if text_bytes > limit:
+            raise LmforgeError(f"substring dedup: the text of this run's shards passes substring.max_text_mb="
+                               f"{config.substring.max_text_mb:g} at {path}; dedup fewer shards per run or raise "
+                               "it (the suffix array and its companions take about 14 bytes per byte of text)")
+    spans, removed = repeated_spans(texts, config.substring.min_bytes)
+    for path, shard in shards.items():
+        start, end = bounds[path]
+        shard["substrings"] = spans[start:end]
+        counts = records[path]["counts"]
+        counts["duplicate_substring_spans"] = sum(map(len, shard["substrings"]))
+        counts["duplicate_substring_chars"] = sum(e - s for doc in shard["substrings"] for s, e in doc)
+    return {"min_bytes": config.substring.min_bytes, "text_bytes": text_bytes, "duplicate_substring_bytes": removed}
+
+
+def _add_whole_corpus_attributes(path: str, shard: dict, name: str, counts: dict) -> None:
+    """Rewrite a shard's attribute file with the minhash and substring keys added, and count what they mark."""
+    target = attribute_path(path, name)
+    with AttributeWriter(target) as writer:
+        for i, (doc_id, attributes, _) in enumerate(read_attribute_rows(target)):
+            length = int(shard["lengths"][i])
+            if "kept" in shard:
+                clustered, removed = shard["size"][i] > 1, shard["removed"][i]
+                attributes[f"{name}__near_duplicate"] = [[0, length, float(shard["similarity"][i])]] if removed else []
+                attributes[f"{name}__cluster_id"] = [[0, length, float(shard["kept"][i])]] if clustered else []
+                attributes[f"{name}__cluster_size"] = [[0, length, float(shard["size"][i])]] if clustered else []
+                if removed and not shard["flags"][i]:
+                    shard["flags"][i] = True
+                    source = counts["per_source"][shard["sources"][shard["source_of"][i]]]
+                    source["duplicate_documents"] += 1
+            if "substrings" in shard:
+                attributes[f"{name}__duplicate_substrings"] = [[s, e, 1.0] for s, e in shard["substrings"][i]]
+            writer.write(doc_id, attributes, int(shard["lines"][i]))

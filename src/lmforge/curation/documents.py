@@ -129,6 +129,11 @@ class ReadReport:
                 "bad_lines": [str(b) for b in self.bad_lines]}
 
 
+def text_bytes(text: str) -> int:
+    """UTF-8 length of a document's text (what bits per byte and byte counts divide by)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def strip_suffix(path: str | Path) -> str:
     """Shard name without its document suffix: `a/b/en-0001.jsonl.zst` -> `en-0001`."""
     name = Path(path).name

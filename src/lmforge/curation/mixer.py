@@ -27,14 +27,13 @@ from typing import Literal
 import xxhash
 import zstandard
 
-from lmforge.core.config import to_dict
 from lmforge.curation.attributes import attribute_dir, attribute_path, read_attribute_rows
 from lmforge.curation.documents import (DONE_DIR, DocumentWriter, InputConfig, ReadReport, input_shards,
-                                        read_documents)
+                                        read_documents, text_bytes)
 from lmforge.core.executor import ExecutorConfig, run_tasks
 from lmforge.curation.filter_expr import (Context, attribute_keys, compile_filter, compile_jsonpath,
                                           jsonpath_span_key)
-from lmforge.core.config import require
+from lmforge.core.config import require, save_config, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.locks import output_lock
 from lmforge.core.manifest import MANIFEST_NAME, write_manifest
@@ -238,7 +237,11 @@ def mix_task(task: MixTask, progress) -> dict:
     out_dir = Path(task.output.path)
     writer = _RollingWriter(out_dir, f"{stream.name}-{task.index:04d}", task.output)
     counts = dict.fromkeys(("read", "excluded_by_include", "excluded_by_exclude", "sampled_out", "too_short",
-                            "written", "spans_replaced", "text_chars_in", "text_chars_out"), 0)
+                            "written", "spans_replaced", "text_chars_in", "text_chars_out", "text_bytes_in",
+                            "text_bytes_out"), 0)
+    # The data funnel: documents and bytes each exclude filter dropped, a document counted by the first that
+    # matches (Dolma drops on any; this attributes the drop to one filter, in the config's order).
+    by_filter = {f: {"documents": 0, "text_bytes": 0} for f in stream.filter.exclude}
     report = ReadReport()
     keys_seen: set[str] = set()
     discard = set(task.output.discard_fields)
@@ -250,6 +253,7 @@ def mix_task(task: MixTask, progress) -> dict:
             for line, doc in read_documents(path, report, task.strict):
                 counts["read"] += 1
                 counts["text_chars_in"] += len(doc["text"])
+                counts["text_bytes_in"] += text_bytes(doc["text"])
                 progress(1)
                 attributes: dict = {}
                 cut_off = None
@@ -278,8 +282,12 @@ def mix_task(task: MixTask, progress) -> dict:
                     if include and not any(f(ctx) for f in include):
                         counts["excluded_by_include"] += 1
                         continue
-                    if any(f(ctx) for f in exclude):
+                    hit = next((i for i, f in enumerate(exclude) if f(ctx)), None)
+                    if hit is not None:
                         counts["excluded_by_exclude"] += 1
+                        dropped = by_filter[stream.filter.exclude[hit]]
+                        dropped["documents"] += 1
+                        dropped["text_bytes"] += text_bytes(doc["text"])
                         continue
                 copies = sample_copies(task.seed, stream.name, doc["id"], stream.sample_rate)
                 if copies == 0:
@@ -298,6 +306,7 @@ def mix_task(task: MixTask, progress) -> dict:
                     writer.write(out)
                     counts["written"] += 1
                     counts["text_chars_out"] += len(text)
+                    counts["text_bytes_out"] += text_bytes(text)
             for attr_path, it in attr_iters:
                 if next(it, None) is not None and not _was_truncated(report, path):
                     raise LmforgeError(f"{attr_path} has more lines than {path} has documents")
@@ -309,7 +318,7 @@ def mix_task(task: MixTask, progress) -> dict:
     counts.update(empty_shards=read["empty_shards"], truncated_files=read["truncated_files"],
                   duplicate_ids=read["duplicate_ids"])
     result = {"stream": stream.name, "task": task.index, "files": writer.files, "output_bytes": writer.bytes,
-              "counts": counts, "documents": counts["read"], "skipped_lines": report.skipped,
+              "counts": counts, "excluded_by_filter": by_filter, "documents": counts["read"], "skipped_lines": report.skipped,
               "bad_lines": [str(b) for b in report.bad_lines], "truncated": [str(t) for t in report.truncated],
               "config_hash": task.config_hash, "attribute_keys_seen": sorted(keys_seen)}
     atomic_write_json(_done_mark(task), result)
@@ -469,10 +478,15 @@ def _run_mix(config: MixerConfig) -> dict:
         totals["skipped_lines"] += r["skipped_lines"]
         totals["output_bytes"] += r["output_bytes"]
         totals["files"] += len(r["files"])
+        for expression, dropped in r.get("excluded_by_filter", {}).items():
+            into = totals.setdefault("excluded_by_filter", {}).setdefault(expression, {"documents": 0, "text_bytes": 0})
+            for key, value in dropped.items():
+                into[key] += value
         skipped += r["bad_lines"]
         files += r["files"]
     _refuse_absent_keys(config, results)
     inputs = [p for t in tasks for p in t.paths]
+    save_config(config, config.output.path)
     write_manifest(config.output.path, command="data mix", config=config, inputs=inputs,
                    counts={"streams": per_stream}, extra={"files": sorted(files), "skipped": skipped[:100]})
     return {"output": config.output.path, "tasks": len(tasks), "tasks_skipped_done": len(tasks) - len(todo),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from lmforge.core.errors import LmforgeError
-from lmforge.curation.documents import ReadReport, read_documents, strip_suffix
+from lmforge.curation.documents import ReadReport, read_documents, strip_suffix, text_bytes
 from lmforge.eval.scoring import at_least_fp32, logits_at
 from lmforge.tokens.tokenizer import encode_stream
 
@@ -161,7 +161,7 @@ def perplexity(model, tokenizer, documents: list[tuple[str, str, str]], batch_si
         totals = domains[(source, domain)]
         totals.documents += 1
         totals.tokens += len(sequences[d]) - 1
-        totals.bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
+        totals.bytes += text_bytes(text)
         totals.nll.append(-math.fsum(per_doc.get(d, [])))
     result = summarize(domains)
     result["stride"] = stride

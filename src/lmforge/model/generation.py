@@ -35,10 +35,14 @@ def next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Ge
 
 @torch.no_grad()
 def generate_ids(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
-                 eos_id: int | None = None, pad_id: int = 0, decode=None) -> list[list[int]]:
+                 eos_id: int | None = None, pad_id: int = 0, decode=None,
+                 logprobs: list[list[float]] | None = None) -> list[list[int]]:
     """New token ids for each prompt (without the prompt), stopped at EOS (kept) or a stop string.
 
-    `decode(ids) -> str` is needed for stop strings; text is cut at the stop string by the caller."""
+    `decode(ids) -> str` is needed for stop strings; text is cut at the stop string by the caller. A list given
+    as `logprobs` receives, per prompt, the log-probability of each new token under the sampler's tempered
+    distribution (before top-k/top-p), as the sampler computed it (RL's importance weights compare it with
+    the learner's)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LmforgeError("every prompt needs at least one token")
     context = model.config.max_sequence_length
@@ -70,9 +74,16 @@ def generate_ids(model: Transformer, prompts: list[list[int]], config: SamplingC
             logits = model(sequence, positions=all_pos, attention_mask=mask[:, :length])
         token = next_token(logits[:, -1], config, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
+        if logprobs is not None:
+            tempered = logits[:, -1].float() / (config.temperature if config.temperature > 0 else 1.0)
+            chosen = tempered.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1).tolist()
+            if not logprobs:
+                logprobs.extend([] for _ in range(B))
         for i in range(B):
             if not done[i]:
                 outputs[i].append(int(token[i]))
+                if logprobs is not None:
+                    logprobs[i].append(chosen[i])
         if config.stop_on_eos and eos_id is not None:
             done |= token == eos_id
         if config.stop_strings and decode is not None:

@@ -11,7 +11,8 @@
 Attention goes through `attention()`: SDPA (flash kernels on GPU for plain causal layers), and for sliding
 windows on GPU whichever fast path is installed (flash-attn's window, else flex attention). Optional
 intra-document masking takes `doc_ids` (one document index per position) so tokens attend only inside their
-document. A `KVCache` makes generation incremental; positions come from the caller so left-padded batches work.
+document, with positions restarting at each document (a packed example sees what it would alone). A `KVCache`
+makes generation incremental; positions come from the caller so left-padded batches work.
 """
 
 from __future__ import annotations
@@ -582,7 +583,8 @@ class Transformer(nn.Module):
 
         positions: (B, L) token positions, default 0..L-1 (offset by the cache length).
         attention_mask: (B, total_len) 1 for real tokens, 0 for padding, covering cached + new tokens.
-        doc_ids: (B, L) document index per position; attention stays inside a document.
+        doc_ids: (B, L) document index per position; attention stays inside a document, and positions (when
+            not given) restart at 0 in each document.
         """
         c = self.config
         x = self.embed(input_ids)
@@ -610,7 +612,9 @@ def layer_inputs(config: ModelConfig, alibi_slopes: torch.Tensor | None, B: int,
     """What the blocks take besides the hidden states, per distinct attention window: RoPE cos/sin (None with
     ALiBi) and the `LayerMask`. Arguments as `Transformer.forward`'s; a pipeline stage computes them itself."""
     past = cache.length if cache is not None else 0
-    if positions is None:
+    if positions is None and doc_ids is not None and past == 0:
+        positions = document_positions(doc_ids)  # packed examples see the positions they would alone
+    elif positions is None:
         positions = torch.arange(past, past + L, device=device).expand(B, L)
     ropes, masks = {}, {}
     for window in {config.layer_window(i) for i in range(config.n_layers)}:
@@ -658,6 +662,14 @@ def _key_positions(attention_mask, B, total, device):
     if attention_mask is None:
         return torch.arange(total, device=device).expand(B, total)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :total]
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) position of each token inside its document: 0 where the document index changes, then counting."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
 
 
 def init_weights(model: Transformer, seed: int) -> None:

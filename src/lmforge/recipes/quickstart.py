@@ -1,220 +1,392 @@
-"""`make quickstart`: the whole pipeline at laptop scale, through the same `lmforge` commands a user runs.
+"""`make quickstart`: the whole pipeline in a time budget, through the same `lmforge` commands a user runs.
 
-raw documents -> tagged, deduplicated, mixed corpus (+ statistics) -> BPE tokenizer -> token memmaps -> a tiny
-OLMo 2 pretrained on CPU -> lineage of a batch -> evaluated (downstream tasks + bits per byte on held-out
-documents) -> exported to Hugging Face format, with `REPORT.md` tying it together.
+    python -m lmforge.recipes.quickstart --out DIR [--minutes 12] [--documents GLOB] [--no-adapt]
 
-The raw documents are built offline from what every Python install has: the standard library's docstrings
-(English prose) and its source files (code); every 20th document is held out for perplexity. Each stage
-skips work that is already done, so a rerun is quick.
+plan (a throughput probe sizes corpus and model for the budget) -> raw documents (the installed Python
+sources and docs, or yours) -> tagged, deduplicated, mixed (+ a stricter, higher-quality mix) -> BPE
+tokenizer -> token files -> stage 1 (warmup, constant LR) -> two anneals to zero LR on the high-quality
+blend, souped -> [adaptation of a real model: to come] -> evaluated (held-out bits per byte beside
+unigram/gzip/zstd baselines; downstream tasks) -> samples -> Hugging Face export -> `DIR/report.md` and
+`DIR/report.html` with figures, every number read from a file in DIR.
+
+Each stage leaves `DIR/stages/<stage>.json` when it finishes; a rerun skips finished stages (and says so),
+so a second run changes nothing, and a run stopped with Ctrl-C continues where it stopped (training resumes
+from its last checkpoint; tag, mix and tokenize skip the shards they finished). `DIR/plan.json` fixes what
+is trained, whatever the machine's load on a rerun.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import hashlib
 import io
 import json
 import sys
-import sysconfig
 import time
 from pathlib import Path
+from typing import Callable
+
+import yaml
 
 from lmforge.cli import main as lmforge
-from lmforge.core.config import packaged_config
+from lmforge.core.config import apply_overrides, packaged_config
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json, atomic_write_text
+from lmforge.recipes import corpus
+from lmforge.recipes.plan import fixed_plan, make_plan, plan_from_json
 
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-HELD_OUT_EVERY = 20
-
-
-def stdlib_documents(limit_bytes: int) -> list[dict]:
-    """Prose documents from module docstrings and code documents from source files, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if SKIP_DIRS & set(rel.parts) or total > limit_bytes:
-            continue
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (UnicodeDecodeError, SyntaxError, ValueError):
-            continue
-        doc_id = hashlib.sha1(str(rel).encode()).hexdigest()[:16]
-        meta = {"path": str(rel), "license": "PSF-2.0"}
-        docstrings = [ast.get_docstring(n) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        prose = "\n\n".join(d for d in docstrings if d and len(d.split()) >= 5)
-        if prose:
-            docs.append({"id": f"prose-{doc_id}", "text": prose, "source": "stdlib-prose", "metadata": meta})
-        docs.append({"id": f"code-{doc_id}", "text": source, "source": "stdlib-code", "metadata": meta})
-        total += len(source.encode()) + len(prose.encode())
-    return docs
+TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
+CODE_TAGGERS = "gopher,c4,pii,langid,code"
+PROSE_TAGGERS = "gopher,c4,pii,langid"
+SAMPLE_PROMPTS = ["def read_file(path):\n", "class Stack:\n    \"\"\"", "import os\nimport sys\n\n\ndef main():\n",
+                  "This module provides"]
+SAMPLING = ["--max-new-tokens", "96", "--temperature", "0.6", "--top-p", "0.9", "--seed", "0"]
+ADAPT_MODEL = "SmolLM2-135M-Instruct"
 
 
-def write_raw_corpus(out: Path, limit_bytes: int) -> dict:
-    from lmforge.curation.documents import DocumentWriter
-
-    added = "2026-01-01T00:00:00.000Z"
-    counts = {"train": 0, "heldout": 0}
-    by_source: dict[str, list[dict]] = {}
-    for doc in stdlib_documents(limit_bytes):
-        by_source.setdefault(doc["source"], []).append({**doc, "added": added, "created": None})
-    for source, docs in by_source.items():
-        held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == 0]
-        train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != 0]
-        for shard in range(2):
-            with DocumentWriter(out / "raw" / "documents" / f"{source}-{shard:04d}.jsonl.gz") as writer:
-                for doc in train[shard::2]:
-                    writer.write(doc)
-        with DocumentWriter(out / "heldout" / f"{source}-0000.jsonl.gz") as writer:
-            for doc in held:
-                writer.write(doc)
-        counts["train"] += len(train)
-        counts["heldout"] += len(held)
-    return counts
-
-
-def run(title: str, argv: list[str], capture: bool = False) -> str:
-    print(f"\n== {title}\n$ lmforge {' '.join(argv)}", flush=True)
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer) if capture else contextlib.nullcontext():
-        code = lmforge(argv)
-    if capture:
-        print(buffer.getvalue(), end="", flush=True)
-    if code:
-        sys.exit(code)
-    return buffer.getvalue()
+class StageFailed(Exception):
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 def rewrite_paths(config_name: str, out: Path, dest: Path) -> Path:
-    """The repo's quickstart configs name `quickstart/...`; point them at `out` instead."""
+    """The shipped quickstart configs name `quickstart/...`; point them at `out` instead."""
     text = packaged_config(config_name).read_text(encoding="utf-8").replace("quickstart/", f"{out.as_posix()}/")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(text, encoding="utf-8")
+    atomic_write_text(dest, text)
+    return dest
+
+
+def write_config(config_name: str, out: Path, dest: Path, overrides: list[str],
+                 edit: Callable[[dict], None] | None = None) -> Path:
+    """A shipped config with its paths under `out`, dotted overrides and an edit applied, written to `dest`."""
+    data = yaml.safe_load(rewrite_paths(config_name, out, dest).read_text(encoding="utf-8"))
+    data = apply_overrides(data, overrides)
+    if edit is not None:
+        edit(data)
+    atomic_write_text(dest, f"# written by the quickstart from configs/{config_name}\n"
+                      + yaml.safe_dump(data, sort_keys=False))
     return dest
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="quickstart")
-    parser.add_argument("--raw-bytes", type=int, default=6_000_000, help="size of the raw corpus to build")
-    parser.add_argument("--steps", type=int, default=150, help="training steps")
+class Quickstart:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.started = time.monotonic()
+        self.commands: list[str] = []
+        self.stages = [
+            ("plan", "plan: probe this machine's speed, size the corpus and model for the budget", self.plan_stage),
+            ("corpus", "raw documents", self.corpus_stage),
+            ("tag", "tag: Gopher and C4 rules, PII, language, code quality", self.tag_stage),
+            ("dedup", "dedup: exact documents, repeated paragraphs (Bloom filter)", self.dedup_stage),
+            ("mix", "mix: filter, mask PII, drop repeated paragraphs; and the stricter annealing mix", self.mix_stage),
+            ("stats", "stats: what is in the corpus", self.stats_stage),
+            ("tokenizer", "train a byte-level BPE tokenizer", self.tokenizer_stage),
+            ("tokenize", "tokenize both mixes into token files", self.tokenize_stage),
+            ("train", "stage 1: warmup, then a constant LR (rerun resumes from the last checkpoint)",
+             self.train_stage),
+            ("anneal", "stage 2: anneal to zero LR on the high-quality blend, twice, with two data orders",
+             self.anneal_stage),
+            ("soup", "soup: average the annealed models", self.soup_stage),
+            ("adapt", f"adapt a real model ({ADAPT_MODEL}): SFT on a verifiable task", self.adapt_stage),
+            ("lineage", "lineage: the documents behind the first batch", self.lineage_stage),
+            ("eval", "evaluate: held-out bits per byte of each model; downstream tasks of the soup", self.eval_stage),
+            ("baselines", "baselines: unigram, gzip and zstd on the same held-out documents", self.baselines_stage),
+            ("samples", "samples from the souped model", self.samples_stage),
+            ("export", "export to Hugging Face format and load it back with transformers", self.export_stage),
+            ("report", "report: figures, report.md, report.html", self.report_stage),
+        ]
+
+    # ---- running commands and stages ----------------------------------------------------------------------
+
+    def lmforge(self, argv: list[str], log: str | None = None) -> str:
+        """Run one `lmforge` command in this process; its stdout goes to `DIR/logs/<log>.txt` when `log` is
+        given (progress and training lines, on stderr, stay on the terminal)."""
+        command = "lmforge " + " ".join(a if " " not in a and "*" not in a else repr(a) for a in argv)
+        print(f"$ {command}", flush=True)
+        self.commands.append(command)
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer) if log else contextlib.nullcontext():
+            code = lmforge(argv)
+        if log:
+            atomic_write_text(self.out / "logs" / f"{log}.txt", buffer.getvalue())
+        if code:
+            raise StageFailed(code)
+        return buffer.getvalue()
+
+    def elapsed_before(self) -> float:
+        return sum(read_json(p).get("seconds", 0.0) for p in (self.out / "stages").glob("*.json"))
+
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        before = self.elapsed_before()
+        for index, (name, title, body) in enumerate(self.stages, 1):
+            marker = self.out / "stages" / f"{name}.json"
+            head = f"[{index}/{len(self.stages)}] {title}"
+            if marker.is_file():
+                print(f"{head}: finished in an earlier run ({read_json(marker)['seconds']:.0f} s), skipped",
+                      flush=True)
+                continue
+            elapsed = before + time.monotonic() - self.started
+            print(f"\n{head}\n  ({elapsed / 60:.1f} of about {self.budget_minutes():g} minutes used)", flush=True)
+            self.commands = []
+            start = time.monotonic()
+            note = body()
+            seconds = time.monotonic() - start
+            atomic_write_json(marker, {"stage": name, "index": index, "title": title, "seconds": round(seconds, 1),
+                                       "commands": self.commands, **({"note": note} if note else {})})
+            print(f"  done in {seconds:.0f} s", flush=True)
+        self.print_summary()
+        return 0
+
+    def budget_minutes(self) -> float:
+        plan = self.out / "plan.json"
+        return read_json(plan)["plan"]["minutes"] if plan.is_file() else self.args.minutes
+
+    @property
+    def plan(self):
+        return plan_from_json(read_json(self.out / "plan.json")["plan"])
+
+    def options(self) -> dict:
+        a = self.args
+        return {"minutes": a.minutes, "documents": a.documents, "vocab_size": a.vocab_size,
+                "throughput": a.throughput, "grid_kg_co2eq_per_kwh": a.grid_kg_co2eq_per_kwh, "steps": a.steps,
+                "raw_bytes": a.raw_bytes, "eval_limit": a.eval_limit}
+
+    def check_inputs(self) -> None:
+        """Bad input is refused before anything runs (one line, exit 2)."""
+        plan = self.out / "plan.json"
+        if plan.is_file():
+            recorded = read_json(plan)["options"]
+            if recorded != self.options():
+                changed = ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in self.options().items()
+                                    if recorded.get(k) != v)
+                raise LmforgeError(f"{self.out} was planned with other options ({changed}); rerun with the same "
+                                   f"options to continue it, or choose another --out")
+        if self.args.minutes < 1:
+            raise LmforgeError(f"--minutes {self.args.minutes:g} is too short: give at least 1 (the default is 12)")
+        for flag in ("steps", "raw_bytes", "eval_limit"):
+            given = getattr(self.args, flag)
+            if given is not None and given < 1:
+                raise LmforgeError(f"--{flag.replace('_', '-')} must be at least 1, got {given}")
+        if self.args.documents:
+            corpus.check_user_documents(self.args.documents)
+
+    # ---- stages -------------------------------------------------------------------------------------------
+
+    def plan_stage(self) -> None:
+        a = self.args
+        if a.steps is not None:
+            plan = fixed_plan(a.minutes, a.vocab_size, a.steps, a.raw_bytes or 1_000_000, a.eval_limit or 100)
+        else:
+            plan = make_plan(a.minutes, a.vocab_size, time.monotonic() - self.started, throughput=a.throughput)
+            plan.raw_bytes = a.raw_bytes or plan.raw_bytes
+            plan.eval_limit = a.eval_limit or plan.eval_limit
+        atomic_write_json(self.out / "plan.json", {"options": self.options(), "plan": plan.to_json()})
+        print(f"  model: d_model {plan.d_model}, {plan.n_layers} layers, {plan.parameters:,} parameters; "
+              f"{plan.training_tokens:,} training tokens ({plan.tokens_per_parameter:g} per parameter); "
+              f"stage 1 {plan.stage1_steps} steps + {plan.anneal_runs} anneals of {plan.anneal_steps}; "
+              f"raw corpus {plan.raw_bytes / 1e6:.1f} MB")
+
+    def corpus_stage(self) -> None:
+        plan = self.plan
+        config = {"raw_bytes": plan.raw_bytes, "heldout_bytes_per_source": plan.heldout_bytes_per_source}
+        if self.args.documents:
+            paths = corpus.check_user_documents(self.args.documents)
+            train, heldout, counts = corpus.user_documents(paths, plan.raw_bytes, plan.heldout_bytes_per_source)
+            config["documents"] = self.args.documents
+        else:
+            paths = []
+            train, heldout, counts = corpus.python_documents(plan.raw_bytes, plan.heldout_bytes_per_source)
+        corpus.write_corpus(self.out, train, heldout, counts, config, paths)
+        print(f"  {len(train):,} training and {len(heldout):,} held-out documents from "
+              f"{'your files' if self.args.documents else 'the installed Python sources and docs'}")
+
+    def sources(self) -> list[str]:
+        names = read_json(self.out / "raw" / "manifest.json")["counts"]["sources"]
+        return sorted(s for s, row in names.items() if isinstance(row, dict) and row.get("documents"))
+
+    def raw_glob(self) -> str:
+        return str(self.out / "raw" / "documents" / "*.jsonl.gz")
+
+    def tag_stage(self) -> None:
+        taggers = PROSE_TAGGERS if self.args.documents else CODE_TAGGERS
+        self.lmforge(["data", "tag", "--documents", self.raw_glob(), "--taggers", taggers], log="tag")
+
+    def dedup_stage(self) -> None:
+        self.lmforge(["data", "dedup", "--documents", self.raw_glob()], log="dedup")
+
+    def mix_config(self, template: str, dest: str) -> Path:
+        sources = self.sources()
+
+        def streams(data: dict) -> None:
+            if self.args.documents:  # the user's sources, each under the rules for prose
+                prose = next(s for s in data["streams"] if s["name"] == "package-docs")
+                data["streams"] = [{**prose, "name": source, "documents": [
+                    str(self.out / "raw" / "documents" / f"{source}-*.jsonl.gz")]} for source in sources]
+            else:
+                data["streams"] = [s for s in data["streams"] if s["name"] in sources]
+
+        return write_config(template, self.out, self.out / "configs" / dest, [], streams)
+
+    def mix_stage(self) -> None:
+        self.lmforge(["data", "mix", str(self.mix_config("data/quickstart_mix.yaml", "mix.yaml"))], log="mix")
+        self.lmforge(["data", "mix", str(self.mix_config("data/quickstart_anneal_mix.yaml", "anneal_mix.yaml"))],
+                     log="anneal_mix")
+
+    def mixed_glob(self, name: str = "mixed") -> str:
+        return str(self.out / name / "documents" / "*.jsonl.gz")
+
+    def stats_stage(self) -> None:
+        self.lmforge(["data", "stats", "--documents", self.mixed_glob(), "--out", str(self.out / "stats")],
+                     log="stats")
+
+    def tokenizer_stage(self) -> None:
+        self.lmforge(["data", "train-tokenizer", "--documents", self.mixed_glob(), "--vocab-size",
+                      str(self.args.vocab_size), "--out", str(self.out / "tokenizer")], log="tokenizer")
+
+    def tokenize_stage(self) -> None:
+        for name, dest in (("mixed", "tokens"), ("anneal", "anneal-tokens")):
+            self.lmforge(["data", "tokenize", "--documents", self.mixed_glob(name), "--tokenizer",
+                          str(self.out / "tokenizer"), "--out", str(self.out / dest)], log=f"tokenize-{dest}")
+
+    def model_overrides(self) -> list[str]:
+        p = self.plan
+        return [f"model.overrides.d_model={p.d_model}", f"model.overrides.n_layers={p.n_layers}",
+                f"model.overrides.n_heads={p.n_heads}", f"model.overrides.n_kv_heads={p.n_heads}",
+                f"model.overrides.mlp_hidden_size={p.mlp_hidden_size}",
+                f"model.overrides.max_sequence_length={p.sequence_length}",
+                f"data.sequence_length={p.sequence_length}", f"global_batch_size={p.global_batch_size}",
+                f"micro_batch_size={p.micro_batch_size}", f"optimizer.lr={p.lr}",
+                f"energy.grid_kg_co2eq_per_kwh={self.args.grid_kg_co2eq_per_kwh}"]
+
+    def train_stage(self) -> None:
+        p = self.plan
+        config = write_config("train/quickstart.yaml", self.out, self.out / "configs" / "train.yaml", [
+            f"run_dir={self.out / 'run'}", f"data.paths=[{self.out / 'tokens'}]", *self.model_overrides(),
+            f"max_steps={p.stage1_steps}", f"schedule.warmup={p.warmup_steps}",
+            f"checkpoint.interval={max(10, p.stage1_steps // 5)}",
+            f"metrics.log_interval={max(1, p.stage1_steps // 40)}"])
+        self.lmforge(["train", str(config)])
+
+    def anneal_stage(self) -> None:
+        p = self.plan
+        for run in range(1, p.anneal_runs + 1):
+            config = write_config("train/quickstart_anneal.yaml", self.out, self.out / "configs" / f"anneal-{run}.yaml",
+                                  [f"run_dir={self.out / f'anneal-{run}'}", f"data.seed={run}", *self.model_overrides(),
+                                   f"max_steps={p.anneal_steps}", f"checkpoint.interval={max(5, p.anneal_steps // 3)}",
+                                   f"metrics.log_interval={max(1, p.anneal_steps // 10)}"])
+            self.lmforge(["train", str(config)])
+
+    def anneal_runs(self) -> list[str]:
+        return [str(self.out / f"anneal-{run}") for run in range(1, self.plan.anneal_runs + 1)]
+
+    def soup_stage(self) -> None:
+        self.lmforge(["soup", *self.anneal_runs(), "--out", str(self.out / "model")], log="soup")
+
+    def adapt_stage(self) -> str:
+        if self.args.no_adapt:
+            print("  skipped: --no-adapt")
+            return "skipped: --no-adapt"
+        # The adaptation stage (evaluate SmolLM2-135M-Instruct, a short SFT on an offline verifiable task,
+        # before/after on held-out items) goes here once the `adapt` package lands (issue 12).
+        print("  not in this version yet: the adaptation package is being built (issue 12)")
+        return "not in this version yet"
+
+    def lineage_stage(self) -> None:
+        text = self.lmforge(["data", "inspect", "--run", str(self.out / "run"), "--step", "1", "--instance", "0"],
+                            log="lineage")
+        print("  " + "\n  ".join(text.strip().splitlines()[:4]))
+
+    def eval_stage(self) -> None:
+        heldout = str(self.out / "heldout" / "*.jsonl.gz")
+        for name, model in (("eval-stage1", self.out / "run"),
+                            *((f"eval-{Path(r).name}", Path(r)) for r in self.anneal_runs())):
+            self.lmforge(["eval", str(model), "--ppl", heldout, "--out", str(self.out / name)], log=name)
+        self.lmforge(["eval", str(self.out / "model"), "--tasks", ",".join(TASKS), "--regime", "olmo1", "--limit",
+                      str(self.plan.eval_limit), "--ppl", heldout, "--out", str(self.out / "eval")], log="eval")
+
+    def baselines_stage(self) -> None:
+        self.lmforge(["baselines", "--tokens", str(self.out / "tokens"), "--ppl",
+                      str(self.out / "heldout" / "*.jsonl.gz"), "--out", str(self.out / "baselines")],
+                     log="baselines")
+
+    def samples_stage(self) -> None:
+        prompts = [a for p in SAMPLE_PROMPTS for a in ("--prompt", p)]
+        text = self.lmforge(["generate", str(self.out / "model"), *prompts, *SAMPLING, "--json"], log="samples")
+        samples = {"settings": dict(zip(SAMPLING[::2], SAMPLING[1::2])), "samples": json.loads(text)}
+        atomic_write_json(self.out / "samples.json", samples)
+        print("  " + (SAMPLE_PROMPTS[0] + samples["samples"][0]["completion"]).replace("\n", "\n  ")[:600])
+
+    def export_stage(self) -> None:
+        from lmforge.recipes.report import check_hf_export
+
+        self.lmforge(["export", "hf", str(self.out / "model"), "--out", str(self.out / "hf")], log="export")
+        check = check_hf_export(self.out / "model", self.out / "hf", SAMPLE_PROMPTS[0])
+        atomic_write_json(self.out / "hf-check.json", check)
+        print(f"  {check['note']}")
+
+    def report_stage(self) -> None:
+        from lmforge.recipes.report import write_report
+
+        write_report(self.out)
+
+    def print_summary(self) -> None:
+        from lmforge.recipes.report import headline
+
+        print("\n" + "\n".join(headline(self.out)))
+        print(f"report: {self.out / 'report.md'} (and {self.out / 'report.html'}, one self-contained page)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.recipes.quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="quickstart", help="output directory (a rerun continues it)")
+    parser.add_argument("--minutes", type=float, default=12.0,
+                        help="time budget on this machine; the plan sizes corpus and model from a throughput probe")
+    parser.add_argument("--documents", default=None, metavar="GLOB",
+                        help="your own Dolma JSONL documents instead of the installed Python sources and docs")
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--eval-limit", type=int, default=100, help="instances per downstream task")
-    args = parser.parse_args()
-    out = Path(args.out)
-    start = time.time()
-    docs_glob = str(out / "raw" / "documents" / "*.jsonl.gz")
-
-    if not (out / "raw" / "documents").is_dir():
-        print("== building raw documents from the Python standard library", flush=True)
-        write_raw_corpus(out, args.raw_bytes)
-    run("tag: Gopher and C4 quality rules, PII spans, language id",
-        ["data", "tag", "--documents", docs_glob, "--taggers", "gopher,c4,pii,langid"], capture=True)
-    run("dedup: exact documents and URLs, paragraphs (Bloom filter)",
-        ["data", "dedup", "--documents", docs_glob], capture=True)
-    mix_config = rewrite_paths("data/quickstart_mix.yaml", out, out / "configs" / "mix.yaml")
-    run("mix: filter on the attributes, mask PII, drop duplicate paragraphs", ["data", "mix", str(mix_config)], capture=True)
-    mixed_glob = str(out / "mixed" / "documents" / "*.jsonl.gz")
-    run("stats: what is in the corpus", ["data", "stats", "--documents", mixed_glob, "--out", str(out / "stats")],
-        capture=True)
-    if not (out / "tokenizer" / "tokenizer.json").is_file():
-        run("train a byte-level BPE tokenizer", ["data", "train-tokenizer", "--documents", mixed_glob,
-                                                 "--vocab-size", str(args.vocab_size), "--out", str(out / "tokenizer")])
-    run("tokenize into token memmaps", ["data", "tokenize", "--documents", mixed_glob, "--tokenizer",
-                                        str(out / "tokenizer"), "--out", str(out / "tokens")])
-    train_config = rewrite_paths("train/quickstart.yaml", out, out / "configs" / "train.yaml")
-    run_dir = out / "run"
-    run("pretrain a tiny OLMo 2 (rerun resumes from the last checkpoint)",
-        ["train", str(train_config), f"data.paths=[{out / 'tokens'}]", f"run_dir={run_dir}", f"max_steps={args.steps}"])
-    lineage = run("lineage: the documents in the batch at step 1",
-                  ["data", "inspect", "--run", str(run_dir), "--step", "1", "--instance", "0"], capture=True)
-    model_dir = out / "model"
-    run("export the final checkpoint as a model directory", ["checkpoint", "export", str(run_dir), "--out", str(model_dir)])
-    run("evaluate: downstream tasks (OLMo 1 regime) and bits per byte on held-out documents",
-        ["eval", str(model_dir), "--tasks", "arc_easy,hellaswag,piqa,sciq,copa", "--regime", "olmo1",
-         "--limit", str(args.eval_limit), "--ppl", str(out / "heldout" / "*.jsonl.gz"), "--out", str(out / "eval"),
-         "--no-progress"], capture=True)
-    sample = run("generate", ["generate", str(model_dir), "--prompt", "def read_file(path):", "--max-new-tokens",
-                              "48", "--temperature", "0.7", "--top-p", "0.9", "--seed", "0"], capture=True)
-    run("export to Hugging Face format", ["export", "hf", str(model_dir), "--out", str(out / "hf")], capture=True)
-    write_report(out, time.time() - start, lineage, sample)
-    print(f"\nquickstart finished in {time.time() - start:.0f} s; read {out / 'REPORT.md'}")
+    parser.add_argument("--throughput", type=float, default=None, metavar="TOKENS_PER_S",
+                        help="plan for this training speed of the smallest model instead of measuring it")
+    parser.add_argument("--grid-kg-co2eq-per-kwh", type=float, default=0.475,
+                        help="carbon intensity of your electricity (default: world average, IEA via CodeCarbon)")
+    overrides = parser.add_argument_group("overriding the plan (tests, experiments)")
+    overrides.add_argument("--steps", type=int, default=None,
+                           help="stage-1 steps of olmo2-tiny's shape, without a probe (an eighth per anneal)")
+    overrides.add_argument("--raw-bytes", type=int, default=None, help="size of the raw corpus")
+    overrides.add_argument("--eval-limit", type=int, default=None, help="instances per downstream task")
+    parser.add_argument("--no-adapt", action="store_true",
+                        help=f"skip adapting a real model ({ADAPT_MODEL}); that stage is not in this version yet")
+    return parser.parse_args(argv)
 
 
-def check_hf_export(out: Path) -> str:
-    """Load the export with transformers (when installed) and compare its logits with lmforge's."""
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quickstart = Quickstart(args)
     try:
-        import torch
-        import transformers
-    except ImportError:
-        return "transformers is not installed (pip install 'lmforge[hf]'), so the export was not loaded back."
-    from lmforge.model.directory import load_model_dir
-
-    ours, tokenizer = load_model_dir(out / "model")
-    transformers.logging.set_verbosity_error()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
-    ids = torch.tensor([tokenizer.encode("def read_file(path):\n    with open(path) as f:")])
-    with torch.no_grad():
-        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
-    return (f"Loaded back with `transformers.AutoModelForCausalLM.from_pretrained` as `{type(theirs).__name__}`; "
-            f"its logits differ from lmforge's by at most {diff:.2e} on a test prompt.")
-
-
-def write_report(out: Path, elapsed: float, lineage: str, sample: str) -> None:
-    mix = read_json(out / "mixed" / "documents" / "manifest.json").get("counts", {}).get("streams", {})
-    mix = next(iter(mix.values()), {})
-    dedup_manifest = read_json(out / "raw" / "attributes" / "dedup" / "manifest.json")
-    dedup = dedup_manifest.get("counts", {})
-    near_duplicates = (f"{dedup.get('near_duplicates', 0)} near-duplicates (MinHash), "
-                       if "minhash" in dedup_manifest.get("config", {}).get("modes", []) else "")
-    tokens = read_json(out / "tokens" / "manifest.json").get("counts", {})
-    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    eval_md = out / "eval" / "results.md"
-    lines = [
-        "# lmforge quickstart report",
-        "",
-        f"Everything below was produced by `make quickstart` in {elapsed:.0f} s, through the `lmforge` commands",
-        "printed in its log. Each directory has a `manifest.json` (config, inputs with hashes, counts).",
-        "",
-        "## Data",
-        "",
-        f"- raw documents: `{out}/raw/documents/` (Python standard library docstrings and code); every "
-        f"{HELD_OUT_EVERY}th document is held out in `{out}/heldout/` for perplexity",
-        f"- tagged and deduplicated: attributes in `{out}/raw/attributes/`; {dedup.get('duplicate_docs', 0)} exact "
-        f"duplicate documents, {near_duplicates}"
-        f"{dedup.get('duplicate_paragraph_char_fraction', 0):.1%} of characters in duplicate paragraphs",
-        f"- mixed (`{out}/mixed/documents/`, config `{out}/configs/mix.yaml`): {mix.get('read', '?')} documents read, "
-        f"{mix.get('excluded_by_exclude', 0) + mix.get('excluded_by_include', 0)} dropped by the quality/PII/dedup "
-        f"filters, {mix.get('written', '?')} written; {mix.get('spans_replaced', 0):,} spans replaced (PII masks, "
-        f"duplicate paragraphs); {mix.get('text_chars_in', 0):,} -> {mix.get('text_chars_out', 0):,} characters",
-        f"- statistics: `{out}/stats/` (JSON, and PNG plots when matplotlib is installed)",
-        f"- tokenizer: `{out}/tokenizer/` (byte-level BPE); tokens: `{out}/tokens/` — {tokens.get('tokens', 0):,} "
-        f"tokens in {tokens.get('documents', 0):,} documents",
-        "",
-        "## Training",
-        "",
-    ]
-    if metrics:
-        first, last = metrics[0], metrics[-1]
-        lines += [f"- run directory: `{out}/run/` (config.yaml, metrics.jsonl, checkpoints/, data.json, batches.jsonl)",
-                  f"- loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']} "
-                  f"({last['tokens']:,} tokens, {last['tokens_per_second']:,.0f} tokens/s at the last log)", ""]
-    lines += ["### Lineage: the documents behind step 1, instance 0 (`lmforge data inspect`)", "", "```",
-              lineage.strip()[:2000], "```", "", "## Evaluation", "",
-              "A model this small scores near chance on downstream tasks; bits per byte is the signal to watch.", ""]
-    lines += [eval_md.read_text().strip() if eval_md.is_file() else "(no results)", ""]
-    lines += ["## A sample (temperature 0.7, top-p 0.9)", "", "```", sample.strip(), "```", "",
-              "## Release", "", f"`{out}/hf/`: {check_hf_export(out)}", ""]
-    (out / "REPORT.md").write_text("\n".join(lines), encoding="utf-8")
+        quickstart.check_inputs()
+        return quickstart.run()
+    except LmforgeError as e:
+        print(f"quickstart: error: {e}", file=sys.stderr)
+        return 2
+    except StageFailed as e:
+        if e.code == 130:
+            print("quickstart: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        else:
+            print(f"quickstart: a stage failed (exit {e.code}); fix the cause above and rerun to continue",
+                  file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("quickstart: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -325,6 +325,30 @@ class MetricsConfig:
 
 
 @dataclass
+class EnergyConfig:
+    """The run's energy and its carbon, reported as OLMo and BLOOM do (`lmforge.train.energy`): measured with
+    NVML on GPUs or RAPL on CPUs when readable, else `estimate_watts` times the time (labelled an estimate);
+    CO2 = kWh x `pue` x `grid_kg_co2eq_per_kwh`."""
+
+    method: Literal["auto", "nvml", "rapl", "estimate"] = "auto"  # auto: nvml on GPU, rapl on CPU, else estimate
+    # kg CO2eq per kWh of the grid the run draws from: default CodeCarbon's world average (IEA, 475 g/kWh).
+    grid_kg_co2eq_per_kwh: float = 0.475
+    pue: float = 1.0  # data-centre power usage effectiveness: facility energy / device energy
+    # Power of one process when nothing is measured; unset: 10 W per CPU thread, 400 W per GPU.
+    estimate_watts: float | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        require(self.grid_kg_co2eq_per_kwh >= 0, "grid_kg_co2eq_per_kwh", self.grid_kg_co2eq_per_kwh,
+                "must be >= 0")
+        require(self.pue >= 1.0, "pue", self.pue, "must be >= 1 (facility energy over device energy)")
+        require(self.estimate_watts is None or self.estimate_watts > 0, "estimate_watts", self.estimate_watts,
+                "must be positive")
+
+
+@dataclass
 class InitFrom:
     """Stage 2 / annealing: start from a checkpoint's (or model directory's) weights."""
 
@@ -359,6 +383,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
     eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
     eval_interval: int | None = None
     init_from: InitFrom | None = None

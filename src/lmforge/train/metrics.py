@@ -97,6 +97,8 @@ def console_line(row: dict, max_steps: int | None) -> str:
         parts.append(f"z {row['z_loss']:.2e}")
     if row.get("moe_lb_loss") is not None:
         parts.append(f"lb {row['moe_lb_loss']:.3f} rz {row['moe_z_loss']:.2e}")
+    if row.get("reward") is not None:  # an RL objective's rollouts
+        parts.append(f"reward {row['reward']:.3f} acc {row['accuracy']:.3f}")
     parts.append(f"lr {row['lr']:.2e}")
     parts.append(f"gnorm {row['grad_norm']:.3f}")
     parts.append(f"{row['tokens_per_second_per_device']:,.0f} tok/s/dev")
@@ -104,6 +106,8 @@ def console_line(row: dict, max_steps: int | None) -> str:
         parts.append(f"MFU {row['mfu']:.1f}%")
     parts.append(f"data {row['data_wait_pct']:.1f}%")
     parts.append(f"mem {row['memory_gib']:.2f} GiB")
+    if row.get("energy_kwh") is not None:
+        parts.append(f"{1000 * row['energy_kwh']:.3g} Wh")
     if row.get("skipped"):
         parts.append(f"skipped {row['skipped']}")
     return " | ".join(parts)

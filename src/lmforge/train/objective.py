@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from lmforge.model.transformer import RouterLosses
+from lmforge.model.transformer import RouterLosses, cross_entropy_loss
 from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.parallelize import Parallelized
 
@@ -65,9 +65,11 @@ class NextTokenPrediction:
     """Cross-entropy on the next token (plus z-loss, plus a mixture of experts' router losses weighted by the
     micro-batch's label tokens, i.e. their token-weighted mean over the global batch)."""
 
-    def __init__(self, z_loss_multiplier: float | None, parallel: Parallelized):
+    def __init__(self, z_loss_multiplier: float | None, parallel: Parallelized | None = None):
         self.z_loss_multiplier = z_loss_multiplier
-        self.parallel = parallel  # under context parallelism a rank sees sequence chunks; under tensor, a vocabulary slice
+        # Under context parallelism a rank sees sequence chunks, under tensor parallelism a vocabulary slice;
+        # the trainer hands over its layout when none is given.
+        self.parallel = parallel
         self.expert_counts: torch.Tensor | None = None  # (MoE layers, experts) picks since the last metrics line
 
     def prepare(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,6 +85,10 @@ class NextTokenPrediction:
                      doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, RouterLosses | None]:
         """(sum of CE, sum of z-loss) over the real label tokens on this rank, and the router losses (None when
         dense)."""
+        if self.parallel is None:
+            logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True)
+            ce, z = cross_entropy_loss(logits, labels, IGNORE_INDEX, self.z_loss_multiplier, reduction="sum")
+            return ce, z, router
         input_ids, labels, inputs = self.parallel.split_sequence(input_ids, labels, doc_ids)
         logits, router = model(input_ids, **inputs, return_router_losses=True)
         ce, z = self.parallel.loss(logits, labels, IGNORE_INDEX, self.z_loss_multiplier)
@@ -117,7 +123,7 @@ class NextTokenPrediction:
     def interval_metrics(self) -> dict[str, float]:
         if self.expert_counts is None:
             return {}
-        load = expert_load(all_reduce_sum(self.expert_counts, self.parallel.loss_group))
+        load = expert_load(all_reduce_sum(self.expert_counts, self.parallel.loss_group if self.parallel else None))
         self.expert_counts = None
         return load
 

@@ -29,7 +29,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.model.transformer import LayerMask, Transformer, attention, cross_entropy_loss, expert_mlps
+from lmforge.model.transformer import (LayerMask, Transformer, attention, cross_entropy_loss, document_positions,
+                                       expert_mlps)
 from lmforge.train.config import Layout, ParallelConfig
 from lmforge.train.distributed import DistInfo
 from lmforge.train.pipeline import ModelPart, Pipeline, local_stages
@@ -245,7 +246,8 @@ class ContextParallel:
             allowed = allowed & (doc_ids[:, mine, None] == doc_ids[:, None, keys])
         allowed = allowed[:, None] if allowed.ndim == 3 else allowed[None, None]
         self.masks = {w: allowed if w is None else allowed & (keys[None, :] > mine[:, None] - w) for w in self.windows}
-        positions = mine.expand(input_ids.shape[0], -1)
+        # RoPE positions as the whole model gives them: restarting in each document when documents are masked.
+        positions = document_positions(doc_ids)[:, mine] if doc_ids is not None else mine.expand(len(input_ids), -1)
         return input_ids[:, mine], labels[:, mine], {"positions": positions}
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask) -> torch.Tensor:

@@ -47,6 +47,7 @@ from lmforge.tokens.tokenizer import Tokenizer, find_tokenizer, tokens_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
+from lmforge.train.energy import EnergyMeter, energy_summary
 from lmforge.train.float8 import apply_float8
 from lmforge.train.metrics import MetricsLogger, console_line, memory_gib, peak_flops
 from lmforge.train.objective import NextTokenPrediction, Objective
@@ -92,7 +93,8 @@ class Trainer:
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
         self.layout = config.check(self.dist.world_size, self.model_config, self.dist.local_world_size)
-        if objective is not None and max(self.layout.tensor, self.layout.context, self.layout.pipeline) > 1:
+        split = max(self.layout.tensor, self.layout.context, self.layout.pipeline) > 1
+        if split and objective is not None and not isinstance(objective, NextTokenPrediction):
             raise LmforgeError("tensor, context and pipeline parallelism split next-token prediction only; run "
                                "this objective under data (FSDP/DDP) or expert parallelism")
         self.dist = dataclasses.replace(self.dist, data_rank=self.layout.data_rank(self.dist.rank),
@@ -122,12 +124,16 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skip_step = SkipStep(config.skip_step)
-        self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier, self.parallel)
+        self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier)
+        if isinstance(self.objective, NextTokenPrediction):
+            self.objective.parallel = self.objective.parallel or self.parallel
         self.step = 0
         self.tokens = 0
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len)
         self.peak_flops = peak_flops(self.device, config.metrics.peak_flops)
         self.metrics = MetricsLogger(self.run_dir, config.metrics, self.dist.is_main, to_dict(config))
+        self.energy = EnergyMeter(config.energy, self.device, reads_node_counters=self.dist.local_rank == 0)
+        self.energy_before = 0.0  # joules of the run before this process resumed it (from the checkpoint)
 
     # ---- setup ----------------------------------------------------------------------------------------------
 
@@ -194,7 +200,7 @@ class Trainer:
     def save(self) -> Path:
         meta = {"tokens": self.tokens, "model": to_dict(self.model_config), "tokenizer": self.tokenizer,
                 "skip_step": self.skip_step.state_dict(), "data": self.loader.state_dict(),
-                "sequence_length": self.seq_len, "config": to_dict(self.config)}
+                "sequence_length": self.seq_len, "config": to_dict(self.config), "energy_joules": self._joules()}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, meta,
                                     self._rank_state(), self.dist)
         if self.dist.is_main:
@@ -211,6 +217,7 @@ class Trainer:
             meta, rank_state = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist)
             self.step, self.tokens = meta["step"], meta["tokens"]
             self.skip_step.load_state_dict(meta["skip_step"])
+            self.energy_before = meta.get("energy_joules", 0.0)
             if rank_state is not None:
                 self._restore_rank_state(rank_state)
                 self.loader.load_state_dict(rank_state["data"])
@@ -345,14 +352,16 @@ class Trainer:
                 last_save_time = time.monotonic()
         if c.checkpoint.save_final and latest_checkpoint(self.ckpt_root) != self.ckpt_root / step_dir_name(self.step):
             self.save()
+        energy = self._energy()
         if self.dist.is_main:
-            self._write_manifest(finished=True)
+            self._write_manifest(finished=True, energy=energy)
         self.metrics.close()
         if self.batch_log is not None:
             self.batch_log.close()
         if hasattr(self.loader, "close"):
             self.loader.close()
-        return {"steps": self.step, "tokens": self.tokens, "skipped_steps": self.skip_step.total_skipped}
+        return {"steps": self.step, "tokens": self.tokens, "skipped_steps": self.skip_step.total_skipped,
+                "energy": energy}
 
     def _save_due(self, last_save_time: float) -> bool:
         c = self.config.checkpoint
@@ -401,6 +410,8 @@ class Trainer:
             "data_wait_pct": 100 * interval.data_wait / max(interval.elapsed, 1e-9),
             "memory_gib": memory_gib(self.device), "skipped": interval.skipped,
         }
+        energy = self._energy()
+        row.update(energy_kwh=energy["kwh"], co2eq_kg=energy["kg_co2eq"])
         row.update(result.metrics)
         row.update(self.objective.interval_metrics())
         self.metrics.log(row)
@@ -410,11 +421,22 @@ class Trainer:
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
 
-    def _write_manifest(self, finished: bool) -> None:
+    def _joules(self) -> float:
+        """Device energy of the whole run so far, every rank's (a collective: every rank calls it)."""
+        mine = torch.tensor(self.energy.joules(), dtype=torch.float64, device=self.device)
+        return self.energy_before + all_reduce_sum(mine).item()
+
+    def _energy(self) -> dict:
+        return energy_summary(self._joules(), self.config.energy, self.energy.method, self.energy.detail)
+
+    def _write_manifest(self, finished: bool, energy: dict | None = None) -> None:
+        extra = {"model": to_dict(self.model_config)}
+        if energy is not None:
+            extra["energy"] = energy
         write_manifest(self.run_dir, command=self.command, config=self.config,
                        counts={"steps": self.step, "tokens": self.tokens, "world_size": self.dist.world_size,
                                "skipped_steps": self.skip_step.total_skipped, "finished": finished},
-                       extra={"model": to_dict(self.model_config)})
+                       extra=extra)
 
 
 @dataclasses.dataclass

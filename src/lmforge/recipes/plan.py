@@ -1,0 +1,194 @@
+"""The quickstart's plan: how big a corpus and model the time budget affords, from a throughput probe.
+
+A few optimizer steps of each candidate shape on random tokens measure what this machine does per second;
+the budget's training time then gives each shape its tokens D, and the plan takes the shape with the lowest
+loss Chinchilla's fitted law predicts for (N non-embedding parameters, D tokens): L = E + A/N^a + B/D^b
+(Hoffmann et al. 2022, approach 3). The law was fitted far above this scale; here it only weighs a bigger
+model against fewer tokens. The corpus is sized so stage 1 reads it about once. The plan is written to
+`DIR/plan.json` once, so a rerun trains exactly the same thing whatever the machine's load then.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lmforge.core.config import from_dict, to_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.model.info import count_parameters
+from lmforge.model.presets import get_preset
+from lmforge.model.transformer import ModelConfig, Transformer, cross_entropy_loss, init_weights
+from lmforge.train.config import OptimizerConfig
+from lmforge.train.optim import build_optimizer
+
+# (d_model, n_layers): OLMo 2 blocks with 32-wide heads and a SwiGLU of 3 x d_model, as olmo2-tiny.
+SHAPES = [(64, 2), (96, 3), (128, 4), (192, 4), (256, 6), (384, 6), (512, 8)]
+FIXED_SHAPE = (128, 4)  # olmo2-tiny
+HEAD_DIM = 32
+CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+SEQUENCE_LENGTH = 256
+BATCH_SEQUENCES = 16  # a global batch of 4,096 tokens
+MICRO_SEQUENCES = 8
+TRAIN_SHARE = 0.6  # of the budget; curation, evaluation and the report take the rest
+STEP_EFFICIENCY = 0.85  # data loading, logging and checkpoints around the probed forward/backward/update
+ANNEAL_RUNS = 2  # annealed from the same stage-1 checkpoint with different data orders, then souped
+ANNEAL_SHARE = 0.125  # of the training tokens, per anneal run
+MIN_STAGE1_STEPS = 40
+MIN_ANNEAL_STEPS = 5
+BYTES_PER_TOKEN = 3.0  # a 4,096-token BPE on Python source; sizes the corpus only
+KEPT_FRACTION = 0.6  # of the raw bytes, after held-out documents, filters and edits
+RAW_BYTES = (1_000_000, 200_000_000)
+HELDOUT_BYTES_PER_SOURCE = (20_000, 100_000)
+EVAL_TOKENS_PER_INSTANCE = 60  # tokens/s per downstream instance: 100 instances at 6,000 tokens/s
+
+
+@dataclass
+class Plan:
+    minutes: float
+    throughput: float  # tokens/s of the chosen shape, measured (or given with --throughput)
+    probe: list[dict]  # per probed shape: d_model, n_layers, parameters, tokens/s, tokens, predicted loss
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_hidden_size: int
+    parameters: int
+    non_embedding_parameters: int
+    sequence_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    lr: float
+    warmup_steps: int
+    stage1_steps: int
+    anneal_steps: int
+    anneal_runs: int
+    training_tokens: int
+    tokens_per_parameter: float  # training tokens / all parameters
+    tokens_per_non_embedding_parameter: float
+    raw_bytes: int
+    heldout_bytes_per_source: int
+    eval_limit: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def shape_config(d_model: int, n_layers: int, vocab_size: int) -> ModelConfig:
+    heads = max(1, d_model // HEAD_DIM)
+    base = to_dict(get_preset("olmo2-tiny"))
+    base.update(d_model=d_model, n_layers=n_layers, n_heads=heads, n_kv_heads=heads, mlp_hidden_size=3 * d_model,
+                vocab_size=vocab_size, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                max_sequence_length=SEQUENCE_LENGTH)
+    return from_dict(ModelConfig, base)
+
+
+def measure_throughput(config: ModelConfig, steps: int = 2) -> float:
+    """Tokens per second of forward, backward and AdamW update at the quickstart's micro-batch, on random
+    tokens (one untimed step first)."""
+    model = Transformer(config)
+    init_weights(model, 0)
+    optimizer = build_optimizer(model, OptimizerConfig(), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (MICRO_SEQUENCES, SEQUENCE_LENGTH), generator=generator)
+
+    def step() -> None:
+        ce, z = cross_entropy_loss(model(ids[:, :-1]), ids[:, 1:], z_loss_multiplier=1e-5)
+        (ce + z).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * ids.numel() / (time.perf_counter() - start)
+
+
+def predicted_loss(non_embedding: int, tokens: float) -> float:
+    c = CHINCHILLA
+    return c["E"] + c["A"] / non_embedding ** c["alpha"] + c["B"] / max(tokens, 1.0) ** c["beta"]
+
+
+def fixed_plan(minutes: float, vocab_size: int, steps: int, raw_bytes: int, eval_limit: int) -> Plan:
+    """No probe: `steps` of stage 1 (and an eighth of that per anneal) of olmo2-tiny's shape, the one
+    `configs/train/quickstart.yaml` names, so its documented commands continue the run (tests, experiments)."""
+    config = shape_config(*FIXED_SHAPE, vocab_size)
+    counts = count_parameters(config)
+    anneal_steps = max(1, steps // 8)
+    step_tokens = BATCH_SEQUENCES * SEQUENCE_LENGTH
+    tokens = (steps + ANNEAL_RUNS * anneal_steps) * step_tokens
+    return Plan(
+        minutes=minutes, throughput=0.0, probe=[], d_model=config.d_model, n_layers=config.n_layers,
+        n_heads=config.n_heads, mlp_hidden_size=config.mlp_hidden_size, parameters=counts["total"],
+        non_embedding_parameters=counts["non_embedding"], sequence_length=SEQUENCE_LENGTH,
+        global_batch_size=step_tokens, micro_batch_size=MICRO_SEQUENCES * SEQUENCE_LENGTH, lr=3e-3,
+        warmup_steps=min(100, max(1, steps // 10)), stage1_steps=steps, anneal_steps=anneal_steps,
+        anneal_runs=ANNEAL_RUNS, training_tokens=tokens, tokens_per_parameter=round(tokens / counts["total"], 2),
+        tokens_per_non_embedding_parameter=round(tokens / counts["non_embedding"], 2), raw_bytes=raw_bytes,
+        heldout_bytes_per_source=HELDOUT_BYTES_PER_SOURCE[0], eval_limit=eval_limit)
+
+
+def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput: float | None = None,
+              log=print) -> Plan:
+    """Probe the shapes (or take `throughput`, tokens/s of the smallest shape, scaled to the others by FLOPs
+    per token) and size everything from the budget. Refuses a budget too small to train anything."""
+    from lmforge.model.info import flops_per_token
+
+    train_seconds = minutes * 60 * TRAIN_SHARE - seconds_spent
+    probe, best = [], None
+    smallest_flops = flops_per_token(shape_config(*SHAPES[0], vocab_size), SEQUENCE_LENGTH)
+    for d_model, n_layers in SHAPES:
+        config = shape_config(d_model, n_layers, vocab_size)
+        if throughput is None:
+            tps = measure_throughput(config)
+        else:
+            tps = throughput * smallest_flops / flops_per_token(config, SEQUENCE_LENGTH)
+        tokens = tps * max(train_seconds, 0.0) * STEP_EFFICIENCY
+        counts = count_parameters(config)
+        row = {"d_model": d_model, "n_layers": n_layers, "parameters": counts["total"],
+               "non_embedding_parameters": counts["non_embedding"], "tokens_per_second": round(tps, 1),
+               "tokens": int(tokens), "predicted_loss": round(predicted_loss(counts["non_embedding"], tokens), 4)}
+        probe.append(row)
+        log(f"  probe d_model {d_model}, {n_layers} layers: {counts['total']:,} parameters, {tps:,.0f} tokens/s "
+            f"-> {int(tokens):,} tokens in {train_seconds:.0f} s, predicted loss {row['predicted_loss']:.3f}")
+        if best is not None and row["predicted_loss"] > best["predicted_loss"]:
+            break  # the predicted loss has turned up; bigger shapes are slower still
+        if best is None or row["predicted_loss"] < best["predicted_loss"]:
+            best = row
+    step_tokens = BATCH_SEQUENCES * SEQUENCE_LENGTH
+    total_steps = int(best["tokens"] // step_tokens)
+    anneal_steps = int(total_steps * ANNEAL_SHARE)
+    stage1_steps = total_steps - ANNEAL_RUNS * anneal_steps
+    if stage1_steps < MIN_STAGE1_STEPS or anneal_steps < MIN_ANNEAL_STEPS:
+        needed_steps = max(MIN_ANNEAL_STEPS / ANNEAL_SHARE, MIN_STAGE1_STEPS / (1 - ANNEAL_RUNS * ANNEAL_SHARE)) + 1
+        rate = probe[0]["tokens_per_second"] * STEP_EFFICIENCY
+        needed = (needed_steps * step_tokens / rate + seconds_spent) / (60 * TRAIN_SHARE)
+        raise LmforgeError(
+            f"--minutes {minutes:g} is too short to train anything here: it leaves {max(train_seconds, 0):.0f} s "
+            f"for training, {best['tokens']:,} tokens at the measured {probe[0]['tokens_per_second']:,.0f} "
+            f"tokens/s of the smallest model, fewer than {MIN_STAGE1_STEPS} steps plus the anneals; "
+            f"give --minutes {needed:.1f} or more")
+    config = shape_config(best["d_model"], best["n_layers"], vocab_size)
+    training_tokens = (stage1_steps + ANNEAL_RUNS * anneal_steps) * step_tokens
+    raw_bytes = int(min(max(stage1_steps * step_tokens * BYTES_PER_TOKEN / KEPT_FRACTION, RAW_BYTES[0]),
+                        RAW_BYTES[1]))
+    return Plan(
+        minutes=minutes, throughput=best["tokens_per_second"], probe=probe, d_model=config.d_model,
+        n_layers=config.n_layers, n_heads=config.n_heads, mlp_hidden_size=config.mlp_hidden_size,
+        parameters=best["parameters"], non_embedding_parameters=best["non_embedding_parameters"],
+        sequence_length=SEQUENCE_LENGTH, global_batch_size=step_tokens,
+        micro_batch_size=MICRO_SEQUENCES * SEQUENCE_LENGTH, lr=3e-3 if config.d_model <= 128 else 2e-3 if
+        config.d_model <= 256 else 1e-3, warmup_steps=min(100, max(5, stage1_steps // 10)),
+        stage1_steps=stage1_steps, anneal_steps=anneal_steps, anneal_runs=ANNEAL_RUNS,
+        training_tokens=training_tokens, tokens_per_parameter=round(training_tokens / best["parameters"], 2),
+        tokens_per_non_embedding_parameter=round(training_tokens / best["non_embedding_parameters"], 2),
+        raw_bytes=raw_bytes,
+        heldout_bytes_per_source=int(min(max(raw_bytes // 100, HELDOUT_BYTES_PER_SOURCE[0]),
+                                         HELDOUT_BYTES_PER_SOURCE[1])),
+        # Evaluation scales with the machine's speed too: instances per task from the measured throughput.
+        eval_limit=int(min(max(best["tokens_per_second"] / EVAL_TOKENS_PER_INSTANCE, 10), 200)))
+
+
+def plan_from_json(data: dict) -> Plan:
+    return Plan(**data)
