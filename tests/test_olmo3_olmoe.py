@@ -133,8 +133,8 @@ def _dense_reference(q, k, v, window):
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="GPU attention paths need CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU attention paths need CUDA")])])
 def test_every_available_sliding_window_backend_matches_a_dense_reference(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     backends = available_attention_backends(torch.device(device), dtype)

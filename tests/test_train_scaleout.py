@@ -101,7 +101,7 @@ def preflight_here(world, **overrides):
      "hsdp: 4 data-parallel ranks are not divisible by the shard degree 3"),
     (4, {"parallel.data.replicate": 2}, "parallel.data.replicate 2 needs data_parallel hsdp or ddp"),
     (4, {"parallel.data_parallel": "ddp", "parallel.tensor": 2}, "ddp replicates whole modules"),
-    (2, {"parallel.context": 2, "eval_interval": 10}, "eval_interval with tensor 1 x context 2 parallelism"),
+    (2, {"parallel.context": 2, "eval_interval": 10}, "eval_interval with tensor 1 x context 2 x pipeline 1 parallelism"),
     (4, {"parallel.tensor": 2, "micro_batch_size": 96, "data.sequence_length": 32},
      "not divisible by micro_batch_size x data-parallel ranks (96 x 2 = 192 tokens)"),
 ])
@@ -129,9 +129,10 @@ def test_degrees_fill_the_world_and_each_rank_reads_its_data_coordinate_of_the_m
     assert ParallelConfig().layout(8, 8, tiny_config("x").model.build_config(), 32).describe() == "fsdp, shard 8"
 
 
-def test_the_documented_scale_out_commands_give_valid_layouts():
-    """Each `lmforge train ... --nproc` command of docs/training.md's scale-out section loads and passes the
-    launcher's checks for its world size (nproc x nnodes), with the degrees it names."""
+@pytest.mark.parametrize("heading, n_commands", [("## Scale-out", 4), ("## Pipeline parallelism", 3)])
+def test_the_documented_scale_out_commands_give_valid_layouts(heading, n_commands):
+    """Each `lmforge train ... --nproc` command of docs/training.md's scale-out and pipeline sections loads and
+    passes the launcher's checks for its world size (nproc x nnodes), with the degrees it names."""
     import re
     import shlex
     from pathlib import Path
@@ -142,13 +143,13 @@ def test_the_documented_scale_out_commands_give_valid_layouts():
 
     root = Path(__file__).resolve().parents[1]
     text = (root / "docs" / "training.md").read_text(encoding="utf-8")
-    section = text.split("## Scale-out")[1].split("\n## ")[0]
+    section = text.split(heading)[1].split("\n## ")[0]
     commands = [line for line in section.splitlines() if line.startswith("lmforge train ")]
-    assert len(commands) == 4
+    assert len(commands) == n_commands
     for line in commands:
         args = parse_args(shlex.split(line)[1:])
         config = load_config(TrainConfig, root / args.config, args.overrides)
         layout = config.check(args.nproc * int(args.nnodes), config.model.build_config(), args.nproc)
-        named = dict(re.findall(r"parallel\.(tensor|context|expert)=(\d+)", line))
+        named = dict(re.findall(r"parallel\.(tensor|context|expert|pipeline)(?:\.degree)?=(\d+)", line))
         assert {k: getattr(layout, k) for k in named} == {k: int(v) for k, v in named.items()}, line
         assert layout.world == args.nproc * int(args.nnodes)

@@ -103,7 +103,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict]], seq_len: int, documents: bool) -> None:
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict]], seq_len: int, loader: dict) -> None:
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -115,18 +115,19 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict]], seq_
     try:
         for run_dir, overrides in jobs:
             Trainer(tiny_config(run_dir, **overrides),
-                    loader_factory=array_loader_factory(random_tokens(), seq_len, documents=documents)).fit()
+                    loader_factory=array_loader_factory(random_tokens(), seq_len, **loader)).fit()
     finally:
         shutdown_distributed()
 
 
-def run_multiprocess(world: int, jobs: list[tuple[object, dict]], seq_len: int = 32, documents: bool = False) -> None:
+def run_multiprocess(world: int, jobs: list[tuple[object, dict]], seq_len: int = 32, **loader) -> None:
     """Train each (run_dir, overrides) job in turn on `world` gloo processes (torch.multiprocessing, with
-    the environment torchrun would set). One spawn for several runs: starting processes is the slow part."""
+    the environment torchrun would set), on `array_loader_factory(..., **loader)` data. One spawn for several
+    runs: starting processes is the slow part."""
     import torch.multiprocessing as mp
 
     jobs = [(str(d), o) for d, o in jobs]
-    mp.spawn(_worker, args=(world, free_port(), jobs, seq_len, documents), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), jobs, seq_len, loader), nprocs=world, join=True)
 
 
 def read_metrics(run_dir) -> list[dict]:

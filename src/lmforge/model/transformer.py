@@ -590,33 +590,19 @@ class Transformer(nn.Module):
             not given) restart at 0 in each document.
         """
         c = self.config
-        B, L = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if positions is None and doc_ids is not None and past == 0:
-            positions = document_positions(doc_ids)  # packed examples see the positions they would alone
-        elif positions is None:
-            positions = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x = self.embed(input_ids)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        ropes, masks = layer_inputs(c, getattr(self, "alibi_slopes", None), *input_ids.shape, input_ids.device,
+                                    positions, attention_mask, doc_ids, cache)
         windows = [c.layer_window(i) for i in range(c.n_layers)]
-        ropes, masks = {}, {}
-        for window in set(windows):
-            if c.position == "rope":  # RoPE scaling, when configured, applies to the full-attention layers only
-                inv_freq, scale = rope_frequencies(c, scaled=window is None, device=input_ids.device)
-                ropes[window] = rope_tables(inv_freq, positions, scale)
-            else:
-                ropes[window] = None
-            held = cache.held(window) if cache is not None else 0
-            masks[window] = self._layer_mask(window, B, L, past, held, positions, attention_mask, doc_ids,
-                                             input_ids.device)
         stats = []
         for block, window in zip(self.blocks, windows):
             x, layer_stats = block(x, ropes[window], masks[window], cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if cache is not None:
-            cache.length += L
+            cache.length += input_ids.shape[1]
         if last_logits_only:
             x = x[:, -1:]
         logits = self.lm_head(self.final_norm(x))
@@ -624,38 +610,63 @@ class Transformer(nn.Module):
             return logits
         return logits, router_losses(stats, c) if stats else None
 
-    def _layer_mask(self, window, B, L, past, held, positions, attention_mask, doc_ids, device) -> LayerMask:
-        """A layer's mask over the keys it sees (the `held` cached ones, then the new ones): None for plain causal
-        attention (lets SDPA or a windowed kernel pick its fastest path), else a boolean mask or ALiBi bias."""
-        plain_causal = past == 0 and attention_mask is None and doc_ids is None
-        if plain_causal and self.config.position == "rope":
-            return LayerMask(window, None)
-        total = past + L
-        query_pos = torch.arange(past, total, device=device)
-        key_pos = torch.arange(past - held, total, device=device)
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]
-        if window is not None:
-            allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, past - held:total].bool()
-            # A padding query would see no key at all (NaN from softmax); let it see itself.
-            allowed = allowed | (key_pos[None, :] == query_pos[:, None])
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-        if self.config.position != "alibi":
-            return LayerMask(window, allowed)
-        # -slope·(query - key), not slope·key: the two differ by a per-query shift softmax ignores, but
-        # absolute positions (~1000 at 2k tokens) keep only 8 bits in bf16, distances near the query stay exact.
-        key_pos = positions if past == 0 else self._key_positions(attention_mask, B, total, device)[:, past - held:]
-        distance = (key_pos[:, None, :] - key_pos[:, -L:, None]).float()
-        bias = self.alibi_slopes[None, :, None, None] * distance[:, None]
-        return LayerMask(window, bias.masked_fill(~allowed, float("-inf")))
 
-    @staticmethod
-    def _key_positions(attention_mask, B, total, device):
-        if attention_mask is None:
-            return torch.arange(total, device=device).expand(B, total)
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :total]
+def layer_inputs(config: ModelConfig, alibi_slopes: torch.Tensor | None, B: int, L: int, device,
+                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[dict, dict]:
+    """What the blocks take besides the hidden states, per distinct attention window: RoPE cos/sin (None with
+    ALiBi) and the `LayerMask`. Arguments as `Transformer.forward`'s; a pipeline stage computes them itself."""
+    past = cache.length if cache is not None else 0
+    if positions is None and doc_ids is not None and past == 0:
+        positions = document_positions(doc_ids)  # packed examples see the positions they would alone
+    elif positions is None:
+        positions = torch.arange(past, past + L, device=device).expand(B, L)
+    ropes, masks = {}, {}
+    for window in {config.layer_window(i) for i in range(config.n_layers)}:
+        if config.position == "rope":  # RoPE scaling, when configured, applies to the full-attention layers only
+            inv_freq, scale = rope_frequencies(config, scaled=window is None, device=device)
+            ropes[window] = rope_tables(inv_freq, positions, scale)
+        else:
+            ropes[window] = None
+        held = cache.held(window) if cache is not None else 0
+        masks[window] = _layer_mask(config, alibi_slopes, window, B, L, past, held, positions, attention_mask,
+                                    doc_ids, device)
+    return ropes, masks
+
+
+def _layer_mask(config, alibi_slopes, window, B, L, past, held, positions, attention_mask, doc_ids, device
+                ) -> LayerMask:
+    """A layer's mask over the keys it sees (the `held` cached ones, then the new ones): None for plain causal
+    attention (lets SDPA or a windowed kernel pick its fastest path), else a boolean mask or ALiBi bias."""
+    plain_causal = past == 0 and attention_mask is None and doc_ids is None
+    if plain_causal and config.position == "rope":
+        return LayerMask(window, None)
+    total = past + L
+    query_pos = torch.arange(past, total, device=device)
+    key_pos = torch.arange(past - held, total, device=device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]
+    if window is not None:
+        allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, past - held:total].bool()
+        # A padding query would see no key at all (NaN from softmax); let it see itself.
+        allowed = allowed | (key_pos[None, :] == query_pos[:, None])
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if config.position != "alibi":
+        return LayerMask(window, allowed)
+    # -slope·(query - key), not slope·key: the two differ by a per-query shift softmax ignores, but
+    # absolute positions (~1000 at 2k tokens) keep only 8 bits in bf16, distances near the query stay exact.
+    key_pos = positions if past == 0 else _key_positions(attention_mask, B, total, device)[:, past - held:]
+    distance = (key_pos[:, None, :] - key_pos[:, -L:, None]).float()
+    bias = alibi_slopes[None, :, None, None] * distance[:, None]
+    return LayerMask(window, bias.masked_fill(~allowed, float("-inf")))
+
+
+def _key_positions(attention_mask, B, total, device):
+    if attention_mask is None:
+        return torch.arange(total, device=device).expand(B, total)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :total]
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:

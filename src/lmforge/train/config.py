@@ -96,6 +96,75 @@ class SkipStepConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """Pipeline parallelism (`torch.distributed.pipelining`): the blocks cut into `degree × stages_per_rank`
+    stages, by equal layer counts or at `split_points`; each schedule run takes `microbatches` micro-batches of
+    `micro_batch_size` tokens (default: all of a rank's step batch) and accumulates their gradients."""
+
+    degree: int = 1  # ranks per pipeline; 1: off
+    schedule: Literal["1F1B", "Interleaved1F1B", "GPipe", "ZBV"] = "1F1B"  # ZBV: zero-bubble, V-shaped
+    stages_per_rank: int | None = None  # default 1; 2 for Interleaved1F1B and ZBV (ZBV needs exactly 2)
+    microbatches: int | None = None
+    split_points: list[int] = field(default_factory=list)  # first block of each stage after the first
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("degree", "stages_per_rank", "microbatches"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be positive")
+        single = self.schedule in ("1F1B", "GPipe")
+        require(self.local_stages == 1 or not single, "stages_per_rank", self.stages_per_rank,
+                f"{self.schedule} runs one stage per rank; use Interleaved1F1B or ZBV for more")
+        require(self.local_stages == 2 or self.schedule != "ZBV", "stages_per_rank",
+                self.stages_per_rank, "ZBV runs exactly 2 stages per rank")
+        points = self.split_points
+        require(not points or (len(points) == self.n_stages - 1 and points[0] > 0
+                               and all(a < b for a, b in zip(points, points[1:]))),
+                "split_points", points,
+                f"must be {self.n_stages - 1} increasing block indices above 0, one per stage after the first")
+
+    @property
+    def local_stages(self) -> int:
+        return self.stages_per_rank or (1 if self.schedule in ("1F1B", "GPipe") else 2)
+
+    @property
+    def n_stages(self) -> int:
+        return self.degree * self.local_stages
+
+    def check(self, model: ModelConfig, rank_rows: list[int], micro_rows: int) -> None:
+        """Refuse a pipeline this model and batch cannot run: `rank_rows` are one data-parallel rank's
+        instances per step (one entry per batch size), `micro_rows` the instances per micro-batch."""
+        if model.tie_embeddings:
+            raise LmforgeError("parallel.pipeline: the model ties its embeddings (tie_embeddings), and the first "
+                               "and last stages would each need the one shared matrix; untie them or run without "
+                               "pipeline parallelism")
+        if model.n_experts:
+            raise LmforgeError("parallel.pipeline: a mixture of experts adds its router losses at every layer, "
+                               "which a pipeline schedule (one loss, at the last stage) cannot carry")
+        if self.split_points and self.split_points[-1] >= model.n_layers:
+            raise LmforgeError(f"parallel.pipeline.split_points {self.split_points}: the model has "
+                               f"{model.n_layers} blocks (0..{model.n_layers - 1})")
+        if not self.split_points and model.n_layers % self.n_stages:
+            raise LmforgeError(f"parallel.pipeline: {model.n_layers} layers do not divide into {self.n_stages} "
+                               f"stages ({self.degree} ranks x {self.local_stages}); set split_points")
+        per_run = self.microbatches or rank_rows[0] // micro_rows
+        if per_run < self.degree:
+            raise LmforgeError(f"parallel.pipeline: {per_run} micro-batches per schedule run is fewer than the "
+                               f"{self.degree} pipeline ranks; use more (microbatches, or a larger batch)")
+        for rows in rank_rows:
+            if rows % (per_run * micro_rows):
+                raise LmforgeError(
+                    f"parallel.pipeline: a data-parallel rank's {rows} instances per step are not a multiple of "
+                    f"microbatches x micro-batch instances ({per_run} x {micro_rows})")
+        rounds = max(1, per_run // self.degree)
+        if self.schedule == "Interleaved1F1B" and per_run % rounds:
+            raise LmforgeError(f"parallel.pipeline: Interleaved1F1B needs the micro-batches per run ({per_run}) "
+                               f"to be a multiple of {rounds} (micro-batches // degree)")
+
+
+@dataclass
 class DataDegrees:
     """`parallel.data`: how many ranks shard the weights (FSDP) and how many groups replicate them (DDP, HSDP's
     outer dimension). null: what the world leaves after the model-parallel degrees (HSDP's shard: the node's)."""
@@ -150,15 +219,15 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     ac_every: int = 2  # selective: checkpoint every n-th block
     compile: bool = False  # torch.compile each block
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
         for name in ("tensor", "context", "expert"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive degree")
 
-    def layout(self, world_size: int, local_world_size: int, model: ModelConfig, sequence_length: int,
-               pipeline: int = 1) -> Layout:
+    def layout(self, world_size: int, local_world_size: int, model: ModelConfig, sequence_length: int) -> Layout:
         """The degrees for `world_size` ranks, or an LmforgeError naming the numbers that do not divide."""
-        tp, cp, ep = self.tensor, self.context, self.expert
+        pipeline, tp, cp, ep = self.pipeline.degree, self.tensor, self.context, self.expert
         model_parallel = pipeline * tp * cp
         if world_size % model_parallel:
             raise LmforgeError(f"world size {world_size} is not divisible by pipeline {pipeline} x tensor {tp} x "
@@ -168,6 +237,13 @@ class ParallelConfig:
         if mode == "ddp" and tp * cp * ep > 1:
             raise LmforgeError(f"parallel.data_parallel=ddp replicates whole modules; tensor {tp}, context {cp} and "
                                f"expert {ep} parallelism need fsdp or hsdp")
+        if pipeline > 1 and mode in ("ddp", "hsdp"):
+            raise LmforgeError(f"parallel.pipeline.degree {pipeline} shards each stage with fsdp over the "
+                               f"data-parallel ranks; data_parallel={mode} is not supported with it")
+        if pipeline > 1 and cp > 1:
+            raise LmforgeError(f"parallel.pipeline.degree {pipeline} with parallel.context {cp} is not supported "
+                               f"(context parallelism sets each micro-batch's masks as it splits it, and a pipeline "
+                               f"schedule keeps several micro-batches in flight)")
         replicate, shard = self._data_degrees(mode, rest, local_world_size // model_parallel)
         if replicate * shard != rest:
             raise LmforgeError(f"world size {world_size} != replicate {replicate} x shard {shard} x context {cp} x "
@@ -297,6 +373,9 @@ class TrainConfig:
     z_loss_multiplier: float = 1e-5
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16: autocast / FSDP bf16 params over fp32 master weights
     cpu_bf16: bool = False  # CPUs run fp32 unless asked: bf16 autocast is slow on most CPUs
+    # Linear layers of the blocks in float8 with rowwise scales (torchao), on GPUs that have float8 matmuls;
+    # elsewhere the run goes on without it and says so in one line.
+    float8: Literal["none", "rowwise"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -350,10 +429,17 @@ class TrainConfig:
         if seq > model.max_sequence_length:
             raise LmforgeError(f"data.sequence_length {seq} is longer than the model's context "
                                f"(max_sequence_length {model.max_sequence_length})")
+        if self.float8 != "none" and self.precision != "bf16":
+            raise LmforgeError(f"float8: {self.float8} needs precision: bf16 (float8 matmuls produce bf16), "
+                               f"not {self.precision}")
         layout = self.parallel.layout(world_size, local_world_size or world_size, model, seq)
-        if self.eval_interval and layout.tensor * layout.context > 1:
-            raise LmforgeError(f"eval_interval with tensor {layout.tensor} x context {layout.context} parallelism is "
-                               f"not supported (the evaluators run whole sequences through one model); evaluate "
+        if self.float8 != "none" and layout.tensor > 1:
+            raise LmforgeError(f"float8: {self.float8} with parallel.tensor {layout.tensor} is not supported "
+                               f"(torchao's float8 tensor-parallel styles are not wired in)")
+        split = {"tensor": layout.tensor, "context": layout.context, "pipeline": layout.pipeline}
+        if self.eval_interval and max(split.values()) > 1:
+            raise LmforgeError(f"eval_interval with {' x '.join(f'{k} {v}' for k, v in split.items())} parallelism "
+                               f"is not supported (the evaluators run whole sequences through one model); evaluate "
                                f"the exported checkpoint instead")
         per_step = self.micro_batch_size * layout.data
         for _, size in self.batch_sizes():
@@ -361,4 +447,7 @@ class TrainConfig:
                 raise LmforgeError(
                     f"global batch of {size} tokens is not divisible by micro_batch_size x data-parallel ranks "
                     f"({self.micro_batch_size} x {layout.data} = {per_step} tokens)")
+        if layout.pipeline > 1:
+            self.parallel.pipeline.check(model, [size // seq // layout.data for _, size in self.batch_sizes()],
+                                         self.micro_batch_size // seq)
         return layout

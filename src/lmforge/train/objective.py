@@ -98,6 +98,15 @@ class NextTokenPrediction:
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = micro["labels"]
         ce, z, router = self.forward_loss(model, micro["input_ids"], labels, micro.get("doc_ids"))
+        return self._total(labels, ce, z, router)
+
+    def logits_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`loss` from a micro-batch's logits (a pipeline's last stage computes them; no router losses there)."""
+        ce, z = self.parallel.loss(logits, labels, IGNORE_INDEX, self.z_loss_multiplier)
+        return self._total(labels, ce, z, None)
+
+    def _total(self, labels: torch.Tensor, ce: torch.Tensor, z: torch.Tensor | None, router: RouterLosses | None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = ce + z if z is not None else ce
         metrics = {}
         if z is not None:

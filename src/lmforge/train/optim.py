@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor
 
 from lmforge.core.errors import LmforgeError
 from lmforge.train.config import OptimizerConfig, SkipStepConfig
+from lmforge.train.distributed import all_reduce_sum
 
 
 def parameter_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
@@ -41,11 +42,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None, clip: bool = True) -> torch.Tensor:
-    """L2 norm of all gradients as one vector, across FSDP shards and ranks; scales them to `max_norm` if
-    larger and `clip`. Returns the norm before clipping (a 0-d tensor on the gradients' device). Gradients on
-    different device meshes (experts split over an expert group, the rest over FSDP x tensor ranks) are
-    normed per mesh, since DTensor ops do not mix meshes."""
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None, clip: bool = True,
+                   stage_group=None) -> torch.Tensor:
+    """L2 norm of all gradients as one vector, across FSDP shards and ranks, and across the pipeline stages of
+    `stage_group` when given (each holds other parameters); scales them to `max_norm` if larger and `clip`.
+    Returns the norm before clipping (a 0-d tensor on the gradients' device). Gradients on different device
+    meshes (experts split over an expert group, the rest over FSDP x tensor ranks) are normed per mesh, since
+    DTensor ops do not mix meshes."""
     by_mesh: dict = {}
     for p in parameters:
         if p.grad is not None:
@@ -55,6 +58,8 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None,
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a partial sum over shards
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    if stage_group is not None:
+        total = all_reduce_sum(total.float() ** 2, stage_group).sqrt()
     if clip and max_norm:
         for params in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)

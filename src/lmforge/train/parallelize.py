@@ -1,8 +1,9 @@
 """Parallelism applied to a `Transformer` from outside, in torchtitan's order: tensor (+ sequence) parallelism,
-expert parallelism and context parallelism, then activation checkpointing, then compile (per block), then
-data parallelism (FSDP2 `fully_shard` per block and at the root, HSDP over a 2-D mesh, or DDP). The model file
-knows nothing of any of it beyond three swappable callables (`Attention.attend`, `MoE.dispatch`,
-`Experts.compute`); parameter names stay the model's.
+expert parallelism and context parallelism, then activation checkpointing, then compile (per block), then the
+cut into pipeline stages (`train/pipeline.py`), then data parallelism (FSDP2 `fully_shard` per block and at the
+root of the model or of each stage, HSDP over a 2-D mesh, or DDP). The model file knows nothing of any of it
+beyond three swappable callables (`Attention.attend`, `MoE.dispatch`, `Experts.compute`); parameter names stay
+the model's.
 
 `build_mesh` lays the ranks out once, outermost first: pipeline, replicate, shard (split into the ranks outside
 and inside an expert group), context, tensor. Tensor ranks sit innermost (on one node their all-gathers and
@@ -28,9 +29,11 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.model.transformer import LayerMask, Transformer, attention, cross_entropy_loss, expert_mlps
+from lmforge.model.transformer import (LayerMask, Transformer, attention, cross_entropy_loss, document_positions,
+                                       expert_mlps)
 from lmforge.train.config import Layout, ParallelConfig
 from lmforge.train.distributed import DistInfo
+from lmforge.train.pipeline import ModelPart, Pipeline, local_stages
 
 
 def build_mesh(layout: Layout, device_type: str) -> dict[str, DeviceMesh]:
@@ -39,14 +42,14 @@ def build_mesh(layout: Layout, device_type: str) -> dict[str, DeviceMesh]:
       "weights": pipeline, replicate, fsdp (shard x context), tensor — where the weights live;
       "experts": pipeline, replicate, shard_outside_expert, expert, context, tensor — the experts' split;
       "batch":   pipeline, data (replicate x shard: different batch rows), context, tensor;
-      "loss":    pipeline, loss (data x context: all a micro-batch's loss covers), tensor."""
+      "loss":    loss (pipeline x data x context: all a step's loss covers, the last stage computing it), tensor."""
     p, r, s, c, t, e = layout.pipeline, layout.replicate, layout.shard, layout.context, layout.tensor, layout.expert
     shapes = {
         "weights": {"pipeline": p, "replicate": r, "fsdp": s * c, "tensor": t},
         "experts": {"pipeline": p, "replicate": r, "shard_outside_expert": s // e, "expert": e, "context": c,
                     "tensor": t},
         "batch": {"pipeline": p, "data": r * s, "context": c, "tensor": t},
-        "loss": {"pipeline": p, "loss": r * s * c, "tensor": t},
+        "loss": {"loss": p * r * s * c, "tensor": t},
     }
     world = init_device_mesh(device_type, (layout.world,), mesh_dim_names=("world",))
     return {name: world._unflatten(0, tuple(dims.values()), tuple(dims)) for name, dims in shapes.items()}
@@ -64,6 +67,13 @@ def apply_activation_checkpointing(model: Transformer, config: ParallelConfig) -
 def apply_compile(model: Transformer) -> None:
     for block in model.blocks:
         block.compile(fullgraph=False)
+
+
+def apply_model_transforms(model: Transformer, config: ParallelConfig) -> None:
+    """What every layout applies before its data parallelism: activation checkpointing, then compile."""
+    apply_activation_checkpointing(model, config)
+    if config.compile:
+        apply_compile(model)
 
 
 # ---- tensor + sequence parallel -----------------------------------------------------------------------------
@@ -236,7 +246,8 @@ class ContextParallel:
             allowed = allowed & (doc_ids[:, mine, None] == doc_ids[:, None, keys])
         allowed = allowed[:, None] if allowed.ndim == 3 else allowed[None, None]
         self.masks = {w: allowed if w is None else allowed & (keys[None, :] > mine[:, None] - w) for w in self.windows}
-        positions = mine.expand(input_ids.shape[0], -1)
+        # RoPE positions as the whole model gives them: restarting in each document when documents are masked.
+        positions = document_positions(doc_ids)[:, mine] if doc_ids is not None else mine.expand(len(input_ids), -1)
         return input_ids[:, mine], labels[:, mine], {"positions": positions}
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask) -> torch.Tensor:
@@ -246,13 +257,14 @@ class ContextParallel:
 
 # ---- data parallel and the whole ----------------------------------------------------------------------------
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype,
+def apply_fsdp(model: Transformer | ModelPart, mesh: DeviceMesh, param_dtype: torch.dtype,
                expert_mesh: DeviceMesh | None = None) -> None:
-    """FSDP2 per block and at the root. With experts split over an expert group, each block's experts are
-    sharded first, over `expert_mesh` (the shard ranks outside the group)."""
+    """FSDP2 per block and at the root (the model, or a pipeline stage). With experts split over an expert
+    group, each block's experts are sharded first, over `expert_mesh` (the shard ranks outside the group)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    last = len(model.blocks) - 1
-    for i, block in enumerate(model.blocks):
+    blocks = list(model.blocks.children())  # a list, or a pipeline stage's dict by layer index
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward; keep them gathered.
         if expert_mesh is not None:
             fully_shard(block.mlp.experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=i < last)
@@ -268,6 +280,7 @@ class Parallelized:
     layout: Layout
     meshes: dict[str, DeviceMesh] | None = None  # `build_mesh`'s
     context: ContextParallel | None = None
+    pipeline: Pipeline | None = None  # this rank's stages and their schedule; `module` is all its stages
 
     def _group(self, mesh: str, dim: str):
         return self.meshes[mesh][dim].get_group() if self.meshes is not None else None
@@ -279,8 +292,14 @@ class Parallelized:
 
     @property
     def loss_group(self):
-        """Ranks holding different rows or sequence chunks: sums over everything a micro-batch's loss covers."""
+        """Ranks holding different rows, sequence chunks or pipeline stages: sums over everything a step's loss
+        covers."""
         return self._group("loss", "loss")
+
+    @property
+    def pipeline_group(self):
+        """Ranks holding different pipeline stages (None without a pipeline)."""
+        return self._group("weights", "pipeline") if self.layout.pipeline > 1 else None
 
     @property
     def averaged_ranks(self) -> int:
@@ -310,9 +329,7 @@ class Parallelized:
 def parallelize(model: Transformer, config: ParallelConfig, layout: Layout, dist_info: DistInfo,
                 param_dtype: torch.dtype) -> Parallelized:
     if not dist_info.distributed:
-        apply_activation_checkpointing(model, config)
-        if config.compile:
-            apply_compile(model)
+        apply_model_transforms(model, config)
         return Parallelized(model, layout)
     device_type = dist_info.device.type
     meshes = build_mesh(layout, device_type)
@@ -321,17 +338,25 @@ def parallelize(model: Transformer, config: ParallelConfig, layout: Layout, dist
     if layout.expert > 1:
         apply_expert_parallel(model, meshes["experts"]["expert"])
     context = ContextParallel(model, meshes["batch"]["context"]) if layout.context > 1 else None
-    apply_activation_checkpointing(model, config)
-    if config.compile:
-        apply_compile(model)
+    apply_model_transforms(model, config)
     parallel = Parallelized(model, layout, meshes, context)
+    stages = {}
+    if layout.pipeline > 1:  # the layout allows FSDP or no data parallelism with it
+        # FSDP casts parameters itself (MixedPrecisionPolicy); without it a stage computes in bf16 by autocast.
+        autocast_dtype = param_dtype if layout.mode == "none" and param_dtype != torch.float32 else None
+        stages = local_stages(model, config.pipeline, meshes["weights"].get_local_rank("pipeline"),
+                              autocast_dtype, sequence_shards=layout.tensor)
     if layout.mode in ("fsdp", "hsdp"):
         outer = ("replicate",) if layout.mode == "hsdp" else ()
         expert_mesh = meshes["experts"][outer + ("shard_outside_expert",)] if layout.expert > 1 else None
-        apply_fsdp(model, meshes["weights"][outer + ("fsdp",)], param_dtype, expert_mesh)
+        for module in stages.values() or [model]:  # each stage is an FSDP root the schedule reduces after
+            apply_fsdp(module, meshes["weights"][outer + ("fsdp",)], param_dtype, expert_mesh)
     elif layout.mode == "ddp":
         ids = [dist_info.device.index] if device_type == "cuda" else None
         parallel.module = DistributedDataParallel(model, device_ids=ids, process_group=parallel.data_group)
+    if stages:
+        parallel.pipeline = Pipeline(model, stages, config.pipeline, meshes["weights"]["pipeline"], dist_info.device)
+        parallel.module = parallel.pipeline.module
     return parallel
 
 

@@ -5,10 +5,10 @@ One optimizer step:
      base-size loader batches),
   2. let the objective (`train/objective.py`: next-token prediction by default) prepare it and count its
      normaliser (real label tokens for next-token prediction) across ranks,
-  3. forward/backward each micro-batch with loss = (objective's loss sum) · n / global count, so the
-     gradient is that of the global batch's mean loss, whatever the split into micro-batches and ranks
-     (DDP/FSDP average gradients over the n data x context ranks, hence the factor n; tensor ranks share one
-     loss),
+  3. forward/backward each micro-batch (under a pipeline, its schedule does) with loss = (objective's loss
+     sum) · n / global count, so the gradient is that of the global batch's mean loss, whatever the split
+     into micro-batches and ranks (DDP/FSDP average gradients over the n data x context ranks, hence the
+     factor n; tensor ranks share one loss, and a pipeline's last stage computes it),
   4. global-norm clip, skip-step check, set the LR from the schedule, AdamW step.
 Loss, grad norm and the objective's metrics come to the host once per step (the skip-step rule needs them);
 everything else stays on the device (the experts' load is summed there and read at each metrics line).
@@ -48,6 +48,7 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from lmforge.train.energy import EnergyMeter, energy_summary
+from lmforge.train.float8 import apply_float8
 from lmforge.train.metrics import MetricsLogger, console_line, memory_gib, peak_flops
 from lmforge.train.objective import NextTokenPrediction, Objective
 from lmforge.train.optim import SkipStep, build_optimizer, clip_grad_norm, set_lr
@@ -92,6 +93,10 @@ class Trainer:
         self.model_config: ModelConfig = config.model.build_config(
             load_tokenizer(self.tokenizer) if config.model.vocab_from_tokenizer and self.tokenizer else None)
         self.layout = config.check(self.dist.world_size, self.model_config, self.dist.local_world_size)
+        split = max(self.layout.tensor, self.layout.context, self.layout.pipeline) > 1
+        if split and objective is not None and not isinstance(objective, NextTokenPrediction):
+            raise LmforgeError("tensor, context and pipeline parallelism split next-token prediction only; run "
+                               "this objective under data (FSDP/DDP) or expert parallelism")
         self.dist = dataclasses.replace(self.dist, data_rank=self.layout.data_rank(self.dist.rank),
                                         data_world=self.layout.data)
         if self.tokenizer and not config.model.vocab_from_tokenizer:
@@ -122,9 +127,6 @@ class Trainer:
         self.objective: Objective = objective or NextTokenPrediction(config.z_loss_multiplier)
         if isinstance(self.objective, NextTokenPrediction):
             self.objective.parallel = self.objective.parallel or self.parallel
-        elif self.layout.tensor > 1 or self.layout.context > 1:
-            raise LmforgeError("tensor and context parallelism split next-token prediction only; run this "
-                               "objective under data (FSDP/DDP) or expert parallelism")
         self.step = 0
         self.tokens = 0
         self.flops_per_token = flops_per_token(self.model_config, self.seq_len)
@@ -168,6 +170,7 @@ class Trainer:
         model = Transformer(self.model_config)
         init_weights(model, self.config.seed)  # same weights on every rank and for any world size
         model.to(self.device)
+        apply_float8(model, self.config.float8, self.device, self._log)
         param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         self.parallel = parallelize(model, self.config.parallel, self.layout, self.dist, param_dtype)
         return self.parallel.module
@@ -264,6 +267,31 @@ class Trainer:
         count = all_reduce_sum(self.objective.count(batch), self.parallel.data_group)
         scale = self.parallel.averaged_ranks / count.clamp(min=1)
         micro = c.micro_batch_size // self.seq_len
+        if self.parallel.pipeline is not None:  # the schedule runs the micro-batches (next-token prediction only)
+            with self.parallel.loss_context():
+                loss_total, metric_totals = self.parallel.pipeline.step(batch, micro, self.objective.logits_loss,
+                                                                        scale)
+        else:
+            loss_total, metric_totals = self._accumulate(batch, micro, scale)
+        warmup_done = self._progress() > c.schedule.warmup
+        clip = not c.optimizer.clip_after_warmup_only or warmup_done
+        grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip, self.parallel.pipeline_group)
+        names = sorted(metric_totals)
+        sums = all_reduce_sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]), self.parallel.loss_group)
+        values = torch.cat([sums / count.clamp(min=1), grad_norm.reshape(1).float()]).tolist()
+        loss_value, norm_value, metric_values = values[0], values[-1], dict(zip(names, values[1:-1]))
+        lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
+        skipped = self.skip_step.check(loss_value, norm_value)
+        if skipped is None:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(self.step, self.tokens, loss_value, norm_value, lr, skipped, metric_values)
+
+    def _accumulate(self, batch: dict[str, torch.Tensor], micro: int, scale: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of each micro-batch of `micro` rows, gradients times `scale`; returns the sums
+        of the objective's loss and metrics."""
         rows_total = next(iter(batch.values())).shape[0]
         loss_total = torch.zeros((), device=self.device)
         metric_totals: dict[str, torch.Tensor] = {}
@@ -276,20 +304,7 @@ class Trainer:
             loss_total += loss.detach()
             for name, value in metrics.items():
                 metric_totals[name] = metric_totals.get(name, 0) + value.detach().float()
-        warmup_done = self._progress() > c.schedule.warmup
-        clip = not c.optimizer.clip_after_warmup_only or warmup_done
-        grad_norm = clip_grad_norm(self.params, c.optimizer.max_grad_norm, clip)
-        names = sorted(metric_totals)
-        sums = all_reduce_sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]), self.parallel.loss_group)
-        values = torch.cat([sums / count.clamp(min=1), grad_norm.reshape(1).float()]).tolist()
-        loss_value, norm_value, metric_values = values[0], values[-1], dict(zip(names, values[1:-1]))
-        lr = c.optimizer.lr * lr_multiplier(c.schedule, self._progress(), self._duration())
-        skipped = self.skip_step.check(loss_value, norm_value)
-        if skipped is None:
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(self.step, self.tokens, loss_value, norm_value, lr, skipped, metric_values)
+        return loss_total, metric_totals
 
     def _progress(self) -> int:
         return self.step if self.config.schedule.units == "steps" else self.tokens
