@@ -355,7 +355,7 @@ def test_substring_and_minhash_resume_after_an_interruption_to_the_same_attribut
     expected = outcome(tmp_path / "reference")
     assert any(row[1]["dedup__duplicate_substrings"] for rows in expected for row in rows)
     assert any(row[1]["dedup__near_duplicate"] for rows in expected for row in rows)
-    assert len(renames) == 10  # fingerprints and attributes of 2 shards, both rewritten, the state (3), manifest
+    assert len(renames) == 11  # fingerprints, attributes of 2 shards (both rewritten), the state (3), config, manifest
     for k in range(len(renames)):
         root = tmp_path / f"kill{k}"
         corpus(root)
