@@ -25,7 +25,7 @@ quickstart: venv
 	$(PY) -m lmforge.recipes.quickstart --out $(QUICKSTART_DIR) $(QUICKSTART_ARGS)
 
 # `make test` stays under 10 minutes on 2 CPU cores; tests marked slow (multi-process runs, the real model, the
-# README tour, the fault campaign, the wheel build) run with `make test-slow`. CI runs both.
+# documented commands, the fault campaign, the wheel build) run with `make test-slow`.
 test: venv
 	$(PY) -m pytest -x -m "not slow" tests
 
