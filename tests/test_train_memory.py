@@ -53,14 +53,14 @@ def test_layouts_the_model_cannot_be_split_by_are_refused_with_the_numbers():
 def test_activations_equal_a_hand_count_of_what_each_op_saves(kv_heads):
     # OLMo 2 block in fp32, T tokens: RMSNorm saves its input, rsqrt (T) and the normalised product; a linear its
     # input; RoPE only the shared cos/sin; SDPA (flash) q, k, v, output and log-sum-exp (T x heads); SwiGLU the
-    # gate, silu(gate), up and their product. Under GQA, SDPA saves the repeated k and v (T x d_model), and the
-    # unrepeated rotated k and v are saved by nobody.
+    # gate, silu(gate), up and their product. Under GQA, SDPA takes the grouped k and v as they are (`enable_gqa`),
+    # so k and v count at their own width.
     config = tiny_config("x", **{"model.overrides.n_kv_heads": kv_heads}).model.build_config()
     batch, seq = 2, 32
     t, d, h, heads, kv = batch * seq, config.d_model, config.mlp_hidden_size, config.n_heads, kv_heads * config.head_dim
     # x, q, q normalised, q rotated, attention output, o_proj output, its norm, residual, MLP input, MLP product
     block = 10 * t * d + 4 * t * h + t * heads + 4 * t  # + r (T) of four norms
-    block += 4 * t * kv if kv == d else 2 * t * kv + 2 * t * d  # k, k normalised (+ k rotated, v | repeated k, v)
+    block += 4 * t * kv  # k, k normalised, k rotated, v
     count = count_activations(config, (batch, seq), torch.float32)
     assert count.block == 4 * block
     assert count.block_input == 4 * t * d
