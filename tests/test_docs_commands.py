@@ -52,8 +52,9 @@ SUBSTITUTIONS = [
     (r"data\.paths=\[tokens/\]", "data.paths=[quickstart/tokens]", "a token directory: the quickstart's"),
     (r"^source \.venv/bin/activate$", "", "`lmforge` is the interpreter running the tests (a shim on PATH)"),
     # sizes and device counts
-    (r"configs/train/olmo2-1b\.yaml (.*) --nproc 8", rf"configs/train/quickstart.yaml \1 run_dir=runs/nproc "
-     rf"{TINY_TRAIN} --nproc 2", "a 1B model on 8 GPUs: the tiny model on 2 CPU processes (gloo), same code path"),
+    (r"configs/train/olmo2-1b\.yaml (.*) --nproc 8", rf"configs/train/quickstart.yaml run_dir=runs/nproc \1 "
+     rf"{TINY_TRAIN} --nproc 2", "a 1B model on 8 GPUs: the tiny model on 2 CPU processes (gloo), same "
+     "code path; a run_dir the doc gives comes later and wins"),
     (r"(configs/train/quickstart\.yaml .*run_dir=runs/a)$", rf"\1 {TINY_TRAIN}", "4 steps of 4 short sequences"),
     (r"(configs/train/quickstart\.yaml .*run_dir=quickstart/run)$", rf"\1 max_steps={QUICKSTART_STEPS + 2}",
      "the workspace's run has its 4 steps: the rerun resumes and trains (and saves) two more"),
