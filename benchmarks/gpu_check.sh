@@ -18,7 +18,7 @@
 #                     installed offline into DIR/peer-site for the peer and, for torchao, for lmforge too
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+ROOT="$(cd -P "$(dirname "$0")/.." && pwd)"  # -P: the repository, also when reached through a link
 OUT_DIR=/tmp/lmforge-gpu-check
 DRY=0
 FLOAT8=0

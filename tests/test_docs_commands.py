@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,8 @@ SUBSTITUTIONS = [
     (r"\bRUN_DIR\b|\bRUN_[A-Z]\b|\bruns/my-run\b", "quickstart/run", "a training run: the quickstart's"),
     (r"--documents (?:'\.\.\.'|\.\.\.)", "--documents 'data/*/documents/*.jsonl.gz'", "'...' stands for a glob"),
     (r"data\.paths=\[tokens/\]", "data.paths=[quickstart/tokens]", "a token directory: the quickstart's"),
+    (r"(?:\./)?\.venv/lib/python3\.\d+/site-packages/", sysconfig.get_paths()["purelib"] + "/",
+     "the docs run from the repository root; the workspace finds the venv's packages where they are"),
     (r"^source \.venv/bin/activate$", "", "`lmforge` is the interpreter running the tests (a shim on PATH)"),
     # sizes and device counts
     (r"configs/train/olmo2-1b\.yaml (.*) --nproc 8", rf"configs/train/quickstart.yaml run_dir=runs/nproc \1 "
@@ -85,6 +88,8 @@ NOT_RUN = [
      "tests/test_train_scaleout.py and tests/test_train_pipeline.py pass each through the launcher's checks"),
     (r"tulu3-8b|llama-3\.1-8b", "Tülu 3's 8B recipes need an 8B start model and GPUs; tests/test_shipped_configs.py "
      "and tests/test_adapt_rlvr.py load the recipes"),
+    (r"^benchmarks/gpu_check\.sh(?!.*--dry)", "needs a CUDA GPU; tests/test_gpu_check.py runs its CPU dry run "
+     "(`--dry`), which goes through every step"),
     (r"^python benchmarks/fault_campaign\.py", "kills and reruns every stage dozens of times (minutes); "
      "tests/test_fault_campaign.py runs a short campaign on real stages"),
 ]

@@ -7,7 +7,7 @@ import torch
 
 from lmforge.eval.perplexity import perplexity, rolling_windows
 from lmforge.tokens import tokenizer as tokenizer_module
-from tests.test_eval_scoring import CharTokenizer, tiny_model
+from test_eval_scoring import CharTokenizer, tiny_model
 
 MAX_LEN = 8
 DOCUMENTS = [("web", "news", "Short."), ("web", "news", "A document that spans several windows!"),

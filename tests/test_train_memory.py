@@ -180,13 +180,22 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, overrides: dict) ->
         shutdown_distributed()
 
 
+MULTI_PROCESS_LAYOUTS = [
+    (ParallelPlan(dp_shard=2), {}),
+    (ParallelPlan(dp_shard=2), {"parallel.activation_checkpointing": "full"}),
+    (ParallelPlan(tp=2), {"parallel.tensor": 2}),
+    (ParallelPlan(tp=2), {"parallel.tensor": 2, "parallel.activation_checkpointing": "full"}),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [{}, {"parallel.activation_checkpointing": "full"}], ids=["none", "full"])
-def test_fsdp_estimate_within_tolerance_of_the_measured_peak(tmp_path, overrides):
+@pytest.mark.parametrize("plan, overrides", MULTI_PROCESS_LAYOUTS,
+                         ids=lambda v: str(v) if isinstance(v, ParallelPlan) else ",".join(map(str, v.values())))
+def test_two_process_estimate_within_tolerance_of_the_measured_peak(tmp_path, plan, overrides):
     import torch.multiprocessing as mp
 
     mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path), overrides), nprocs=2, join=True)
-    estimated = estimate_for(ParallelPlan(dp_shard=2), **overrides)
+    estimated = estimate_for(plan, **overrides)
     for rank in range(2):
         measured = json.loads((tmp_path / f"{rank}.json").read_text())
         assert abs(estimated - measured) <= TOLERANCE * measured, (rank, estimated, measured)
