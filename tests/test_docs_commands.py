@@ -22,6 +22,7 @@ every file a doc shows in a block whose first line is `# NAME.ext` (a bare file 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -32,6 +33,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import requires_olmo_tokenizer
 
@@ -65,6 +68,7 @@ SUBSTITUTIONS = [
     (r"step00000150", "step00000004", "the tiny run checkpoints at steps 2 and 4"),
     (r"--step (10|100|1200)\b", "--step 2", "the tiny runs have 4 steps"),
     (r"--limit \d+", "--limit 4", "4 items per task"),
+    (r"--instances \d+", "--instances 4", "4 items per task, as the evaluation it compares with"),
     (r"^(lmforge eval (?!.*--limit).*)$", r"\1 --limit 4", "4 items per task (a whole suite takes hours on CPU)"),
     (r"--expected-paragraphs \d+", "--expected-paragraphs 100000", "a Bloom filter for 50M paragraphs is 180 MB"),
     (r"--vocab-size 4096 --out quickstart/tokenizer", "--vocab-size 512 --out quickstart/tokenizer",
@@ -107,6 +111,9 @@ WORKSPACE_FILES = {
     "heldout/*.jsonl.gz, heldout/stdlib/documents/": "quickstart/heldout",
     "eval_questions.txt": "two strings to count",
     "my_task.yaml, my_qa.jsonl": "a user multiple-choice task",
+    "gsm8k-train.parquet, gsm8k/main/train-00000-of-00001.parquet": "two GSM8K-style train items (question, answer "
+    "with `#### N`), the Hub's columns",
+    "mine.jsonl": "one user SFT record (messages)",
     "benchmarks/": "a link to the repository's, for `python benchmarks/...`",
 }
 
@@ -261,6 +268,14 @@ def workspace(tmp_path_factory):
         '{"id": "q1", "context": "Question: What colour is the sky?\\nAnswer:", "choices": ["blue", "green"], '
         '"gold": 0}\n{"id": "q2", "context": "Question: What do cows drink?\\nAnswer:", "choices": ["water", '
         '"milk"], "gold": 0}\n')
+    gsm8k = pa.table({"question": ["Tom has 3 apples and buys 4 more. How many apples does he have?",
+                                   "A box holds 6 eggs. How many eggs are in 5 boxes?"],
+                      "answer": ["He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7", "5 * 6 = <<5*6=30>>30 eggs.\n#### 30"]})
+    for name in ("gsm8k-train.parquet", "gsm8k/main/train-00000-of-00001.parquet"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(gsm8k, root / name)
+    (root / "mine.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Say hi."},
+                                                              {"role": "assistant", "content": "Hi!"}]}) + "\n")
     (root / "benchmarks").symlink_to(ROOT / "benchmarks")
     return root
 
