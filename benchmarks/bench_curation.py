@@ -28,7 +28,7 @@ from pathlib import Path
 import zstandard
 
 REPO = Path(__file__).resolve().parents[1]
-LMFORGE = [str(REPO / ".venv" / "bin" / "python"), "-m", "lmforge"]
+LMFORGE = [sys.executable, "-m", "lmforge"]
 SAME_GOPHER_RULES = ("word_count", "character_count", "median_word_length", "required_word_count",
                      "fraction_of_characters_in_most_common_2grams", "fraction_of_characters_in_most_common_3grams",
                      "fraction_of_characters_in_most_common_4grams")

@@ -20,7 +20,7 @@ def test_bloom_false_positive_rate_within_target(tmp_path, target):
     bloom = BloomFilter.sized(20_000, target)
     members = rng.integers(0, 2 ** 63, size=20_000, dtype=np.uint64)
     others = rng.integers(0, 2 ** 63, size=200_000, dtype=np.uint64)
-    bloom.add(members)
+    bloom.insert(members)
     assert bloom.contains(members).all()  # no false negatives
     fp = bloom.contains(others).mean()
     assert fp <= target * 1.25  # 200k trials: 3 sigma is 0.07 * target at 1e-2, 0.21 * target at 1e-3
