@@ -268,7 +268,7 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
 def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | None, progress) -> dict:
     report = ReadReport()
     ids, doc_lines, lengths, sources, doc_hashes, url_hashes = [], [], [], [], [], []
-    texts = []
+    texts = []  # (paragraph mode) lines are split and hashed for the whole shard at once
     want_paragraphs = "paragraph" in task.modes
     for line, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
@@ -281,7 +281,7 @@ def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | No
         if "url" in task.modes:
             url = _get_path(doc, task.url_key)
             url_hashes.append(xxhash.xxh3_128_intdigest(url.encode()) if isinstance(url, str) and url else None)
-        if want_paragraphs:  # lines are split and hashed for the whole shard at once below
+        if want_paragraphs:
             texts.append(text)
         if minhash is not None:
             minhash.add(text)
@@ -321,12 +321,12 @@ def _paragraph_table(texts: list[str], doc_lengths: list[int]) -> dict:
     keep[filled[visible]] = True
     unsure = filled[~visible]
     keep[unsure] = [not lines[i].decode().isspace() for i in unsure.tolist()]
-    if joined.isascii():
-        line_offset, length = first_byte, end_byte - first_byte
-    else:  # offsets in characters: less the continuation bytes of the multi-byte characters before them
-        continuation = np.flatnonzero((raw & 0xC0) == 0x80)
-        line_offset = first_byte - np.searchsorted(continuation, first_byte)
-        length = end_byte - np.searchsorted(continuation, end_byte) - line_offset
+    line_offset, length = first_byte, end_byte - first_byte
+    if not joined.isascii():  # in characters: less the continuation bytes of multi-byte characters
+        high = np.flatnonzero(raw >= 0x80)
+        continuation = high[(raw[high] & 0xC0) == 0x80]
+        before = np.searchsorted(continuation, first_byte)  # a line ends where the next begins, less its newline
+        line_offset, length = first_byte - before, length - (np.r_[before[1:], len(continuation)] - before)
     line_offset, length = line_offset[keep], length[keep]
     doc_length = np.array(doc_lengths, dtype=np.int64)
     doc_offset = np.cumsum(doc_length + 1) - (doc_length + 1)  # each document and its joining newline
