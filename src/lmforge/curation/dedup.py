@@ -680,29 +680,62 @@ def _cluster_shards(state: DedupState, config: DedupConfig, earlier: list[str], 
 
 
 def _substring_shards(config: DedupConfig, order: list[str], shards: dict[str, dict], records: dict) -> dict:
-    """Find repeated substrings over the texts of `order` (every shard of the run, in source order)."""
+    """Find repeated substrings over the texts of `order` (every shard of the run, in source order). When they
+    pass `substring.max_text_mb`, consecutive shards form groups of at most half of it, and each group is
+    searched paired with every earlier one (`repeated_spans`): k groups take 1 + k (k - 1) / 2 suffix arrays."""
     limit = config.substring.max_text_mb * 2 ** 20
-    texts: list[bytes] = []
-    bounds = {}
     report = ReadReport()
+
+    def texts_of(paths: list[str]) -> list[bytes]:
+        return [doc["text"].encode() for path in paths for _, doc in read_documents(path, report, config.input.strict)]
+
+    held, sizes, documents = {}, {}, {}
     text_bytes = 0
     for path in order:
-        start = len(texts)
-        texts.extend(doc["text"].encode() for _, doc in read_documents(path, report, config.input.strict))
-        bounds[path] = (start, len(texts))
-        text_bytes += sum(map(len, texts[start:]))
-        if text_bytes > limit:
-            raise LmforgeError(f"substring dedup: the text of this run's shards passes substring.max_text_mb="
-                               f"{config.substring.max_text_mb:g} at {path}; dedup fewer shards per run or raise "
-                               "it (the suffix array and its companions take about 14 bytes per byte of text)")
-    spans, removed = repeated_spans(texts, config.substring.min_bytes)
-    for path, shard in shards.items():
-        start, end = bounds[path]
-        shard["substrings"] = spans[start:end]
-        counts = records[path]["counts"]
-        counts["duplicate_substring_spans"] = sum(map(len, shard["substrings"]))
-        counts["duplicate_substring_chars"] = sum(e - s for doc in shard["substrings"] for s, e in doc)
-    return {"min_bytes": config.substring.min_bytes, "text_bytes": text_bytes, "duplicate_substring_bytes": removed}
+        texts = texts_of([path])
+        sizes[path], documents[path] = sum(map(len, texts)), len(texts)
+        text_bytes += sizes[path]
+        if text_bytes <= limit:
+            held[path] = texts
+        else:
+            held.clear()  # measured only, and read again group by group
+    groups = [order] if held else _substring_groups(order, sizes, limit / 2, config.substring.max_text_mb)
+    removed = 0
+    for j, group in enumerate(groups):
+        texts = [t for path in group for t in held[path]] if held else texts_of(group)
+        spans, group_removed = repeated_spans(texts, config.substring.min_bytes,
+                                              (texts_of(earlier) for earlier in groups[:j]))
+        removed += group_removed
+        start = 0
+        for path in group:
+            count = documents[path]
+            if path in shards:
+                shard = shards[path]
+                shard["substrings"] = spans[start:start + count]
+                counts = records[path]["counts"]
+                counts["duplicate_substring_spans"] = sum(map(len, shard["substrings"]))
+                counts["duplicate_substring_chars"] = sum(e - s for doc in shard["substrings"] for s, e in doc)
+            start += count
+    return {"min_bytes": config.substring.min_bytes, "text_bytes": text_bytes,
+            "duplicate_substring_bytes": removed, "groups": len(groups)}
+
+
+def _substring_groups(order: list[str], sizes: dict[str, int], group_limit: float,
+                      max_text_mb: float) -> list[list[str]]:
+    """Consecutive shards, as many as fit in `group_limit` bytes of text."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for path in order:
+        if sizes[path] > group_limit:
+            raise LmforgeError(f"substring dedup: the text of {path} ({sizes[path] / 2 ** 20:.1f} MB) is more than "
+                               f"half of substring.max_text_mb={max_text_mb:g}, what one group may hold when the "
+                               "run is searched in groups; raise it or split the shard")
+        if groups[-1] and size + sizes[path] > group_limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += sizes[path]
+    return groups
 
 
 def _add_whole_corpus_attributes(path: str, shard: dict, name: str, counts: dict) -> None:
