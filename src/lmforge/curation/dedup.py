@@ -22,13 +22,13 @@ run (those skipped as absorbed count as earlier text).
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
