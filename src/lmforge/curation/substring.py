@@ -56,8 +56,9 @@ def repeated_spans(texts: list[bytes], min_bytes: int,
     corpus = _joined(texts)
     covered = None
     for group in earlier:
-        before = _joined(group)
-        pair = _covered(np.concatenate([before, corpus]), min_bytes)[len(before):]
+        joined = np.concatenate([_joined(group), corpus])
+        del group  # held while the next group is read otherwise
+        pair = _covered(joined, min_bytes)[len(joined) - len(corpus):]
         covered = pair if covered is None else covered | pair
     if covered is None:
         covered = _covered(corpus, min_bytes)
