@@ -28,7 +28,7 @@ from pathlib import Path
 import zstandard
 
 REPO = Path(__file__).resolve().parents[1]
-LMFORGE = [str(REPO / ".venv" / "bin" / "python"), "-m", "lmforge"]
+LMFORGE = [sys.executable, "-m", "lmforge"]
 SAME_GOPHER_RULES = ("word_count", "character_count", "median_word_length", "required_word_count",
                      "fraction_of_characters_in_most_common_2grams", "fraction_of_characters_in_most_common_3grams",
                      "fraction_of_characters_in_most_common_4grams")
@@ -132,6 +132,22 @@ def tag_runs(work: Path, text_mb: float, processes: list[int], skip_dolma: bool)
     return rows
 
 
+def compare_dedup(work: Path) -> dict:
+    """Duplicate lines each tool flagged, and the documents where both flagged the lines starting at the same
+    offsets. Ends are not compared: dolma ends a last line that has no newline one past the text."""
+    ours_total = theirs_total = same = documents = 0
+    for path in sorted((work / "attributes" / "dolma_para").glob("*.jsonl.gz")):
+        ours = read_jsonl_gz(work / "attributes" / "para" / path.name)
+        for mine, row in zip(ours, read_jsonl_gz(path), strict=True):
+            a = [span[0] for span in mine["attributes"]["para__duplicate_paragraphs"]]
+            b = [span[0] for span in row["attributes"].get("bff_duplicate_paragraph_spans", [])]
+            ours_total, theirs_total = ours_total + len(a), theirs_total + len(b)
+            same += a == b
+            documents += 1
+    return {"duplicate_lines_lmforge": ours_total, "duplicate_lines_dolma": theirs_total,
+            "documents_with_the_same_lines": f"{same}/{documents}"}
+
+
 def dedup_run(work: Path, text_mb: float, skip_dolma: bool) -> dict:
     shutil.rmtree(work / "attributes" / "para", ignore_errors=True)
     seconds = timed(LMFORGE + ["data", "dedup", "--documents", "documents/*.jsonl.gz", "--modes", "paragraph",
@@ -153,6 +169,7 @@ def dedup_run(work: Path, text_mb: float, skip_dolma: bool) -> dict:
         if not list((work / "attributes" / "dolma_para").glob("*.jsonl.gz")):
             sys.exit("dolma dedupe wrote no attributes")
         with_peer(row, seconds, d, text_mb)
+        row.update(compare_dedup(work))
     return row
 
 

@@ -164,21 +164,36 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     text_mb = build_corpus(Path(args.corpus), work, args.limit_mb)
     print(f"{text_mb:.1f} MB of text", flush=True)
-    rows = [lmforge_minhash(work, text_mb, "dt_est", ["minhash.preset=datatrove", "minhash.verify=estimate"]),
-            lmforge_minhash(work, text_mb, "dt_exact", ["minhash.preset=datatrove"]),
-            lmforge_minhash(work, text_mb, "dt_punct", ["minhash.preset=datatrove", "minhash.strip_punctuation=true"]),
-            lmforge_minhash(work, text_mb, "dolma3", ["minhash.preset=dolma3"])]
+    # each row is printed when it is measured: a long run that is stopped keeps what it has (the peer runs
+    # after the two lmforge settings it is compared with, before the others)
+    presets = {"dt_exact": ["minhash.preset=datatrove"],
+               "dt_punct": ["minhash.preset=datatrove", "minhash.strip_punctuation=true"],
+               "dt_est": ["minhash.preset=datatrove", "minhash.verify=estimate"],
+               "dolma3": ["minhash.preset=dolma3"]}
+    for name in ("dt_exact", "dt_punct"):
+        emit(lmforge_minhash(work, text_mb, name, presets[name]))
+    removed = None
     if not args.skip_peers:
         row, removed = datatrove_minhash(work, text_mb, python)
-        rows.append(row)
-        for ours in ("dt_est", "dt_exact", "dt_punct"):
+        for ours in ("dt_exact", "dt_punct"):
             mine = ids_with(work, ours, "near_duplicate")
             row[f"removed_jaccard_vs_{ours}"] = jaccard(mine, removed)
             row[f"removed_by_both_{ours}"] = len(mine & removed)
-        rows += signature_rates(work, text_mb, python)
-    rows.append(substring_run(work, text_mb))
-    for row in rows:
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        emit(row)
+    for name in ("dt_est", "dolma3"):
+        row = lmforge_minhash(work, text_mb, name, presets[name])
+        if removed is not None:
+            mine = ids_with(work, name, "near_duplicate")
+            row.update(removed_jaccard_vs_datatrove=jaccard(mine, removed), removed_by_both=len(mine & removed))
+        emit(row)
+    if not args.skip_peers:
+        for row in signature_rates(work, text_mb, python):
+            emit(row)
+    emit(substring_run(work, text_mb))
+
+
+def emit(row: dict) -> None:
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """Bloom filter, MinHash and the dedup stage's keep-the-first semantics and persisted state."""
 
+import gzip
 import json
 
 import numpy as np
+import orjson
+import xxhash
 import yaml
 import pytest
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.executor import ExecutorConfig
 from lmforge.curation.attributes import attribute_path, read_attributes
+from lmforge.curation import dedup
 from lmforge.curation.dedup import BloomConfig, BloomFilter, DedupConfig, blocked_false_positive_rate, run_dedup
 from lmforge.curation.fuzzy import MinHashConfig, MinHasher, estimated_jaccard, word_ngram_hashes
 from lmforge.curation.documents import DocumentWriter
@@ -20,7 +24,7 @@ def test_bloom_false_positive_rate_within_target(tmp_path, target):
     bloom = BloomFilter.sized(20_000, target)
     members = rng.integers(0, 2 ** 63, size=20_000, dtype=np.uint64)
     others = rng.integers(0, 2 ** 63, size=200_000, dtype=np.uint64)
-    bloom.add(members)
+    bloom.insert(members)
     assert bloom.contains(members).all()  # no false negatives
     fp = bloom.contains(others).mean()
     assert fp <= target * 1.25  # 200k trials: 3 sigma is 0.07 * target at 1e-2, 0.21 * target at 1e-3
@@ -38,6 +42,67 @@ def test_bloom_sizing_formula():
     assert blocked_false_positive_rate(bloom.bits, bloom.hashes, 1_000_000) <= 1e-6
     # the model agrees with the standard formula's order of magnitude when blocks are large and lightly loaded
     assert 1e-7 < blocked_false_positive_rate(bloom.bits, bloom.hashes, 1_000_000)
+
+
+def test_bloom_insert_marks_repeats_and_tests_each_key_against_the_filter_before_the_call(monkeypatch):
+    """Reference: a key is seen when it occurs earlier in the batch or the filter held it before the call; the
+    bits set are those of each distinct key inserted alone. One 512-bit block and 3-key chunks: a chunk that
+    split a block would find keys that only this call's earlier chunks had set."""
+    monkeypatch.setattr(dedup, "PROBE_CHUNK", 3)
+    rng = np.random.default_rng(2)
+    bloom = BloomFilter(512, 3)
+    earlier = rng.integers(0, 2 ** 64, size=20, dtype=np.uint64)
+    bloom.insert(earlier)
+    keys = np.concatenate([rng.integers(0, 2 ** 64, size=200, dtype=np.uint64), earlier[:5]])
+    keys = np.concatenate([keys, keys[rng.integers(0, len(keys), size=60)]])[rng.permutation(len(keys) + 60)]
+    before = bloom.contains(keys)
+    expected = [bool(before[i]) or keys[i] in keys[:i] for i in range(len(keys))]
+    assert bloom.insert(keys).tolist() == expected
+    alone = BloomFilter(512, 3)
+    for key in dict.fromkeys(np.concatenate([earlier, keys]).tolist()):
+        alone.insert(np.array([key], dtype=np.uint64))
+    assert np.array_equal(bloom.words, alone.words)
+
+
+@pytest.mark.parametrize("texts", [
+    [],
+    ["", "\n", "a"],
+    ["shared line\nunique\r\n\n \t\n", "\x1c\x1f \nx"],
+    ["caf\u00e9 \u65e5\u672c\n\u00a0\u3000\n\u2028\n \u00e9 \n\U0001F600\n", "\x85\n\u200b\nend\u00a0"],
+])
+def test_paragraph_table_matches_a_line_by_line_reference(texts):
+    """Each document's lines one at a time: skipped when empty or all `str.isspace`, else [start, end) in
+    characters (the newline included when there is one) and the xxh3-64 of the line's UTF-8."""
+    expected = []
+    for doc, text in enumerate(texts):
+        start = 0
+        for line in text.split("\n"):
+            if line and not line.isspace():
+                expected.append((doc, start, min(start + len(line) + 1, len(text)),
+                                 xxhash.xxh3_64_intdigest(line.encode())))
+            start += len(line) + 1
+    table = dedup._paragraph_table(texts, [len(t) for t in texts])
+    got = list(zip(*(table[k].tolist() for k in ("para_doc", "para_start", "para_end", "para_hash"))))
+    assert got == expected
+
+
+def test_dedup_attribute_lines_are_orjson_encoded_rows(tmp_path):
+    """The attribute encoder assembles lines from pieces: each must read back as the row, byte for byte as
+    orjson writes it, scores as floats, and a repeated id carries its document line."""
+    _write(tmp_path / "documents" / "a.jsonl.gz", [
+        {"id": "x\"1", "text": "p\nq\n", "metadata": {"url": "u"}},
+        {"id": "x\"1", "text": "p\nq\n", "metadata": {"url": "u"}},
+        {"id": "\u00e9", "text": "r\np", "metadata": {"url": "v"}},
+    ])
+    run_dedup(DedupConfig(documents=[str(tmp_path / "documents" / "*.jsonl.gz")], modes=["doc", "url", "paragraph"]))
+    with gzip.open(attribute_path(tmp_path / "documents" / "a.jsonl.gz", "dedup"), "rb") as f:
+        rows = [(raw, orjson.loads(raw)) for raw in f.read().splitlines()]
+    assert all(raw == orjson.dumps(row) for raw, row in rows)
+    assert [row.get("line") for _, row in rows] == [None, 2, None]
+    assert rows[1][1]["attributes"] == {"dedup__duplicate_doc": [[0, 4, 1.0]], "dedup__duplicate_url": [[0, 4, 1.0]],
+                                        "dedup__duplicate_paragraphs": [[0, 2, 1.0], [2, 4, 1.0]]}
+    assert rows[2][1]["attributes"]["dedup__duplicate_paragraphs"] == [[2, 3, 1.0]]
+    assert all(isinstance(span[2], float) for _, row in rows for spans in row["attributes"].values() for span in spans)
 
 
 def _exact_jaccard(a: str, b: str, n: int) -> float:

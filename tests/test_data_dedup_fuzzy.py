@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lmforge.core.config import load_config
+from lmforge.core.errors import LmforgeError
 from lmforge.core.executor import ExecutorConfig
 from lmforge.curation.attributes import attribute_path, read_attributes
 from lmforge.curation.dedup import DedupConfig, run_dedup
@@ -313,6 +314,33 @@ def _complement(spans, length):
         yield reach, s
         reach = e
     yield reach, length
+
+
+def test_substring_dedup_over_the_memory_limit_searches_groups_of_shards_in_pairs_with_the_same_result(tmp_path):
+    """Four shards, a limit that holds the largest two at once: groups of one or two shards, each searched
+    paired with every earlier one,
+    must mark exactly what one suffix array over everything marks (the brute-force reference)."""
+    rng = random.Random(3)
+    n = 24
+    texts, _ = _planted_corpus(rng, n)
+    cuts = [0, 4, 7, 11, len(texts)]
+    for k in range(4):
+        _write(tmp_path / "documents" / f"{k}.jsonl.gz",
+               [{"id": str(i), "text": texts[i]} for i in range(cuts[k], cuts[k + 1])])
+    sizes = [sum(len(t.encode()) for t in texts[cuts[k]:cuts[k + 1]]) for k in range(4)]
+    limit_mb = 2 * max(sizes) / 2 ** 20  # a group holds one shard, a pair two
+    summary = run_dedup(DedupConfig(documents=[str(tmp_path / "documents" / "*.gz")], modes=["substring"],
+                                    substring=SubstringConfig(min_bytes=n, max_text_mb=limit_mb),
+                                    executor=ExecutorConfig(progress=False)))
+    rows = {k: v for s in range(4) for k, v in _rows(tmp_path, f"{s}.jsonl.gz").items()}
+    found = [[s[:2] for s in rows[str(i)]["dedup__duplicate_substrings"]] for i in range(len(texts))]
+    assert summary["substring"]["groups"] > 1 and found == _repeats_reference(texts, n)
+    assert any(found)
+
+    with pytest.raises(LmforgeError, match="more than half of substring.max_text_mb"):
+        run_dedup(DedupConfig(documents=[str(tmp_path / "documents" / "*.gz")], modes=["substring"], name="small",
+                              substring=SubstringConfig(min_bytes=n, max_text_mb=1.5 * max(sizes) / 2 ** 20),
+                              executor=ExecutorConfig(progress=False)))
 
 
 def test_a_repeat_that_begins_or_ends_inside_a_character_removes_whole_characters_only(tmp_path):

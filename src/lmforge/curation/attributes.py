@@ -157,16 +157,19 @@ class AttributeWriter(AtomicShardWriter):
         self._pending_bytes = 0
 
     def write(self, doc_id: str, attributes: dict, line: int) -> None:
-        if doc_id in self._ids:
-            line_bytes = _dumps({"id": doc_id, "attributes": attributes, "line": line})
-        elif any(attributes.values()):
-            line_bytes = _dumps({"id": doc_id, "attributes": attributes})
+        if any(attributes.values()):
+            encoded = _dumps(attributes)
         else:  # most documents have no duplicate/PII spans: reuse the encoded attributes
             keys = tuple(attributes)
             encoded = self._no_spans.get(keys)
             if encoded is None:
                 encoded = self._no_spans[keys] = _dumps(attributes)
-            line_bytes = b'{"id":' + _dumps(doc_id) + b',"attributes":' + encoded + b"}"
+        self.write_encoded(doc_id, encoded, line)
+
+    def write_encoded(self, doc_id: str, attributes: bytes, line: int) -> None:
+        """`write` with the attributes already encoded as a JSON object (for a stage that encodes its own)."""
+        line_bytes = b'{"id":' + _dumps(doc_id) + b',"attributes":' + attributes
+        line_bytes += b',"line":' + _dumps(line) + b"}" if doc_id in self._ids else b"}"
         self._ids.add(doc_id)
         self._pending.append(line_bytes)
         self._pending_bytes += len(line_bytes) + 1

@@ -28,10 +28,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
+import orjson
 import xxhash
 
 from lmforge.curation.attributes import (AttributeWriter, attribute_dir, attribute_path, read_attribute_rows,
@@ -116,8 +119,7 @@ def blocked_false_positive_rate(bits: int, hashes: int, elements: int) -> float:
     return rate
 
 
-def _all_set(rows: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    return ~np.bitwise_or.reduce(masks & ~rows, axis=1).astype(bool)
+PROBE_CHUNK = 1 << 14  # keys located at once: their masks and rows stay in cache
 
 
 class BloomFilter:
@@ -126,12 +128,15 @@ class BloomFilter:
 
     k = round(log2(1/p)); the size starts from the standard m = -n ln p / (ln 2)^2 bits and grows by 5 % until
     the filter's false-positive rate for n keys is <= p (about 1.4x the standard size at p = 1e-6).
+    A key's block grows with its mixed hash, so keys sorted by that hash visit the table front to back.
     """
 
     def __init__(self, bits: int, hashes: int, words: np.ndarray | None = None, inserted: int = 0):
         self.bits = int(bits)
         self.hashes = int(hashes)
         self.blocks = self.bits // (64 * BLOCK_WORDS)
+        if self.blocks >= 1 << 32:  # the block is taken from the top 32 bits of the mix
+            raise LmforgeError(f"a Bloom filter of {self.bits} bits is over the limit of 2^32 blocks (256 GiB)")
         self.words = words if words is not None else np.zeros(self.blocks * BLOCK_WORDS, dtype=np.uint64)
         self.inserted = inserted
 
@@ -146,50 +151,61 @@ class BloomFilter:
     def estimated_false_positive_rate(self) -> float:
         return blocked_false_positive_rate(self.bits, self.hashes, self.inserted)
 
-    def _locate(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(block of each key, (len(keys), 8) uint64 masks of its k bits)."""
-        mix = splitmix64(keys.astype(np.uint64, copy=False) ^ np.uint64(0x5851F42D4C957F2D))
-        if self.blocks < 1 << 32:  # Lemire's multiply-shift range reduction: no 64-bit division
-            block = ((mix >> np.uint64(32)) * np.uint64(self.blocks)) >> np.uint64(32)
-        else:
-            block = mix % np.uint64(self.blocks)
-        columns = [np.zeros(len(keys), dtype=np.uint64) for _ in range(BLOCK_WORDS)]
+    @staticmethod
+    def _mix(keys: np.ndarray) -> np.ndarray:
+        return splitmix64(keys.astype(np.uint64, copy=False) ^ np.uint64(0x5851F42D4C957F2D))
+
+    def _masks(self, mix: np.ndarray) -> np.ndarray:
+        """(len(mix), 8) uint64: the k bits of each key in the 8 words of its block."""
+        masks = np.zeros((len(mix), BLOCK_WORDS), dtype=np.uint64)
         for i in range(self.hashes):
             if i % PROBES_PER_MIX == 0:
                 mix = splitmix64(mix)
-            bit = (mix >> np.uint64(6 * (i % PROBES_PER_MIX))) & np.uint64(63)
-            columns[i % BLOCK_WORDS] |= np.uint64(1) << bit
-        return block.astype(np.intp), np.stack(columns, axis=1)
+            masks[:, i % BLOCK_WORDS] |= np.uint64(1) << ((mix >> np.uint64(6 * (i % PROBES_PER_MIX))) & np.uint64(63))
+        return masks
 
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        if len(keys) == 0:
-            return np.zeros(0, dtype=bool)
-        block, masks = self._locate(keys)
-        return _all_set(self.words.reshape(self.blocks, BLOCK_WORDS)[block], masks)
-
-    def add(self, keys: np.ndarray) -> None:
-        if len(keys):
-            self._set(*self._locate(keys))
-        self.inserted += len(keys)
-
-    def insert(self, keys: np.ndarray) -> np.ndarray:
-        """`contains(keys)`, then `add` the keys that were absent, locating each key once; keys must be unique."""
-        if len(keys) == 0:
-            return np.zeros(0, dtype=bool)
-        block, masks = self._locate(keys)
-        present = _all_set(self.words.reshape(self.blocks, BLOCK_WORDS)[block], masks)
-        self._set(block[~present], masks[~present])
-        self.inserted += int(np.count_nonzero(~present))
+    def _probe(self, mix: np.ndarray, add: bool) -> np.ndarray:
+        """Whether each key (given by its mix, ascending and distinct) is in the filter before this call; with
+        `add`, the absent ones are added. Chunks end where the block changes, so a chunk's additions never
+        touch a block that a later chunk tests: every key is tested as if none of this call's were added."""
+        # Lemire's multiply-shift range reduction: no 64-bit division, and monotone in the mix
+        block = (((mix >> np.uint64(32)) * np.uint64(self.blocks)) >> np.uint64(32)).astype(np.intp)
+        cuts = np.searchsorted(block, block[PROBE_CHUNK::PROBE_CHUNK])
+        bounds = [0, *np.unique(cuts[cuts > 0]).tolist(), len(mix)]
+        table = self.words.reshape(self.blocks, BLOCK_WORDS)
+        present = np.empty(len(mix), dtype=bool)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            chunk_block, masks = block[lo:hi], self._masks(mix[lo:hi])
+            found = ~np.bitwise_or.reduce(masks & ~table[chunk_block], axis=1).astype(bool)
+            present[lo:hi] = found
+            if add and not found.all():
+                chunk_block, masks = chunk_block[~found], masks[~found]
+                # `table[b] |= m` keeps only the last write of a repeated b: the masks of each block are ORed first
+                starts = np.flatnonzero(np.r_[True, chunk_block[1:] != chunk_block[:-1]])
+                table[chunk_block[starts]] |= np.bitwise_or.reduceat(masks, starts, axis=0)
+        if add:
+            self.inserted += int(np.count_nonzero(~present))
         return present
 
-    def _set(self, block: np.ndarray, masks: np.ndarray) -> None:
-        if len(block) == 0:
-            return
-        # `table[b] |= m` keeps only the last write of a repeated b: the masks of each block are ORed first
-        order = np.argsort(block)
-        block, masks = block[order], masks[order]
-        starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
-        self.words.reshape(self.blocks, BLOCK_WORDS)[block[starts]] |= np.bitwise_or.reduceat(masks, starts, axis=0)
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        mix = self._mix(keys)
+        distinct, inverse = np.unique(mix, return_inverse=True)
+        return self._probe(distinct, add=False)[inverse.reshape(-1)]
+
+    def insert(self, keys: np.ndarray, read_only: bool = False) -> np.ndarray:
+        """Per key, in order: whether it was seen before, in the filter or earlier among `keys`; then the
+        keys not in the filter are added to it (unless `read_only`). Every key is tested against the filter as
+        it was before the call."""
+        if len(keys) == 0:
+            return np.zeros(0, dtype=bool)
+        mix = self._mix(keys)
+        order = np.argsort(mix)
+        ordered = mix[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        first = np.minimum.reduceat(order, starts)  # the earliest of each distinct key
+        seen = np.ones(len(keys), dtype=bool)
+        seen[first] = self._probe(ordered[starts], add=not read_only)
+        return seen
 
     def save(self, path: str | Path) -> None:
         header = json.dumps({"format": BLOOM_MAGIC, "version": 2, "layout": "split-block-512",
@@ -252,7 +268,7 @@ def fingerprint_shard(task: FingerprintTask, progress) -> dict:
 def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | None, progress) -> dict:
     report = ReadReport()
     ids, doc_lines, lengths, sources, doc_hashes, url_hashes = [], [], [], [], [], []
-    texts, lines_per_doc = [], []
+    texts = []  # (paragraph mode) lines are split and hashed for the whole shard at once
     want_paragraphs = "paragraph" in task.modes
     for line, doc in read_documents(task.doc_path, report, task.strict):
         text = doc["text"]
@@ -265,9 +281,8 @@ def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | No
         if "url" in task.modes:
             url = _get_path(doc, task.url_key)
             url_hashes.append(xxhash.xxh3_128_intdigest(url.encode()) if isinstance(url, str) and url else None)
-        if want_paragraphs:  # lines are split and hashed for the whole shard at once below
+        if want_paragraphs:
             texts.append(text)
-            lines_per_doc.append(text.count("\n") + 1)
         if minhash is not None:
             minhash.add(text)
         progress(1)
@@ -279,26 +294,48 @@ def _read_and_fingerprint(task: FingerprintTask, minhash: ShardFingerprints | No
         "truncated": [str(t) for t in report.truncated],
     }
     if want_paragraphs:
-        result.update(_paragraph_table("\n".join(texts).split("\n") if texts else [], lines_per_doc, lengths))
+        result.update(_paragraph_table(texts, lengths))
     else:
         empty = np.zeros(0, dtype=np.int64)
         result.update(para_doc=empty, para_start=empty, para_end=empty, para_hash=np.zeros(0, dtype=np.uint64))
     return result
 
 
-def _paragraph_table(lines: list[str], lines_per_doc: list[int], doc_lengths: list[int]) -> dict:
-    """Non-blank lines of a shard (every document's lines back to back): owning document, [start, end) with the
-    newline, and hash."""
-    length = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
-    doc = np.repeat(np.arange(len(lines_per_doc), dtype=np.int64), lines_per_doc)
+_VISIBLE_BYTE = np.array([b < 128 and not chr(b).isspace() for b in range(256)])  # ASCII, not `str.isspace`
+
+
+def _paragraph_table(texts: list[str], doc_lengths: list[int]) -> dict:
+    """Non-blank lines of a shard's documents: owning document, [start, end) in characters with the newline,
+    and the xxh3-64 hash of the line's UTF-8 bytes. The documents are joined by newlines and measured as one
+    byte array, so only splitting and hashing touch each line from Python."""
+    joined = "\n".join(texts)
+    data = joined.encode()
+    raw = np.frombuffer(data, dtype=np.uint8)
+    newline = np.flatnonzero(raw == 10)
+    first_byte, end_byte = np.r_[0, newline + 1], np.r_[newline, len(data)]  # line i: [first_byte, end_byte)
+    lines = data.split(b"\n")
+    # a line that starts or ends with a visible ASCII character is not blank; the others are checked whole
+    keep = np.zeros(len(lines), dtype=bool)
+    filled = np.flatnonzero(end_byte > first_byte)
+    visible = _VISIBLE_BYTE[raw[first_byte[filled]]] | _VISIBLE_BYTE[raw[end_byte[filled] - 1]]
+    keep[filled[visible]] = True
+    unsure = filled[~visible]
+    keep[unsure] = [not lines[i].decode().isspace() for i in unsure.tolist()]
+    line_offset, length = first_byte, end_byte - first_byte
+    if not joined.isascii():  # in characters: less the continuation bytes of multi-byte characters
+        high = np.flatnonzero(raw >= 0x80)
+        continuation = high[(raw[high] & 0xC0) == 0x80]
+        before = np.searchsorted(continuation, first_byte)  # a line ends where the next begins, less its newline
+        line_offset, length = first_byte - before, length - (np.r_[before[1:], len(continuation)] - before)
+    line_offset, length = line_offset[keep], length[keep]
     doc_length = np.array(doc_lengths, dtype=np.int64)
-    # every line takes length + 1 (its newline, real or not), so each document takes doc_length + 1
-    doc_offset = np.concatenate(([0], np.cumsum(doc_length + 1)[:-1]))
-    start = np.cumsum(length + 1) - (length + 1) - doc_offset[doc]
+    doc_offset = np.cumsum(doc_length + 1) - (doc_length + 1)  # each document and its joining newline
+    doc = np.searchsorted(doc_offset, line_offset, side="right") - 1
+    start = line_offset - doc_offset[doc]
     end = np.minimum(start + length + 1, doc_length[doc])
-    keep = (length > 0) & ~np.fromiter(map(str.isspace, lines), dtype=bool, count=len(lines))
-    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, map(str.encode, lines)), dtype=np.uint64, count=len(lines))
-    return {"para_doc": doc[keep], "para_start": start[keep], "para_end": end[keep], "para_hash": hashes[keep]}
+    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, compress(lines, keep.tolist())), dtype=np.uint64,
+                         count=len(doc))
+    return {"para_doc": doc, "para_start": start, "para_end": end, "para_hash": hashes}
 
 
 # ---------------------------------------------------------------- state and the ordered pass
@@ -448,65 +485,59 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _paragraph_duplicates(fp: dict, state: DedupState, read_only: bool) -> np.ndarray:
     """Boolean per paragraph, with sequential check-then-insert semantics, vectorised over the shard."""
-    hashes = fp["para_hash"]
-    if len(hashes) == 0:
-        return np.zeros(0, dtype=bool)
-    _, first = np.unique(hashes, return_index=True)
-    is_first = np.zeros(len(hashes), dtype=bool)
-    is_first[first] = True
-    duplicate = ~is_first
-    first_hashes = hashes[is_first]
-    seen = state.bloom.contains(first_hashes) if read_only else state.bloom.insert(first_hashes)
-    duplicate[np.flatnonzero(is_first)[seen]] = True
-    return duplicate
+    return state.bloom.insert(fp["para_hash"], read_only)
+
+
+def _seen_before(keys: list, seen: set, read_only: bool) -> list[bool]:
+    """Per key, in order: whether `seen` holds it, which then adds it (unless `read_only`); None is never seen."""
+    out = []
+    for key in keys:
+        dup = key is not None and key in seen
+        if key is not None and not dup and not read_only:
+            seen.add(key)
+        out.append(dup)
+    return out
+
+
+def _encoded_spans(doc: np.ndarray, start: np.ndarray, end: np.ndarray, documents: int) -> list[bytes]:
+    """Per document, the JSON of its spans `[[start,end,1.0],...]` as `orjson` writes it (`doc` ascending)."""
+    encoded = [b"[]"] * documents
+    bounds = np.searchsorted(doc, np.arange(documents + 1))
+    pairs = np.stack([start, end], axis=1)
+    for i in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+        # [[s,e],[s,e]] -> [[s,e,1.0],[s,e,1.0]]
+        encoded[i] = orjson.dumps(pairs[bounds[i]:bounds[i + 1]], option=orjson.OPT_SERIALIZE_NUMPY)[:-1].replace(
+            b"]", b",1.0]") + b"]"
+    return encoded
 
 
 def _absorb(fp: dict, state: DedupState, config: DedupConfig, writer: AttributeWriter, flags: np.ndarray) -> dict:
-    """Check and insert one shard's documents in order (doc, url, paragraph), write its attribute file, and
-    set `flags[i]` for each document those modes mark as a whole."""
-    key = config.name
+    """Check and insert one shard's documents (doc, url, paragraph: each in document order), write its
+    attribute file, and set `flags[i]` for each document those modes mark as a whole."""
     n = len(fp["ids"])
     modes = config.modes
-    para_dup = _paragraph_duplicates(fp, state, config.read_only) if "paragraph" in modes else None
-    stats = {"documents": n, "duplicate_docs": 0, "duplicate_urls": 0,
-             "paragraphs": int(len(fp["para_hash"])),
-             "duplicate_paragraphs": int(para_dup.sum()) if para_dup is not None else 0,
-             "text_chars": sum(fp["lengths"]), "duplicate_paragraph_chars": 0}
-    if para_dup is not None:
-        # one list of every duplicate span of the shard (in document order), sliced per document
-        doc, start, end = fp["para_doc"][para_dup], fp["para_start"][para_dup], fp["para_end"][para_dup]
-        spans = [[s, e, 1.0] for s, e in zip(start.tolist(), end.tolist())]
-        bounds = np.searchsorted(doc, np.arange(n + 1)).tolist()
+    stats = {"documents": n, "duplicate_docs": 0, "duplicate_urls": 0, "paragraphs": int(len(fp["para_hash"])),
+             "duplicate_paragraphs": 0, "text_chars": sum(fp["lengths"]), "duplicate_paragraph_chars": 0}
+    columns = []  # per attribute: `"name":value` of every document, encoded
+    for mode, hashes, seen in (("doc", "doc_hashes", state.docs), ("url", "url_hashes", state.urls)):
+        if mode in modes:
+            dup = _seen_before(fp[hashes], seen, config.read_only)
+            stats[f"duplicate_{mode}s"] = sum(dup)
+            flags |= np.array(dup, dtype=bool)
+            name = orjson.dumps(f"{config.name}__duplicate_{mode}") + b":"
+            columns.append([name + (b"[[0,%d,1.0]]" % length if d else b"[]") for d, length in zip(dup, fp["lengths"])])
+    if "paragraph" in modes:
+        dup = _paragraph_duplicates(fp, state, config.read_only)
+        doc, start, end = fp["para_doc"][dup], fp["para_start"][dup], fp["para_end"][dup]
+        stats["duplicate_paragraphs"] = len(doc)
         stats["duplicate_paragraph_chars"] = int((end - start).sum())
-    per_source: dict[str, dict] = {}
-    for i in range(n):
-        length = fp["lengths"][i]
-        attributes: dict[str, list] = {}
-        flagged = False
-        if "doc" in modes:
-            h = fp["doc_hashes"][i]
-            dup = h in state.docs
-            if not dup and not config.read_only:
-                state.docs.add(h)
-            attributes[f"{key}__duplicate_doc"] = [[0, length, 1.0]] if dup else []
-            stats["duplicate_docs"] += dup
-            flagged |= dup
-        if "url" in modes:
-            h = fp["url_hashes"][i]
-            dup = h is not None and h in state.urls
-            if h is not None and not dup and not config.read_only:
-                state.urls.add(h)
-            attributes[f"{key}__duplicate_url"] = [[0, length, 1.0]] if dup else []
-            stats["duplicate_urls"] += dup
-            flagged |= dup
-        if para_dup is not None:
-            attributes[f"{key}__duplicate_paragraphs"] = spans[bounds[i]:bounds[i + 1]]
-        flags[i] = flagged
-        source = per_source.setdefault(fp["sources"][i], {"documents": 0, "duplicate_documents": 0})
-        source["documents"] += 1
-        source["duplicate_documents"] += flagged
-        writer.write(fp["ids"][i], attributes, fp["lines"][i])
-    stats["per_source"] = per_source
+        name = orjson.dumps(f"{config.name}__duplicate_paragraphs") + b":"
+        columns.append([name + spans for spans in _encoded_spans(doc, start, end, n)])
+    for doc_id, line, *values in zip(fp["ids"], fp["lines"], *columns):
+        writer.write_encoded(doc_id, b"{" + b",".join(values) + b"}", line)
+    flagged = Counter(source for source, f in zip(fp["sources"], flags.tolist()) if f)
+    stats["per_source"] = {source: {"documents": count, "duplicate_documents": flagged[source]}
+                           for source, count in Counter(fp["sources"]).items()}
     return stats
 
 
@@ -649,29 +680,62 @@ def _cluster_shards(state: DedupState, config: DedupConfig, earlier: list[str], 
 
 
 def _substring_shards(config: DedupConfig, order: list[str], shards: dict[str, dict], records: dict) -> dict:
-    """Find repeated substrings over the texts of `order` (every shard of the run, in source order)."""
+    """Find repeated substrings over the texts of `order` (every shard of the run, in source order). When they
+    pass `substring.max_text_mb`, consecutive shards form groups of at most half of it, and each group is
+    searched paired with every earlier one (`repeated_spans`): k groups take 1 + k (k - 1) / 2 suffix arrays."""
     limit = config.substring.max_text_mb * 2 ** 20
-    texts: list[bytes] = []
-    bounds = {}
     report = ReadReport()
+
+    def texts_of(paths: list[str]) -> list[bytes]:
+        return [doc["text"].encode() for path in paths for _, doc in read_documents(path, report, config.input.strict)]
+
+    held, sizes, documents = {}, {}, {}
     text_bytes = 0
     for path in order:
-        start = len(texts)
-        texts.extend(doc["text"].encode() for _, doc in read_documents(path, report, config.input.strict))
-        bounds[path] = (start, len(texts))
-        text_bytes += sum(map(len, texts[start:]))
-        if text_bytes > limit:
-            raise LmforgeError(f"substring dedup: the text of this run's shards passes substring.max_text_mb="
-                               f"{config.substring.max_text_mb:g} at {path}; dedup fewer shards per run or raise "
-                               "it (the suffix array and its companions take about 14 bytes per byte of text)")
-    spans, removed = repeated_spans(texts, config.substring.min_bytes)
-    for path, shard in shards.items():
-        start, end = bounds[path]
-        shard["substrings"] = spans[start:end]
-        counts = records[path]["counts"]
-        counts["duplicate_substring_spans"] = sum(map(len, shard["substrings"]))
-        counts["duplicate_substring_chars"] = sum(e - s for doc in shard["substrings"] for s, e in doc)
-    return {"min_bytes": config.substring.min_bytes, "text_bytes": text_bytes, "duplicate_substring_bytes": removed}
+        texts = texts_of([path])
+        sizes[path], documents[path] = sum(map(len, texts)), len(texts)
+        text_bytes += sizes[path]
+        if text_bytes <= limit:
+            held[path] = texts
+        else:
+            held.clear()  # measured only, and read again group by group
+    groups = [order] if held else _substring_groups(order, sizes, limit / 2, config.substring.max_text_mb)
+    removed = 0
+    for j, group in enumerate(groups):
+        texts = [t for path in group for t in held[path]] if held else texts_of(group)
+        spans, group_removed = repeated_spans(texts, config.substring.min_bytes,
+                                              (texts_of(earlier) for earlier in groups[:j]))
+        removed += group_removed
+        start = 0
+        for path in group:
+            count = documents[path]
+            if path in shards:
+                shard = shards[path]
+                shard["substrings"] = spans[start:start + count]
+                counts = records[path]["counts"]
+                counts["duplicate_substring_spans"] = sum(map(len, shard["substrings"]))
+                counts["duplicate_substring_chars"] = sum(e - s for doc in shard["substrings"] for s, e in doc)
+            start += count
+    return {"min_bytes": config.substring.min_bytes, "text_bytes": text_bytes,
+            "duplicate_substring_bytes": removed, "groups": len(groups)}
+
+
+def _substring_groups(order: list[str], sizes: dict[str, int], group_limit: float,
+                      max_text_mb: float) -> list[list[str]]:
+    """Consecutive shards, as many as fit in `group_limit` bytes of text."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for path in order:
+        if sizes[path] > group_limit:
+            raise LmforgeError(f"substring dedup: the text of {path} ({sizes[path] / 2 ** 20:.1f} MB) is more than "
+                               f"half of substring.max_text_mb={max_text_mb:g}, what one group may hold when the "
+                               "run is searched in groups; raise it or split the shard")
+        if groups[-1] and size + sizes[path] > group_limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += sizes[path]
+    return groups
 
 
 def _add_whole_corpus_attributes(path: str, shard: dict, name: str, counts: dict) -> None:

@@ -11,12 +11,15 @@ window may begin inside a multi-byte character). The suffix array and the LCP ar
 (libdivsufsort and Kasai's algorithm, in C).
 
 Memory: about 14 bytes per byte of text below 2 GiB (the text, int32 suffix and LCP arrays and a group index),
-twice that above; `max_text_mb` refuses a larger run while reading it, before the arrays are built.
+twice that above. A run whose text passes `max_text_mb` is searched in groups of consecutive shards of at most
+half of it, each paired with every earlier group in an array of its own (`repeated_spans(..., earlier=...)`):
+the same bytes are marked, k groups take 1 + k (k - 1) / 2 arrays, and a single shard over half the limit is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -30,7 +33,7 @@ class SubstringConfig:
     """`substring:` of `data dedup`."""
 
     min_bytes: int = 500
-    max_text_mb: float = 4096.0  # the text of one run; the arrays take about 13 bytes per byte more
+    max_text_mb: float = 4096.0  # text held at once; the arrays take about 13 bytes per byte more
 
     def __post_init__(self) -> None:
         self.validate()
@@ -40,13 +43,36 @@ class SubstringConfig:
         require(self.max_text_mb > 0, "max_text_mb", self.max_text_mb, "must be positive")
 
 
-def repeated_spans(texts: list[bytes], min_bytes: int) -> tuple[list[list[list[int]]], int]:
+def repeated_spans(texts: list[bytes], min_bytes: int,
+                   earlier: Iterable[list[bytes]] = ()) -> tuple[list[list[list[int]]], int]:
     """Per document: the [start, end) character spans of its text that repeat an earlier substring of at least
-    `min_bytes` bytes (earlier: in an earlier document, or earlier in the same one); and the bytes removed."""
+    `min_bytes` bytes (earlier: in an earlier document, or earlier in the same one); and the bytes removed.
+
+    `earlier`: groups of texts that precede `texts` in source order but are not held with them. Each is paired
+    with `texts` in a suffix array of its own (the pair's repeats include those within `texts`), and the
+    marked bytes are the union over the pairs: the same as one array over everything, holding two groups at once.
+    """
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    corpus = _joined(texts)
+    covered = None
+    for group in earlier:
+        joined = np.concatenate([_joined(group), corpus])
+        del group  # held while the next group is read otherwise
+        pair = _covered(joined, min_bytes)[len(joined) - len(corpus):]
+        covered = pair if covered is None else covered | pair
+    if covered is None:
+        covered = _covered(corpus, min_bytes)
+    return _character_spans(corpus, covered, lengths), int(np.count_nonzero(covered))
+
+
+def _joined(texts: list[bytes]) -> np.ndarray:
+    return np.frombuffer(bytearray(b"\xff".join(texts) + b"\xff"), dtype=np.uint8)
+
+
+def _covered(corpus: np.ndarray, min_bytes: int) -> np.ndarray:
+    """Per byte: inside a window of `min_bytes` bytes that also starts at an earlier position."""
     from pydivsufsort import divsufsort, kasai
 
-    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-    corpus = np.frombuffer(bytearray(b"\xff".join(texts) + b"\xff"), dtype=np.uint8)
     starts_of_repeats = np.zeros(0, dtype=np.int64)
     if len(corpus) > min_bytes:
         suffixes = divsufsort(corpus)  # int32 below 2 GiB
@@ -62,8 +88,7 @@ def repeated_spans(texts: list[bytes], min_bytes: int) -> tuple[list[list[list[i
         starts_of_repeats = starts_of_repeats[_window_inside_document(corpus, starts_of_repeats, min_bytes)]
     size = len(corpus) + min_bytes + 1
     depth = np.bincount(starts_of_repeats, minlength=size) - np.bincount(starts_of_repeats + min_bytes, minlength=size)
-    covered = np.cumsum(depth[:len(corpus)]) > 0
-    return _character_spans(corpus, covered, lengths), int(np.count_nonzero(covered))
+    return np.cumsum(depth[:len(corpus)]) > 0
 
 
 def _window_inside_document(corpus: np.ndarray, positions: np.ndarray, width: int) -> np.ndarray:
