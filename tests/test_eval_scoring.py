@@ -97,13 +97,15 @@ def test_fp32_loglikelihoods_carry_no_log_softmax_bias_over_a_wide_vocabulary():
     """fp32 logits over 49,152 tokens (SmolLM2's vocabulary) spread as a real model's: each LL (first token
     from the context pass, the rest from the continuation pass) within 1e-5 of the exact (fp64) log-softmax of
     the same fp32 logits. torch's fp32 log_softmax on CPU, the obvious way, is 1e-4 too high on
-    the 24-token continuations here (and 2-7e-6 on the single tokens); ours stays within 5e-6."""
+    the 24-token continuations here (and up to 7e-6 on single tokens); ours stays within 5e-6."""
     stub = BigramStub(16, max_len=64, dtype=torch.float32, output_vocab=49_152, scale=4.0)
     g = torch.Generator().manual_seed(1)
     pairs = [(tuple(torch.randint(16, (3,), generator=g).tolist()),
-              tuple(torch.randint(16, (n,), generator=g).tolist())) for n in (1, 1, 24, 24, 24, 24)]
+              tuple(torch.randint(16, (n,), generator=g).tolist())) for n in (1,) * 8 + (24,) * 4]
     exact = [stub.loglikelihood(c, k) for c, k in pairs]
-    assert loglikelihoods(stub, pairs, batch_size=4).loglikelihoods == pytest.approx(exact, rel=0, abs=1e-5)
+    ours = loglikelihoods(stub, pairs, batch_size=4).loglikelihoods
+    assert ours == pytest.approx(exact, rel=0, abs=1e-5)
+    assert ours[:8] == pytest.approx(exact[:8], rel=0, abs=2e-6)  # a first token alone: log_softmax is 2-7e-6 off
 
 
 class CharTokenizer:
