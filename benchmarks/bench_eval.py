@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--tasks", default=None, help="with --model: comma-separated task names")
     parser.add_argument("--regime", default="olmo1", help="with --model: the tasks' regime")
     parser.add_argument("--ours", default=None, help="with --model: an `lmforge eval --out` directory to compare")
+    parser.add_argument("--softmax-dtype", default="float32", choices=("float32", "float64"),
+                        help="lm-eval's log_softmax dtype; float64 removes the bias of torch's fp32 one on CPU "
+                             "(tests/lmeval_peer.py), leaving only the two forward passes' fp32 differences")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -76,7 +79,7 @@ def main() -> None:
     names = [t.name for t in tasks] + [f"{n}_uncond" for n in pmi]
 
     start = time.perf_counter()
-    peer_ll, peer = run_lm_eval(work / "hf", work, names, max_length, args.batch_size)
+    peer_ll, peer = run_lm_eval(work / "hf", work, names, max_length, args.batch_size, args.softmax_dtype)
     peer_seconds = time.perf_counter() - start
 
     # Both timings are end to end: lm-eval's includes loading the model and its task data, so ours does too.

@@ -62,9 +62,14 @@ def write_task(directory: Path, name: str, instances: list, context: str | None 
                                                         target=target), encoding="utf-8")
 
 
-def run_lm_eval(hf_dir: Path, tasks_dir: Path, names: list[str], max_length: int,
-                batch_size: int = 1) -> tuple[dict[str, list[list[float]]], dict[str, dict]]:
-    """Per-choice log-likelihoods per task (instances in order) and lm-eval's metrics per task (fp32, no BOS)."""
+def run_lm_eval(hf_dir: Path, tasks_dir: Path, names: list[str], max_length: int, batch_size: int = 1,
+                softmax_dtype: str = "float32") -> tuple[dict[str, list[list[float]]], dict[str, dict]]:
+    """Per-choice log-likelihoods per task (instances in order) and lm-eval's metrics per task (fp32, no BOS).
+
+    `softmax_dtype` is lm-eval's own option for its log_softmax over the fp32 logits. "float64" makes that
+    step exact: in fp32 torch's CPU log_softmax overestimates every token's log-probability (by 8e-6 on
+    average over SmolLM2's 49,152-token vocabulary), so a 50-token continuation's LL drifts by 4e-4; lmforge
+    takes logsumexp, which has no such bias (`lmforge.eval.scoring.token_logprobs`)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
@@ -72,7 +77,7 @@ def run_lm_eval(hf_dir: Path, tasks_dir: Path, names: list[str], max_length: int
 
     out = simple_evaluate(
         model="hf", tasks=names, batch_size=batch_size, device="cpu", log_samples=True,
-        model_args=f"pretrained={hf_dir},dtype=float32,add_bos_token=False,softmax_dtype=float32,"
+        model_args=f"pretrained={hf_dir},dtype=float32,add_bos_token=False,softmax_dtype={softmax_dtype},"
                    f"max_length={max_length}",
         task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
     per_choice = {}

@@ -68,7 +68,7 @@ SUBSTITUTIONS = [
     (r"step00000150", "step00000004", "the tiny run checkpoints at steps 2 and 4"),
     (r"--step (10|100|1200)\b", "--step 2", "the tiny runs have 4 steps"),
     (r"--limit \d+", "--limit 4", "4 items per task"),
-    (r"--instances \d+", "--instances 4", "4 items per task, as the evaluation it compares with"),
+    (r"--instances \d+", "--instances 4", "4 items per task, as the `--limit 4` of the eval it compares with"),
     (r"^(lmforge eval (?!.*--limit).*)$", r"\1 --limit 4", "4 items per task (a whole suite takes hours on CPU)"),
     (r"--expected-paragraphs \d+", "--expected-paragraphs 100000", "a Bloom filter for 50M paragraphs is 180 MB"),
     (r"--vocab-size 4096 --out quickstart/tokenizer", "--vocab-size 512 --out quickstart/tokenizer",

@@ -29,7 +29,7 @@ import torch
 
 from lmforge.core.errors import LmforgeError
 from lmforge.curation.documents import ReadReport, read_documents, strip_suffix, text_bytes
-from lmforge.eval.scoring import at_least_fp32, logits_at
+from lmforge.eval.scoring import logits_at, token_logprobs
 from lmforge.tokens.tokenizer import encode_stream
 
 
@@ -91,9 +91,9 @@ def window_loglikelihoods(model, sequences: list[np.ndarray], windows: list[Wind
         # head runs on the predicted positions only.
         scored = scored.to(device)
         with logits_at(model, lambda h: h[scored]):
-            logits = at_least_fp32(model(ids.to(device)))
+            logits = model(ids.to(device))
         picked = targets.to(device)[scored]
-        logprobs = (logits.gather(-1, picked[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double().cpu()
+        logprobs = token_logprobs(logits, picked).double().cpu()
         offsets = np.cumsum([0] + [w.n_predicted for w in batch])
         for r, i in enumerate(order[s:s + batch_size]):
             out[i] = float(logprobs[offsets[r]:offsets[r + 1]].sum())
