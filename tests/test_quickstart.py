@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import requires_olmo_tokenizer
+from conftest import requires_olmo_tokenizer, requires_smollm2
 
 from lmforge.curation.documents import DocumentWriter
 
@@ -232,3 +232,111 @@ def test_user_documents_are_split_by_id_and_keep_their_sources(tmp_path):
     assert counts["web"]["documents"] + counts["docs"]["documents"] == len(train)
     small, _, _ = user_documents([str(path)], raw_bytes=6000, heldout_bytes=10**9)
     assert 0 < len(small) < len(train) and [d["id"] for d in small] == [d["id"] for d in train[:len(small)]]
+
+
+def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
+    """Hand-worked: the anneals at the measured speed and the later stages at their planned cost times the
+    slowdown come off the time left; the rest buys stage-1 steps at the measured speed."""
+    from lmforge.recipes.plan import affordable_stage1_steps, fixed_plan
+
+    plan = fixed_plan(10, 4096, 100, 10**6, 10)
+    plan.anneal_runs, plan.anneal_steps, plan.later_seconds, plan.adapt_seconds = 2, 10, 30.0, 20.0
+    plan.seconds_per_step = 1.0
+    # Twice as slow as planned: anneals 20 x 2 s, later stages (30 + 20) x 2: 140 s of the 200 left.
+    assert affordable_stage1_steps(plan, 200.0, 2.0) == 30
+    assert affordable_stage1_steps(plan, 139.0, 2.0) == 0
+    # Faster than planned: no credit for the later stages (slowdown at least 1): 20 x 0.5 + 50 = 60 s.
+    assert affordable_stage1_steps(plan, 200.0, 0.5) == 280
+    plan.seconds_per_step = 0.0  # no probe, no deadline
+    assert affordable_stage1_steps(plan, 0.0, 5.0) == plan.stage1_steps
+
+
+def test_the_adapt_stage_is_planned_inside_the_budget():
+    from lmforge.recipes.plan import ADAPT_MAX_SHARE, make_plan
+
+    quiet = lambda *a: None  # noqa: E731
+    without = make_plan(12, 4096, 0.0, throughput=20_000, adapt=False, log=quiet)
+    adapting = make_plan(12, 4096, 0.0, throughput=20_000, adapt=True, log=quiet)
+    assert without.adapt_seconds == 0 and without.adapt_note == "skipped: --no-adapt"
+    assert 0 < adapting.adapt_seconds <= ADAPT_MAX_SHARE * 12 * 60 and adapting.adapt_note == ""
+    # The rest of the budget is planned as before, on what the adaptation leaves.
+    assert adapting.later_seconds == pytest.approx(without.later_seconds * (1 - adapting.adapt_seconds / 720), abs=0.1)
+    assert adapting.probe[0]["tokens"] < without.probe[0]["tokens"]
+    # A budget the adaptation would mostly eat skips it and says what would fit.
+    short = make_plan(5, 4096, 0.0, throughput=2_000, adapt=True, log=quiet)
+    assert short.adapt_seconds == 0 and short.adapt_note.startswith("skipped: adapting smollm2-135m takes about")
+    assert "give --minutes" in short.adapt_note
+
+
+def test_python_lines_counts_the_lines_that_keep_a_sample_valid_python():
+    from lmforge.recipes.quickstart import python_lines
+
+    # Hand-checked: the call's bracket stays open over two lines (valid so far), "foo bar" is not Python, and
+    # the last line, cut mid-way, is not counted.
+    completion = "    return x\n\n\ndef g(y):\n    return (y +\n        1)\nfoo bar\nx = 1"
+    assert python_lines("def f(x):\n", completion) == {"lines": 7, "python_lines": 6}
+    assert python_lines("def f(x):\n", " for\n\ned.\n") == {"lines": 3, "python_lines": 0}
+    # A prompt that ends mid-line: the completion's first line finishes the prompt's.
+    assert python_lines('class Stack:\n    """', 'A stack."""\n    def push(self, x):\n') == \
+        {"lines": 2, "python_lines": 2}
+
+
+def test_the_adaptation_section_shows_the_files_numbers(tmp_path):
+    from lmforge.recipes.report import Doc, adaptation_section
+
+    doc = Doc()
+    adaptation_section(doc, tmp_path, None, {"note": "skipped: --no-adapt"})
+    assert "not adapted in this run: skipped: --no-adapt." in doc.markdown()
+
+    def answers(accuracy: float, completions: list[str]) -> dict:
+        items = [{"prompt": f"Calculate {i} + 1 =", "answer": str(i + 1), "completion": c,
+                  "chat": f"<|im_start|>user\nCalculate {i} + 1 =<|im_end|>\n<|im_start|>assistant\n",
+                  "reward": float(c == str(i + 1))} for i, c in enumerate(completions)]
+        return {"items_scored": len(items), "accuracy": accuracy, "mean_reward": accuracy, "items": items}
+
+    (tmp_path / "adapt" / "sft").mkdir(parents=True)
+    (tmp_path / "adapt" / "before.json").write_text(json.dumps(answers(0.25, ["To | calculate", "2", "x", "y"])))
+    (tmp_path / "adapt" / "after.json").write_text(json.dumps(answers(0.75, ["1", "2", "3", "5"])))
+    (tmp_path / "adapt" / "sft" / "manifest.json").write_text(json.dumps({"counts": {"steps": 12}}))
+    doc = Doc()
+    adaptation_section(doc, tmp_path, None, {})
+    report = doc.markdown()
+    rows = table_with(report, ["model", "accuracy", "mean reward", "items", "file"])
+    assert [(r[1], r[2], r[3]) for r in rows] == [("0.250", "0.250", "4"), ("0.750", "0.750", "4")]
+    assert rows[1][0] == "after 12 SFT steps"
+    assert "<|im_start|>user\nCalculate 0 + 1 =<|im_end|>\n<|im_start|>assistant\nTo | calculate\n" in report
+    answers_table = table_with(report, ["question", "gold", "before", "after"])
+    assert answers_table[0] == ["Calculate 0 + 1 =", "1", "To \\| calculate", "1"]
+
+
+@requires_smollm2
+@pytest.mark.slow
+def test_smollm2_answers_held_out_arithmetic_scored_by_the_reward(tmp_path):
+    """The adapt stage's pieces on the real model: the split keeps held-out items out of the SFT records, and
+    each answer's reward is 1 exactly when its last integer is the gold answer (checked here with a regex)."""
+    pytest.importorskip("gguf", reason="GGUF import needs the gguf package")
+    from lmforge.model.gguf_file import import_gguf
+    from lmforge.recipes.adaptation import answer_heldout, smollm2_gguf, split_records
+    from lmforge.adapt.rlvr_data import basic_arithmetic_records, write_records
+
+    import xxhash
+
+    records = basic_arithmetic_records()
+    write_records(records, tmp_path / "all.jsonl")
+    trained, held = split_records(tmp_path / "all.jsonl", tmp_path / "train.jsonl", tmp_path / "heldout.jsonl", 6)
+    held_out = [r for r in records if xxhash.xxh3_64_intdigest(r["id"].encode()) % 20 == 0]
+    assert held == 6 and trained == len(records) - len(held_out)
+    train_prompts = [json.loads(line)["prompt"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(train_prompts) == trained
+    assert [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()] == held_out[:6]
+    assert not {r["id"] for r in held_out} & {r["id"] for r in records if r["prompt"] in train_prompts
+                                               and r not in held_out}
+
+    import_gguf(smollm2_gguf(), tmp_path / "start")
+    scored = answer_heldout(tmp_path / "start", tmp_path / "heldout.jsonl", 24)
+    assert scored["items_scored"] == 6
+    for item, record in zip(scored["items"], held_out):
+        assert item["chat"] == f"<|im_start|>user\n{record['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+        numbers = re.findall(r"-?\d+(?:\.\d+)?", item["completion"].replace(",", ""))
+        assert item["reward"] == float(bool(numbers) and float(numbers[-1]) == float(record["answer"]))
+    assert scored["accuracy"] == sum(i["reward"] for i in scored["items"]) / 6
