@@ -84,6 +84,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert last[0].startswith("held-out bits per byte: ") and last[-1].startswith(f"report: {out / 'report.md'}")
     report = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
+    plan = read(out, "plan.json")["plan"]
 
     # Figures: real PNGs that decode, linked from the Markdown and inlined byte for byte in the HTML.
     import matplotlib.image
@@ -161,11 +162,19 @@ def test_quickstart_end_to_end(tmp_path):
         assert number(n)[0] == len(predictions)
 
     # The plan's numbers as the plan file has them; the lineage section is still there.
-    plan = read(out, "plan.json")["plan"]
     assert f"{plan['parameters']:,} parameters" in report and f"{plan['training_tokens']:,} training tokens" in report
     lineage = (out / "logs" / "lineage.txt").read_text().strip()
     assert "## Lineage" in report and lineage and lineage[:300] in report
-    assert len(read(out, "samples.json")["samples"]) == 4
+    samples = read(out, "samples.json")["samples"]
+    assert len(samples) == 4 and all(0 <= s["python_lines"] <= s["lines"] for s in samples)
+    assert "SmolLM2-135M-Instruct was not adapted in this run: skipped: --no-adapt." in report
+
+    # Stage 1 stopped where the budget said: the run trained the steps budget.json records, in chunks.
+    budget = read(out, "budget.json")
+    assert read(out, "run/manifest.json")["counts"]["steps"] == budget["stage1_steps"]
+    assert budget["ended_early"] == (budget["stage1_steps"] < plan["stage1_steps"])
+    tokens = sum(read(out, f"{name}/manifest.json")["counts"]["tokens"] for name in ("run", "anneal-1", "anneal-2"))
+    assert last[1].startswith(f"model: {plan['parameters']:,} parameters trained on {tokens:,} tokens")
 
     # The Hugging Face export loads in transformers and computes lmforge's logits.
     import torch
@@ -311,32 +320,46 @@ def test_the_adaptation_section_shows_the_files_numbers(tmp_path):
 
 @requires_smollm2
 @pytest.mark.slow
-def test_smollm2_answers_held_out_arithmetic_scored_by_the_reward(tmp_path):
-    """The adapt stage's pieces on the real model: the split keeps held-out items out of the SFT records, and
-    each answer's reward is 1 exactly when its last integer is the gold answer (checked here with a regex)."""
+def test_the_adapt_stage_scores_smollm2_before_and_after_sft(tmp_path):
+    """The quickstart's adapt stage on the real model (one SFT step): held-out items stay out of the SFT
+    records, each answer's reward is 1 exactly when its last number is the gold answer (checked here with a
+    regex), and the report's section shows the files' numbers with its figure."""
     pytest.importorskip("gguf", reason="GGUF import needs the gguf package")
-    from lmforge.model.gguf_file import import_gguf
-    from lmforge.recipes.adaptation import answer_heldout, smollm2_gguf, split_records
-    from lmforge.adapt.rlvr_data import basic_arithmetic_records, write_records
-
     import xxhash
 
-    records = basic_arithmetic_records()
-    write_records(records, tmp_path / "all.jsonl")
-    trained, held = split_records(tmp_path / "all.jsonl", tmp_path / "train.jsonl", tmp_path / "heldout.jsonl", 6)
-    held_out = [r for r in records if xxhash.xxh3_64_intdigest(r["id"].encode()) % 20 == 0]
-    assert held == 6 and trained == len(records) - len(held_out)
-    train_prompts = [json.loads(line)["prompt"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert len(train_prompts) == trained
-    assert [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()] == held_out[:6]
-    assert not {r["id"] for r in held_out} & {r["id"] for r in records if r["prompt"] in train_prompts
-                                               and r not in held_out}
+    from lmforge.adapt.rlvr_data import basic_arithmetic_records
+    from lmforge.core.files import atomic_write_json
+    from lmforge.recipes.plan import ADAPT_HELDOUT, fixed_plan
+    from lmforge.recipes.quickstart import Quickstart, parse_args
+    from lmforge.recipes.report import Doc, _pyplot, adaptation_section
 
-    import_gguf(smollm2_gguf(), tmp_path / "start")
-    scored = answer_heldout(tmp_path / "start", tmp_path / "heldout.jsonl", 24)
-    assert scored["items_scored"] == 6
-    for item, record in zip(scored["items"], held_out):
-        assert item["chat"] == f"<|im_start|>user\n{record['prompt']}<|im_end|>\n<|im_start|>assistant\n"
-        numbers = re.findall(r"-?\d+(?:\.\d+)?", item["completion"].replace(",", ""))
-        assert item["reward"] == float(bool(numbers) and float(numbers[-1]) == float(record["answer"]))
-    assert scored["accuracy"] == sum(i["reward"] for i in scored["items"]) / 6
+    out = tmp_path / "qs"
+    stage = Quickstart(parse_args(["--out", str(out), "--adapt-steps", "1"]))
+    plan = fixed_plan(5, 4096, 40, 10**6, 10)
+    atomic_write_json(out / "plan.json", {"options": stage.options(), "plan": plan.to_json()})
+    assert stage.adapt_stage() is None
+
+    records = basic_arithmetic_records()
+    held_out = [r for r in records if xxhash.xxh3_64_intdigest(r["id"].encode()) % 20 == 0]
+    assert read(out, "adapt/heldout.jsonl") == held_out[:ADAPT_HELDOUT]
+    assert read(out, "adapt/train.jsonl") == [{"prompt": r["prompt"], "completion": r["answer"]}
+                                              for r in records if r not in held_out]
+    for name in ("before", "after"):
+        scored = read(out, f"adapt/{name}.json")
+        assert scored["items_scored"] == ADAPT_HELDOUT
+        for item, record in zip(scored["items"], held_out):
+            assert item["chat"] == f"<|im_start|>user\n{record['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+            numbers = re.findall(r"-?\d+(?:\.\d+)?", item["completion"].replace(",", ""))
+            assert item["reward"] == float(bool(numbers) and float(numbers[-1]) == float(record["answer"]))
+        assert scored["accuracy"] == pytest.approx(sum(i["reward"] for i in scored["items"]) / ADAPT_HELDOUT)
+    assert read(out, "adapt/sft/manifest.json")["counts"]["steps"] == 1
+    assert not (out / "adapt" / "sft" / "checkpoints").exists() and (out / "adapt" / "sft" / "model").is_dir()
+
+    doc = Doc()
+    adaptation_section(doc, out, _pyplot(), {})
+    rows = table_with(doc.markdown(), ["model", "accuracy", "mean reward", "items", "file"])
+    for row, name in zip(rows, ("before", "after")):
+        scored = read(out, f"adapt/{name}.json")
+        assert abs(number(row[1])[0] - scored["accuracy"]) <= number(row[1])[1]
+        assert abs(number(row[2])[0] - scored["mean_reward"]) <= number(row[2])[1]
+    assert (out / "figures" / "adapt.png").read_bytes().startswith(PNG_SIGNATURE)
