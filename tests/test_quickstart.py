@@ -260,6 +260,23 @@ def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
     assert affordable_stage1_steps(plan, 0.0, 5.0) == plan.stage1_steps
 
 
+def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_path):
+    from lmforge.core.files import atomic_write_json
+    from lmforge.recipes.plan import fixed_plan
+    from lmforge.recipes.quickstart import Quickstart, parse_args
+
+    stage = Quickstart(parse_args(["--out", str(tmp_path), "--minutes", "5"]))
+    plan = fixed_plan(5, 4096, 40, 10**6, 10)
+    plan.seconds_per_step, plan.adapt_seconds, plan.later_seconds = 1.0, 100.0, 50.0
+    atomic_write_json(tmp_path / "plan.json", {"options": stage.options(), "plan": plan.to_json()})
+    # 300 s of budget: at 3x slower the adaptation needs 300 s and the later stages 150 of them.
+    atomic_write_json(tmp_path / "budget.json", {"slowdown": 3.0})
+    assert stage.adapt_does_not_fit() == ("skipped: this machine runs 3.0 times slower than the probe planned "
+                                          "for; adapting would take about 5.0 minutes, and 2.5 are left for it")
+    atomic_write_json(tmp_path / "budget.json", {"slowdown": 1.0})  # 100 s of the 250 left
+    assert stage.adapt_does_not_fit() == ""
+
+
 def test_the_adapt_stage_is_planned_inside_the_budget():
     from lmforge.recipes.plan import ADAPT_MAX_SHARE, make_plan
 

