@@ -173,6 +173,9 @@ def test_quickstart_end_to_end(tmp_path):
     budget = read(out, "budget.json")
     assert read(out, "run/manifest.json")["counts"]["steps"] == budget["stage1_steps"]
     assert budget["ended_early"] == (budget["stage1_steps"] < plan["stage1_steps"])
+    assert 1 <= budget["anneal_steps"] <= plan["anneal_steps"]
+    for name in ("anneal-1", "anneal-2"):
+        assert read(out, f"{name}/manifest.json")["counts"]["steps"] == budget["anneal_steps"]
     tokens = sum(read(out, f"{name}/manifest.json")["counts"]["tokens"] for name in ("run", "anneal-1", "anneal-2"))
     assert last[1].startswith(f"model: {plan['parameters']:,} parameters trained on {tokens:,} tokens")
 
@@ -246,7 +249,7 @@ def test_user_documents_are_split_by_id_and_keep_their_sources(tmp_path):
 def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
     """Hand-worked: the anneals at the measured speed and the later stages at their planned cost times the
     slowdown come off the time left; the rest buys stage-1 steps at the measured speed."""
-    from lmforge.recipes.plan import affordable_stage1_steps, fixed_plan
+    from lmforge.recipes.plan import affordable_anneal_steps, affordable_stage1_steps, fixed_plan
 
     plan = fixed_plan(10, 4096, 100, 10**6, 10)
     plan.anneal_runs, plan.anneal_steps, plan.later_seconds, plan.adapt_seconds = 2, 10, 30.0, 20.0
@@ -256,8 +259,14 @@ def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
     assert affordable_stage1_steps(plan, 139.0, 2.0) == 0
     # Faster than planned: no credit for the later stages (slowdown at least 1): 20 x 0.5 + 50 = 60 s.
     assert affordable_stage1_steps(plan, 200.0, 0.5) == 280
+    # The anneals, when stage 1 already took too long: (200 - 100) s at 2 s per step over 2 anneals = 25 steps,
+    # at most the plan's 10, at least one.
+    assert affordable_anneal_steps(plan, 200.0, 2.0) == 10
+    assert affordable_anneal_steps(plan, 120.0, 2.0) == 5
+    assert affordable_anneal_steps(plan, 50.0, 2.0) == 1
     plan.seconds_per_step = 0.0  # no probe, no deadline
     assert affordable_stage1_steps(plan, 0.0, 5.0) == plan.stage1_steps
+    assert affordable_anneal_steps(plan, 0.0, 5.0) == plan.anneal_steps
 
 
 def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_path):

@@ -10,7 +10,8 @@ model against fewer tokens. The corpus is sized so stage 1 reads it about once. 
 The budget holds when the machine slows down after the probe: stage 1 runs in chunks, and before each the
 quickstart asks `affordable_stage1_steps` how many steps the time left affords at the speed just measured,
 after the anneals at that speed and the later stages at their planned cost scaled by the same slowdown;
-stage 1 ends early when the answer runs out (the anneals and the soup always run).
+stage 1 ends early when the answer runs out. The anneals are shortened the same way if they would not fit,
+but always run, as does the soup.
 
 Adapting SmolLM2-135M-Instruct is a fixed amount of work (a short SFT and two scorings of held-out items); its
 time is estimated from the probe's FLOP rate and taken out of the budget before the rest is planned.
@@ -147,16 +148,29 @@ def adapt_seconds(flops_per_second: float) -> float:
     return ADAPT_FIXED_SECONDS + (training + answering) / (flops_per_second * ADAPT_FLOP_EFFICIENCY)
 
 
+def later_stages_seconds(plan: Plan, seconds_per_step: float) -> float:
+    """The stages after training (adaptation included) at their planned cost, scaled by the slowdown that
+    `seconds_per_step` (measured now) shows against the plan; never less than planned."""
+    slowdown = max(1.0, seconds_per_step / plan.seconds_per_step)
+    return slowdown * (plan.later_seconds + plan.adapt_seconds)
+
+
 def affordable_stage1_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:
     """Stage-1 steps the time left affords at `seconds_per_step` (measured now): what remains after the anneals
-    at that speed and the later stages (adaptation included) at their planned cost, scaled by the slowdown
-    against the plan. A plan without a probe has no deadline."""
+    at that speed and the later stages. A plan without a probe has no deadline."""
     if plan.seconds_per_step <= 0:
         return plan.stage1_steps
-    slowdown = max(1.0, seconds_per_step / plan.seconds_per_step)
-    after = plan.anneal_runs * plan.anneal_steps * seconds_per_step + slowdown * (plan.later_seconds +
-                                                                                 plan.adapt_seconds)
+    after = plan.anneal_runs * plan.anneal_steps * seconds_per_step + later_stages_seconds(plan, seconds_per_step)
     return max(0, int((seconds_left - after) / seconds_per_step))
+
+
+def affordable_anneal_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:
+    """Steps per anneal (at most the plan's) the time left affords at `seconds_per_step` after the later
+    stages; at least one, so the anneals and the soup always run."""
+    if plan.seconds_per_step <= 0:
+        return plan.anneal_steps
+    spare = seconds_left - later_stages_seconds(plan, seconds_per_step)
+    return max(1, min(plan.anneal_steps, int(spare / (plan.anneal_runs * seconds_per_step))))
 
 
 def predicted_loss(non_embedding: int, tokens: float) -> float:

@@ -39,7 +39,8 @@ from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.recipes import corpus
 from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_NEW_TOKENS, MIN_EVAL_LIMIT, STAGE1_CHUNKS,
-                                  affordable_stage1_steps, fixed_plan, make_plan, plan_from_json)
+                                  affordable_anneal_steps, affordable_stage1_steps, fixed_plan, make_plan,
+                                  plan_from_json)
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
 CODE_TAGGERS = "gopher,c4,pii,langid,code"
@@ -323,14 +324,24 @@ class Quickstart:
             f"metrics.log_interval={max(1, p.stage1_steps // 40)}"])
         self.lmforge(["train", str(config)])
 
-    def anneal_stage(self) -> None:
+    def anneal_stage(self) -> str | None:
+        """The anneals, each of the plan's steps or of fewer when the budget (re-checked at stage 1's last
+        measured speed) does not afford them; the decision is kept in `DIR/budget.json` for a rerun."""
         p = self.plan
+        budget = read_json(self.out / "budget.json")
+        if "anneal_steps" not in budget:
+            budget["anneal_steps"] = affordable_anneal_steps(p, self.seconds_left(), budget["seconds_per_step"])
+            atomic_write_json(self.out / "budget.json", budget)
+        steps = budget["anneal_steps"]
         for run in range(1, p.anneal_runs + 1):
             config = write_config("train/quickstart_anneal.yaml", self.out, self.out / "configs" / f"anneal-{run}.yaml",
                                   [f"run_dir={self.out / f'anneal-{run}'}", f"data.seed={run}", *self.model_overrides(),
-                                   f"max_steps={p.anneal_steps}", f"checkpoint.interval={max(5, p.anneal_steps // 3)}",
-                                   f"metrics.log_interval={max(1, p.anneal_steps // 10)}"])
+                                   f"max_steps={steps}", f"checkpoint.interval={max(5, steps // 3)}",
+                                   f"metrics.log_interval={max(1, steps // 10)}"])
             self.lmforge(["train", str(config)])
+        if steps < p.anneal_steps:
+            return f"shortened each anneal to {steps} of {p.anneal_steps} steps to keep to the budget"
+        return None
 
     def anneal_runs(self) -> list[str]:
         return [str(self.out / f"anneal-{run}") for run in range(1, self.plan.anneal_runs + 1)]

@@ -397,6 +397,7 @@ def write_report(out: Path) -> Path:
           f"{fmt(budget['seconds_per_step_planned'], 2)} s, a slowdown of {fmt(budget['slowdown'], 2)}); "
           + ("it ended early so that the anneals, the soup and the later stages fit the budget."
              if budget["ended_early"] else "it did not need to end early.")
+          + f" Each anneal trained {fmt(budget['anneal_steps'])} of its {fmt(plan['anneal_steps'])} planned steps."
           + f" The adaptation stage was planned at {fmt(plan['adapt_seconds'], 0)} s.")
 
     # -- data
