@@ -56,6 +56,7 @@ EVAL_TOKENS_PER_INSTANCE = 60  # tokens/s per downstream instance: 100 instances
 MIN_EVAL_LIMIT = 10  # instances per downstream task, however slow the machine
 LATER_SHARE = 0.2  # of the budget: evaluation, baselines, samples, export and the report, at the probe's speed
 STAGE1_CHUNKS = 10  # `lmforge train` calls of stage 1; the budget is re-checked between them
+FIRST_CHUNK_STEPS = 3  # before any check: on a machine far slower than the probe, a planned chunk overruns
 
 # The adapt stage's work: the SFT of configs/adapt/quickstart-sft.yaml on SmolLM2-135M-Instruct, then greedy
 # answers to the held-out items before and after.

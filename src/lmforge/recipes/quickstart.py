@@ -38,9 +38,9 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.recipes import corpus
-from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_NEW_TOKENS, MIN_EVAL_LIMIT, STAGE1_CHUNKS,
-                                  affordable_anneal_steps, affordable_stage1_steps, fixed_plan, make_plan,
-                                  plan_from_json)
+from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_NEW_TOKENS, FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT,
+                                  STAGE1_CHUNKS, affordable_anneal_steps, affordable_stage1_steps, fixed_plan,
+                                  make_plan, plan_from_json)
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
 CODE_TAGGERS = "gopher,c4,pii,langid,code"
@@ -280,13 +280,13 @@ class Quickstart:
         return self.budget_minutes() * 60 - (self.elapsed_before() + time.monotonic() - self.started)
 
     def train_stage(self) -> str | None:
-        """Stage 1 in chunks of `lmforge train` (each resumes the last one's checkpoint; a constant LR makes the
-        chunking invisible to the weights). Before each chunk the budget is re-checked at the speed the last
+        """Stage 1 in chunks of `lmforge train` (each resumes the last one's checkpoint; the LR is a function of
+        the step alone, so the chunking is invisible to the weights). Before each chunk the budget is re-checked at the speed the last
         chunk measured; `DIR/budget.json` records the steps trained and why stage 1 ended."""
         p = self.plan
-        chunk = max(p.warmup_steps, -(-p.stage1_steps // STAGE1_CHUNKS))
+        chunk = -(-p.stage1_steps // STAGE1_CHUNKS)
         done = self.stage1_done()
-        target = min(p.stage1_steps, max(done, 0) + chunk)
+        target = min(p.stage1_steps, done + FIRST_CHUNK_STEPS)  # a short first chunk measures the speed
         seconds_per_step, ended_early = p.seconds_per_step, None
         while True:
             start = time.monotonic()
