@@ -281,8 +281,9 @@ class Quickstart:
 
     def train_stage(self) -> str | None:
         """Stage 1 in chunks of `lmforge train` (each resumes the last one's checkpoint; the LR is a function of
-        the step alone, so the chunking is invisible to the weights). Before each chunk the budget is re-checked at the speed the last
-        chunk measured; `DIR/budget.json` records the steps trained and why stage 1 ended."""
+        the step alone, so the chunking is invisible to the weights). Before each chunk the budget is re-checked
+        at the speed the last chunk measured; `DIR/budget.json` records the steps trained and why stage 1
+        ended."""
         p = self.plan
         chunk = -(-p.stage1_steps // STAGE1_CHUNKS)
         done = self.stage1_done()
