@@ -2,7 +2,7 @@
 its own venv: benchmarks/peers/setup_trl.sh), same model (olmo2-tiny with the OLMo tokenizer, exported to
 transformers for TRL), same records (the arithmetic builders'), same batch, fp32, no gradient accumulation.
 
-    python benchmarks/bench_adapt_cpu.py [--steps 10] [--batch 16] [--threads 2]
+    python benchmarks/bench_adapt_cpu.py [--steps 10] [--batch 16] [--threads 2] [--stages sft,dpo]
 
 Tokens/s counts real (non-padding) tokens of the training steps only: TRL's from the attention masks of the
 batches it trains on, timed around `trainer.train()`; lmforge's from the step times in metrics.jsonl and the
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stages", default="sft,dpo", help="which of sft, dpo to measure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lmforge.adapt.builders import build
@@ -87,6 +88,8 @@ def main() -> None:
     print(f"CPU threads {args.threads}, {args.steps} steps of {args.batch} records, olmo2-tiny + OLMo tokenizer")
     for stage, extra, trl_extra in (("sft", ["loss_reduction=mean"], {}),
                                     ("dpo", ["loss=dpo", "beta=0.1"], {"beta": 0.1, "loss_type": "sigmoid"})):
+        if stage not in args.stages.split(","):
+            continue
         data = str(work / f"{stage}.jsonl")
         seconds = ours(stage, work, data, args.steps, args.batch, extra)
         our_tps = args.steps * args.batch * mean_tokens(stage, data, tokenizer) / seconds

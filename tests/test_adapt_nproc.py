@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+import lmforge
 from adapt_utils import CONVERSATIONS, tiny_model_dir, write_jsonl
 from lmforge.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAINABLE = [c for c in CONVERSATIONS if any(m["role"] == "assistant" and m["content"] for m in c)]
 
 
@@ -34,7 +34,8 @@ def losses(run_dir: Path) -> list[float]:
 def test_two_gloo_processes_log_the_losses_of_one(tmp_path):
     config = tmp_path / "sft.yaml"
     config.write_text("{}\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    source = Path(lmforge.__file__).parents[1]  # the workers run the lmforge this test imported
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])}
     for out, nproc in (("one", []), ("two", ["--nproc", "2"])):
         done = subprocess.run([sys.executable, "-m", "lmforge", "adapt", "sft", str(config),
                                *sft_overrides(tmp_path, out), *nproc], env=env, capture_output=True, text=True,

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,11 @@ SUBSTITUTIONS = [
     (r"--step (10|100|1200)\b", "--step 2", "the tiny runs have 4 steps"),
     (r"--limit \d+", "--limit 4", "4 items per task"),
     (r"^(lmforge eval (?!.*--limit).*)$", r"\1 --limit 4", "4 items per task (a whole suite takes hours on CPU)"),
+    (r"^(lmforge adapt score (?!.*--limit).*)$", r"\1 --limit 4", "4 items (a 135M model's 200 answers take minutes)"),
+    (r"(configs/adapt/smollm2-sft-arithmetic\.yaml)$", r"\1 max_steps=2 batch_size=2 micro_batch_size=2",
+     "two steps of two records (the recipe's 20 steps of 8 take half an hour on 2 CPU cores)"),
+    (r"\.venv/lib/python3\.11/site-packages/", sysconfig.get_paths()["purelib"] + "/",
+     "the wheels of the interpreter running the tests (the workspace has no .venv of its own)"),
     (r"--expected-paragraphs \d+", "--expected-paragraphs 100000", "a Bloom filter for 50M paragraphs is 180 MB"),
     (r"--vocab-size 4096 --out quickstart/tokenizer", "--vocab-size 512 --out quickstart/tokenizer",
      "the workspace's quickstart trained a 512-token BPE (its run's vocabulary)"),
