@@ -6,8 +6,7 @@ import argparse
 import os
 
 from lmforge.cli.options import add_out_flag, out_of
-from lmforge.cli.rlvr import register_rlvr, register_rlvr_data, register_score
-from lmforge.core.errors import LmforgeError
+from lmforge.cli.rlvr import add_nproc_flag, launched, register_rlvr, register_rlvr_data, register_score
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,25 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_out_flag(builder, "output JSONL file")
         builder.set_defaults(func=cmd_data, kind=name)
     register_rlvr_data(builders)
-
-
-def add_nproc_flag(stage: argparse.ArgumentParser) -> None:
-    stage.add_argument("--nproc", type=int, default=None,
-                       help="launch this many data-parallel processes on this node through torchrun (as train --nproc)")
-
-
-def launched(args: argparse.Namespace, stage: str, run_dir: str, ranks_fit) -> int | None:
-    """With --nproc (and not already a torchrun worker): run this same command on `--nproc` workers through
-    `lmforge train --nproc`'s launcher and return its exit code; else None (train in this process).
-    `ranks_fit(world_size)` refuses, in one line before any worker starts, a batch the ranks cannot split."""
-    if args.nproc is None or "TORCHELASTIC_RUN_ID" in os.environ:
-        return None
-    if args.nproc < 1:
-        raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
-    from lmforge.train.distributed import launch_torchrun
-
-    ranks_fit(args.nproc)
-    return launch_torchrun(["adapt", stage, args.config, *args.overrides], nproc=args.nproc, run_dir=run_dir)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

@@ -1,9 +1,31 @@
-"""`lmforge adapt rlvr` (GRPO with verifiable rewards) and `lmforge adapt data rlvr` (its prompt sets)."""
+"""`lmforge adapt rlvr` (GRPO with verifiable rewards), `lmforge adapt data rlvr` (its prompt sets), `lmforge adapt
+score` (held-out reward), and the `--nproc` launch every adapt stage shares."""
 
 from __future__ import annotations
 
 import argparse
 import os
+
+from lmforge.core.errors import LmforgeError
+
+
+def add_nproc_flag(stage: argparse.ArgumentParser) -> None:
+    stage.add_argument("--nproc", type=int, default=None,
+                       help="launch this many data-parallel processes on this node through torchrun (as train --nproc)")
+
+
+def launched(args: argparse.Namespace, stage: str, run_dir: str, ranks_fit) -> int | None:
+    """With --nproc (and not already a torchrun worker): run this same command on `--nproc` workers through
+    `lmforge train --nproc`'s launcher and return its exit code; else None (train in this process).
+    `ranks_fit(world_size)` refuses, in one line before any worker starts, a batch the ranks cannot split."""
+    if args.nproc is None or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    if args.nproc < 1:
+        raise LmforgeError(f"--nproc must be at least 1, got {args.nproc}")
+    from lmforge.train.distributed import launch_torchrun
+
+    ranks_fit(args.nproc)
+    return launch_torchrun(["adapt", stage, args.config, *args.overrides], nproc=args.nproc, run_dir=run_dir)
 
 
 def register_rlvr(adapt_sub: argparse._SubParsersAction) -> None:
@@ -15,8 +37,7 @@ def register_rlvr(adapt_sub: argparse._SubParsersAction) -> None:
                     "max_steps=20); rerunning the same command resumes. Writes RUN_DIR/model at the end.")
     rlvr.add_argument("config", help="RLVR config YAML (see configs/adapt/)")
     rlvr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=models/sft prompts=[p.jsonl]")
-    rlvr.add_argument("--nproc", type=int, default=None,
-                      help="launch this many data-parallel processes on this node through torchrun (as train --nproc)")
+    add_nproc_flag(rlvr)
     rlvr.set_defaults(func=cmd_rlvr)
 
 
@@ -77,7 +98,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_rlvr(args: argparse.Namespace) -> int:
     from lmforge.adapt.rlvr import RLVRConfig, rlvr
-    from lmforge.cli.adapt import launched
     from lmforge.core.config import load_config
     from lmforge.train.distributed import shutdown_distributed
 
@@ -98,7 +118,6 @@ def cmd_rlvr(args: argparse.Namespace) -> int:
 
 def cmd_rlvr_data(args: argparse.Namespace) -> int:
     from lmforge.adapt import rlvr_data
-    from lmforge.core.errors import LmforgeError
 
     skipped = {}
     if args.source == "toy":
