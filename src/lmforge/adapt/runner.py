@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.model.directory import write_model_dir
 from lmforge.model.loading import LoadedModel, load
 from lmforge.tokens.tokenizer import Tokenizer
-from lmforge.train.distributed import DistInfo
+from lmforge.train.distributed import DistInfo, barrier, shutdown_distributed
 from lmforge.train.objective import Objective
 from lmforge.train.trainer import train
 
@@ -97,8 +98,9 @@ def run_stage(config: AdaptConfig, stage: str, loaded: LoadedModel, tokenizer: T
 
     command = f"lmforge adapt {stage}"
     summary = train(train_config, loader_factory=loader_factory, objective=objective, command=command)
+    finish_ranks()
     out = Path(config.out) / MODEL_DIR
-    if summary and _is_main():
+    if summary and is_main_rank():
         trained = load(config.out)
         write_model_dir(trained.model, out, tokenizer, command=command, config=config,
                         inputs=[Path(p) for p in config.data],
@@ -107,7 +109,12 @@ def run_stage(config: AdaptConfig, stage: str, loaded: LoadedModel, tokenizer: T
     return out
 
 
-def _is_main() -> bool:
-    import os
+def finish_ranks() -> None:
+    """After training on several ranks: wait for all, then end the process group, so that rank 0 alone reads the
+    final checkpoint (a checkpoint read with a process group is a collective the other ranks would not join)."""
+    barrier()
+    shutdown_distributed()
 
+
+def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"

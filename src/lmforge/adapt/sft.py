@@ -18,6 +18,7 @@ import torch
 from lmforge.adapt.config import SFTConfig
 from lmforge.adapt.data import RecordReport, pack_rows, sft_examples
 from lmforge.adapt.runner import load_policy, run_stage
+from lmforge.model.transformer import cross_entropy_loss
 from lmforge.train.objective import IGNORE_INDEX, NextTokenPrediction
 
 
@@ -41,6 +42,17 @@ class SupervisedFineTuning(NextTokenPrediction):
         if self.reduction == "sum":
             return torch.tensor(float(batch["labels"].shape[0]), device=batch["labels"].device)
         return super().count(batch)
+
+    def forward_loss(self, model, input_ids, labels, doc_ids):
+        """The LM head at the trained positions only: an SFT row trains on its assistant tokens, often a small
+        share of it, and the head is the largest matmul of a small model. Under tensor or context parallelism
+        (the head's output or the sequence is split across ranks) the pretraining path runs."""
+        if self.parallel is not None and (self.parallel.layout.tensor > 1 or self.parallel.context is not None):
+            return super().forward_loss(model, input_ids, labels, doc_ids)
+        trained = labels != IGNORE_INDEX
+        logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True, logits_at=trained)
+        ce, _ = cross_entropy_loss(logits, labels[trained], IGNORE_INDEX, reduction="sum")
+        return ce, None, router
 
     def loss(self, model, micro):
         return super().loss(model, trim_to_labels(micro, micro["labels"], ("input_ids", "labels", "doc_ids")))

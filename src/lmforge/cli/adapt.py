@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from lmforge.cli.options import add_out_flag, out_of
-from lmforge.cli.rlvr import register_rlvr, register_rlvr_data
+from lmforge.cli.rlvr import add_nproc_flag, launched, register_rlvr, register_rlvr_data, register_score
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,14 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                               "(e.g. out=runs/sft max_steps=10); rerunning resumes. Writes OUT/model.")
         stage.add_argument("config", help="adaptation config YAML (see configs/adapt/)")
         stage.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-5 epochs=1")
+        add_nproc_flag(stage)
         stage.set_defaults(func=cmd_stage, stage=name)
     register_rlvr(stages)
+    register_score(stages)
 
     data = stages.add_parser("data", help="build SFT, DPO or RLVR record files (JSONL) from installed data or your own")
     builders = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     builders.required = True
     # The sources are checked by the builder (importing it here would load torch for every command line).
-    for name, sources, help in (("sft", "arithmetic, gsm8k, math, jsonl", "SFT records ({messages})"),
+    for name, sources, help in (("sft", "arithmetic, basic_arithmetic, gsm8k, math, jsonl", "SFT records ({messages})"),
                                 ("dpo", "arithmetic, mmlu, jsonl", "DPO records ({prompt, chosen, rejected})")):
         builder = builders.add_parser(name, help=help)
         builder.add_argument("--source", required=True, help=f"where the records come from: {sources} (docs/adapt.md)")
@@ -50,11 +53,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from lmforge.train.distributed import shutdown_distributed
 
     config = load_config(Config, args.config, args.overrides)
+    code = launched(args, args.stage, config.out, config.check_world_size)
+    if code is not None:
+        return code
     try:
         out = run(config)
     finally:
         shutdown_distributed()
-    print(f"wrote model directory {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote model directory {out}")
     return 0
 
 
