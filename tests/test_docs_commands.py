@@ -71,8 +71,8 @@ SUBSTITUTIONS = [
     (r"--instances \d+", "--instances 4", "4 items per task, as the `--limit 4` of the eval it compares with"),
     (r"^(lmforge eval (?!.*--limit).*)$", r"\1 --limit 4", "4 items per task (a whole suite takes hours on CPU)"),
     (r"^(lmforge adapt score (?!.*--limit).*)$", r"\1 --limit 4", "4 items (a 135M model's 200 answers take minutes)"),
-    (r"(configs/adapt/smollm2-sft-arithmetic\.yaml)$", r"\1 max_steps=2 batch_size=2 micro_batch_size=2",
-     "two steps of two records (the recipe's 20 steps of 8 take half an hour on 2 CPU cores)"),
+    (r"(configs/adapt/(?:smollm2-sft-arithmetic|quickstart-sft)\.yaml)$", r"\1 max_steps=2 batch_size=2 "
+     "micro_batch_size=2", "two steps of two records (the recipes' 12-20 steps of 8 take minutes on 2 CPU cores)"),
     (r"--expected-paragraphs \d+", "--expected-paragraphs 100000", "a Bloom filter for 50M paragraphs is 180 MB"),
     (r"--vocab-size 4096 --out quickstart/tokenizer", "--vocab-size 512 --out quickstart/tokenizer",
      "the workspace's quickstart trained a 512-token BPE (its run's vocabulary)"),

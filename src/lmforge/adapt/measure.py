@@ -15,6 +15,7 @@ import torch
 
 from lmforge.adapt.rewards import RewardConfig, RewardFunction
 from lmforge.adapt.rlvr import completion_texts, prompt_set, read_prompts
+from lmforge.adapt.templates import chat_tokenizer
 from lmforge.core.errors import LmforgeError
 from lmforge.model.generation import generate_ids
 from lmforge.model.loading import load
@@ -40,15 +41,18 @@ class ItemScores:
 
 def evaluate_on_items(model_dir: str | Path, items: str | Path | list[dict], checker: str = "gsm8k",
                       max_new_tokens: int = 32, batch_size: int = 16, limit: int | None = None,
-                      max_prompt_tokens: int = 512) -> ItemScores:
+                      max_prompt_tokens: int = 512, template: str | None = None) -> ItemScores:
     """Greedy answers of the model at `model_dir` (any form `lmforge.model.loading.load` reads) to `items` (a
     JSONL prompt file or a list of prompt records; the first `limit`), scored by `checker` (`gsm8k`, `math`
-    or a dotted path, as `reward.checker` in RLVR)."""
+    or a dotted path, as `reward.checker` in RLVR), with `template` (a name as in SFT) in place of the
+    model's own chat template when given."""
     if limit is not None and limit < 1 or batch_size < 1:
         raise LmforgeError(f"limit ({limit}) and batch size ({batch_size}) must be >= 1")
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     loaded = load(model_dir, require_tokenizer=True)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    if template is not None:
+        tokenizer = chat_tokenizer(tokenizer, template)
     if isinstance(items, (str, Path)):
         prompts = read_prompts([str(items)], tokenizer, "auto", max_prompt_tokens, model.config.bos_token_id)
     else:

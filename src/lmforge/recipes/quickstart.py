@@ -367,18 +367,18 @@ class Quickstart:
             return skipped
         adapt = self.out / "adapt"
         self.lmforge(["import", "gguf", str(gguf), "--out", str(adapt / "start")], log="adapt-import")
-        self.lmforge(["adapt", "data", "rlvr", "--source", "basic_arithmetic", "--out",
-                      str(adapt / "basic_arithmetic.jsonl")], log="adapt-data")
-        trained, held = adaptation.split_records(adapt / "basic_arithmetic.jsonl", adapt / "train.jsonl",
-                                                 adapt / "heldout.jsonl", ADAPT_HELDOUT)
-        print(f"  {trained:,} SFT records, {held} held-out items")
-        before = adaptation.answer_heldout(adapt / "start", adapt / "heldout.jsonl", ADAPT_NEW_TOKENS)
+        self.lmforge(["adapt", "data", "sft", "--source", "basic_arithmetic", "--out", str(adapt / "train.jsonl")],
+                     log="adapt-data")
+        self.lmforge(["adapt", "data", "rlvr", "--source", "basic_arithmetic", "--split", "heldout", "--out",
+                      str(adapt / "heldout.jsonl")], log="adapt-data")
+        before = adaptation.answer_heldout(adapt / "start", adapt / "heldout.jsonl", ADAPT_HELDOUT, ADAPT_NEW_TOKENS)
         atomic_write_json(adapt / "before.json", before)
-        print(f"  before: accuracy {before['accuracy']:.3f} on {held} held-out items", flush=True)
+        print(f"  before: accuracy {before['accuracy']:.3f} on {before['items_scored']} held-out items", flush=True)
         steps = [f"max_steps={self.args.adapt_steps}"] if self.args.adapt_steps else []
         config = write_config(ADAPT_CONFIG, self.out, self.out / "configs" / "adapt-sft.yaml", steps)
         self.lmforge(["adapt", "sft", str(config)], log="adapt-sft")
-        after = adaptation.answer_heldout(adapt / "sft" / "model", adapt / "heldout.jsonl", ADAPT_NEW_TOKENS)
+        after = adaptation.answer_heldout(adapt / "sft" / "model", adapt / "heldout.jsonl", ADAPT_HELDOUT,
+                                          ADAPT_NEW_TOKENS)
         atomic_write_json(adapt / "after.json", after)
         # The SFT's checkpoint (weights and AdamW moments, 1.6 GB) served only to write adapt/sft/model.
         shutil.rmtree(adapt / "sft" / CHECKPOINTS, ignore_errors=True)
