@@ -286,6 +286,18 @@ def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_
     assert stage.adapt_does_not_fit() == ""
 
 
+def test_the_budget_counts_each_finished_stage_once(tmp_path):
+    """An earlier run's stages count by their markers; this run's by the clock alone (a stage it finishes also
+    writes a marker, which must not count a second time)."""
+    from lmforge.core.files import atomic_write_json
+    from lmforge.recipes.quickstart import Quickstart, parse_args
+
+    atomic_write_json(tmp_path / "stages" / "corpus.json", {"seconds": 100.0})  # from an interrupted run
+    stage = Quickstart(parse_args(["--out", str(tmp_path), "--minutes", "10"]))
+    atomic_write_json(tmp_path / "stages" / "tag.json", {"seconds": 200.0})  # finished in this run
+    assert 600 - 100 - 5 < stage.seconds_left() <= 600 - 100
+
+
 def test_the_adapt_stage_is_planned_inside_the_budget():
     from lmforge.recipes.plan import ADAPT_MAX_SHARE, make_plan
 

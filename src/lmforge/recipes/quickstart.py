@@ -86,6 +86,7 @@ class Quickstart:
         self.args = args
         self.out = Path(args.out)
         self.started = time.monotonic()
+        self.earlier_seconds = self.elapsed_before()  # stages an interrupted earlier run finished
         self.commands: list[str] = []
         self.stages = [
             ("plan", "plan: probe this machine's speed, size the corpus and model for the budget", self.plan_stage),
@@ -133,7 +134,6 @@ class Quickstart:
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
-        before = self.elapsed_before()
         for index, (name, title, body) in enumerate(self.stages, 1):
             marker = self.out / "stages" / f"{name}.json"
             head = f"[{index}/{len(self.stages)}] {title}"
@@ -141,8 +141,7 @@ class Quickstart:
                 print(f"{head}: finished in an earlier run ({read_json(marker)['seconds']:.0f} s), skipped",
                       flush=True)
                 continue
-            elapsed = before + time.monotonic() - self.started
-            print(f"\n{head}\n  ({elapsed / 60:.1f} of about {self.budget_minutes():g} minutes used)", flush=True)
+            print(f"\n{head}\n  ({self.elapsed() / 60:.1f} of about {self.budget_minutes():g} minutes used)", flush=True)
             self.commands = []
             start = time.monotonic()
             note = body()
@@ -276,8 +275,13 @@ class Quickstart:
                 f"micro_batch_size={p.micro_batch_size}", f"optimizer.lr={p.lr}",
                 f"energy.grid_kg_co2eq_per_kwh={self.args.grid_kg_co2eq_per_kwh}"]
 
+    def elapsed(self) -> float:
+        """Seconds of the budget used: the earlier runs' finished stages, and all of this run so far (its own
+        finished stages are in the second term, not the first)."""
+        return self.earlier_seconds + time.monotonic() - self.started
+
     def seconds_left(self) -> float:
-        return self.budget_minutes() * 60 - (self.elapsed_before() + time.monotonic() - self.started)
+        return self.budget_minutes() * 60 - self.elapsed()
 
     def train_stage(self) -> str | None:
         """Stage 1 in chunks of `lmforge train` (each resumes the last one's checkpoint; the LR is a function of
