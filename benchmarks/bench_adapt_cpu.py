@@ -58,6 +58,7 @@ def head_ab(model_dir: Path, data: str, tokenizer, repeats: int) -> None:
     from lmforge.adapt.data import RecordReport, pack_rows, sft_examples
     from lmforge.adapt.sft import trim_to_labels
     from lmforge.model.loading import load
+    from lmforge.eval.scoring import logits_at
     from lmforge.model.transformer import cross_entropy_loss
     from lmforge.train.objective import IGNORE_INDEX
 
@@ -69,9 +70,13 @@ def head_ab(model_dir: Path, data: str, tokenizer, repeats: int) -> None:
                            ("input_ids", "labels"))
     ids, labels = micro["input_ids"].long(), micro["labels"].long()
     trained = labels != IGNORE_INDEX
+
+    def head_at_trained():
+        with logits_at(model, lambda hidden: hidden[trained]):
+            return model(ids)
+
     runs = {"every position": lambda: cross_entropy_loss(model(ids), labels, reduction="sum")[0],
-            "trained positions": lambda: cross_entropy_loss(model(ids, logits_at=trained), labels[trained],
-                                                            reduction="sum")[0]}
+            "trained positions": lambda: cross_entropy_loss(head_at_trained(), labels[trained], reduction="sum")[0]}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, loss in runs.items():

@@ -18,6 +18,7 @@ import torch
 from lmforge.adapt.config import SFTConfig
 from lmforge.adapt.data import RecordReport, pack_rows, sft_examples
 from lmforge.adapt.runner import load_policy, run_stage
+from lmforge.eval.scoring import logits_at
 from lmforge.model.transformer import cross_entropy_loss
 from lmforge.train.objective import IGNORE_INDEX, NextTokenPrediction
 
@@ -50,7 +51,8 @@ class SupervisedFineTuning(NextTokenPrediction):
         if self.parallel is not None and (self.parallel.layout.tensor > 1 or self.parallel.context is not None):
             return super().forward_loss(model, input_ids, labels, doc_ids)
         trained = labels != IGNORE_INDEX
-        logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True, logits_at=trained)
+        with logits_at(model, lambda hidden: hidden[trained]):
+            logits, router = model(input_ids, doc_ids=doc_ids, return_router_losses=True)
         ce, _ = cross_entropy_loss(logits, labels[trained], IGNORE_INDEX, reduction="sum")
         return ce, None, router
 

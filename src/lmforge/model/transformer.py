@@ -579,13 +579,10 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_router_losses: bool = False,
         last_logits_only: bool = False,
-        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, RouterLosses | None]:
         """Logits (B, L, embedding_size); with `return_router_losses`, (logits, RouterLosses or None if dense).
         `last_logits_only`: logits of the last position only (B, 1, embedding_size), all that generation reads;
         the LM head over a whole prompt would cost as much as a fifth of a small model's prefill.
-        `logits_at`: (B, L) bool, logits of those positions only, (N, embedding_size) in row-major order: all
-        that a loss on a few positions reads (SFT trains on the assistant tokens).
 
         positions: (B, L) token positions, default 0..L-1 (offset by the cache length).
         attention_mask: (B, total_len) 1 for real tokens, 0 for padding, covering cached + new tokens.
@@ -608,8 +605,6 @@ class Transformer(nn.Module):
             cache.length += input_ids.shape[1]
         if last_logits_only:
             x = x[:, -1:]
-        elif logits_at is not None:
-            x = x[logits_at]
         logits = self.lm_head(self.final_norm(x))
         if not return_router_losses:
             return logits
