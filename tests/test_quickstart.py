@@ -269,6 +269,25 @@ def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
     assert affordable_anneal_steps(plan, 0.0, 5.0) == plan.anneal_steps
 
 
+def test_stage1_runs_on_past_its_plan_when_the_machine_is_faster():
+    """Hand-worked, on the plan above: chunks of a tenth of the 100 planned steps, as far as the time left
+    affords, and no further than STAGE1_MAX_STRETCH (2) times the plan."""
+    from lmforge.recipes.plan import fixed_plan, next_stage1_target
+
+    plan = fixed_plan(10, 4096, 100, 10**6, 10)
+    plan.anneal_runs, plan.anneal_steps, plan.later_seconds, plan.adapt_seconds = 2, 10, 30.0, 20.0
+    plan.seconds_per_step = 1.0
+    assert next_stage1_target(plan, 3, 200.0, 0.5) == 13
+    assert next_stage1_target(plan, 100, 200.0, 0.5) == 110  # past the plan: 280 steps are affordable
+    assert next_stage1_target(plan, 195, 200.0, 0.5) == 200  # the stretch's end
+    assert next_stage1_target(plan, 200, 200.0, 0.5) == 200
+    assert next_stage1_target(plan, 100, 62.0, 0.5) == 104  # 10 + 50 s go to the anneals and later stages
+    assert next_stage1_target(plan, 50, 139.0, 2.0) == 50  # slower: the time left is spoken for, stage 1 ends
+    plan.seconds_per_step = 0.0  # no probe: the planned steps, in chunks
+    assert next_stage1_target(plan, 95, 0.0, 5.0) == 100
+    assert next_stage1_target(plan, 100, 1e6, 0.1) == 100
+
+
 def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_path):
     from lmforge.core.files import atomic_write_json
     from lmforge.recipes.plan import fixed_plan

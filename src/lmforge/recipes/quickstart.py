@@ -39,8 +39,8 @@ from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.recipes import corpus
 from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_NEW_TOKENS, FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT,
-                                  STAGE1_CHUNKS, affordable_anneal_steps, affordable_stage1_steps, fixed_plan,
-                                  make_plan, plan_from_json)
+                                  affordable_anneal_steps, fixed_plan, make_plan, next_stage1_target,
+                                  plan_from_json)
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
 CODE_TAGGERS = "gopher,c4,pii,langid,code"
@@ -289,31 +289,30 @@ class Quickstart:
         at the speed the last chunk measured; `DIR/budget.json` records the steps trained and why stage 1
         ended."""
         p = self.plan
-        chunk = -(-p.stage1_steps // STAGE1_CHUNKS)
         done = self.stage1_done()
         target = min(p.stage1_steps, done + FIRST_CHUNK_STEPS)  # a short first chunk measures the speed
         seconds_per_step, ended_early = p.seconds_per_step, None
-        while True:
+        while target > done:
             start = time.monotonic()
             self.train_chunk(target)
-            if target > done:
-                seconds_per_step = (time.monotonic() - start) / (target - done)
+            seconds_per_step = (time.monotonic() - start) / (target - done)
             done = target
-            if done >= p.stage1_steps:
-                break
-            affordable = affordable_stage1_steps(p, self.seconds_left(), seconds_per_step)
-            if affordable < 1:
-                ended_early = (f"ended stage 1 at step {done} of {p.stage1_steps}: at {seconds_per_step:.2f} s per "
-                               f"step (planned {p.seconds_per_step:.2f}) the rest of the budget is needed for the "
-                               "anneals and the later stages")
-                print(f"  {ended_early}", flush=True)
-                break
-            target = min(p.stage1_steps, done + chunk, done + affordable)
+            target = next_stage1_target(p, done, self.seconds_left(), seconds_per_step)
+        if done < p.stage1_steps:
+            ended_early = (f"ended stage 1 at step {done} of {p.stage1_steps}: at {seconds_per_step:.2f} s per "
+                           f"step (planned {p.seconds_per_step:.2f}) the rest of the budget is needed for the "
+                           "anneals and the later stages")
+            print(f"  {ended_early}", flush=True)
+        if done > p.stage1_steps:
+            print(f"  stage 1 ran {done} steps, {p.stage1_steps} planned: at {seconds_per_step:.2f} s per step "
+                  f"(planned {p.seconds_per_step:.2f}) the budget afforded more", flush=True)
         slowdown = max(1.0, seconds_per_step / p.seconds_per_step) if p.seconds_per_step else 1.0
+        corpus_tokens = read_json(self.out / "tokens" / "manifest.json")["counts"]["tokens"]
         atomic_write_json(self.out / "budget.json", {
             "stage1_steps_planned": p.stage1_steps, "stage1_steps": done, "seconds_per_step_planned":
             p.seconds_per_step, "seconds_per_step": round(seconds_per_step, 4), "slowdown": round(slowdown, 3),
-            "ended_early": ended_early is not None})
+            "ended_early": ended_early is not None,
+            "corpus_passes": round(done * p.global_batch_size / corpus_tokens, 2)})
         return ended_early
 
     def stage1_done(self) -> int:

@@ -313,7 +313,7 @@ def headline_facts(out: Path) -> list[list[str]]:
              fact(out, "training tokens per parameter", "plan.json", "plan.tokens_per_parameter", 2),
              fact(out, "stage 1 loss, first logged step", "run/metrics.jsonl", "0.loss"),
              fact(out, "stage 1 loss, last step", "run/metrics.jsonl", "-1.loss"),
-             fact(out, "stage 1 steps trained (of the plan's)", "budget.json", "stage1_steps"),
+             fact(out, "stage 1 steps trained", "budget.json", "stage1_steps"),
              fact(out, "stage 1 energy (kWh)", "run/manifest.json", "energy.kwh", 6),
              fact(out, "stage 1 emissions (kg CO2eq)", "run/manifest.json", "energy.kg_co2eq", 6)]
     if (out / "adapt" / "after.json").is_file():
@@ -391,12 +391,15 @@ def write_report(out: Path) -> Path:
           f"{plan['stage1_steps']} steps of {fmt(plan['global_batch_size'])} tokens; then {plan['anneal_runs']} "
           f"anneals of {plan['anneal_steps']} steps each.")
     budget = load(out, "budget.json")
+    ran_on = budget["stage1_steps"] > budget["stage1_steps_planned"]
     doc.p(f"The budget, re-checked between stage 1's chunks ({link('budget.json')}): stage 1 trained "
-          f"{fmt(budget['stage1_steps'])} of its {fmt(budget['stage1_steps_planned'])} planned steps at "
+          f"{fmt(budget['stage1_steps'])} steps, {fmt(budget['stage1_steps_planned'])} planned, at "
           f"{fmt(budget['seconds_per_step'], 2)} s per step (the probe planned "
           f"{fmt(budget['seconds_per_step_planned'], 2)} s, a slowdown of {fmt(budget['slowdown'], 2)}); "
           + ("it ended early so that the anneals, the soup and the later stages fit the budget."
-             if budget["ended_early"] else "it did not need to end early.")
+             if budget["ended_early"] else "the machine was faster than the probe, so it ran on while the budget "
+             "afforded it." if ran_on else "it did not need to end early.")
+          + f" It read {fmt(budget['corpus_passes'], 2)} times the corpus's tokens."
           + f" Each anneal trained {fmt(budget['anneal_steps'])} of its {fmt(plan['anneal_steps'])} planned steps."
           + f" The adaptation stage was planned at {fmt(plan['adapt_seconds'], 0)} s.")
 
