@@ -53,3 +53,16 @@ def test_items_are_answered_greedily_and_scored_by_the_checker(tmp_path, monkeyp
     assert out.strip().endswith("1/2 correct (0.500), mean reward 0.500")
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert [r["completion"] for r in scored] == expected[:2] and [r["reward"] for r in scored] == [1.0, 0.0]
+
+
+def test_score_renders_prompts_with_the_template_asked_for(tmp_path, capsys):
+    """`--template chatml` puts the question in a ChatML user turn followed by the assistant's (the toy vocabulary
+    spells "user" and "assistant"); without it the toy model, which has no template, reads the bare question."""
+    model_dir = tiny_model_dir(tmp_path / "model", seed=3)
+    path = write_jsonl(tmp_path / "items.jsonl", [{"prompt": "What is 1 + 2?", "answer": "3"}])
+    for template, turns in ((None, False), ("chatml", True)):
+        capsys.readouterr()
+        assert main(["adapt", "score", str(model_dir), "--prompts", str(path), "--max-new-tokens", "2",
+                     *(["--template", template] if template else [])]) == 0
+        prompt = capsys.readouterr().out.split("--- prompt\n")[1].split("\n--- answer")[0]
+        assert ("user" in prompt and "assistant" in prompt) == turns, prompt

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from lmforge.adapt.templates import TEMPLATE_NAMES
 from lmforge.core.errors import LmforgeError
 
 
@@ -73,6 +74,8 @@ def register_score(adapt_sub: argparse._SubParsersAction) -> None:
     score.add_argument("--checker", default="gsm8k", help="gsm8k, math, or a dotted path (as reward.checker)")
     score.add_argument("--limit", type=int, default=None, help="the first N records")
     score.add_argument("--max-new-tokens", type=int, default=32)
+    score.add_argument("--template", default=None, choices=TEMPLATE_NAMES,
+                       help="render prompts with this chat template (as SFT's `template`) instead of the model's own")
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--samples", type=int, default=1, help="print this many prompts with their answers")
     score.add_argument("--out", default=None, help="write every prompt, completion and reward to this JSONL file")
@@ -86,7 +89,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from lmforge.core.files import atomic_write_text
 
     scores = evaluate_on_items(args.model, args.prompts, args.checker, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, limit=args.limit)
+                               batch_size=args.batch_size, limit=args.limit, template=args.template)
     for prompt, completion in list(zip(scores.prompts, scores.completions))[:args.samples]:
         print(f"--- prompt\n{prompt}\n--- answer\n{completion}")
     if args.out:
