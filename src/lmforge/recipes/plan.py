@@ -66,11 +66,11 @@ STAGE1_MAX_STRETCH = 2.0  # on a machine faster than the probe, stage 1 runs on,
 # answers to the held-out items before and after.
 ADAPT_PRESET = "smollm2-135m"
 ADAPT_CONFIG = "adapt/quickstart-sft.yaml"
-ADAPT_HELDOUT = 40
+ADAPT_HELDOUT = 60
 ADAPT_NEW_TOKENS = 24  # room for a verbose answer before SFT (the checker reads its last number)
 ADAPT_FIXED_SECONDS = 45  # dequantizing the GGUF, writing and reading 0.5 GB model directories
 ADAPT_FLOP_EFFICIENCY = 4.0  # a 135M model's FLOP rate on CPU over the smallest probed shape's (measured 4-8)
-ADAPT_MAX_SHARE = 0.35  # of the budget; a shorter budget skips the stage and says what would fit
+ADAPT_MAX_SHARE = 0.4  # of the budget; a shorter budget skips the stage and says what would fit
 
 
 @dataclass
