@@ -283,6 +283,8 @@ def test_stage1_runs_on_past_its_plan_when_the_machine_is_faster():
     assert next_stage1_target(plan, 200, 200.0, 0.5) == 200
     assert next_stage1_target(plan, 100, 62.0, 0.5) == 104  # 10 + 50 s go to the anneals and later stages
     assert next_stage1_target(plan, 50, 139.0, 2.0) == 50  # slower: the time left is spoken for, stage 1 ends
+    assert next_stage1_target(plan, 3, 139.0, 2.0) == 13  # but not before the plan's minimum of 40 steps
+    assert next_stage1_target(plan, 33, 139.0, 2.0) == 40
     plan.seconds_per_step = 0.0  # no probe: the planned steps, in chunks
     assert next_stage1_target(plan, 95, 0.0, 5.0) == 100
     assert next_stage1_target(plan, 100, 1e6, 0.1) == 100
@@ -290,18 +292,25 @@ def test_stage1_runs_on_past_its_plan_when_the_machine_is_faster():
 
 def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_path):
     from lmforge.core.files import atomic_write_json
-    from lmforge.recipes.plan import fixed_plan
+    from lmforge.recipes.plan import fixed_plan, later_stages_seconds
     from lmforge.recipes.quickstart import Quickstart, parse_args
 
+    atomic_write_json(tmp_path / "stages" / "corpus.json", {"seconds": 190.0})  # from an interrupted run
     stage = Quickstart(parse_args(["--out", str(tmp_path), "--minutes", "5"]))
     plan = fixed_plan(5, 4096, 40, 10**6, 10)
     plan.seconds_per_step, plan.adapt_seconds, plan.later_seconds = 1.0, 100.0, 50.0
     atomic_write_json(tmp_path / "plan.json", {"options": stage.options(), "plan": plan.to_json()})
-    # 300 s of budget: at 3x slower the adaptation needs 300 s and the later stages 150 of them.
+    # 3x slower: adapting takes 300 s, more than 40% of the 300 s budget, so no time is kept for it either.
     atomic_write_json(tmp_path / "budget.json", {"slowdown": 3.0})
     assert stage.adapt_does_not_fit() == ("skipped: this machine runs 3.0 times slower than the probe planned "
-                                          "for; adapting would take about 5.0 minutes, and 2.5 are left for it")
-    atomic_write_json(tmp_path / "budget.json", {"slowdown": 1.0})  # 100 s of the 250 left
+                                          "for; adapting would take about 5.0 minutes, more than 40% of the budget")
+    assert later_stages_seconds(plan, 3.0) == 150.0
+    # 1.1x slower: 110 s would fit in 40%, but of the 110 s left the later stages need 55.
+    atomic_write_json(tmp_path / "budget.json", {"slowdown": 1.1})
+    assert stage.adapt_does_not_fit() == ("skipped: this machine runs 1.1 times slower than the probe planned "
+                                          "for; adapting would take about 1.8 minutes, and 0.9 are left for it")
+    assert later_stages_seconds(plan, 1.1) == pytest.approx(55.0 + 110.0)
+    stage.earlier_seconds = 0.0  # 300 s left
     assert stage.adapt_does_not_fit() == ""
 
 

@@ -154,11 +154,18 @@ def adapt_seconds(flops_per_second: float) -> float:
     return ADAPT_FIXED_SECONDS + (training + answering) / (flops_per_second * ADAPT_FLOP_EFFICIENCY)
 
 
+def adapt_reserve(plan: Plan, slowdown: float) -> float:
+    """Seconds the adapt stage takes at `slowdown` (its planned cost times that), or 0 when that is more than
+    ADAPT_MAX_SHARE of the budget: the stage is then skipped, so no time is kept for it."""
+    needed = plan.adapt_seconds * slowdown
+    return needed if needed <= ADAPT_MAX_SHARE * plan.minutes * 60 else 0.0
+
+
 def later_stages_seconds(plan: Plan, seconds_per_step: float) -> float:
-    """The stages after training (adaptation included) at their planned cost, scaled by the slowdown that
-    `seconds_per_step` (measured now) shows against the plan; never less than planned."""
+    """The stages after training (adaptation included, when it will run) at their planned cost, scaled by the
+    slowdown that `seconds_per_step` (measured now) shows against the plan; never less than planned."""
     slowdown = max(1.0, seconds_per_step / plan.seconds_per_step)
-    return slowdown * (plan.later_seconds + plan.adapt_seconds)
+    return slowdown * plan.later_seconds + adapt_reserve(plan, slowdown)
 
 
 def affordable_stage1_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:
@@ -172,13 +179,16 @@ def affordable_stage1_steps(plan: Plan, seconds_left: float, seconds_per_step: f
 
 def next_stage1_target(plan: Plan, done: int, seconds_left: float, seconds_per_step: float) -> int:
     """The step stage 1 trains to next, `done` after its first chunk: a chunk on, no further than the time left
-    affords at `seconds_per_step` (measured now), and no further than STAGE1_MAX_STRETCH times the planned
-    steps (the planned steps themselves without a probe); `done` itself when stage 1 should end."""
+    affords at `seconds_per_step` (measured now) but at least MIN_STAGE1_STEPS in all (a stage 1 cut shorter
+    than the plan's minimum would leave nothing to anneal), and no further than STAGE1_MAX_STRETCH times the
+    planned steps (the planned steps themselves without a probe); `done` itself when stage 1 should end."""
     chunk = -(-plan.stage1_steps // STAGE1_CHUNKS)
     if plan.seconds_per_step <= 0:
         return min(plan.stage1_steps, done + chunk)
     most = int(plan.stage1_steps * STAGE1_MAX_STRETCH)
-    return max(done, min(most, done + chunk, done + affordable_stage1_steps(plan, seconds_left, seconds_per_step)))
+    afforded = max(done + affordable_stage1_steps(plan, seconds_left, seconds_per_step),
+                   min(plan.stage1_steps, MIN_STAGE1_STEPS))
+    return max(done, min(most, done + chunk, afforded))
 
 
 def affordable_anneal_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:

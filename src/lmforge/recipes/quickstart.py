@@ -38,8 +38,8 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.recipes import corpus
-from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_NEW_TOKENS, FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT,
-                                  affordable_anneal_steps, fixed_plan, make_plan, next_stage1_target,
+from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_MAX_SHARE, ADAPT_NEW_TOKENS, FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT,
+                                  adapt_reserve, affordable_anneal_steps, fixed_plan, make_plan, next_stage1_target,
                                   plan_from_json)
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
@@ -396,10 +396,13 @@ class Quickstart:
             return ""  # a plan without a probe has no deadline
         slowdown = read_json(self.out / "budget.json")["slowdown"]
         needed, left = p.adapt_seconds * slowdown, self.seconds_left() - p.later_seconds * slowdown
-        if needed <= left:
-            return ""
-        return (f"skipped: this machine runs {slowdown:.1f} times slower than the probe planned for; adapting "
-                f"would take about {needed / 60:.1f} minutes, and {max(left, 0) / 60:.1f} are left for it")
+        why = f"skipped: this machine runs {slowdown:.1f} times slower than the probe planned for; adapting would " \
+              f"take about {needed / 60:.1f} minutes"
+        if not adapt_reserve(p, slowdown):
+            return f"{why}, more than {ADAPT_MAX_SHARE:.0%} of the budget"
+        if needed > left:
+            return f"{why}, and {max(left, 0) / 60:.1f} are left for it"
+        return ""
 
     def lineage_stage(self) -> None:
         text = self.lmforge(["data", "inspect", "--run", str(self.out / "run"), "--step", "1", "--instance", "0"],
