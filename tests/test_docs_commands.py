@@ -250,7 +250,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs-workspace")
     env = command_env(root)
     done = subprocess.run([sys.executable, "-m", "lmforge.recipes.quickstart", "--out", "quickstart", "--raw-bytes",
-                           "400000", "--steps", str(QUICKSTART_STEPS), "--vocab-size", "512", "--eval-limit", "4"],
+                           "400000", "--steps", str(QUICKSTART_STEPS), "--vocab-size", "512", "--eval-limit", "4",
+                           "--adapt-steps", "2"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, f"the tiny quickstart failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     raw = root / "quickstart/raw/documents"
