@@ -131,8 +131,8 @@ def test_loss_against_token_by_token_log_probs(tmp_path, aggregation):
     total, kl_total, count = 0.0, 0.0, 0
     for row in range(len(prepared["labels"])):
         positions = (prepared["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
-        ids = prepared["input_ids"][row].tolist()
-        prompt, completion = ids[:positions[0] + 1], ids[positions[0] + 1:positions[-1] + 2]
+        prompt = prepared["prompt_ids"][row, -prepared["prompt_lengths"][row]:].tolist()
+        completion = prepared["completion_ids"][row, positions].tolist()
         new = brute_force_logps(model, prompt, completion, 0.7)
         old = prepared["old_logps"][row, positions].tolist()
         ref = prepared["ref_logps"][row, positions].tolist()
