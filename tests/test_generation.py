@@ -18,15 +18,6 @@ def test_top_k_and_top_p_keep_only_allowed_tokens():
     assert int(next_token(logits, SamplingConfig(), None)) == 0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and stays fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sampling_follows_its_seed_and_only_its_seed(one_thread):
     """Same seed: same tokens, whatever the global RNG state. Different seeds: different tokens. A sampler that
     ignores `seed` (draws from the global RNG, or from a generator seeded with a constant) fails one of the two,
