@@ -105,3 +105,19 @@ def test_streamed_text_equals_the_whole_generation(one_thread, seed):
         expected = cut_at_stop(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]), ["e "])
         assert texts[row] == "".join(streamed[row]) == expected
         assert len(streamed[row]) > 1 or len(ids) <= 1, "the text came out only at the end"
+
+
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_without_a_cache(one_thread):
+    """GRPO repeats each prompt once per completion: the prefill runs on the distinct prompts only, and the rows
+    sample the tokens that recomputing every row's whole sequence at every step (no cache) samples."""
+    model = build_model(get_preset("olmo2-tiny"), 0).eval()
+    prompts = [[5, 6, 7]] * 3 + [[9, 10]] * 3 + [[11]]
+    rows_seen = []
+    hook = model.embed.register_forward_hook(lambda module, args, out: rows_seen.append(len(out)))
+    cached = generate_ids(model, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3), pad_id=1)
+    hook.remove()
+    assert rows_seen[0] == 3 and set(rows_seen[1:]) == {7}
+    recomputed = generate_ids(model, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3,
+                                                             use_cache=False), pad_id=1)
+    assert cached == recomputed
+    assert len({tuple(row) for row in cached[:3]}) > 1  # a group's rows sample their own tokens
