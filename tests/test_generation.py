@@ -109,8 +109,12 @@ def test_streamed_text_equals_the_whole_generation(one_thread, seed):
 
 def test_a_repeated_prompt_is_prefilled_once_and_samples_as_without_a_cache(one_thread):
     """GRPO repeats each prompt once per completion: the prefill runs on the distinct prompts only, and the rows
-    sample the tokens that recomputing every row's whole sequence at every step (no cache) samples."""
-    model = build_model(get_preset("olmo2-tiny"), 0).eval()
+    sample the tokens that recomputing every row's whole sequence at every step (no cache) samples. Weights of
+    std 0.5 make the next-token distributions peaked (a near-uniform one samples the same token from any row's
+    logits)."""
+    config = get_preset("olmo2-tiny")
+    config.init_std = 0.5
+    model = build_model(config, 0).eval()
     prompts = [[5, 6, 7]] * 3 + [[9, 10]] * 3 + [[11]]
     rows_seen = []
     hook = model.embed.register_forward_hook(lambda module, args, out: rows_seen.append(len(out)))
