@@ -51,8 +51,8 @@ def test_two_gloo_processes_log_the_losses_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_share_prompts_under_fsdp_and_ddp(tmp_path):
-    """GRPO forwards a prompt once per micro-batch (two forwards per backward, through the FSDP root or, under
-    DDP, the module inside it); with activation checkpointing each row runs whole. Groups of 3 in micro-batches
+    """GRPO forwards a prompt once per micro-batch (two forwards of the FSDP or DDP model per backward); with
+    activation checkpointing each row runs whole. Groups of 3 in micro-batches
     of 2 split a group between micro-batches. The format reward (an "e" in the completion) gives the random
     model's groups different rewards, so step 1 has a loss and a gradient."""
     tiny_model_dir(tmp_path / "start")

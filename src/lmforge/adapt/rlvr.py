@@ -345,6 +345,11 @@ def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages:
     return loss, clipped
 
 
+def left_padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, width) attention mask of prompts of these lengths, left-padded to `width`."""
+    return (torch.arange(width, device=lengths.device) >= width - lengths[:, None]).long()
+
+
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(π || π_ref) per sampled token: exp(d) - d - 1 with d = log π_ref - log π."""
     delta = ref_logps - logps
@@ -449,8 +454,6 @@ class GRPO:
     def _shared_prompt_logits(self, model: torch.nn.Module, micro: dict[str, torch.Tensor]) -> torch.Tensor:
         """Completion logits with each distinct prompt of the micro-batch forwarded once (left-padded, into a KV
         cache whose copies its rows' completions attend over): the prompt's gradient is the sum over its rows."""
-        # The prompt pass goes through the module inside DDP: DDP refuses a second forward before the backward.
-        # FSDP has no wrapper object (unwrap returns the model) and takes both.
         module = unwrap(model)
         _, group = micro["group"].unique(return_inverse=True)
         rows = torch.arange(len(group), device=group.device)
@@ -458,12 +461,12 @@ class GRPO:
             0, group, rows, "amin")
         lengths = micro["prompt_lengths"][first]
         width = int(lengths.max())
-        prompt_mask = (torch.arange(width, device=group.device) >= width - lengths[:, None]).long()
+        prompt_mask = left_padding_mask(lengths, width)
         prompt_cache = KVCache(module.config, len(first), width, group.device, None)
         padded = bool((lengths < width).any())
-        first_logits = module(micro["prompt_ids"][first, -width:], positions=mask_positions(prompt_mask),
-                              attention_mask=prompt_mask if padded else None, cache=prompt_cache,
-                              last_logits_only=True)
+        first_logits = model(micro["prompt_ids"][first, -width:], positions=mask_positions(prompt_mask),
+                             attention_mask=prompt_mask if padded else None, cache=prompt_cache,
+                             last_logits_only=True)
         completions = micro["completion_ids"]
         L = completions.shape[1]
         mask = torch.cat([prompt_mask[group], torch.ones_like(completions)], dim=1)
@@ -480,9 +483,10 @@ class GRPO:
         compiled (a cache's length changes at every call)."""
         lengths = micro["prompt_lengths"]
         width = int(lengths.max())
-        ids = torch.cat([micro["prompt_ids"][:, -width:], micro["completion_ids"]], dim=1)
-        mask = (torch.arange(ids.shape[1], device=ids.device) >= width - lengths[:, None]).long()
-        L = micro["completion_ids"].shape[1]
+        completions = micro["completion_ids"]
+        ids = torch.cat([micro["prompt_ids"][:, -width:], completions], dim=1)
+        mask = torch.cat([left_padding_mask(lengths, width), torch.ones_like(completions)], dim=1)
+        L = completions.shape[1]
         with logits_at(unwrap(model), lambda hidden: hidden[:, width - 1:width - 1 + L]):
             return model(ids, positions=mask_positions(mask), attention_mask=mask)
 
