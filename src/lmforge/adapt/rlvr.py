@@ -5,10 +5,12 @@ optimizer, checkpoints and metrics around it):
   1. the loader gives this rank its share of the step's prompts, each repeated `group_size` times (a group's
      rows are contiguous and on one rank);
   2. `GRPO.prepare` samples one completion per row with lmforge's KV-cache generation (batched, eval mode, no
-     gradient; temperature sampling seeded by (seed, rollout, rank)), scores them (`rewards.py`), and turns each
-     group's rewards r_1..r_G into advantages A_i = r_i - mean(r) (`centered`, OlmoRL) or
-     (r_i - mean(r)) / (std(r) + 1e-4) (`standard`, std with Bessel's correction, as TRL);
-  3. `GRPO.loss` recomputes the completion tokens' log-probs log π(t) at the sampling temperature and, per token,
+     gradient; temperature sampling seeded by (seed, rollout, rank); each distinct prompt prefilled once), scores
+     them (`rewards.py`), and turns each group's rewards r_1..r_G into advantages A_i = r_i - mean(r)
+     (`centered`, OlmoRL) or (r_i - mean(r)) / (std(r) + 1e-4) (`standard`, std with Bessel's correction, as TRL);
+  3. `GRPO.loss` recomputes the completion tokens' log-probs log π(t) at the sampling temperature (each distinct
+     prompt of a micro-batch forwarded once into a KV cache that its rows' completions attend over: prompt
+     tokens are a large share of the rows, and a group repeats its prompt group_size times) and, per token,
         ratio = exp(log π - log π_old)     (π_old: the weights that sampled; = π, detached, when iterations = 1)
         L_t   = -min(ratio·A, clip(ratio, 1 - clip_low, 1 + clip_high)·A) · w + beta · KL_t
         KL_t  = exp(log π_ref - log π) - (log π_ref - log π) - 1      (Schulman's k3; π_ref: the start model)
