@@ -8,6 +8,11 @@ with the same thread count. Each side samples its own completions (its own gener
 so completion lengths are printed too. Samples/s is measured between the end of step 1 and the last step.
 
     .venv/bin/python benchmarks/bench_rlvr_cpu.py            # needs .peers/trl-venv (peers/setup_trl.sh)
+    .venv/bin/python benchmarks/bench_rlvr_cpu.py --share-ab 9 --steps 0   # only the prompt-sharing A/B
+
+`--share-ab N` times (CPU s, one thread, N interleaved repeats, medians) the completion log-probs' forward +
+backward of one micro-batch of the benchmark's shape (4 prompts of 25 tokens x 8 completions of 20): whole
+"prompt + completion" rows right-padded, as before prompts were shared, vs each prompt forwarded once.
 """
 
 from __future__ import annotations
@@ -88,6 +93,43 @@ def setup(work: Path) -> tuple[Path, Path, Path]:
     return model_dir, work / "hf", prompts
 
 
+def share_ab(model_dir: Path, repeats: int) -> None:
+    import statistics
+
+    import torch
+
+    from lmforge.adapt.rlvr import GRPO, GRPOConfig, token_logps
+    from lmforge.model.directory import load_model_dir
+    from lmforge.train.objective import IGNORE_INDEX
+
+    torch.set_num_threads(1)
+    model, tok = load_model_dir(model_dir)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [tok.encode(f"Answer with the number {n}.") for n in range(PROMPTS) for _ in range(GROUP)]
+    completions = [torch.randint(2, tok.vocab_size, (20,), generator=gen).tolist() for _ in prompts]
+    grpo = GRPOConfig(group_size=GROUP, prompts_per_step=PROMPTS, micro_batch_sequences=GROUP * PROMPTS)
+    objective = GRPO(grpo, None, None, tok)
+    batch = objective._rows(prompts, completions, torch.ones(len(prompts), dtype=torch.bool), torch.device("cpu"))
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.full((len(prompts), width), tok.pad_id)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+        labels[row, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
+    ways = {"whole rows": lambda: token_logps(model(ids), labels, 1.0),
+            "prompts shared": lambda: objective._completion_logps(model, batch)}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, logps in ways.items():
+            start = time.process_time()
+            logps().sum().backward()
+            times[name].append(time.process_time() - start)
+            model.zero_grad()
+    whole, shared = (statistics.median(times[name]) for name in ways)
+    print(f"completion log-probs, forward + backward of {len(prompts)} rows: whole rows {whole:.4f}, prompts "
+          f"shared {shared:.4f} CPU s (1 thread), ratio {whole / shared:.2f}x", flush=True)
+
+
 def run_lmforge(work: Path, model_dir: Path, prompts: Path, steps: int, threads: int) -> dict:
     import torch
 
@@ -124,11 +166,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "out" / "bench_rlvr"))
+    parser.add_argument("--share-ab", type=int, default=0, metavar="N",
+                        help="also time the completion log-probs with whole rows vs shared prompts, N repeats")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir, hf_dir, prompts = setup(work)
+    if args.share_ab:
+        share_ab(model_dir, args.share_ab)
+    if args.steps < 1:
+        return
     ours = run_lmforge(work, model_dir, prompts, args.steps, args.threads)
     print(f"lmforge: {ours['samples_per_second']:.2f} samples/s (mean completion {ours['completion_length']:.1f} "
           f"tokens)", flush=True)

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 from lmforge.core.errors import LmforgeError
 from lmforge.recipes.adaptation import smollm2_gguf  # noqa: F401  (the real-model tests' GGUF file)
@@ -18,6 +19,16 @@ def _has_olmo_tokenizer() -> bool:
 requires_olmo_tokenizer = pytest.mark.skipif(
     not _has_olmo_tokenizer(), reason="the `olmo` tokenizer ships with ai2-olmo-eval (pip install --no-deps ai2-olmo-eval)"
 )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread is fastest, and stays fast on a busy machine (two threads of a tiny model's
+    backward took 30x longer at load 4 on the shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 requires_smollm2 = pytest.mark.skipif(

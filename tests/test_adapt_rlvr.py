@@ -131,8 +131,8 @@ def test_loss_against_token_by_token_log_probs(tmp_path, aggregation):
     total, kl_total, count = 0.0, 0.0, 0
     for row in range(len(prepared["labels"])):
         positions = (prepared["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
-        ids = prepared["input_ids"][row].tolist()
-        prompt, completion = ids[:positions[0] + 1], ids[positions[0] + 1:positions[-1] + 2]
+        prompt = prepared["prompt_ids"][row, -prepared["prompt_lengths"][row]:].tolist()
+        completion = prepared["completion_ids"][row, positions].tolist()
         new = brute_force_logps(model, prompt, completion, 0.7)
         old = prepared["old_logps"][row, positions].tolist()
         ref = prepared["ref_logps"][row, positions].tolist()
@@ -152,6 +152,75 @@ def test_loss_against_token_by_token_log_probs(tmp_path, aggregation):
     assert metrics["kl"].item() == pytest.approx(kl_total, rel=1e-6)
     # the old log-probs were those of the weights that sampled
     assert prepared["old_logps"][0][prepared["labels"][0] != IGNORE_INDEX].sum().item() != pytest.approx(0)
+
+
+def right_padded_token_loss(model, prompts, completions, keep, advantages, old, ref, beta, temperature):
+    """The GRPO token-aggregated loss from one forward per batch over "prompt + completion" rows, right-padded:
+    every prompt forwarded once per row (the computation before prompts were shared)."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.ones((len(prompts), width), dtype=torch.long)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+    log_probs = (model(ids).float() / temperature).log_softmax(-1)
+    total = torch.zeros(())
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        if not keep[row]:
+            continue
+        new = log_probs[row, torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)]
+        ratio = torch.exp(new - old[row, :len(c)])
+        a = advantages[row]
+        delta = ref[row, :len(c)] - new
+        total = total - torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a).sum() + beta * (
+            torch.exp(delta) - delta - 1).sum()
+    return total
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+@pytest.mark.parametrize("preset, changes", [
+    ("olmo2-tiny-gqa", {}),  # grouped-query attention
+    ("olmo3-tiny", {"sliding_window": 4, "yarn_original_context": 16}),  # windows shorter than the prompts
+    ("olmoe-tiny", {}),  # mixture of experts
+    ("bloom-tiny", {}),  # ALiBi
+])
+def test_shared_prompts_give_the_loss_and_gradients_of_whole_rows(preset, changes, share_prompts, one_thread):
+    """Groups of 3 rows in micro-batches of 4 (a group split between two), prompts of different lengths,
+    completions of 1 to 6 tokens, one group's rows masked out: the summed micro-batch losses and the weights'
+    gradients equal those of whole right-padded rows."""
+    from lmforge.model.directory import build_model
+
+    tok = char_tokenizer()
+    config = to_dict(get_preset(preset))
+    config.update(vocab_size=tok.vocab_size, vocab_multiple=1, eos_token_id=0, pad_token_id=1,
+                  max_sequence_length=64, **changes)
+    torch.manual_seed(0)
+    model = build_model(from_dict(ModelConfig, config), 0)
+    grpo = GRPOConfig(group_size=3, prompts_per_step=3, micro_batch_sequences=4, temperature=0.7, beta=0.1)
+    obj = GRPO(grpo, None, None, tok, share_prompts=share_prompts)
+    gen = torch.Generator().manual_seed(1)
+    group_prompts = [tok.encode("Answer with 12."), tok.encode("Say 3."), tok.encode("What is 4 + 5?")]
+    prompts = [p for p in group_prompts for _ in range(3)]
+    completions = [torch.randint(2, tok.vocab_size, (n,), generator=gen).tolist() for n in (3, 1, 6, 2, 5, 4, 6, 2, 1)]
+    keep = torch.tensor([True] * 3 + [False] * 3 + [True] * 3)
+    batch = obj._rows(prompts, completions, keep, torch.device("cpu"))
+    batch["advantages"] = torch.randn(9, generator=gen)
+    batch["old_logps"] = -3 + 0.3 * torch.randn(batch["labels"].shape, generator=gen)
+    batch["ref_logps"] = -3 + 0.3 * torch.randn(batch["labels"].shape, generator=gen)
+
+    forwarded_rows = []
+    hook = model.embed.register_forward_hook(lambda module, args, out: forwarded_rows.append(len(out)))
+    shared = sum(obj.loss(model, {k: v[i:i + 4] for k, v in batch.items()})[0] for i in range(0, 9, 4))
+    hook.remove()
+    shared.backward()
+    # rows 0-3 hold groups 0 and 1, rows 4-7 groups 1 and 2, row 8 group 2: each prompt pass has 2, 2, 1 rows
+    assert forwarded_rows == ([2, 4, 2, 4, 1, 1] if share_prompts else [4, 4, 1])
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = right_padded_token_loss(model, prompts, completions, keep, batch["advantages"], batch["old_logps"],
+                                       batch["ref_logps"], 0.1, 0.7)
+    expected.backward()
+    assert shared.item() == pytest.approx(expected.item(), rel=1e-5)
+    for (name, p), grad in zip(model.named_parameters(), shared_grads):
+        assert (grad - p.grad).norm() <= 1e-5 * p.grad.norm() + 1e-7, name
 
 
 def test_zero_variance_groups_leave_the_normaliser(tmp_path):

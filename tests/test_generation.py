@@ -18,15 +18,6 @@ def test_top_k_and_top_p_keep_only_allowed_tokens():
     assert int(next_token(logits, SamplingConfig(), None)) == 0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and stays fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sampling_follows_its_seed_and_only_its_seed(one_thread):
     """Same seed: same tokens, whatever the global RNG state. Different seeds: different tokens. A sampler that
     ignores `seed` (draws from the global RNG, or from a generator seeded with a constant) fails one of the two,
@@ -114,3 +105,23 @@ def test_streamed_text_equals_the_whole_generation(one_thread, seed):
         expected = cut_at_stop(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]), ["e "])
         assert texts[row] == "".join(streamed[row]) == expected
         assert len(streamed[row]) > 1 or len(ids) <= 1, "the text came out only at the end"
+
+
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_without_a_cache(one_thread):
+    """GRPO repeats each prompt once per completion: the prefill runs on the distinct prompts only, and the rows
+    sample the tokens that recomputing every row's whole sequence at every step (no cache) samples. Weights of
+    std 0.5 make the next-token distributions peaked (a near-uniform one samples the same token from any row's
+    logits)."""
+    config = get_preset("olmo2-tiny")
+    config.init_std = 0.5
+    model = build_model(config, 0).eval()
+    prompts = [[5, 6, 7]] * 3 + [[9, 10]] * 3 + [[11]]
+    rows_seen = []
+    hook = model.embed.register_forward_hook(lambda module, args, out: rows_seen.append(len(out)))
+    cached = generate_ids(model, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3), pad_id=1)
+    hook.remove()
+    assert rows_seen[0] == 3 and set(rows_seen[1:]) == {7}
+    recomputed = generate_ids(model, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3,
+                                                             use_cache=False), pad_id=1)
+    assert cached == recomputed
+    assert len({tuple(row) for row in cached[:3]}) > 1  # a group's rows sample their own tokens

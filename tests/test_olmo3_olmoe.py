@@ -23,12 +23,7 @@ from train_utils import array_loader_factory, random_tokens, tiny_config  # noqa
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(batch=2, length=40, seed=0):

@@ -5,10 +5,12 @@ optimizer, checkpoints and metrics around it):
   1. the loader gives this rank its share of the step's prompts, each repeated `group_size` times (a group's
      rows are contiguous and on one rank);
   2. `GRPO.prepare` samples one completion per row with lmforge's KV-cache generation (batched, eval mode, no
-     gradient; temperature sampling seeded by (seed, rollout, rank)), scores them (`rewards.py`), and turns each
-     group's rewards r_1..r_G into advantages A_i = r_i - mean(r) (`centered`, OlmoRL) or
-     (r_i - mean(r)) / (std(r) + 1e-4) (`standard`, std with Bessel's correction, as TRL);
-  3. `GRPO.loss` recomputes the completion tokens' log-probs log π(t) at the sampling temperature and, per token,
+     gradient; temperature sampling seeded by (seed, rollout, rank); each distinct prompt prefilled once), scores
+     them (`rewards.py`), and turns each group's rewards r_1..r_G into advantages A_i = r_i - mean(r)
+     (`centered`, OlmoRL) or (r_i - mean(r)) / (std(r) + 1e-4) (`standard`, std with Bessel's correction, as TRL);
+  3. `GRPO.loss` recomputes the completion tokens' log-probs log π(t) at the sampling temperature (each distinct
+     prompt of a micro-batch forwarded once into a KV cache that its rows' completions attend over: prompt
+     tokens are a large share of the rows, and a group repeats its prompt group_size times) and, per token,
         ratio = exp(log π - log π_old)     (π_old: the weights that sampled; = π, detached, when iterations = 1)
         L_t   = -min(ratio·A, clip(ratio, 1 - clip_low, 1 + clip_high)·A) · w + beta · KL_t
         KL_t  = exp(log π_ref - log π) - (log π_ref - log π) - 1      (Schulman's k3; π_ref: the start model)
@@ -40,7 +42,9 @@ from lmforge.adapt.rewards import RewardConfig, RewardFunction
 from lmforge.core.config import require, save_config, to_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json
-from lmforge.model.generation import generate_ids
+from lmforge.eval.scoring import logits_at
+from lmforge.model.generation import generate_ids, left_padded, mask_positions
+from lmforge.model.transformer import KVCache
 from lmforge.model.sampling import SamplingConfig
 from lmforge.tokens.dataset import DataConfig
 from lmforge.tokens.tokenizer import Tokenizer
@@ -343,6 +347,11 @@ def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages:
     return loss, clipped
 
 
+def left_padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, width) attention mask of prompts of these lengths, left-padded to `width`."""
+    return (torch.arange(width, device=lengths.device) >= width - lengths[:, None]).long()
+
+
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(π || π_ref) per sampled token: exp(d) - d - 1 with d = log π_ref - log π."""
     delta = ref_logps - logps
@@ -353,8 +362,9 @@ class GRPO:
     """The GRPO objective (module docstring); rollout statistics accumulate between metrics lines."""
 
     def __init__(self, grpo: GRPOConfig, prompts: PromptSet, reward: RewardFunction, tokenizer: Tokenizer,
-                 reference: str | None = None):
+                 reference: str | None = None, share_prompts: bool = True):
         self.config, self.prompts, self.reward, self.tokenizer = grpo, prompts, reward, tokenizer
+        self.share_prompts = share_prompts
         self.reference_path = reference
         self.reference: torch.nn.Module | None = None
         self._rollout: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -397,10 +407,10 @@ class GRPO:
         zero_variance = (rewards.max(-1).values == rewards.min(-1).values)
         keep = ~zero_variance.repeat_interleave(g.group_size) if g.filter_zero_variance else torch.ones(
             len(index), dtype=torch.bool)
-        batch = self._sequences(prompt_ids, completions, keep, device)
+        batch = self._rows(prompt_ids, completions, keep, device)
         batch["advantages"] = advantages.to(device)
         if sampler_logps is not None:
-            batch["sampler_logps"] = self._at_labels(batch["labels"], prompt_ids, sampler_logps)
+            batch["sampler_logps"] = self._at_labels(batch["labels"], sampler_logps)
         if g.iterations > 1:
             batch["old_logps"] = self._logps(module, batch)
         if g.beta > 0:
@@ -411,29 +421,76 @@ class GRPO:
                                      len(index) - sum(finished), scored.failures], dtype=torch.float64)
         return batch
 
-    def _sequences(self, prompts: list[list[int]], completions: list[list[int]], keep: torch.Tensor,
-                   device: torch.device) -> dict[str, torch.Tensor]:
-        """Prompt + completion per row, right-padded (causal attention never sees the padding), with labels on
-        the completion tokens of kept rows."""
-        width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
+    def _rows(self, prompts: list[list[int]], completions: list[list[int]], keep: torch.Tensor,
+              device: torch.device) -> dict[str, torch.Tensor]:
+        """Per row: its prompt (left-padded, with its length and its group's index) and its completion
+        (right-padded), with labels on the completion tokens of kept rows."""
+        prompt_ids, prompt_mask = left_padded(prompts, self.tokenizer.pad_id, device)
+        width = max(len(c) for c in completions)
+        completion_ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
         labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (p, c) in enumerate(zip(prompts, completions)):
-            ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+        for row, c in enumerate(completions):
+            completion_ids[row, :len(c)] = torch.tensor(c)
             if keep[row]:
-                labels[row, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c)
-        return {"input_ids": ids.to(device), "labels": labels.to(device)}
+                labels[row, :len(c)] = torch.tensor(c)
+        return {"prompt_ids": prompt_ids, "prompt_lengths": prompt_mask.sum(-1),
+                "group": torch.arange(len(prompts), device=device) // self.config.group_size,
+                "completion_ids": completion_ids.to(device), "labels": labels.to(device)}
 
-    def _at_labels(self, labels: torch.Tensor, prompts: list[list[int]], values: list[list[float]]) -> torch.Tensor:
+    def _at_labels(self, labels: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
         out = torch.zeros(labels.shape, dtype=torch.float32)
-        for row, (p, v) in enumerate(zip(prompts, values)):
-            out[row, len(p) - 1:len(p) + len(v) - 1] = torch.tensor(v)
+        for row, v in enumerate(values):
+            out[row, :len(v)] = torch.tensor(v)
         return out.to(labels.device).masked_fill(labels == IGNORE_INDEX, 0.0)
 
     def _logps(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         step = self.config.micro_batch_sequences
-        return torch.cat([token_logps(module(batch["input_ids"][i:i + step]), batch["labels"][i:i + step],
-                                      self.config.temperature) for i in range(0, len(batch["labels"]), step)])
+        return torch.cat([self._completion_logps(module, {k: v[i:i + step] for k, v in batch.items()})
+                          for i in range(0, len(batch["labels"]), step)])
+
+    def _completion_logps(self, model: torch.nn.Module, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π of each completion token (at the labels' positions)."""
+        logits = (self._shared_prompt_logits if self.share_prompts else self._whole_row_logits)(model, micro)
+        return token_logps(logits, micro["labels"], self.config.temperature)
+
+    def _shared_prompt_logits(self, model: torch.nn.Module, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Completion logits with each distinct prompt of the micro-batch forwarded once (left-padded, into a KV
+        cache whose copies its rows' completions attend over): the prompt's gradient is the sum over its rows."""
+        module = unwrap(model)
+        _, group = micro["group"].unique(return_inverse=True)
+        rows = torch.arange(len(group), device=group.device)
+        first = torch.full((int(group.max()) + 1,), len(group), device=group.device).scatter_reduce(
+            0, group, rows, "amin")
+        lengths = micro["prompt_lengths"][first]
+        width = int(lengths.max())
+        prompt_mask = left_padding_mask(lengths, width)
+        prompt_cache = KVCache(module.config, len(first), width, group.device, None)
+        padded = bool((lengths < width).any())
+        first_logits = model(micro["prompt_ids"][first, -width:], positions=mask_positions(prompt_mask),
+                             attention_mask=prompt_mask if padded else None, cache=prompt_cache,
+                             last_logits_only=True)
+        completions = micro["completion_ids"]
+        L = completions.shape[1]
+        mask = torch.cat([prompt_mask[group], torch.ones_like(completions)], dim=1)
+        positions = lengths[group][:, None] + torch.arange(L, device=group.device)
+        # The last completion position predicts nothing: the LM head skips it.
+        with logits_at(module, lambda hidden: hidden[:, :-1]):
+            rest = model(completions, positions=positions, attention_mask=mask,
+                         cache=prompt_cache.select(group, width + L))
+        return torch.cat([first_logits.index_select(0, group), rest], dim=1)
+
+    def _whole_row_logits(self, model: torch.nn.Module, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Completion logits from one forward over each row's prompt + completion: for blocks that recompute
+        their forward in the backward (activation checkpointing would append to the cache twice) or are
+        compiled (a cache's length changes at every call)."""
+        lengths = micro["prompt_lengths"]
+        width = int(lengths.max())
+        completions = micro["completion_ids"]
+        ids = torch.cat([micro["prompt_ids"][:, -width:], completions], dim=1)
+        mask = torch.cat([left_padding_mask(lengths, width), torch.ones_like(completions)], dim=1)
+        L = completions.shape[1]
+        with logits_at(unwrap(model), lambda hidden: hidden[:, width - 1:width - 1 + L]):
+            return model(ids, positions=mask_positions(mask), attention_mask=mask)
 
     def _reference(self, device: torch.device) -> torch.nn.Module:
         """The frozen start model (loaded from its directory, so a resumed run compares with the same one)."""
@@ -460,7 +517,7 @@ class GRPO:
         g = self.config
         labels = micro["labels"]
         mask = labels != IGNORE_INDEX
-        logps = token_logps(model(micro["input_ids"]), labels, g.temperature)
+        logps = self._completion_logps(model, micro)
         old = micro["old_logps"] if "old_logps" in micro else logps.detach()
         per_token, clipped = clipped_token_loss(logps, old, micro["advantages"], g.clip_low, g.clip_high)
         if "sampler_logps" in micro:
@@ -506,7 +563,8 @@ def rlvr(config: RLVRConfig, command: str = "lmforge adapt rlvr") -> dict:
     prompts = read_prompts(config.prompts, tokenizer, config.prompt_format, config.max_prompt_tokens,
                            model.bos_token_id)
     reward = RewardFunction(config.reward)
-    objective = GRPO(config.grpo, prompts, reward, tokenizer, reference=config.model)
+    objective = GRPO(config.grpo, prompts, reward, tokenizer, reference=config.model,
+                     share_prompts=config.parallel.activation_checkpointing == "none" and not config.parallel.compile)
 
     def loader_factory(global_batch_tokens, dist_info):
         return PromptLoader(len(prompts.ids), config.grpo, config.seed, dist_info.rank, dist_info.world_size)

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from lmforge.core.errors import LmforgeError
+from lmforge.model.generation import left_padded, mask_positions
 from lmforge.model.transformer import KVCache
 
 Pair = tuple[tuple[int, ...], tuple[int, ...]]
@@ -103,16 +104,10 @@ def loglikelihoods(model, pairs: Sequence[Pair], batch_size: int = 16,
 def _score_batch(model, contexts: list[tuple[int, ...]], continuations: list[list[tuple[int, ...]]],
                  members: list[list[int]], results: list[float]) -> None:
     device, dtype = _model_device_dtype(model)
-    B = len(contexts)
-    Lc = max(len(c) for c in contexts)
-    ids = torch.full((B, Lc), model.config.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((B, Lc), dtype=torch.long)
-    for b, ctx in enumerate(contexts):
-        ids[b, Lc - len(ctx):] = torch.tensor(ctx)
-        mask[b, Lc - len(ctx):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    B, Lc = len(contexts), max(len(c) for c in contexts)
+    ids, mask = left_padded([list(c) for c in contexts], model.config.pad_token_id, device)
     padded = bool((mask == 0).any())
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = mask_positions(mask)
     cache = KVCache(model.config, B, Lc, device, dtype)
     with last_position_logits(model):
         logits = model(ids, positions=positions, attention_mask=mask if padded else None, cache=cache)

@@ -52,6 +52,44 @@ def generate_ids(model: Transformer, prompts: list[list[int]], config: SamplingC
     return outputs
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, longest) token ids with each prompt at the right end, and its attention mask (1 on real tokens)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Token positions from an attention mask: the first real token of each row is position 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _prefill(model: Transformer, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor,
+             capacity: int) -> tuple[torch.Tensor, KVCache]:
+    """The prompts' last-position logits and a cache of `capacity` tokens holding them. Each distinct prompt runs
+    once and its cache is copied to the rows that repeat it: GRPO samples a group of completions per prompt."""
+    distinct: dict[tuple[int, ...], int] = {}
+    first, source = [], []
+    for row, p in enumerate(prompts):
+        if distinct.setdefault(tuple(p), len(first)) == len(first):
+            first.append(row)
+        source.append(distinct[tuple(p)])
+    repeated = len(first) < len(prompts)
+    cache = KVCache(model.config, len(first), ids.shape[1] if repeated else capacity, ids.device,
+                    next(model.parameters()).dtype)
+    rows = torch.tensor(first, device=ids.device)
+    logits = model(ids[rows], positions=mask_positions(mask[rows]), attention_mask=mask[rows], cache=cache,
+                   last_logits_only=True)
+    if not repeated:
+        return logits, cache
+    source_rows = torch.tensor(source, device=ids.device)
+    return logits.index_select(0, source_rows), cache.select(source_rows, capacity)
+
+
 @torch.no_grad()
 def generate_steps(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
                    eos_id: int | None = None, pad_id: int = 0, decode=None,
@@ -66,27 +104,25 @@ def generate_steps(model: Transformer, prompts: list[list[int]], config: Samplin
     max_new = min(config.max_new_tokens, context - longest)
     device = next(model.parameters()).device
     B = len(prompts)
-    ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, longest + max_new), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        mask[i, longest - len(p):longest] = 1
-    positions = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
+    ids, prompt_mask = left_padded(prompts, pad_id, device)
+    mask = torch.cat([prompt_mask, torch.zeros((B, max_new), dtype=torch.long, device=device)], dim=1)
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.temperature > 0 else None
-    cache = KVCache(model.config, B, longest + max_new, device, next(model.parameters()).dtype) if config.use_cache else None
+    cache = None
+    if config.use_cache:
+        logits, cache = _prefill(model, prompts, ids, prompt_mask, longest + max_new)
 
     outputs: list[list[int]] = [[] for _ in range(B)]  # for the stop strings
     done = [False] * B
     sequence = ids
-    step_ids, step_pos = ids, positions
+    step_ids, step_pos = ids, mask_positions(prompt_mask)
     for step in range(max_new):
         length = longest + step
-        if cache is not None:
+        if cache is None:
+            logits = model(sequence, positions=mask_positions(mask[:, :length]), attention_mask=mask[:, :length],
+                           last_logits_only=True)
+        elif step > 0:
             logits = model(step_ids, positions=step_pos, attention_mask=mask[:, :length], cache=cache,
                            last_logits_only=True)
-        else:
-            all_pos = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)
-            logits = model(sequence, positions=all_pos, attention_mask=mask[:, :length], last_logits_only=True)
         token = next_token(logits[:, -1], config, generator)
         tokens = token.tolist()  # one device-to-host copy per step
         if logprobs is not None:

@@ -250,18 +250,25 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 class KVCache:
     """Per-layer key/value buffers of shape (B, n_kv_heads, capacity, head_dim), in token order. A full-attention
     layer keeps every token (capacity max_len); a sliding-window layer keeps only the last window - 1 tokens,
-    all that a later query can see, so its memory stays bounded by the window however long generation runs."""
+    all that a later query can see, so its memory stays bounded by the window however long generation runs.
+    With dtype None a layer's buffers take the dtype of its first keys: a mixed-precision forward (autocast,
+    FSDP's parameter dtype) computes them in a dtype the parameters outside it do not show."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        self.config = config
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype: torch.dtype | None):
+        self.config, self.device = config, device
         self.windows = [config.layer_window(i) for i in range(config.n_layers)]
-        self.keys, self.values = [], []
-        for window in self.windows:
-            capacity = max_len if window is None else min(window - 1, max_len)
-            shape = (batch_size, config.n_kv_heads, capacity, config.head_dim)
-            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
-            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.shapes = [(batch_size, config.n_kv_heads, max_len if window is None else min(window - 1, max_len),
+                        config.head_dim) for window in self.windows]
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layers
+        self.values: list[torch.Tensor | None] = [None] * config.n_layers
+        if dtype is not None:
+            for layer in range(config.n_layers):
+                self._allocate(layer, dtype)
         self.length = 0
+
+    def _allocate(self, layer: int, dtype: torch.dtype) -> None:
+        self.keys[layer] = torch.zeros(self.shapes[layer], device=self.device, dtype=dtype)
+        self.values[layer] = torch.zeros(self.shapes[layer], device=self.device, dtype=dtype)
 
     def held(self, window: int | None) -> int:
         """Tokens a layer with this window holds now: the most recent ones."""
@@ -269,6 +276,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new keys/values; returns those the new queries attend over (held + new)."""
+        if self.keys[layer] is None:
+            self._allocate(layer, k.dtype)
         if self.windows[layer] is None:
             end = self.length + k.shape[2]
             self.keys[layer][:, :, self.length:end] = k
@@ -283,8 +292,9 @@ class KVCache:
         return keys, values
 
     def select(self, rows: torch.Tensor, max_len: int) -> "KVCache":
-        """A cache of these batch rows with room for max_len tokens in all, holding what this one holds."""
-        out = KVCache(self.config, len(rows), max_len, self.keys[0].device, self.keys[0].dtype)
+        """A cache of these batch rows with room for max_len tokens in all, holding what this one holds. The
+        copies are differentiable: a gradient through the new cache reaches the rows it came from, summed."""
+        out = KVCache(self.config, len(rows), max_len, self.device, self.keys[0].dtype)
         for layer, window in enumerate(self.windows):
             held = self.held(window)
             out.keys[layer][:, :, :held] = self.keys[layer][:, :, :held].index_select(0, rows)
