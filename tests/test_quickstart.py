@@ -354,6 +354,9 @@ def test_python_lines_counts_the_lines_that_keep_a_sample_valid_python():
     # A prompt that ends mid-line: the completion's first line finishes the prompt's.
     assert python_lines('class Stack:\n    """', 'A stack."""\n    def push(self, x):\n') == \
         {"lines": 2, "python_lines": 2}
+    # A docstring's lines inside a method, before its closing quotes, are Python so far.
+    assert python_lines('class Stack:\n', '    def push(self, x):\n        """Push x.\n\n        Returns None.\n'
+                        '        """\n        return None\n    foo bar\n') == {"lines": 7, "python_lines": 6}
 
 
 def test_the_adaptation_section_shows_the_files_numbers(tmp_path):
