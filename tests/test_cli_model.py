@@ -141,6 +141,27 @@ def test_generate_streams_what_it_would_print_at_once(tmp_path, capsys, kind):
         assert json.loads(out)[0]["completion"] == row["completion"] != ""
 
 
+def test_generate_token_healing_is_passed_through_and_streams_the_same(tmp_path, capsys):
+    """--token-healing gives what `generate_text` with token healing gives (and not what it gives without), in
+    --json and streamed; a --chat prompt cannot be healed."""
+    from lmforge.model.directory import load_model_dir
+    from lmforge.model.generation import SamplingConfig, generate_text
+
+    _chat_model_dir(tmp_path / "m")
+    common = [str(tmp_path / "m"), "--prompt", "the cat ", "--max-new-tokens", "8", "--temperature", "1", "--seed", "5"]
+    code, out, _ = run(capsys, "generate", *common, "--token-healing", "--json")
+    assert code == 0
+    [row] = json.loads(out)
+    model, tokenizer = load_model_dir(tmp_path / "m")
+    healed = generate_text(model, tokenizer, ["the cat "], SamplingConfig(8, temperature=1, seed=5, token_healing=True))
+    assert [row["completion"]] == healed != generate_text(model, tokenizer, ["the cat "],
+                                                           SamplingConfig(8, temperature=1, seed=5))
+    code, streamed, _ = run(capsys, "generate", *common, "--token-healing")
+    assert code == 0 and streamed == "the cat " + row["completion"] + "\n"
+    code, _, err = run(capsys, "generate", str(tmp_path / "m"), "--chat", "hi", "--token-healing")
+    assert code == 2 and "--token-healing continues a --prompt" in err and err.count("\n") == 1
+
+
 def test_generate_chat_without_a_template_is_one_line(tmp_path, capsys):
     tokenizer = _chat_model_dir(tmp_path / "m")
     tokenizer.chat_template = None

@@ -125,3 +125,47 @@ def test_a_repeated_prompt_is_prefilled_once_and_samples_as_without_a_cache(one_
                                                              use_cache=False), pad_id=1)
     assert cached == recomputed
     assert len({tuple(row) for row in cached[:3]}) > 1  # a group's rows sample their own tokens
+
+
+PYTHON_TEXTS = ["def f(x):\n    return x\n", "def g(a, b):\n    if a:\n        return b\n    return a\n",
+                "import os\n\n\nclass C:\n    def m(self):\n        pass\n"] * 8
+
+
+def test_token_healing_lets_the_first_token_restate_the_prompt_end(one_thread):
+    """Byte-level BPE merges a newline with the indentation after it, so "def f(x):\\n" ends on the token of a
+    bare newline. Healing takes that token back; the first new token is then the best one (greedy) among those
+    whose text begins with "\\n", found here by decoding every token; the completion leaves that "\\n" out, and a
+    stop string is looked for after it."""
+    from lmforge.model.generation import generate_text, heal_prompts
+    from lmforge.tokens.tokenizer import train_bpe
+
+    tokenizer = train_bpe(iter(PYTHON_TEXTS), vocab_size=300)
+    assert tokenizer.token_to_id("Ċ") is not None and tokenizer.token_to_id("ĊĠĠĠ") is not None
+    prompt = tokenizer.encode("def f(x):\n")
+    assert tokenizer.decode(prompt[-1:]) == "\n"
+    specials = set(tokenizer.hf.get_added_tokens_decoder())
+    newline_first = [i for i in range(tokenizer.vocab_size)
+                     if i not in specials and tokenizer.decode([i]).startswith("\n")]
+    assert len(newline_first) >= 3
+
+    healed, healing = heal_prompts(tokenizer, [prompt, prompt[:1], [prompt[0], tokenizer.eos_id]])
+    assert healed == [prompt[:-1], prompt[:1], [prompt[0], tokenizer.eos_id]]  # one token, a special: left whole
+    assert healing.texts == ["\n", "", ""] and sorted(healing.allowed[0]) == newline_first
+    assert healing.allowed[1:] == [None, None]
+
+    config = get_preset("olmo2-tiny")
+    config.vocab_size, config.eos_token_id, config.pad_token_id = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id
+    config.init_std = 0.5
+    model = build_model(config, seed=0).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt[:-1]]))[0, -1]
+    first = newline_first[int(logits[newline_first].argmax())]
+    assert int(logits.argmax()) not in newline_first, "the unconstrained choice should differ for this test to bite"
+    later = generate_ids(model, [prompt[:-1] + [first]], SamplingConfig(max_new_tokens=5), tokenizer.eos_id,
+                         tokenizer.pad_id)[0]
+    expected = tokenizer.decode([t for t in [first] + later if t != tokenizer.eos_id])[1:]
+    sampling = SamplingConfig(max_new_tokens=6, token_healing=True)
+    assert generate_text(model, tokenizer, ["def f(x):\n"], sampling) == [expected]
+    stopped = SamplingConfig(max_new_tokens=6, token_healing=True, stop_strings=["\n"])
+    assert generate_text(model, tokenizer, ["def f(x):\n"], stopped) == [cut_at_stop(expected, ["\n"])]
+    assert generate_text(model, tokenizer, ["def f(x):\n"], SamplingConfig(max_new_tokens=6)) != [expected]

@@ -166,7 +166,7 @@ def test_quickstart_end_to_end(tmp_path):
     lineage = (out / "logs" / "lineage.txt").read_text().strip()
     assert "## Lineage" in report and lineage and lineage[:300] in report
     samples = read(out, "samples.json")["samples"]
-    assert len(samples) == 4 and all(0 <= s["python_lines"] <= s["lines"] for s in samples)
+    assert len(samples) == 4 and all(0 <= s["code_lines"] <= s["python_lines"] <= s["lines"] for s in samples)
     assert "SmolLM2-135M-Instruct was not adapted in this run: skipped: --no-adapt." in report
 
     # Stage 1 stopped where the budget said: the run trained the steps budget.json records, in chunks.
@@ -271,7 +271,7 @@ def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
 
 def test_stage1_runs_on_past_its_plan_when_the_machine_is_faster():
     """Hand-worked, on the plan above: chunks of a tenth of the 100 planned steps, as far as the time left
-    affords, and no further than STAGE1_MAX_STRETCH (2) times the plan."""
+    affords, and no further than STAGE1_MAX_STRETCH (3) times the plan."""
     from lmforge.recipes.plan import fixed_plan, next_stage1_target
 
     plan = fixed_plan(10, 4096, 100, 10**6, 10)
@@ -279,8 +279,9 @@ def test_stage1_runs_on_past_its_plan_when_the_machine_is_faster():
     plan.seconds_per_step = 1.0
     assert next_stage1_target(plan, 3, 200.0, 0.5) == 13
     assert next_stage1_target(plan, 100, 200.0, 0.5) == 110  # past the plan: 280 steps are affordable
-    assert next_stage1_target(plan, 195, 200.0, 0.5) == 200  # the stretch's end
-    assert next_stage1_target(plan, 200, 200.0, 0.5) == 200
+    assert next_stage1_target(plan, 195, 200.0, 0.5) == 205
+    assert next_stage1_target(plan, 295, 200.0, 0.5) == 300  # the stretch's end
+    assert next_stage1_target(plan, 300, 200.0, 0.5) == 300
     assert next_stage1_target(plan, 100, 62.0, 0.5) == 104  # 10 + 50 s go to the anneals and later stages
     assert next_stage1_target(plan, 50, 139.0, 2.0) == 50  # slower: the time left is spoken for, stage 1 ends
     assert next_stage1_target(plan, 3, 139.0, 2.0) == 13  # but not before the plan's minimum of 40 steps
@@ -347,16 +348,20 @@ def test_python_lines_counts_the_lines_that_keep_a_sample_valid_python():
     from lmforge.recipes.quickstart import python_lines
 
     # Hand-checked: the call's bracket stays open over two lines (valid so far), "foo bar" is not Python, and
-    # the last line, cut mid-way, is not counted.
+    # the last line, cut mid-way, is not counted. Of the 6 valid lines, 2 are blank.
     completion = "    return x\n\n\ndef g(y):\n    return (y +\n        1)\nfoo bar\nx = 1"
-    assert python_lines("def f(x):\n", completion) == {"lines": 7, "python_lines": 6}
-    assert python_lines("def f(x):\n", " for\n\ned.\n") == {"lines": 3, "python_lines": 0}
-    # A prompt that ends mid-line: the completion's first line finishes the prompt's.
+    assert python_lines("def f(x):\n", completion) == {"lines": 7, "python_lines": 6, "code_lines": 4}
+    assert python_lines("def f(x):\n", " for\n\ned.\n") == {"lines": 3, "python_lines": 0, "code_lines": 0}
+    # A prompt that ends mid-line: the completion's first line finishes the prompt's (a docstring: no code).
     assert python_lines('class Stack:\n    """', 'A stack."""\n    def push(self, x):\n') == \
-        {"lines": 2, "python_lines": 2}
-    # A docstring's lines inside a method, before its closing quotes, are Python so far.
+        {"lines": 2, "python_lines": 2, "code_lines": 1}
+    # A docstring's lines inside a method, before its closing quotes, are Python so far, but not code.
     assert python_lines('class Stack:\n', '    def push(self, x):\n        """Push x.\n\n        Returns None.\n'
-                        '        """\n        return None\n    foo bar\n') == {"lines": 7, "python_lines": 6}
+                        '        """\n        return None\n    foo bar\n') == {"lines": 7, "python_lines": 6,
+                                                                         "code_lines": 2}
+    # Comment lines are valid Python and no code.
+    assert python_lines("def read_file(path):\n", "#\n# Codec API\n#\n") == {"lines": 3, "python_lines": 3,
+                                                                               "code_lines": 0}
 
 
 def test_the_adaptation_section_shows_the_files_numbers(tmp_path):

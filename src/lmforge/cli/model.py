@@ -7,6 +7,7 @@ import json
 import sys
 
 from lmforge.cli.options import Flag, add_config_flags, add_model_source_flags, add_out_flag, config_from_args, out_of
+from lmforge.core.errors import LmforgeError
 from lmforge.model.sampling import SamplingConfig
 
 
@@ -53,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "top_p": "sample among the most likely tokens holding this probability mass",
         "stop_strings": Flag("stop at any of these strings (repeatable)", flag="--stop"),
         "seed": "sampling seed",
+        "token_healing": "let the model re-decide the prompt's last token (a prompt ending in a newline then "
+                         "gets the indentation it would have had); --prompt only",
     })
     add_model_source_flags(gen)
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -147,6 +150,9 @@ def cmd_generate(args) -> None:
     from lmforge.model.loading import load, resolve_device
 
     config = config_from_args(SamplingConfig, args)  # checked before the model is loaded
+    if args.chat and config.token_healing:
+        raise LmforgeError("--token-healing continues a --prompt; a --chat prompt ends where the chat template "
+                           "says the reply begins")
     loaded = load(args.model, args.step, device=resolve_device(args.device), tokenizer=args.tokenizer,
                   require_tokenizer=True)
     model, tokenizer = loaded.model, loaded.tokenizer

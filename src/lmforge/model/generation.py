@@ -2,11 +2,13 @@
 
 Positions follow the attention mask (the first real token of a left-padded prompt is position 0), as in
 transformers, so a batch generates the same tokens as each prompt alone. Tokens come out step by step
-(`generate_steps`); `TextStream` turns them into text as soon as the text is final, for streaming.
+(`generate_steps`); `TextStream` turns them into text as soon as the text is final, for streaming. Text prompts
+can be healed at their boundary (`heal_prompts`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -33,6 +35,39 @@ def next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Ge
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Healing:
+    """What `heal_prompts` took back from each prompt: its text ("" for a prompt left whole), and the tokens
+    the first new token may be (None: any)."""
+    texts: list[str]
+    allowed: list[list[int] | None]
+
+    def first_token_mask(self, vocab_size: int, device) -> torch.Tensor:
+        """(B, vocab_size) bool: True where a row's first new token may be that token."""
+        mask = torch.ones((len(self.texts), vocab_size), dtype=torch.bool)
+        for row, allowed in enumerate(self.allowed):
+            if allowed is not None:
+                mask[row] = False
+                mask[row, allowed] = True
+        return mask.to(device)
+
+
+def heal_prompts(tokenizer, prompts: list[list[int]]) -> tuple[list[list[int]], Healing]:
+    """Token healing (the prompt-boundary fix of Microsoft's `guidance`): each prompt's last token is taken back
+    and the first new token must begin with its text, so the model chooses how the prompt's text ends. Without
+    it, a prompt ending in "\n" ends on the token of a newline *not* followed by spaces (byte-level BPE merges
+    "\n" with the indentation after it), which tells the model the next line starts at column 0. A prompt of
+    one token, a special token or a broken character is left whole."""
+    healed, texts, allowed = [], [], []
+    for ids in prompts:
+        text = tokenizer.decode(ids[-1:])
+        extending = tokenizer.tokens_extending(ids[-1]) if len(ids) > 1 and "\ufffd" not in text else []
+        healed.append(ids[:-1] if extending else ids)
+        texts.append(text if extending else "")
+        allowed.append(extending or None)
+    return healed, Healing(texts, allowed)
 
 
 def generate_ids(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
@@ -93,8 +128,11 @@ def _prefill(model: Transformer, prompts: list[list[int]], ids: torch.Tensor, ma
 @torch.no_grad()
 def generate_steps(model: Transformer, prompts: list[list[int]], config: SamplingConfig,
                    eos_id: int | None = None, pad_id: int = 0, decode=None,
-                   logprobs: list[list[float]] | None = None) -> Iterator[list[int | None]]:
-    """`generate_ids` one step at a time: each step's new token per prompt, None for a prompt already done."""
+                   logprobs: list[list[float]] | None = None,
+                   healing: Healing | None = None) -> Iterator[list[int | None]]:
+    """`generate_ids` one step at a time: each step's new token per prompt, None for a prompt already done.
+    With `healing` (from `heal_prompts`), the first token extends the text taken back from the prompt, and stop
+    strings are looked for after that text."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LmforgeError("every prompt needs at least one token")
     context = model.config.max_sequence_length
@@ -123,6 +161,8 @@ def generate_steps(model: Transformer, prompts: list[list[int]], config: Samplin
         elif step > 0:
             logits = model(step_ids, positions=step_pos, attention_mask=mask[:, :length], cache=cache,
                            last_logits_only=True)
+        if step == 0 and healing is not None:
+            logits = logits.masked_fill(~healing.first_token_mask(logits.shape[-1], device)[:, None], float("-inf"))
         token = next_token(logits[:, -1], config, generator)
         tokens = token.tolist()  # one device-to-host copy per step
         if logprobs is not None:
@@ -139,7 +179,8 @@ def generate_steps(model: Transformer, prompts: list[list[int]], config: Samplin
                 logprobs[i].append(chosen[i])
             if config.stop_on_eos and eos_id is not None and t == eos_id:
                 done[i] = True
-            elif config.stop_strings and decode is not None and any(s in decode(outputs[i]) for s in config.stop_strings):
+            elif config.stop_strings and decode is not None and any(
+                    s in decode(outputs[i])[len(healing.texts[i]) if healing else 0:] for s in config.stop_strings):
                 done[i] = True
         yield new
         if all(done):
@@ -163,10 +204,13 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
 class TextStream:
     """The text of one prompt's generated tokens, handed out as soon as it is final: while the text ends inside
     a multi-byte character (decoded as U+FFFD) it waits for the rest, the last characters that could begin a
-    stop string wait until that is decided, and EOS is not text. The pieces join to `generate_text`'s output."""
+    stop string wait until that is decided, and EOS is not text. The pieces join to `generate_text`'s output.
+    `healed` is prompt text the tokens restate (`heal_prompts`): it is not handed out."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: list[str] = (), eos_id: int | None = None):
-        self.decode, self.stop_strings, self.eos_id = decode, list(stop_strings), eos_id
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: list[str] = (), eos_id: int | None = None,
+                 healed: str = ""):
+        self.stop_strings, self.eos_id = list(stop_strings), eos_id
+        self.decode = (lambda ids: decode(ids)[len(healed):]) if healed else decode
         self.ids: list[int] = []
         self.sent = 0  # characters handed out
         self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
@@ -210,10 +254,14 @@ def chat_prompt(tokenizer, message: str) -> str:
 def generate_text(model: Transformer, tokenizer, prompts: list[str], config: SamplingConfig,
                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
     """The completion of each prompt (EOS and anything from a stop string on removed). `on_text(row, piece)`
-    receives each row's text as it becomes final (`TextStream`)."""
+    receives each row's text as it becomes final (`TextStream`). `config.token_healing` heals the prompts'
+    boundaries (`heal_prompts`)."""
     ids = [prompt_ids(tokenizer, p, model.config.bos_token_id) for p in prompts]
-    streams = [TextStream(tokenizer.decode, config.stop_strings, tokenizer.eos_id if config.stop_on_eos else None)
-               for _ in prompts]
+    healing = None
+    if config.token_healing:
+        ids, healing = heal_prompts(tokenizer, ids)
+    streams = [TextStream(tokenizer.decode, config.stop_strings, tokenizer.eos_id if config.stop_on_eos else None,
+                          healing.texts[row] if healing else "") for row in range(len(prompts))]
     pieces: list[list[str]] = [[] for _ in prompts]
 
     def give(row: int, piece: str) -> None:
@@ -223,7 +271,7 @@ def generate_text(model: Transformer, tokenizer, prompts: list[str], config: Sam
                 on_text(row, piece)
 
     for step in generate_steps(model, ids, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                               decode=tokenizer.decode):
+                               decode=tokenizer.decode, healing=healing):
         for row, token in enumerate(step):
             if token is not None:
                 give(row, streams[row].push(token))

@@ -18,6 +18,7 @@ class SamplingConfig:
     stop_on_eos: bool = True
     seed: int = 0
     use_cache: bool = True
+    token_healing: bool = False  # text prompts only: see `generation.heal_prompts`
 
     def __post_init__(self) -> None:
         self.validate()

@@ -60,8 +60,9 @@ LATER_SHARE = 0.08  # of the budget: evaluation, baselines, samples, export and 
 # (measured on a quiet 2-core machine: 18 s of a 12-minute budget, 0.03)
 STAGE1_CHUNKS = 10  # `lmforge train` calls of stage 1; the budget is re-checked between them
 FIRST_CHUNK_STEPS = 3  # before any check: on a machine far slower than the probe, a planned chunk overruns
-STAGE1_MAX_STRETCH = 2.0  # on a machine faster than the probe, stage 1 runs on, to this many times its planned
-# steps (a warmup-stable-decay schedule has no end to move; the corpus, sized for one pass, is read up to twice)
+STAGE1_MAX_STRETCH = 3.0  # on a machine faster than the probe, stage 1 runs on, to this many times its planned
+# steps (a warmup-stable-decay schedule has no end to move; the corpus, sized for one pass, is read up to three
+# times, which costs little against new data: Muennighoff et al. 2023, "Scaling Data-Constrained Language Models")
 
 # The adapt stage's work: the SFT of configs/adapt/quickstart-sft.yaml on SmolLM2-135M-Instruct, then greedy
 # answers to the held-out items before and after.

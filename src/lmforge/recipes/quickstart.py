@@ -26,6 +26,7 @@ import json
 import shutil
 import sys
 import time
+import tokenize
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -430,8 +431,9 @@ class Quickstart:
 
     def samples_stage(self) -> None:
         prompts = [a for p in SAMPLE_PROMPTS for a in ("--prompt", p)]
-        text = self.lmforge(["generate", str(self.out / "model"), *prompts, *SAMPLING, "--json"], log="samples")
-        samples = {"settings": dict(zip(SAMPLING[::2], SAMPLING[1::2])), "samples": [
+        text = self.lmforge(["generate", str(self.out / "model"), *prompts, *SAMPLING, "--token-healing", "--json"],
+                            log="samples")
+        samples = {"settings": {**dict(zip(SAMPLING[::2], SAMPLING[1::2])), "--token-healing": "on"}, "samples": [
             {**sample, **python_lines(sample["prompt"], sample["completion"])} for sample in json.loads(text)]}
         atomic_write_json(self.out / "samples.json", samples)
         print("  " + (SAMPLE_PROMPTS[0] + samples["samples"][0]["completion"]).replace("\n", "\n  ")[:600])
@@ -459,7 +461,8 @@ class Quickstart:
 def python_lines(prompt: str, completion: str) -> dict:
     """How far a sample reads as Python: of the completion's whole lines, how many in a row keep prompt +
     completion valid Python so far (complete, or inside an unfinished block or bracket, as the interactive
-    interpreter decides with `codeop`)."""
+    interpreter decides with `codeop`), and how many of those hold code: a name, operator or number, not only
+    a comment or a string (a run of "#" lines is valid Python, and reads as none)."""
     lines = (prompt + completion).split("\n")[:-1]  # the last line may be cut mid-token
     first = prompt.count("\n")
     valid = first
@@ -471,7 +474,14 @@ def python_lines(prompt: str, completion: str) -> dict:
             except (SyntaxError, ValueError, OverflowError):
                 break
             valid = end
-    return {"lines": len(lines) - first, "python_lines": valid - first}
+    code_rows = set()
+    source = io.StringIO("\n".join(lines[:valid]) + "\n")
+    with contextlib.suppress(tokenize.TokenError, SyntaxError):  # an unfinished bracket or string at the end
+        for token in tokenize.generate_tokens(source.readline):
+            if token.type in (tokenize.NAME, tokenize.OP, tokenize.NUMBER):
+                code_rows.add(token.start[0])
+    return {"lines": len(lines) - first, "python_lines": valid - first,
+            "code_lines": sum(row > first for row in code_rows)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

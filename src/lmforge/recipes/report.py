@@ -496,14 +496,19 @@ def write_report(out: Path) -> Path:
     doc.h(2, "Samples")
     samples = load(out, "samples.json")
     settings = ", ".join(f"{k.lstrip('-')} {v}" for k, v in samples["settings"].items())
-    doc.p(f"From the souped model ({link('samples.json')}; {settings}); the prompt, then the model's text:")
+    doc.p(f"From the souped model ({link('samples.json')}; {settings}); the prompt, then the model's text. Token "
+          "healing lets the model re-decide the prompt's last token: the tokenizer merges a newline with the "
+          "indentation after it, so a prompt ending in a bare newline would tell the model the next line starts "
+          "at column 0.")
     for sample in samples["samples"]:
         doc.code(sample["prompt"] + sample["completion"])
-    doc.table(["prompt", "whole lines generated", "of them valid Python in a row"],
-              [[f"`{cell(s['prompt'])}`", fmt(s["lines"]), fmt(s["python_lines"])] for s in samples["samples"]])
-    doc.p(f"From {link('samples.json')} (`samples.<i>.lines`, `samples.<i>.python_lines`): how many of each "
+    doc.table(["prompt", "whole lines generated", "of them valid Python in a row", "of those, lines of code"],
+              [[f"`{cell(s['prompt'])}`", fmt(s["lines"]), fmt(s["python_lines"]), fmt(s["code_lines"])]
+               for s in samples["samples"]])
+    doc.p(f"From {link('samples.json')} (`samples.<i>.lines`, `.python_lines`, `.code_lines`): how many of each "
           "completion's whole lines, in a row, keep the prompt and the completion valid Python so far (complete, "
-          "or inside an unfinished block or bracket: Python's `codeop`, as the interactive interpreter decides).")
+          "or inside an unfinished block or bracket: Python's `codeop`, as the interactive interpreter decides), "
+          "and how many of those hold code (a name, operator or number; not only a comment or a string).")
     doc.h(2, "Lineage: the documents behind step 1, instance 0 (`lmforge data inspect`)")
     doc.code((out / "logs" / "lineage.txt").read_text(encoding="utf-8").strip()[:3000])
     adaptation_section(doc, out, plt, stages.get("adapt", {}))

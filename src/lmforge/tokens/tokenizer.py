@@ -135,6 +135,15 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
+    def tokens_extending(self, token_id: int) -> list[int]:
+        """The ordinary tokens whose text begins with this token's text, itself included (none for a special
+        token). Compared in the vocabulary's own alphabet (byte-level or metaspace), where a prefix of the
+        token string is a prefix of its bytes."""
+        if token_id in self.hf.get_added_tokens_decoder():
+            return []
+        piece = self.hf.id_to_token(token_id)
+        return [i for token, i in self.hf.get_vocab(with_added_tokens=False).items() if token.startswith(piece)]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's chat template renders it (transformers' Jinja settings)."""
         if self.chat_template is None:
