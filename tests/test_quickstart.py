@@ -247,18 +247,19 @@ def test_user_documents_are_split_by_id_and_keep_their_sources(tmp_path):
 
 
 def test_the_budget_ends_stage1_early_when_the_machine_slows_down():
-    """Hand-worked: the anneals at the measured speed and the later stages at their planned cost times the
-    slowdown come off the time left; the rest buys stage-1 steps at the measured speed."""
+    """Hand-worked: the anneals at the measured speed, the later stages at their planned cost times the
+    slowdown and the margin (5% of 10 minutes: 30 s) come off the time left; the rest buys stage-1 steps at the
+    measured speed."""
     from lmforge.recipes.plan import affordable_anneal_steps, affordable_stage1_steps, fixed_plan
 
     plan = fixed_plan(10, 4096, 100, 10**6, 10)
     plan.anneal_runs, plan.anneal_steps, plan.later_seconds, plan.adapt_seconds = 2, 10, 30.0, 20.0
     plan.seconds_per_step = 1.0
-    # Twice as slow as planned: anneals 20 x 2 s, later stages (30 + 20) x 2: 140 s of the 200 left.
-    assert affordable_stage1_steps(plan, 200.0, 2.0) == 30
-    assert affordable_stage1_steps(plan, 139.0, 2.0) == 0
-    # Faster than planned: no credit for the later stages (slowdown at least 1): 20 x 0.5 + 50 = 60 s.
-    assert affordable_stage1_steps(plan, 200.0, 0.5) == 280
+    # Twice as slow as planned: anneals 20 x 2 s, later stages (30 + 20) x 2, margin 30: 170 s of the 200 left.
+    assert affordable_stage1_steps(plan, 200.0, 2.0) == 15
+    assert affordable_stage1_steps(plan, 169.0, 2.0) == 0
+    # Faster than planned: no credit for the later stages (slowdown at least 1): 20 x 0.5 + 50 + 30 = 90 s.
+    assert affordable_stage1_steps(plan, 200.0, 0.5) == 220
     # The anneals, when stage 1 already took too long: (200 - 100) s at 2 s per step over 2 anneals = 25 steps,
     # at most the plan's 10, at least one.
     assert affordable_anneal_steps(plan, 200.0, 2.0) == 10
@@ -278,11 +279,13 @@ def test_stage1_runs_on_past_its_plan_when_the_machine_is_faster():
     plan.anneal_runs, plan.anneal_steps, plan.later_seconds, plan.adapt_seconds = 2, 10, 30.0, 20.0
     plan.seconds_per_step = 1.0
     assert next_stage1_target(plan, 3, 200.0, 0.5) == 13
-    assert next_stage1_target(plan, 100, 200.0, 0.5) == 110  # past the plan: 280 steps are affordable
+    assert next_stage1_target(plan, 100, 200.0, 0.5) == 110  # past the plan: 220 steps are affordable
     assert next_stage1_target(plan, 195, 200.0, 0.5) == 205
     assert next_stage1_target(plan, 295, 200.0, 0.5) == 300  # the stretch's end
     assert next_stage1_target(plan, 300, 200.0, 0.5) == 300
-    assert next_stage1_target(plan, 100, 62.0, 0.5) == 104  # 10 + 50 s go to the anneals and later stages
+    # 10 + 50 s go to the anneals and later stages, 30 s (5% of 10 minutes) is the margin.
+    assert next_stage1_target(plan, 100, 92.0, 0.5) == 104
+    assert next_stage1_target(plan, 100, 62.0, 0.5) == 100
     assert next_stage1_target(plan, 50, 139.0, 2.0) == 50  # slower: the time left is spoken for, stage 1 ends
     assert next_stage1_target(plan, 3, 139.0, 2.0) == 13  # but not before the plan's minimum of 40 steps
     assert next_stage1_target(plan, 33, 139.0, 2.0) == 40
@@ -313,6 +316,14 @@ def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_
     assert later_stages_seconds(plan, 1.1) == pytest.approx(55.0 + 110.0)
     stage.earlier_seconds = 0.0  # 300 s left
     assert stage.adapt_does_not_fit() == ""
+    # At the planned speed, with the earlier stages over their time: 100 s fit in the 90 s left after the later
+    # stages' 50 plus the margin (5% of 300 s: 15 s); in 75 s they do not.
+    atomic_write_json(tmp_path / "budget.json", {"slowdown": 1.0})
+    stage.earlier_seconds = 160.0
+    assert stage.adapt_does_not_fit() == ""
+    stage.earlier_seconds = 175.0
+    assert stage.adapt_does_not_fit() == ("skipped: the stages before it took longer than planned; adapting would "
+                                          "take about 1.7 minutes, and 1.2 are left for it")
 
 
 def test_the_budget_counts_each_finished_stage_once(tmp_path):

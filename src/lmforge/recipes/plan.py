@@ -58,6 +58,9 @@ EVAL_TOKENS_PER_INSTANCE = 60  # tokens/s per downstream instance: 100 instances
 MIN_EVAL_LIMIT = 10  # instances per downstream task, however slow the machine
 LATER_SHARE = 0.08  # of the budget: evaluation, baselines, samples, export and the report, at the probe's speed
 # (measured on a quiet 2-core machine: 18 s of a 12-minute budget, 0.03)
+PROBE_SECONDS = 1.0  # timed per probed shape
+BUDGET_MARGIN = 0.05  # of the budget, kept free when stage 1 decides how far it can go: the estimates of the
+# stages after it are not exact, and an overrun must not cost the adapt stage its place (it may use the margin)
 STAGE1_CHUNKS = 10  # `lmforge train` calls of stage 1; the budget is re-checked between them
 FIRST_CHUNK_STEPS = 3  # before any check: on a machine far slower than the probe, a planned chunk overruns
 STAGE1_MAX_STRETCH = 3.0  # on a machine faster than the probe, stage 1 runs on, to this many times its planned
@@ -118,27 +121,31 @@ def shape_config(d_model: int, n_layers: int, vocab_size: int) -> ModelConfig:
     return from_dict(ModelConfig, base)
 
 
-def measure_throughput(config: ModelConfig, steps: int = 2) -> float:
+def measure_throughput(config: ModelConfig, seconds: float = PROBE_SECONDS) -> float:
     """Tokens per second of the quickstart's optimizer step (its micro-batches' forward and backward, then the
-    AdamW update), on random tokens (one untimed step first)."""
+    AdamW update), on random tokens: the fastest of the steps timed over `seconds` (at least two; one untimed
+    step first). A shared machine's speed drifts by up to 2x from one second to the next; the fastest step is
+    the figure that drift disturbs least, and the efficiencies above relate it to what the stages reach."""
     model = Transformer(config)
     init_weights(model, 0)
     optimizer = build_optimizer(model, OptimizerConfig(), torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (BATCH_SEQUENCES, SEQUENCE_LENGTH), generator=generator)
 
-    def step() -> None:
+    def step() -> float:
+        start = time.perf_counter()
         for micro in ids.split(MICRO_SEQUENCES):
             ce, z = cross_entropy_loss(model(micro[:, :-1]), micro[:, 1:], z_loss_multiplier=1e-5)
             (ce + z).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
     step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * ids.numel() / (time.perf_counter() - start)
+    times = [step(), step()]
+    while sum(times) < seconds:
+        times.append(step())
+    return ids.numel() / min(times)
 
 
 def adapt_seconds(flops_per_second: float) -> float:
@@ -172,11 +179,11 @@ def later_stages_seconds(plan: Plan, seconds_per_step: float) -> float:
 
 def affordable_stage1_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:
     """Stage-1 steps the time left affords at `seconds_per_step` (measured now): what remains after the anneals
-    at that speed and the later stages. A plan without a probe has no deadline."""
+    at that speed, the later stages and BUDGET_MARGIN. A plan without a probe has no deadline."""
     if plan.seconds_per_step <= 0:
         return plan.stage1_steps
     after = plan.anneal_runs * plan.anneal_steps * seconds_per_step + later_stages_seconds(plan, seconds_per_step)
-    return max(0, int((seconds_left - after) / seconds_per_step))
+    return max(0, int((seconds_left - after - BUDGET_MARGIN * plan.minutes * 60) / seconds_per_step))
 
 
 def next_stage1_target(plan: Plan, done: int, seconds_left: float, seconds_per_step: float) -> int:

@@ -39,8 +39,8 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.recipes import corpus
-from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_MAX_SHARE, ADAPT_NEW_TOKENS, FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT,
-                                  adapt_reserve, affordable_anneal_steps, fixed_plan, make_plan, next_stage1_target,
+from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_MAX_SHARE, ADAPT_NEW_TOKENS, BUDGET_MARGIN,
+                                  FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT, adapt_reserve, affordable_anneal_steps, fixed_plan, make_plan, next_stage1_target,
                                   plan_from_json)
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
@@ -390,18 +390,19 @@ class Quickstart:
         return None
 
     def adapt_does_not_fit(self) -> str:
-        """Why the adapt stage would break the budget on a machine that slowed down since the probe ('' when it
-        fits): its planned time and the later stages' scaled by the slowdown stage 1 measured."""
+        """Why the adapt stage would break the budget ('' when it fits): its planned time and the later stages'
+        scaled by the slowdown stage 1 measured, against the time left and BUDGET_MARGIN."""
         p = self.plan
         if p.seconds_per_step <= 0:
             return ""  # a plan without a probe has no deadline
         slowdown = read_json(self.out / "budget.json")["slowdown"]
         needed, left = p.adapt_seconds * slowdown, self.seconds_left() - p.later_seconds * slowdown
-        why = f"skipped: this machine runs {slowdown:.1f} times slower than the probe planned for; adapting would " \
-              f"take about {needed / 60:.1f} minutes"
+        why = (f"skipped: this machine runs {slowdown:.1f} times slower than the probe planned for; adapting would "
+               if slowdown > 1 else "skipped: the stages before it took longer than planned; adapting would ")
+        why += f"take about {needed / 60:.1f} minutes"
         if not adapt_reserve(p, slowdown):
             return f"{why}, more than {ADAPT_MAX_SHARE:.0%} of the budget"
-        if needed > left:
+        if needed > left + BUDGET_MARGIN * p.minutes * 60:
             return f"{why}, and {max(left, 0) / 60:.1f} are left for it"
         return ""
 
