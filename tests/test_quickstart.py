@@ -177,6 +177,7 @@ def test_quickstart_end_to_end(tmp_path):
     for name in ("anneal-1", "anneal-2"):
         assert read(out, f"{name}/manifest.json")["counts"]["steps"] == budget["anneal_steps"]
     tokens = sum(read(out, f"{name}/manifest.json")["counts"]["tokens"] for name in ("run", "anneal-1", "anneal-2"))
+    assert budget["training_tokens"] == tokens and budget["tokens_per_parameter"] == round(tokens / plan["parameters"], 2)
     assert last[1].startswith(f"model: {plan['parameters']:,} parameters trained on {tokens:,} tokens")
 
     # The Hugging Face export loads in transformers and computes lmforge's logits.
@@ -353,6 +354,22 @@ def test_the_adapt_stage_is_planned_inside_the_budget():
     short = make_plan(5, 4096, 0.0, throughput=2_000, adapt=True, log=quiet)
     assert short.adapt_seconds == 0 and short.adapt_note.startswith("skipped: adapting smollm2-135m takes about")
     assert "give --minutes" in short.adapt_note
+
+
+def test_the_plan_takes_no_shape_with_fewer_than_two_tokens_per_parameter(monkeypatch):
+    """The speeds one probe measured (a run on the 2-core VM): the fitted law's lowest loss is d_model 128's,
+    but its 1.94M tokens are 1.02 per parameter; the plan takes d_model 96 (2.40M tokens for 1.15M parameters)
+    and probes no bigger shape."""
+    from lmforge.recipes import plan as plan_module
+
+    measured = {64: 17_909.0, 96: 12_959.0, 128: 10_488.0, 192: 4_990.0}
+    monkeypatch.setattr(plan_module, "measure_throughput", lambda config: measured[config.d_model])
+    plan = plan_module.make_plan(12, 4096, 0.0, log=lambda *_: None)
+    assert [row["d_model"] for row in plan.probe] == [64, 96, 128]
+    losses = [row["predicted_loss"] for row in plan.probe]
+    assert losses[2] < losses[1] < losses[0]  # the law alone would take d_model 128
+    assert (plan.d_model, plan.n_layers, plan.parameters) == (96, 3, 1_147_104)
+    assert plan.probe[2]["tokens"] < 2 * plan.probe[2]["parameters"]
 
 
 def test_python_lines_counts_the_lines_that_keep_a_sample_valid_python():

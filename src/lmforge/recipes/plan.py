@@ -40,6 +40,10 @@ SHAPES = [(64, 2), (96, 3), (128, 4), (192, 4), (256, 6), (384, 6), (512, 8)]
 FIXED_SHAPE = (128, 4)  # olmo2-tiny
 HEAD_DIM = 32
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+MIN_TOKENS_PER_PARAMETER = 2.0  # a shape is chosen only with this many planned tokens per parameter (the smallest
+# always may be): at this scale the fitted law favours parameters more than measured. At equal time on 2 cores,
+# 0.63M parameters on 1.27M tokens reached 2.434 held-out bits per byte, 1.15M on 0.93M 2.446, 1.90M on 0.75M
+# (0.4 per parameter) 2.556; at 3x the time 0.63M and 1.15M reached 1.992 and 2.017 (benchmarks/RESULTS.md)
 SEQUENCE_LENGTH = 256
 BATCH_SEQUENCES = 16  # a global batch of 4,096 tokens
 MICRO_SEQUENCES = 8
@@ -277,8 +281,9 @@ def make_plan(minutes: float, vocab_size: int, seconds_spent: float, throughput:
         probe.append(row)
         log(f"  probe d_model {d_model}, {n_layers} layers: {counts['total']:,} parameters, {tps:,.0f} tokens/s "
             f"-> {int(tokens):,} tokens in {train_seconds:.0f} s, predicted loss {row['predicted_loss']:.3f}")
-        if best is not None and row["predicted_loss"] > best["predicted_loss"]:
-            break  # the predicted loss has turned up; bigger shapes are slower still
+        if best is not None and (row["predicted_loss"] > best["predicted_loss"]
+                                 or tokens < MIN_TOKENS_PER_PARAMETER * counts["total"]):
+            break  # bigger shapes are slower still: fewer tokens for more parameters
         if best is None or row["predicted_loss"] < best["predicted_loss"]:
             best = row
     step_tokens = BATCH_SEQUENCES * SEQUENCE_LENGTH

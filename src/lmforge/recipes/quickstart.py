@@ -331,7 +331,8 @@ class Quickstart:
 
     def anneal_stage(self) -> str | None:
         """The anneals, each of the plan's steps or of fewer when the budget (re-checked at stage 1's last
-        measured speed) does not afford them; the decision is kept in `DIR/budget.json` for a rerun."""
+        measured speed) does not afford them; the decision is kept in `DIR/budget.json` for a rerun, and so are
+        the tokens trained in all (stage 1 may have run past its plan)."""
         p = self.plan
         budget = read_json(self.out / "budget.json")
         if "anneal_steps" not in budget:
@@ -344,6 +345,10 @@ class Quickstart:
                                    f"max_steps={steps}", f"checkpoint.interval={max(5, steps // 3)}",
                                    f"metrics.log_interval={max(1, steps // 10)}"])
             self.lmforge(["train", str(config)])
+        trained = sum(read_json(self.out / run / "manifest.json")["counts"]["tokens"]
+                      for run in ["run", *self.anneal_runs()])
+        atomic_write_json(self.out / "budget.json", {**budget, "training_tokens": trained,
+                                                     "tokens_per_parameter": round(trained / p.parameters, 2)})
         if steps < p.anneal_steps:
             return f"shortened each anneal to {steps} of {p.anneal_steps} steps to keep to the budget"
         return None

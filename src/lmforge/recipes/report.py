@@ -309,8 +309,8 @@ def headline_facts(out: Path) -> list[list[str]]:
     rows += [fact(out, "held-out bits per byte, stage 1 alone", "eval-stage1/results.json",
                   "perplexity.total.bits_per_byte")]
     rows += [fact(out, "parameters", "plan.json", "plan.parameters"),
-             fact(out, "training tokens (stage 1 + anneals)", "plan.json", "plan.training_tokens"),
-             fact(out, "training tokens per parameter", "plan.json", "plan.tokens_per_parameter", 2),
+             fact(out, "training tokens (stage 1 + anneals)", "budget.json", "training_tokens"),
+             fact(out, "training tokens per parameter", "budget.json", "tokens_per_parameter", 2),
              fact(out, "stage 1 loss, first logged step", "run/metrics.jsonl", "0.loss"),
              fact(out, "stage 1 loss, last step", "run/metrics.jsonl", "-1.loss"),
              fact(out, "stage 1 steps trained", "budget.json", "stage1_steps"),
@@ -359,6 +359,8 @@ def cell(text: str) -> str:
 
 
 def write_report(out: Path) -> Path:
+    from lmforge.recipes.plan import MIN_TOKENS_PER_PARAMETER
+
     out = Path(out)
     plt = _pyplot()
     doc = Doc()
@@ -377,16 +379,18 @@ def write_report(out: Path) -> Path:
 
     # -- plan
     doc.h(2, "Plan")
-    doc.p(f"Budget {fmt(plan['minutes'], 1)} minutes ({link('plan.json')}). A probe timed a few optimizer steps "
-          "of each candidate shape on this machine; each shape's tokens are what the budget's training time "
-          "affords, and the plan takes the lowest loss Chinchilla's fitted law predicts for (parameters, tokens).")
+    doc.p(f"Budget {fmt(plan['minutes'], 1)} minutes ({link('plan.json')}). A probe timed a second of optimizer "
+          "steps of each candidate shape on this machine (the fastest counts); each shape's tokens are what the "
+          "budget's training time affords, and the plan takes the lowest loss Chinchilla's fitted law predicts for (parameters, tokens) "
+          f"among the shapes that get at least {MIN_TOKENS_PER_PARAMETER:g} tokens per parameter (at this scale the "
+          "law favours parameters more than measured).")
     doc.table(["d_model", "layers", "parameters", "non-embedding", "tokens/s", "tokens", "predicted loss"],
               [[fmt(r["d_model"]), fmt(r["n_layers"]), fmt(r["parameters"]), fmt(r["non_embedding_parameters"]),
                 fmt(r["tokens_per_second"], 0), fmt(r["tokens"]), fmt(r["predicted_loss"], 3)] for r in plan["probe"]])
     doc.p(f"Chosen: d_model {plan['d_model']}, {plan['n_layers']} layers, {plan['n_heads']} heads, "
           f"{fmt(plan['parameters'])} parameters ({fmt(plan['non_embedding_parameters'])} non-embedding); "
-          f"{fmt(plan['training_tokens'])} training tokens = {fmt(plan['tokens_per_parameter'], 2)} tokens per "
-          f"parameter ({fmt(plan['tokens_per_non_embedding_parameter'], 2)} per non-embedding parameter; "
+          f"{fmt(plan['training_tokens'])} training tokens planned = {fmt(plan['tokens_per_parameter'], 2)} tokens "
+          f"per parameter ({fmt(plan['tokens_per_non_embedding_parameter'], 2)} per non-embedding parameter; "
           "Chinchilla's compute-optimal ratio is about 20). Stage 1: "
           f"{plan['stage1_steps']} steps of {fmt(plan['global_batch_size'])} tokens; then {plan['anneal_runs']} "
           f"anneals of {plan['anneal_steps']} steps each.")
@@ -400,7 +404,8 @@ def write_report(out: Path) -> Path:
              if budget["ended_early"] else "the machine was faster than the probe, so it ran on while the budget "
              "afforded it." if ran_on else "it did not need to end early.")
           + f" It read {fmt(budget['corpus_passes'], 2)} times the corpus's tokens."
-          + f" Each anneal trained {fmt(budget['anneal_steps'])} of its {fmt(plan['anneal_steps'])} planned steps."
+          + f" Each anneal trained {fmt(budget['anneal_steps'])} of its {fmt(plan['anneal_steps'])} planned steps:"
+          + f" {fmt(budget['training_tokens'])} tokens in all, {fmt(budget['tokens_per_parameter'], 2)} per parameter."
           + f" The adaptation stage was planned at {fmt(plan['adapt_seconds'], 0)} s.")
 
     # -- data
@@ -539,11 +544,11 @@ def headline(out: Path) -> list[str]:
     plan = load(out, "plan.json")["plan"]
     manifests = [load(out, f"{name}/manifest.json") for name in runs(out)]
     kwh, co2 = sum(m["energy"]["kwh"] for m in manifests), sum(m["energy"]["kg_co2eq"] for m in manifests)
-    tokens = sum(m["counts"]["tokens"] for m in manifests)
+    budget = load(out, "budget.json")
     return [f"held-out bits per byte: {bpb:.3f} (unigram {base['unigram_bits_per_byte']:.3f}, gzip "
             f"{base['gzip_bits_per_byte']:.3f}, zstd {base['zstd_bits_per_byte']:.3f}; lower is better)",
-            f"model: {plan['parameters']:,} parameters trained on {tokens:,} tokens "
-            f"({tokens / plan['parameters']:.2f} tokens per parameter)",
+            f"model: {plan['parameters']:,} parameters trained on {budget['training_tokens']:,} tokens "
+            f"({budget['tokens_per_parameter']:.2f} tokens per parameter)",
             f"training energy: {kwh:.3g} kWh, {co2:.3g} kg CO2eq ({manifests[0]['energy']['detail']})"]
 
 
