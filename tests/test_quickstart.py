@@ -305,12 +305,12 @@ def test_the_adapt_stage_is_skipped_when_the_slowdown_leaves_no_time_for_it(tmp_
     plan = fixed_plan(5, 4096, 40, 10**6, 10)
     plan.seconds_per_step, plan.adapt_seconds, plan.later_seconds = 1.0, 100.0, 50.0
     atomic_write_json(tmp_path / "plan.json", {"options": stage.options(), "plan": plan.to_json()})
-    # 3x slower: adapting takes 300 s, more than 40% of the 300 s budget, so no time is kept for it either.
+    # 3x slower: adapting takes 300 s, more than 50% of the 300 s budget, so no time is kept for it either.
     atomic_write_json(tmp_path / "budget.json", {"slowdown": 3.0})
     assert stage.adapt_does_not_fit() == ("skipped: this machine runs 3.0 times slower than the probe planned "
-                                          "for; adapting would take about 5.0 minutes, more than 40% of the budget")
+                                          "for; adapting would take about 5.0 minutes, more than 50% of the budget")
     assert later_stages_seconds(plan, 3.0) == 150.0
-    # 1.1x slower: 110 s would fit in 40%, but of the 110 s left the later stages need 55.
+    # 1.1x slower: 110 s would fit in 50%, but of the 110 s left the later stages need 55.
     atomic_write_json(tmp_path / "budget.json", {"slowdown": 1.1})
     assert stage.adapt_does_not_fit() == ("skipped: this machine runs 1.1 times slower than the probe planned "
                                           "for; adapting would take about 1.8 minutes, and 0.9 are left for it")
