@@ -345,8 +345,8 @@ class Quickstart:
                                    f"max_steps={steps}", f"checkpoint.interval={max(5, steps // 3)}",
                                    f"metrics.log_interval={max(1, steps // 10)}"])
             self.lmforge(["train", str(config)])
-        trained = sum(read_json(self.out / run / "manifest.json")["counts"]["tokens"]
-                      for run in ["run", *self.anneal_runs()])
+        trained = sum(read_json(Path(run) / "manifest.json")["counts"]["tokens"]
+                      for run in [self.out / "run", *self.anneal_runs()])
         atomic_write_json(self.out / "budget.json", {**budget, "training_tokens": trained,
                                                      "tokens_per_parameter": round(trained / p.parameters, 2)})
         if steps < p.anneal_steps:
