@@ -183,13 +183,18 @@ def later_stages_seconds(plan: Plan, seconds_per_step: float) -> float:
     return slowdown * plan.later_seconds + adapt_reserve(plan, slowdown)
 
 
+def margin_seconds(plan: Plan) -> float:
+    """BUDGET_MARGIN of the plan's budget, in seconds."""
+    return BUDGET_MARGIN * plan.minutes * 60
+
+
 def affordable_stage1_steps(plan: Plan, seconds_left: float, seconds_per_step: float) -> int:
     """Stage-1 steps the time left affords at `seconds_per_step` (measured now): what remains after the anneals
     at that speed, the later stages and BUDGET_MARGIN. A plan without a probe has no deadline."""
     if plan.seconds_per_step <= 0:
         return plan.stage1_steps
     after = plan.anneal_runs * plan.anneal_steps * seconds_per_step + later_stages_seconds(plan, seconds_per_step)
-    return max(0, int((seconds_left - after - BUDGET_MARGIN * plan.minutes * 60) / seconds_per_step))
+    return max(0, int((seconds_left - after - margin_seconds(plan)) / seconds_per_step))
 
 
 def next_stage1_target(plan: Plan, done: int, seconds_left: float, seconds_per_step: float) -> int:

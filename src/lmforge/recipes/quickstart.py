@@ -39,9 +39,9 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.model.checkpoints import CHECKPOINTS, list_checkpoints
 from lmforge.recipes import corpus
-from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_MAX_SHARE, ADAPT_NEW_TOKENS, BUDGET_MARGIN,
-                                  FIRST_CHUNK_STEPS, MIN_EVAL_LIMIT, adapt_reserve, affordable_anneal_steps, fixed_plan, make_plan, next_stage1_target,
-                                  plan_from_json)
+from lmforge.recipes.plan import (ADAPT_CONFIG, ADAPT_HELDOUT, ADAPT_MAX_SHARE, ADAPT_NEW_TOKENS, FIRST_CHUNK_STEPS,
+                                  MIN_EVAL_LIMIT, adapt_reserve, affordable_anneal_steps, fixed_plan, make_plan,
+                                  margin_seconds, next_stage1_target, plan_from_json)
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "sciq", "copa"]
 CODE_TAGGERS = "gopher,c4,pii,langid,code"
@@ -407,7 +407,7 @@ class Quickstart:
         why += f"take about {needed / 60:.1f} minutes"
         if not adapt_reserve(p, slowdown):
             return f"{why}, more than {ADAPT_MAX_SHARE:.0%} of the budget"
-        if needed > left + BUDGET_MARGIN * p.minutes * 60:
+        if needed > left + margin_seconds(p):
             return f"{why}, and {max(left, 0) / 60:.1f} are left for it"
         return ""
 

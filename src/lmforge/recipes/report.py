@@ -381,9 +381,9 @@ def write_report(out: Path) -> Path:
     doc.h(2, "Plan")
     doc.p(f"Budget {fmt(plan['minutes'], 1)} minutes ({link('plan.json')}). A probe timed a second of optimizer "
           "steps of each candidate shape on this machine (the fastest counts); each shape's tokens are what the "
-          "budget's training time affords, and the plan takes the lowest loss Chinchilla's fitted law predicts for (parameters, tokens) "
-          f"among the shapes that get at least {MIN_TOKENS_PER_PARAMETER:g} tokens per parameter (at this scale the "
-          "law favours parameters more than measured).")
+          "budget's training time affords, and the plan takes the lowest loss Chinchilla's fitted law predicts "
+          f"for (parameters, tokens) among the shapes that get at least {MIN_TOKENS_PER_PARAMETER:g} tokens per "
+          "parameter (at this scale the law favours parameters more than measured).")
     doc.table(["d_model", "layers", "parameters", "non-embedding", "tokens/s", "tokens", "predicted loss"],
               [[fmt(r["d_model"]), fmt(r["n_layers"]), fmt(r["parameters"]), fmt(r["non_embedding_parameters"]),
                 fmt(r["tokens_per_second"], 0), fmt(r["tokens"]), fmt(r["predicted_loss"], 3)] for r in plan["probe"]])
